@@ -1,0 +1,69 @@
+"""fusion-engine: a plugin-based model-zoo ensembling engine for image classification.
+
+The public API is what this module exports. Names load lazily, so importing ``fusion_engine``
+(and running ``fusion-engine --help``, ``validate`` or ``plugins``) never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # hooks and records
+    "hookimpl": "hookspecs",
+    "hookspec": "hookspecs",
+    "BackboneRecord": "records",
+    "BuiltBackbone": "records",
+    "DatasetRecord": "records",
+    "FuserRecord": "records",
+    "ImageDataset": "records",
+    "InputConfig": "records",
+    "MetricRecord": "records",
+    "NoParams": "records",
+    "Params": "records",
+    # fusers
+    "Fuser": "fuser",
+    "check_logits": "fuser",
+    # errors
+    "FusionEngineError": "errors",
+    "PluginError": "errors",
+    "SpecError": "errors",
+    # plugins and specs
+    "get_plugins": "plugins",
+    "ExperimentSpec": "spec",
+    "load_spec": "spec",
+    "resolve_spec": "spec",
+    # running
+    "run_experiment": "runner",
+    "RunContext": "runner",
+    "MemberResult": "runner",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fusion_engine' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .errors import FusionEngineError, PluginError, SpecError
+    from .fuser import Fuser, check_logits
+    from .hookspecs import hookimpl, hookspec
+    from .plugins import get_plugins
+    from .records import (BackboneRecord, BuiltBackbone, DatasetRecord, FuserRecord, ImageDataset,
+                          InputConfig, MetricRecord, NoParams, Params)
+    from .runner import MemberResult, RunContext, run_experiment
+    from .spec import ExperimentSpec, load_spec, resolve_spec

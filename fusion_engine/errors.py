@@ -1,0 +1,39 @@
+"""Errors a user can fix. The CLI prints them as one line and exits with status 2."""
+
+from __future__ import annotations
+
+
+class FusionEngineError(Exception):
+    """Bad input: a spec, a path, a plugin name. Printed without a traceback."""
+
+    exit_code = 2
+
+
+class SpecError(FusionEngineError):
+    """A problem at a place in a spec file, printed as ``FILE: path.to.field: message``."""
+
+    def __init__(self, message: str, *, file: str | None = None, loc: tuple | str | None = None):
+        self.message = message
+        self.file = file
+        self.loc = format_loc(loc) if not isinstance(loc, str) else loc
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        parts = [p for p in (self.file, self.loc) if p]
+        return ": ".join([*parts, self.message])
+
+    def at(self, file: str | None = None, prefix: tuple = ()) -> "SpecError":
+        """The same error, placed in a file and under a prefix of the spec."""
+        loc = ".".join(x for x in (format_loc(prefix), self.loc) if x)
+        return SpecError(self.message, file=file or self.file, loc=loc or None)
+
+
+class PluginError(FusionEngineError):
+    """A plugin that cannot be used as asked: a duplicate name, a broken record."""
+
+
+def format_loc(loc: tuple | None) -> str:
+    """``("members", 0, "params", "lr")`` -> ``members.0.params.lr``."""
+    if not loc:
+        return ""
+    return ".".join(str(p) for p in loc)

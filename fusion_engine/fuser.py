@@ -1,0 +1,113 @@
+"""The fuser contract, in scikit-learn's vocabulary.
+
+A fuser combines member outputs: ``fit(logits, y) -> self`` on validation outputs, then
+``predict_proba(logits) -> (N, C)``. ``logits`` is always an array of shape ``(M, N, C)``
+(members, samples, classes). Parameters are plain keyword arguments of ``__init__`` (validated
+beforehand by the fuser's ``Params`` model); what ``fit`` learns lives in attributes ending in
+``_`` and round-trips through JSON with :meth:`Fuser.get_state` / :meth:`Fuser.set_state`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar
+
+import numpy as np
+from scipy.special import log_softmax, softmax
+
+__all__ = ["Fuser", "check_logits", "log_softmax", "softmax"]
+
+
+def check_logits(logits: Any, y: Any = None) -> np.ndarray:
+    """``logits`` as a float64 ``(M, N, C)`` array; checks ``y`` against it when given."""
+    arr = np.asarray(logits, dtype=np.float64)
+    if arr.ndim != 3:
+        raise ValueError(f"logits must have shape (members, samples, classes), got {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("logits contain NaN or infinity")
+    if y is not None:
+        y = np.asarray(y)
+        if y.shape != (arr.shape[1],):
+            raise ValueError(f"y has shape {y.shape}, expected ({arr.shape[1]},)")
+        if y.min(initial=0) < 0 or y.max(initial=0) >= arr.shape[2]:
+            raise ValueError(f"labels must lie in [0, {arr.shape[2]})")
+    return arr
+
+
+class Fuser:
+    """Base class for fusers. Subclasses implement :meth:`predict_proba` and, if they learn
+    from validation outputs, :meth:`fit`.
+
+    ``requires_fit`` says whether ``fit`` learns anything: the engine scores a fuser that does on
+    validation out-of-fold (cross-fitted), so a val score never comes from data it was fitted on.
+    A fitted fuser that sets ``weights_`` (one per member) has them shown on the leaderboard.
+    """
+
+    requires_fit: ClassVar[bool] = True
+
+    def fit(self, logits: np.ndarray, y: np.ndarray) -> "Fuser":
+        check_logits(logits, y)
+        self.n_members_ = int(np.shape(logits)[0])
+        self.n_classes_ = int(np.shape(logits)[2])
+        return self
+
+    def predict_proba(self, logits: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def predict(self, logits: np.ndarray) -> np.ndarray:
+        return np.argmax(self.predict_proba(logits), axis=1)
+
+    # -- parameters, as scikit-learn's BaseEstimator does it ----------------------------------
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return [p.name for p in sig.parameters.values() if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+    def get_params(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def clone(self) -> "Fuser":
+        """A fresh, unfitted fuser with the same parameters."""
+        return type(self)(**self.get_params())
+
+    # -- JSON state ------------------------------------------------------------------------
+    def get_state(self) -> dict[str, Any]:
+        """What ``fit`` learned, as JSON-able values: every attribute ending in ``_``.
+
+        Override (and :meth:`set_state`) for state that is not numbers and arrays, e.g. a
+        booster saved in its own JSON format.
+        """
+        return {k: _to_json(v) for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
+
+    def set_state(self, state: dict[str, Any]) -> "Fuser":
+        for key, value in state.items():
+            if not key.endswith("_"):
+                raise ValueError(f"unexpected state key '{key}'")
+            setattr(self, key, _from_json(value))
+        return self
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": value.tolist(), "dtype": str(value.dtype)}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "__ndarray__" in value:
+            return np.asarray(value["__ndarray__"], dtype=value.get("dtype", "float64"))
+        return {k: _from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value

@@ -1,0 +1,238 @@
+"""Finding plugins and collecting what they register.
+
+:func:`get_plugins` builds a fresh plugin manager (never a module global, so tests and runs get
+their own). Plugins come from the entry-point group ``fusion_engine`` (first-party ones too) and
+from plugin files a spec lists. A plugin that fails to import or to validate is skipped with a
+warning; the rest keep working.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError, SpecError
+from .records import RECORD_KINDS, Provided, normalize_name
+
+log = logging.getLogger("fusion_engine")
+
+ENTRY_POINT_GROUP = "fusion_engine"
+FIRST_PARTY_DIST = "fusion-engine"
+DISABLE_ENV = "FUSION_ENGINE_DISABLE_PLUGINS"
+_DISABLE_ALL = {"1", "true", "yes", "all", "*"}
+
+
+@dataclass
+class PluginInfo:
+    """One loaded plugin: where it came from and which hooks it implements."""
+
+    name: str
+    source: str  # "entry-point" or "file"
+    version: str | None = None
+    distribution: str | None = None
+    path: str | None = None
+    first_party: bool = False
+    hooks: list[str] = field(default_factory=list)
+
+
+class Plugins:
+    """A plugin manager with the record catalog built from it."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.info: dict[str, PluginInfo] = {}
+        self.skipped: dict[str, str] = {}
+        self._catalog: Catalog | None = None
+
+    # -- loading ---------------------------------------------------------------------------
+    def register(self, module: object, info: PluginInfo) -> bool:
+        """Register one plugin module; a plugin pluggy rejects is skipped with a warning."""
+        try:
+            self.pm.register(module, name=info.name)
+            self.pm.check_pending()
+        except Exception as exc:  # pluggy.PluginValidationError and friends
+            if self.pm.is_registered(module):
+                self.pm.unregister(module)
+            self._skip(info.name, f"invalid hook implementation: {exc}")
+            return False
+        info.hooks = sorted(impl_name for impl_name in _hook_names(self.pm, module))
+        self.info[info.name] = info
+        self._catalog = None
+        return True
+
+    def _skip(self, name: str, why: str) -> None:
+        self.skipped[name] = why
+        log.warning("plugin %s skipped: %s", name, why)
+
+    def load_entry_points(self) -> None:
+        blocked = _blocked_from_env()
+        for ep in sorted(_entry_points(), key=lambda e: e.name):
+            dist = getattr(ep, "dist", None)
+            dist_name = dist.name if dist is not None else None
+            first_party = normalize_name(dist_name or "") == FIRST_PARTY_DIST
+            if ep.name in blocked or (not first_party and "*" in blocked):
+                continue
+            if ep.name in self.info:
+                continue
+            try:
+                module = ep.load()
+            except Exception as exc:
+                self._skip(ep.name, f"failed to import {ep.value}: {type(exc).__name__}: {exc}")
+                continue
+            self.register(
+                module,
+                PluginInfo(
+                    name=ep.name,
+                    source="entry-point",
+                    version=dist.version if dist is not None else None,
+                    distribution=dist_name,
+                    first_party=first_party,
+                ),
+            )
+
+    def load_file(self, path: str | os.PathLike) -> None:
+        """Import a plugin from a ``.py`` file. Unlike an installed plugin, a broken file named
+        explicitly is an error: the user asked for it."""
+        path = Path(path).resolve()
+        if not path.is_file():
+            raise SpecError(f"plugin file not found: {path}")
+        digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+        mod_name = f"fusion_engine_local_{path.stem}_{digest}"
+        if mod_name in self.info:
+            return
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        if spec is None or spec.loader is None:
+            raise SpecError(f"not a Python module: {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(mod_name, None)
+            raise SpecError(f"plugin file {path} failed to import: {type(exc).__name__}: {exc}") from None
+        if not self.register(module, PluginInfo(name=mod_name, source="file", path=str(path))):
+            raise SpecError(f"plugin file {path}: {self.skipped[mod_name]}")
+
+    # -- using -----------------------------------------------------------------------------
+    @property
+    def hook(self):
+        return self.pm.hook
+
+    def catalog(self) -> "Catalog":
+        if self._catalog is None:
+            self._catalog = Catalog.collect(self.pm)
+        return self._catalog
+
+    def describe(self) -> list[dict]:
+        """What ``fusion-engine plugins --json`` prints."""
+        cat = self.catalog()
+        rows = []
+        for name, info in sorted(self.info.items()):
+            provides = {
+                f"{kind}s": sorted(p.record.name for p in cat.records[kind].values() if p.plugin == name)
+                for kind in RECORD_KINDS
+            }
+            rows.append(
+                {
+                    "name": name,
+                    "version": info.version,
+                    "distribution": info.distribution,
+                    "source": info.source,
+                    "path": info.path,
+                    "first_party": info.first_party,
+                    "hooks": info.hooks,
+                    **{k: v for k, v in provides.items() if v},
+                }
+            )
+        return rows
+
+
+class Catalog:
+    """Every registered backbone, fuser, dataset and metric, by normalised name."""
+
+    def __init__(self, records: dict[str, dict[str, Provided]]):
+        self.records = records
+
+    @classmethod
+    def collect(cls, pm: pluggy.PluginManager) -> "Catalog":
+        records: dict[str, dict[str, Provided]] = {}
+        for kind, record_type in RECORD_KINDS.items():
+            found: dict[str, Provided] = {}
+            hook = getattr(pm.hook, f"register_{kind}s")
+            for impl in hook.get_hookimpls():
+                plugin = impl.plugin_name
+                try:
+                    result = impl.function()
+                except Exception as exc:
+                    raise PluginError(f"plugin {plugin}: register_{kind}s() failed: {type(exc).__name__}: {exc}") from None
+                for record in result or ():
+                    if not isinstance(record, record_type):
+                        raise PluginError(
+                            f"plugin {plugin}: register_{kind}s() returned {type(record).__name__}, "
+                            f"expected {record_type.__name__}"
+                        )
+                    key = normalize_name(record.name)
+                    if key in found:
+                        other = found[key].plugin
+                        raise PluginError(
+                            f"{kind} '{record.name}' is registered by both {other} and {plugin}; "
+                            f"uninstall one or block it with {DISABLE_ENV}={plugin}"
+                        )
+                    found[key] = Provided(record=record, plugin=plugin)
+            records[kind] = dict(sorted(found.items()))
+        return cls(records)
+
+    def names(self, kind: str) -> list[str]:
+        return [p.record.name for p in self.records[kind].values()]
+
+    def get(self, kind: str, name: str) -> Provided:
+        """The record for ``name``, or a :class:`SpecError` listing the installed names."""
+        found = self.records[kind].get(normalize_name(str(name)))
+        if found is not None:
+            return found
+        installed = self.names(kind)
+        close = difflib.get_close_matches(normalize_name(str(name)), list(self.records[kind]), n=1, cutoff=0.5)
+        hint = f" (did you mean '{self.records[kind][close[0]].record.name}'?)" if close else ""
+        listing = ", ".join(installed) if installed else "none"
+        raise SpecError(f"unknown {kind} '{name}'{hint}; installed: {listing}")
+
+
+def get_plugins(plugin_files: Iterable[str | os.PathLike] = (), *, entry_points: bool = True) -> Plugins:
+    """A fresh plugin manager with the installed plugins and the given plugin files loaded."""
+    plugins = Plugins()
+    if entry_points:
+        plugins.load_entry_points()
+    for path in plugin_files:
+        plugins.load_file(path)
+    return plugins
+
+
+def _entry_points():
+    return importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+
+
+def _blocked_from_env() -> set[str]:
+    """``FUSION_ENGINE_DISABLE_PLUGINS=1`` blocks every plugin not shipped with fusion-engine;
+    a comma-separated list blocks those plugins by name (first-party ones included)."""
+    value = os.environ.get(DISABLE_ENV, "").strip()
+    if not value:
+        return set()
+    if value.lower() in _DISABLE_ALL:
+        return {"*"}
+    return {v.strip() for v in value.split(",") if v.strip()}
+
+
+def _hook_names(pm: pluggy.PluginManager, module: object) -> list[str]:
+    return [caller.name for caller in pm.get_hookcallers(module) or ()]

@@ -1,0 +1,149 @@
+"""Typed records that plugins return from the ``register_*`` hooks.
+
+A record says what a plugin provides (a name, its ``Params`` model, the thing itself); the core
+adds which plugin provided it, so duplicates and listings can name the provider.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+
+class Params(BaseModel):
+    """Base for plugin parameter models: unknown keys are errors, as everywhere in a spec."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class NoParams(Params):
+    """For plugins that take no parameters."""
+
+
+def normalize_name(name: str) -> str:
+    """Names compare case-insensitively, with ``_`` and ``-`` the same: ``Logistic_Stacking``."""
+    return re.sub(r"[_\s]+", "-", name.strip().lower())
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """What a backbone expects: square input size, channels, and normalisation."""
+
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    in_chans: int = 3
+
+
+@dataclass
+class BuiltBackbone:
+    """A freshly built network (a ``torch.nn.Module``) and the input it expects."""
+
+    module: Any
+    input: InputConfig
+
+
+@dataclass(frozen=True)
+class BackboneRecord:
+    """``build(params, num_classes=..., image_size=...)`` returns a :class:`BuiltBackbone`.
+
+    ``image_size`` is the spec's ``data.image_size`` or ``None``; a factory uses it where the
+    architecture adapts to the input (``small_input``), and reports the size it expects.
+    """
+
+    name: str
+    build: Callable[..., BuiltBackbone]
+    params: type[Params] = NoParams
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class FuserRecord:
+    """``cls(**params)`` is a fresh, unfitted fuser (see :class:`fusion_engine.Fuser`)."""
+
+    name: str
+    cls: type
+    params: type[Params] = NoParams
+    description: str = ""
+
+
+@dataclass
+class ImageDataset:
+    """What a dataset loader returns.
+
+    ``images`` holds one item per sample: a file path, a PIL image, or a ``uint8`` array
+    (``H x W`` or ``H x W x C``); or one array ``N x H x W[ x C]``. ``split``, where the dataset
+    defines its own, holds ``"train"``, ``"val"`` or ``"test"`` per sample.
+    """
+
+    images: Sequence[Any] | np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    ids: list[str]
+    split: np.ndarray | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        n = len(self.labels)
+        if len(self.images) != n or len(self.ids) != n:
+            raise ValueError(f"images ({len(self.images)}), labels ({n}) and ids ({len(self.ids)}) differ in length")
+        if self.split is not None:
+            self.split = np.asarray(self.split, dtype=object)
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """``load(params, base_dir=Path)`` returns an :class:`ImageDataset`.
+
+    Relative paths in ``params`` are relative to ``base_dir``, the spec file's folder.
+    """
+
+    name: str
+    load: Callable[..., ImageDataset]
+    params: type[Params] = NoParams
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class MetricRecord:
+    """``fn(y_true (N,), proba (N, C)) -> float``; ``higher_is_better`` orders a leaderboard."""
+
+    name: str
+    fn: Callable[[np.ndarray, np.ndarray], float]
+    higher_is_better: bool = True
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Provided:
+    """A record and the plugin it came from."""
+
+    record: Any
+    plugin: str
+    extra: dict = field(default_factory=dict)
+
+
+RECORD_KINDS: dict[str, type] = {
+    "backbone": BackboneRecord,
+    "fuser": FuserRecord,
+    "dataset": DatasetRecord,
+    "metric": MetricRecord,
+}
+
+__all__ = [
+    "BackboneRecord",
+    "BuiltBackbone",
+    "DatasetRecord",
+    "FuserRecord",
+    "ImageDataset",
+    "InputConfig",
+    "MetricRecord",
+    "NoParams",
+    "Params",
+    "normalize_name",
+]

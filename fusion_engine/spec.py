@@ -1,0 +1,294 @@
+"""The experiment spec: pydantic models, YAML/TOML loading, and resolution against plugins.
+
+Every error reaches the user as ``FILE: path.to.field: message`` (a :class:`SpecError`).
+Plugin parameters are validated by the plugin's own ``Params`` model, in place, so their errors
+carry the same path (``members.0.params.model``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import SpecError, format_loc
+from .records import Params, Provided
+
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SplitSpec(_Strict):
+    """Fractions of the dataset held out for validation and test (stratified, seeded)."""
+
+    val: float = Field(0.2, gt=0, lt=1)
+    test: float = Field(0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _leaves_train(self) -> "SplitSpec":
+        if self.val + self.test >= 0.9:
+            raise ValueError(f"val + test = {self.val + self.test:g} leaves too little to train on; keep it below 0.9")
+        return self
+
+
+class DataSpec(_Strict):
+    dataset: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    image_size: Optional[int] = Field(None, ge=8, le=1024, description="square input size; default: the backbone's")
+    mean: Optional[tuple[float, ...]] = Field(None, description="normalisation mean; default: the backbone's")
+    std: Optional[tuple[float, ...]] = Field(None, description="normalisation std; default: the backbone's")
+    split: SplitSpec = Field(default_factory=SplitSpec)
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v):
+        if v is not None and any(s <= 0 for s in v):
+            raise ValueError("every std must be > 0")
+        return v
+
+
+class AugmentSpec(_Strict):
+    shift: float = Field(0.125, ge=0, le=0.5, description="max random translation, as a fraction of the image size")
+    hflip: bool = Field(False, description="random horizontal flips (off: digits are not flip-invariant)")
+
+
+class TrainSpec(_Strict):
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: Optional[float] = Field(None, gt=0, description="default: 2e-3 for adamw, 0.05 for sgd")
+    weight_decay: Optional[float] = Field(None, ge=0, description="default: 0.05 for adamw, 5e-4 for sgd")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    warmup_epochs: float = Field(1.0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    patience: Optional[int] = Field(None, ge=1, description="stop after this many epochs without a better val loss")
+    eval_batch_size: int = Field(256, ge=1)
+
+    @property
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else (2e-3 if self.optimizer == "adamw" else 0.05)
+
+    @property
+    def resolved_weight_decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 0.05 if self.optimizer == "adamw" else 5e-4
+
+
+class MemberSpec(_Strict):
+    name: str = Field(pattern=SAFE_NAME)
+    backbone: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    seed: Optional[int] = Field(None, description="default: the experiment's seed")
+
+
+class FuserSpec(_Strict):
+    name: str = Field(pattern=SAFE_NAME)
+    fuser: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    members: Optional[list[str]] = Field(None, min_length=1, description="default: every member")
+
+
+class ExperimentSpec(_Strict):
+    name: str = Field(pattern=SAFE_NAME)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    plugins: list[str] = Field(default_factory=list, description="plugin .py files, relative to the spec file")
+    data: DataSpec
+    members: list[MemberSpec] = Field(min_length=1)
+    fusers: list[FuserSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _names(self) -> "ExperimentSpec":
+        seen: dict[str, str] = {}
+        for section, items in (("members", self.members), ("fusers", self.fusers)):
+            for i, item in enumerate(items):
+                key = item.name.lower()
+                if key in seen:
+                    raise _LocatedError((section, i, "name"), f"'{item.name}' is already the name of {seen[key]}")
+                seen[key] = f"{section}.{i}"
+        member_names = {m.name for m in self.members}
+        for i, f in enumerate(self.fusers):
+            for j, m in enumerate(f.members or ()):
+                if m not in member_names:
+                    raise _LocatedError(("fusers", i, "members", j), f"no member named '{m}'; members: {', '.join(sorted(member_names))}")
+        return self
+
+
+class _LocatedError(ValueError):
+    """A model-level check that knows which field it is about."""
+
+    def __init__(self, loc: tuple, message: str):
+        super().__init__(message)
+        self.loc = loc
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+def read_spec_file(path: str | Path) -> dict:
+    """Parse a YAML or TOML file into a mapping, with errors naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise SpecError("no such file", file=str(path))
+    if path.is_dir():
+        raise SpecError("is a directory, expected a .yaml, .yml or .toml spec", file=str(path))
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read: {exc}", file=str(path)) from None
+    if suffix in (".yaml", ".yml"):
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise SpecError(f"invalid YAML: {where}{problem}", file=str(path)) from None
+    elif suffix == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise SpecError(f"invalid TOML: {exc}", file=str(path)) from None
+    else:
+        raise SpecError(f"unknown spec format '{suffix}'; use .yaml, .yml or .toml", file=str(path))
+    if data is None:
+        raise SpecError("the spec is empty", file=str(path))
+    if not isinstance(data, dict):
+        raise SpecError(f"the spec must be a mapping of fields, got a {type(data).__name__}", file=str(path))
+    return data
+
+
+def parse_spec(data: dict, *, file: str | None = None) -> ExperimentSpec:
+    try:
+        return ExperimentSpec.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc, ExperimentSpec, file=file) from None
+
+
+def load_spec(path: str | Path) -> ExperimentSpec:
+    """Read and validate a spec file (plugin parameters are checked by :func:`resolve_spec`)."""
+    return parse_spec(read_spec_file(path), file=str(path))
+
+
+def validation_error(exc: ValidationError, model: type[BaseModel] | None, *, file: str | None, prefix: tuple = ()) -> SpecError:
+    """The first pydantic error as a :class:`SpecError`, with a friendlier unknown-field message."""
+    errors = exc.errors(include_url=False)
+    err = errors[0]
+    loc = tuple(err["loc"])
+    msg = err["msg"]
+    ctx_error = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, _LocatedError):
+        loc, msg = ctx_error.loc, str(ctx_error)
+    elif err["type"].startswith("value_error"):
+        msg = msg.removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden" and model is not None:
+        allowed = _fields_at(model, loc[:-1])
+        if allowed:
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            msg = f"unknown field{hint}; allowed: {', '.join(allowed)}"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    else:
+        value = err.get("input")
+        if not isinstance(value, (dict, list)) and err["type"] != "missing" and value is not None:
+            msg = f"{msg} (got {value!r})"
+    if len(errors) > 1:
+        msg += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return SpecError(msg, file=file, loc=format_loc(prefix + loc) or None)
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the model found by walking ``loc`` from ``model``."""
+    current: Any = model
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(part, int):
+            args = typing.get_args(current)
+            current = args[0] if args else None
+        elif isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            current = current.model_fields[part].annotation
+        else:
+            return []
+    current = _unwrap(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _unwrap(tp: Any) -> Any:
+    """``Optional[X]`` -> ``X``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+# -- resolving plugin names and parameters ---------------------------------------------------------
+
+@dataclass
+class Resolved:
+    """A spec entry bound to its plugin record and validated parameters."""
+
+    provided: Provided
+    params: Params
+
+    @property
+    def record(self):
+        return self.provided.record
+
+
+@dataclass
+class ResolvedSpec:
+    spec: ExperimentSpec
+    file: str | None
+    base_dir: Path
+    dataset: Resolved
+    members: list[Resolved]
+    fusers: list[Resolved]
+
+    def resolved_dict(self) -> dict:
+        """The spec with every default filled in, plugin parameters included."""
+        data = self.spec.model_dump(mode="json")
+        data["data"]["params"] = self.dataset.params.model_dump(mode="json")
+        for entry, r in zip(data["members"], self.members):
+            entry["params"] = r.params.model_dump(mode="json")
+        for entry, r in zip(data["fusers"], self.fusers):
+            entry["params"] = r.params.model_dump(mode="json")
+        return data
+
+
+def resolve_spec(spec: ExperimentSpec, catalog, *, file: str | None = None, base_dir: Path | None = None) -> ResolvedSpec:
+    """Bind each dataset, backbone and fuser name to a plugin and validate its ``params``."""
+    base_dir = Path(base_dir) if base_dir is not None else (Path(file).resolve().parent if file else Path.cwd())
+
+    def bind(kind: str, name: str, params: dict, loc: tuple) -> Resolved:
+        try:
+            provided = catalog.get(kind, name)
+        except SpecError as exc:
+            raise SpecError(exc.message, file=file, loc=loc + (kind,)) from None
+        model = provided.record.params
+        try:
+            value = model.model_validate(params, context={"base_dir": base_dir})
+        except ValidationError as exc:
+            raise validation_error(exc, model, file=file, prefix=loc + ("params",)) from None
+        return Resolved(provided, value)
+
+    dataset = bind("dataset", spec.data.dataset, spec.data.params, ("data",))
+    members = [bind("backbone", m.backbone, m.params, ("members", i)) for i, m in enumerate(spec.members)]
+    fusers = [bind("fuser", f.fuser, f.params, ("fusers", i)) for i, f in enumerate(spec.fusers)]
+    return ResolvedSpec(spec, file, base_dir, dataset, members, fusers)

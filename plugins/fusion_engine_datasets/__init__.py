@@ -1,0 +1,1 @@
+"""fusion-engine first-party plugin: datasets."""
