@@ -27,6 +27,12 @@ _EXPORTS = {
     # fusers
     "Fuser": "fuser",
     "check_logits": "fuser",
+    "StackingFuser": "stacking",
+    "StackingParams": "stacking",
+    "cross_val_proba": "crossfit",
+    "TemperatureScaled": "calibration",
+    "fit_temperature": "calibration",
+    "apply_temperature": "calibration",
     # errors
     "FusionEngineError": "errors",
     "PluginError": "errors",
@@ -60,7 +66,10 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .errors import FusionEngineError, PluginError, SpecError
+    from .calibration import TemperatureScaled, apply_temperature, fit_temperature
+    from .crossfit import cross_val_proba
     from .fuser import Fuser, check_logits
+    from .stacking import StackingFuser, StackingParams
     from .hookspecs import hookimpl, hookspec
     from .plugins import get_plugins
     from .records import (BackboneRecord, BuiltBackbone, DatasetRecord, FuserRecord, ImageDataset,

@@ -10,7 +10,7 @@ beforehand by the fuser's ``Params`` model); what ``fit`` learns lives in attrib
 from __future__ import annotations
 
 import inspect
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 from scipy.special import log_softmax, softmax
@@ -40,10 +40,11 @@ class Fuser:
 
     ``requires_fit`` says whether ``fit`` learns anything: the engine scores a fuser that does on
     validation out-of-fold (cross-fitted), so a val score never comes from data it was fitted on.
+    It is read on the instance, so it may be a property that depends on the parameters.
     A fitted fuser that sets ``weights_`` (one per member) has them shown on the leaderboard.
     """
 
-    requires_fit: ClassVar[bool] = True
+    requires_fit: bool = True
 
     def fit(self, logits: np.ndarray, y: np.ndarray) -> "Fuser":
         check_logits(logits, y)
@@ -67,17 +68,20 @@ class Fuser:
         return {name: getattr(self, name) for name in self._param_names()}
 
     def clone(self) -> "Fuser":
-        """A fresh, unfitted fuser with the same parameters."""
-        return type(self)(**self.get_params())
+        """A fresh, unfitted fuser with the same parameters (fuser-valued ones cloned too)."""
+        params = {k: v.clone() if isinstance(v, Fuser) else v for k, v in self.get_params().items()}
+        return type(self)(**params)
 
     # -- JSON state ------------------------------------------------------------------------
-    def get_state(self) -> dict[str, Any]:
+    def get_state(self, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         """What ``fit`` learned, as JSON-able values: every attribute ending in ``_``.
 
-        Override (and :meth:`set_state`) for state that is not numbers and arrays, e.g. a
-        booster saved in its own JSON format.
+        For state that is not numbers and arrays (e.g. a booster in its own JSON format),
+        override this and :meth:`set_state`, encoding those attributes yourself and passing
+        their names in ``skip``.
         """
-        return {k: _to_json(v) for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
+        return {k: _to_json(v) for k, v in vars(self).items()
+                if k.endswith("_") and not k.startswith("_") and k not in skip}
 
     def set_state(self, state: dict[str, Any]) -> "Fuser":
         for key, value in state.items():
@@ -100,7 +104,9 @@ def _to_json(value: Any) -> Any:
         return {str(k): _to_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_to_json(v) for v in value]
-    return value
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} in a fuser's JSON state; override get_state/set_state")
 
 
 def _from_json(value: Any) -> Any:

@@ -132,7 +132,7 @@ class Plugins:
 
     def catalog(self) -> "Catalog":
         if self._catalog is None:
-            self._catalog = Catalog.collect(self.pm)
+            self._catalog = Catalog.collect(self.pm, first_party={n for n, i in self.info.items() if i.first_party})
         return self._catalog
 
     def describe(self) -> list[dict]:
@@ -160,13 +160,14 @@ class Plugins:
 
 
 class Catalog:
-    """Every registered backbone, fuser, dataset and metric, by normalised name."""
+    """Every registered backbone, fuser, dataset and metric, by normalised name, in the order
+    plugins registered them (which orders the leaderboard's metric columns)."""
 
     def __init__(self, records: dict[str, dict[str, Provided]]):
         self.records = records
 
     @classmethod
-    def collect(cls, pm: pluggy.PluginManager) -> "Catalog":
+    def collect(cls, pm: pluggy.PluginManager, first_party: frozenset[str] | set[str] = frozenset()) -> "Catalog":
         records: dict[str, dict[str, Provided]] = {}
         for kind, record_type in RECORD_KINDS.items():
             found: dict[str, Provided] = {}
@@ -185,17 +186,17 @@ class Catalog:
                         )
                     key = normalize_name(record.name)
                     if key in found:
-                        other = found[key].plugin
+                        a, b = sorted([found[key].plugin, plugin], key=lambda n: (n not in first_party, n))
                         raise PluginError(
-                            f"{kind} '{record.name}' is registered by both {other} and {plugin}; "
-                            f"uninstall one or block it with {DISABLE_ENV}={plugin}"
+                            f"{kind} '{key}' is registered by both {a} and {b}; "
+                            f"uninstall one or block it with {DISABLE_ENV}={b}"
                         )
                     found[key] = Provided(record=record, plugin=plugin)
-            records[kind] = dict(sorted(found.items()))
+            records[kind] = found
         return cls(records)
 
     def names(self, kind: str) -> list[str]:
-        return [p.record.name for p in self.records[kind].values()]
+        return sorted(p.record.name for p in self.records[kind].values())
 
     def get(self, kind: str, name: str) -> Provided:
         """The record for ``name``, or a :class:`SpecError` listing the installed names."""

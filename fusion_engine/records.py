@@ -13,6 +13,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from .errors import PluginError
+
 
 class Params(BaseModel):
     """Base for plugin parameter models: unknown keys are errors, as everywhere in a spec."""
@@ -91,9 +93,15 @@ class ImageDataset:
         self.labels = np.asarray(self.labels, dtype=np.int64)
         n = len(self.labels)
         if len(self.images) != n or len(self.ids) != n:
-            raise ValueError(f"images ({len(self.images)}), labels ({n}) and ids ({len(self.ids)}) differ in length")
+            raise PluginError(f"dataset: images ({len(self.images)}), labels ({n}) and ids ({len(self.ids)}) differ in length")
+        if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
+            raise PluginError(f"dataset: labels must lie in [0, {len(self.class_names)}), one per class name")
+        if len(set(self.ids)) != n:
+            raise PluginError("dataset: sample ids are not unique")
         if self.split is not None:
             self.split = np.asarray(self.split, dtype=object)
+            if len(self.split) != n:
+                raise PluginError(f"dataset: split has {len(self.split)} entries for {n} samples")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,249 @@
+"""From a loaded :class:`ImageDataset` to what training needs: a split, a fingerprint, pixels.
+
+torch and scikit-learn load inside the functions that use them, so importing this module (as
+``validate`` and ``plugins`` may) stays fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import FusionEngineError
+from .records import ImageDataset
+from .spec import SplitSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+SPLIT_NAMES = ("train", "val", "test")
+MIN_PER_CLASS = len(SPLIT_NAMES)
+FINGERPRINT_FORMAT = 1
+DECODE_THREADS = min(8, os.cpu_count() or 1)
+RESIZE_CHUNK_FLOATS = 2**26  # bounds the float32 copy interpolate makes: 256 MiB
+
+
+# -- splitting -------------------------------------------------------------------------------------
+
+def split_indices(dataset: ImageDataset, split: SplitSpec, seed: int) -> dict[str, np.ndarray]:
+    """Sorted sample indices for ``train``, ``val`` and ``test``.
+
+    The dataset's own split wins where it has one (``split`` is then unused). Otherwise the split
+    is stratified and seeded: test is drawn first, then val from the rest, so both fractions are
+    of the whole dataset.
+    """
+    if dataset.split is not None:
+        return _given_split(dataset.split)
+    labels = dataset.labels
+    if len(labels) == 0:
+        raise FusionEngineError("the dataset has no samples")
+    counts = np.bincount(labels, minlength=len(dataset.class_names))
+    present = np.flatnonzero(counts)
+    fewest = present[np.argmin(counts[present])]
+    if counts[fewest] < MIN_PER_CLASS:
+        raise FusionEngineError(
+            f"class '{_class_name(dataset, fewest)}' has only {counts[fewest]} sample{'s' if counts[fewest] != 1 else ''}; "
+            f"a stratified train/val/test split needs at least {MIN_PER_CLASS} per class"
+        )
+    everything = np.arange(len(labels))
+    rest, test = _hold_out(everything, dataset, split.test, seed, "test")
+    train, val = _hold_out(rest, dataset, split.val / (1 - split.test), seed, "val")
+    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def _given_split(split: np.ndarray) -> dict[str, np.ndarray]:
+    unknown = sorted(set(split.tolist()) - set(SPLIT_NAMES), key=str)
+    if unknown:
+        raise FusionEngineError(
+            f"the dataset's own split holds {', '.join(repr(u) for u in unknown)}; expected {', '.join(SPLIT_NAMES)}"
+        )
+    parts = {name: np.flatnonzero(split == name) for name in SPLIT_NAMES}
+    empty = [name for name, idx in parts.items() if len(idx) == 0]
+    if empty:
+        raise FusionEngineError(f"the dataset's own split has no {' and no '.join(empty)} samples")
+    return parts
+
+
+def _hold_out(indices: np.ndarray, dataset: ImageDataset, fraction: float, seed: int, part: str):
+    """``(kept, held_out)``: a stratified share ``fraction`` of ``indices`` held out as ``part``."""
+    from sklearn.model_selection import train_test_split
+
+    labels = dataset.labels[indices]
+    n_classes = len(np.unique(labels))
+    n_held = math.ceil(fraction * len(indices))
+    for name, n in ((part, n_held), ("train" if part == "val" else "train and val", len(indices) - n_held)):
+        if n < n_classes:
+            raise FusionEngineError(
+                f"a stratified split of {len(indices)} samples would put {n} in {name}, fewer than the {n_classes} "
+                f"classes; use more data or change data.split"
+            )
+    try:
+        return train_test_split(indices, test_size=fraction, stratify=labels, random_state=seed)
+    except ValueError as exc:
+        counts = np.bincount(labels)
+        present = np.flatnonzero(counts)
+        fewest = present[np.argmin(counts[present])]
+        raise FusionEngineError(
+            f"cannot hold out {part} stratified: class '{_class_name(dataset, fewest)}' has {counts[fewest]} "
+            f"sample(s) left ({exc})"
+        ) from None
+
+
+def _class_name(dataset: ImageDataset, label: int) -> str:
+    return dataset.class_names[label] if 0 <= label < len(dataset.class_names) else str(label)
+
+
+# -- fingerprint -----------------------------------------------------------------------------------
+
+def dataset_fingerprint(dataset: ImageDataset) -> str:
+    """A sha256 hex digest of everything that defines the data, part of every member's zoo key.
+
+    It covers the ids, labels, class names, the dataset's own split and the image contents: the
+    bytes of each file for paths (not sizes and dates, which copies and touches change while the
+    data stays the same), the pixels for arrays and PIL images. Reading every file costs about a
+    second per GB from a warm disk, paid once per run.
+    """
+    digest = hashlib.sha256()
+    header = {
+        "format": FINGERPRINT_FORMAT,
+        "class_names": list(dataset.class_names),
+        "ids": [str(i) for i in dataset.ids],
+        "labels": dataset.labels.tolist(),
+        "split": None if dataset.split is None else [str(s) for s in dataset.split],
+    }
+    digest.update(json.dumps(header, separators=(",", ":")).encode())
+    for image_digest in _image_digests(dataset.images):
+        digest.update(image_digest)
+    return digest.hexdigest()
+
+
+def _image_digests(images: Sequence[Any] | np.ndarray) -> Iterator[bytes]:
+    if isinstance(images, np.ndarray) and images.dtype != object:
+        yield _array_digest(images)
+        return
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:  # hashlib releases the GIL on large buffers
+        yield from pool.map(_item_digest, images)
+
+
+def _item_digest(item: Any) -> bytes:
+    if isinstance(item, (str, os.PathLike)):
+        try:
+            with open(item, "rb") as handle:
+                return hashlib.file_digest(handle, "sha256").digest()
+        except OSError as exc:
+            raise FusionEngineError(f"cannot read image {os.fspath(item)}: {exc.strerror or exc}") from None
+    if isinstance(item, np.ndarray):
+        return _array_digest(item)
+    if isinstance(item, Image.Image):
+        digest = hashlib.sha256(f"{item.mode}{item.size}".encode())
+        digest.update(item.tobytes())
+        return digest.digest()
+    raise FusionEngineError(f"unsupported image type {type(item).__name__}; expected a path, a PIL image or a uint8 array")
+
+
+def _array_digest(array: np.ndarray) -> bytes:
+    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).data)
+    return digest.digest()
+
+
+# -- pixels ----------------------------------------------------------------------------------------
+
+def load_images(images: Sequence[Any] | np.ndarray, indices: Sequence[int] | np.ndarray, size: int, in_chans: int) -> "torch.Tensor":
+    """The images at ``indices`` as one ``uint8`` tensor ``(n, in_chans, size, size)``, decoded once.
+
+    Each image is converted to RGB or grayscale (grayscale repeated to 3 channels, RGB to luma
+    as PIL does it) and resized, not cropped, to ``size x size`` with bilinear, antialiased
+    resampling. Arrays of one shape are resized in one batched call; files and PIL images are
+    decoded and resized by PIL in a thread pool.
+    """
+    import torch
+
+    if in_chans not in (1, 3):
+        raise FusionEngineError(f"in_chans must be 1 or 3, got {in_chans}")
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if isinstance(images, np.ndarray) and images.dtype != object:
+        return _resize_batch(_to_channels(images[indices], in_chans), size)
+    items = [images[i] for i in indices]
+    if items and all(isinstance(x, np.ndarray) for x in items) and len({x.shape for x in items}) == 1:
+        return _resize_batch(_to_channels(np.stack(items), in_chans), size)
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:
+        decoded = list(pool.map(partial(_decode, size=size, mode="L" if in_chans == 1 else "RGB"), items))
+    if not decoded:
+        return torch.empty((0, in_chans, size, size), dtype=torch.uint8)
+    batch = np.stack(decoded)
+    batch = batch[:, None] if in_chans == 1 else batch.transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(batch))
+
+
+def _to_channels(batch: np.ndarray, in_chans: int) -> "torch.Tensor":
+    """``(n, H, W[, C])`` uint8 -> ``(n, in_chans, H, W)``, converting as PIL's ``convert`` does."""
+    import torch
+
+    if batch.dtype != np.uint8:
+        raise FusionEngineError(f"image arrays must be uint8, got {batch.dtype}")
+    if batch.ndim == 3:
+        batch = batch[..., None]
+    if batch.ndim != 4 or batch.shape[-1] not in (1, 2, 3, 4):
+        raise FusionEngineError(f"image arrays must be (H, W) or (H, W, 1|3|4) per image, got {batch.shape[1:]}")
+    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
+    gray = x.shape[1] <= 2
+    x = x[:, :1] if gray else x[:, :3]  # alpha dropped, as PIL's convert("RGB") and ("L") do
+    if in_chans == 3 and gray:
+        return x.expand(-1, 3, -1, -1)
+    if in_chans == 1 and not gray:
+        weights = torch.tensor([19595, 38470, 7471], dtype=torch.int32).view(1, 3, 1, 1)  # PIL's ITU-R 601-2 luma
+        return ((x.to(torch.int32) * weights).sum(1, keepdim=True) + 0x8000).bitwise_right_shift(16).to(torch.uint8)
+    return x
+
+
+def _resize_batch(x: "torch.Tensor", size: int) -> "torch.Tensor":
+    import torch
+    import torch.nn.functional as F
+
+    n, channels, height, width = x.shape
+    if (height, width) == (size, size):
+        return x.contiguous()
+    out = torch.empty((n, channels, size, size), dtype=torch.uint8)
+    chunk = max(1, RESIZE_CHUNK_FLOATS // (channels * max(height * width, size * size)))
+    for start in range(0, n, chunk):
+        resized = F.interpolate(
+            x[start : start + chunk].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
+        out[start : start + chunk] = resized.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def _decode(item: Any, *, size: int, mode: str) -> np.ndarray:
+    if isinstance(item, (str, os.PathLike)):
+        path = os.fspath(item)
+        try:
+            with Image.open(path) as image:
+                image.draft(mode, (size, size))  # JPEG decodes straight to a smaller scale: much faster
+                return _converted(image, size, mode)
+        except UnidentifiedImageError:
+            raise FusionEngineError(f"cannot read image {path}: not an image format Pillow can decode") from None
+        except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
+            raise FusionEngineError(f"cannot read image {path}: {str(exc) or type(exc).__name__}") from None
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8:
+            raise FusionEngineError(f"image arrays must be uint8, got {item.dtype}")
+        return _converted(Image.fromarray(item.squeeze(-1) if item.ndim == 3 and item.shape[-1] == 1 else item), size, mode)
+    if isinstance(item, Image.Image):
+        return _converted(item, size, mode)
+    raise FusionEngineError(f"unsupported image type {type(item).__name__}; expected a path, a PIL image or a uint8 array")
+
+
+def _converted(image: Image.Image, size: int, mode: str) -> np.ndarray:
+    image = image.convert(mode)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image)

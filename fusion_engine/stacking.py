@@ -1,0 +1,128 @@
+"""Stacking: a learned classifier (the final estimator) on the members' outputs.
+
+:class:`StackingFuser` does what every stacker shares: it builds the features (each member's
+log-probabilities, optionally its raw logits), encodes the classes seen in validation as
+``0..K-1`` (some learners, XGBoost among them, need contiguous labels), puts the final estimator's
+probabilities back into all ``C`` class columns, and keeps the estimator in a JSON state. A
+subclass says only which estimator to fit and how to save and load it.
+
+Unlike scikit-learn's ``StackingClassifier``, no cross-validation is needed to build the
+features: the members were trained on the train split, so their validation outputs are already
+out-of-sample. ``cv`` is how many folds the engine uses to score the fuser out-of-fold on
+validation (see :func:`fusion_engine.crossfit.cross_val_proba`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+from scipy.special import log_softmax
+
+from .fuser import Fuser, check_logits
+from .records import Params
+
+__all__ = ["StackingFuser", "StackingParams", "stack_features"]
+
+
+class StackingParams(Params):
+    """Parameters every stacker takes; a stacker's own ``Params`` model subclasses this."""
+
+    append_logits: bool = False
+    cv: int = Field(5, ge=2)
+    seed: int = 0
+
+
+def stack_features(logits: np.ndarray, append_logits: bool = False) -> np.ndarray:
+    """The ``(N, M*C)`` design matrix: member by member, its ``C`` log-probabilities, then, with
+    ``append_logits``, its ``C`` raw logits (another ``M*C`` columns).
+
+    Log-probabilities rather than probabilities keep a confident member's evidence on a linear
+    scale, which is what a linear final estimator can use.
+    """
+    logits = check_logits(logits)
+    n_members, n_samples, n_classes = logits.shape
+    parts = [log_softmax(logits, axis=2)]
+    if append_logits:
+        parts.append(logits)
+    return np.concatenate([p.transpose(1, 0, 2).reshape(n_samples, n_members * n_classes) for p in parts], axis=1)
+
+
+class StackingFuser(Fuser):
+    """Base class for stackers: subclasses implement :meth:`make_estimator`,
+    :meth:`save_estimator` and :meth:`load_estimator`, and take ``append_logits``, ``cv`` and
+    ``seed`` as keyword arguments of their ``__init__`` (passed on to this one).
+
+    The fitted estimator is ``final_estimator_`` (scikit-learn's name), trained on labels
+    ``0..K-1`` that index ``classes_``, the classes present in the training labels. A class
+    absent from them gets probability 0; when only one class is present no estimator is fitted
+    and that class gets probability 1. Right after fitting, the estimator is replaced by
+    ``load_estimator(save_estimator(estimator))``: a fitted fuser then predicts through the same
+    code as one restored from JSON, and the two agree bit for bit. Rows are renormalised to sum
+    to 1 in float64 (XGBoost answers in float32).
+    """
+
+    requires_fit = True
+
+    def __init__(self, append_logits: bool = False, cv: int = 5, seed: int = 0):
+        self.append_logits = append_logits
+        self.cv = cv
+        self.seed = seed
+
+    # -- what a subclass provides ----------------------------------------------------------
+    def make_estimator(self) -> Any:
+        """A fresh, unfitted classifier with ``fit(X, y)`` and ``predict_proba(X)``."""
+        raise NotImplementedError
+
+    def save_estimator(self, estimator: Any) -> dict[str, Any]:
+        """The fitted estimator as a JSON-able dict (no pickle). It receives either what
+        :meth:`make_estimator` made, fitted, or what :meth:`load_estimator` returned."""
+        raise NotImplementedError
+
+    def load_estimator(self, state: dict[str, Any]) -> Any:
+        """The fitted estimator back from :meth:`save_estimator`'s dict: anything with
+        ``predict_proba(X) -> (N, K)``, not necessarily the class :meth:`make_estimator` made."""
+        raise NotImplementedError
+
+    # -- the fuser contract ----------------------------------------------------------------
+    def features(self, logits: np.ndarray) -> np.ndarray:
+        return stack_features(logits, self.append_logits)
+
+    def fit(self, logits: np.ndarray, y: np.ndarray) -> "StackingFuser":
+        super().fit(logits, y)
+        y = np.asarray(y)
+        self.classes_ = np.unique(y).astype(np.int64)
+        if len(self.classes_) < 2:
+            self.final_estimator_ = None
+            return self
+        estimator = self.make_estimator()
+        estimator.fit(self.features(logits), np.searchsorted(self.classes_, y))
+        self.final_estimator_ = self.load_estimator(self.save_estimator(estimator))
+        return self
+
+    def predict_proba(self, logits: np.ndarray) -> np.ndarray:
+        logits = check_logits(logits)
+        if logits.shape[0] != self.n_members_ or logits.shape[2] != self.n_classes_:
+            raise ValueError(f"fitted on {self.n_members_} members and {self.n_classes_} classes, "
+                             f"got logits of shape {logits.shape}")
+        proba = np.zeros((logits.shape[1], self.n_classes_))
+        if self.final_estimator_ is None:
+            proba[:, self.classes_[0]] = 1.0
+        else:
+            proba[:, self.classes_] = self.final_estimator_.predict_proba(self.features(logits))
+        return proba / proba.sum(axis=1, keepdims=True)
+
+    def get_state(self, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+        state = super().get_state(skip=(*skip, "final_estimator_"))
+        if hasattr(self, "final_estimator_"):
+            estimator = self.final_estimator_
+            state["final_estimator_"] = None if estimator is None else self.save_estimator(estimator)
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> "StackingFuser":
+        state = dict(state)
+        estimator = state.pop("final_estimator_", None)
+        super().set_state(state)
+        self.final_estimator_ = None if estimator is None else self.load_estimator(estimator)
+        return self

@@ -1,0 +1,96 @@
+"""Stacking with a logistic regression or gradient-boosted trees as the final estimator.
+
+Both build on :class:`fusion_engine.stacking.StackingFuser`, which makes the features (member
+log-probabilities), handles classes missing from validation and keeps the JSON state; each class
+here only picks its estimator and saves it without pickle. Their defaults are chosen for small
+validation sets: a regularised model with few degrees of freedom.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from pydantic import Field, PositiveFloat, PositiveInt
+
+from fusion_engine.stacking import StackingFuser, StackingParams
+
+
+class LogisticStackingParams(StackingParams):
+    C: PositiveFloat = Field(1.0, description="inverse L2 regularisation strength, as in scikit-learn")
+    max_iter: PositiveInt = 1000
+
+
+class LogisticStacking(StackingFuser):
+    """Multinomial logistic regression (scikit-learn, lbfgs, L2 with strength ``1/C``) on the
+    members' log-probabilities: it learns per-member, per-class trust and can undo a member's
+    systematic class confusions, with few parameters. State: ``coef_``, ``intercept_``, ``classes_``."""
+
+    def __init__(self, C: float = 1.0, max_iter: int = 1000, append_logits: bool = False, cv: int = 5, seed: int = 0):
+        super().__init__(append_logits=append_logits, cv=cv, seed=seed)
+        self.C = C
+        self.max_iter = max_iter
+
+    def make_estimator(self) -> Any:
+        from sklearn.linear_model import LogisticRegression
+
+        return LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.seed)
+
+    def save_estimator(self, estimator: Any) -> dict[str, Any]:
+        return {name: getattr(estimator, name).tolist() for name in ("coef_", "intercept_", "classes_")}
+
+    def load_estimator(self, state: dict[str, Any]) -> Any:
+        estimator = self.make_estimator()
+        for name, value in state.items():
+            setattr(estimator, name, np.asarray(value, dtype=np.int64 if name == "classes_" else np.float64))
+        estimator.n_features_in_ = estimator.coef_.shape[1]
+        return estimator
+
+
+class XGBoostStackingParams(StackingParams):
+    n_estimators: PositiveInt = 150
+    max_depth: PositiveInt = 2
+    learning_rate: PositiveFloat = 0.1
+    subsample: float = Field(0.8, gt=0, le=1)
+    colsample_bytree: float = Field(0.8, gt=0, le=1)
+    min_child_weight: float = Field(2.0, ge=0)
+    reg_lambda: float = Field(1.0, ge=0)
+    n_jobs: PositiveInt = 2
+
+
+class XGBoostStacking(StackingFuser):
+    """Gradient-boosted trees (XGBoost, ``hist``) on the members' log-probabilities: can model
+    interactions between members (trust B only when A is unsure). Shallow trees, shrinkage,
+    row and column subsampling and ``min_child_weight`` keep it from memorising a small
+    validation set. Deterministic for a given ``seed``. State: the booster's own JSON model."""
+
+    def __init__(self, n_estimators: int = 150, max_depth: int = 2, learning_rate: float = 0.1,
+                 subsample: float = 0.8, colsample_bytree: float = 0.8, min_child_weight: float = 2.0,
+                 reg_lambda: float = 1.0, n_jobs: int = 2, append_logits: bool = False, cv: int = 5, seed: int = 0):
+        super().__init__(append_logits=append_logits, cv=cv, seed=seed)
+        self.n_estimators = n_estimators
+        self.max_depth = max_depth
+        self.learning_rate = learning_rate
+        self.subsample = subsample
+        self.colsample_bytree = colsample_bytree
+        self.min_child_weight = min_child_weight
+        self.reg_lambda = reg_lambda
+        self.n_jobs = n_jobs
+
+    def make_estimator(self) -> Any:
+        from xgboost import XGBClassifier
+
+        return XGBClassifier(n_estimators=self.n_estimators, max_depth=self.max_depth,
+                             learning_rate=self.learning_rate, subsample=self.subsample,
+                             colsample_bytree=self.colsample_bytree, min_child_weight=self.min_child_weight,
+                             reg_lambda=self.reg_lambda, n_jobs=self.n_jobs, tree_method="hist",
+                             random_state=self.seed, verbosity=0)
+
+    def save_estimator(self, estimator: Any) -> dict[str, Any]:
+        return {"booster": json.loads(estimator.get_booster().save_raw(raw_format="json"))}
+
+    def load_estimator(self, state: dict[str, Any]) -> Any:
+        estimator = self.make_estimator()
+        estimator.load_model(bytearray(json.dumps(state["booster"]).encode()))
+        return estimator

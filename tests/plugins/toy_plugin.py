@@ -1,0 +1,68 @@
+"""A plugin file as a user would write one: a tiny backbone, a dataset and a fuser."""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import Field
+
+from fusion_engine import (BackboneRecord, BuiltBackbone, DatasetRecord, Fuser, FuserRecord, ImageDataset,
+                           InputConfig, Params, hookimpl)
+
+
+class ToyNetParams(Params):
+    width: int = Field(4, gt=0)
+
+
+def build_toy_net(params: ToyNetParams, num_classes: int, image_size: int | None = None) -> BuiltBackbone:
+    import torch.nn as nn
+
+    module = nn.Sequential(
+        nn.Conv2d(1, params.width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(4 * params.width, num_classes),
+    )
+    return BuiltBackbone(module, InputConfig(size=image_size or 8, mean=(0.5,), std=(0.5,), in_chans=1))
+
+
+class ToyDataParams(Params):
+    n_per_class: int = Field(12, ge=4)
+
+
+def load_toy_data(params: ToyDataParams, base_dir=None) -> ImageDataset:
+    """Three classes: bright top half, bright bottom half, dark."""
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for label in range(3):
+        for _ in range(params.n_per_class):
+            img = rng.integers(0, 40, size=(8, 8), dtype=np.uint8)
+            if label == 0:
+                img[:4] += 200
+            elif label == 1:
+                img[4:] += 200
+            images.append(img)
+            labels.append(label)
+    return ImageDataset(np.stack(images), np.array(labels), ["top", "bottom", "dark"],
+                        [f"toy-{i}" for i in range(len(labels))])
+
+
+class ToyMean(Fuser):
+    requires_fit = False
+
+    def predict_proba(self, logits):
+        from scipy.special import softmax
+
+        return softmax(np.asarray(logits), axis=2).mean(axis=0)
+
+
+@hookimpl
+def register_backbones():
+    return [BackboneRecord("toy-net", build_toy_net, ToyNetParams)]
+
+
+@hookimpl
+def register_datasets():
+    return [DatasetRecord("toy-data", load_toy_data, ToyDataParams)]
+
+
+@hookimpl
+def register_fusers():
+    return [FuserRecord("toy-mean", ToyMean)]

@@ -1,0 +1,188 @@
+"""The command line as a user meets it: exit codes, one-line errors, run folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fusion_engine.cli import main
+
+TOY_PLUGIN = Path(__file__).parent / "plugins" / "toy_plugin.py"
+EXPERIMENTS = Path(__file__).parent.parent / "experiments"
+
+TOY_SPEC = f"""
+name: toy
+seed: 3
+device: cpu
+plugins: [{TOY_PLUGIN}]
+data:
+  dataset: toy-data
+  params: {{n_per_class: 20}}
+  split: {{val: 0.25, test: 0.25}}
+members:
+  - name: net-a
+    backbone: toy-net
+    train: {{epochs: 2, batch_size: 16}}
+  - name: net-b
+    backbone: toy-net
+    params: {{width: 6}}
+    seed: 7
+    train: {{epochs: 2, batch_size: 16, optimizer: sgd}}
+fusers:
+  - {{name: avg, fuser: toy-mean}}
+  - {{name: avg-a, fuser: toy-mean, members: [net-a]}}
+"""
+
+
+def write_spec(tmp_path, text=TOY_SPEC, name="spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def cli(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fusion_engine", *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def test_help_and_version():
+    assert cli("--help").returncode == 0
+    out = cli("--version")
+    assert out.returncode == 0 and out.stdout.startswith("fusion-engine ")
+
+
+def test_validate_accepts_a_good_spec_without_importing_torch(tmp_path):
+    spec = write_spec(tmp_path)
+    code = f"import sys; from fusion_engine.cli import main; rc = main(['validate', {str(spec)!r}]); " \
+           "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"{spec}: ok (2 members, 2 fusers, dataset toy-data)"
+
+
+def test_shipped_experiments_validate():
+    specs = sorted(EXPERIMENTS.glob("*.yaml")) + sorted(EXPERIMENTS.glob("*.toml"))
+    assert any(p.name == "quickstart.yaml" for p in specs)
+    for spec in specs:
+        assert main(["validate", str(spec)]) == 0, spec
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (("backbone: toy-net\n    params: {width: 6}", "backbone: toy-nett\n    params: {width: 6}"),
+         "members.1.backbone: unknown backbone 'toy-nett' (did you mean 'toy-net'?); installed: "),
+        (("epochs: 2, batch_size: 16}", "epochs: 0, batch_size: 16}"),
+         "members.0.train.epochs: Input should be greater than or equal to 1 (got 0)"),
+        (("n_per_class: 20", "n_per_klass: 20"), "data.params.n_per_klass: unknown field (did you mean 'n_per_class'?)"),
+        (("fuser: toy-mean}", "fuser: nope}"), "fusers.0.fuser: unknown fuser 'nope'"),
+    ],
+)
+def test_bad_specs_exit_2_with_one_line(tmp_path, change, expected):
+    spec = write_spec(tmp_path, TOY_SPEC.replace(*change, 1))
+    for args in (["validate", spec], ["run", spec, "--registry", tmp_path / "reg"]):
+        out = cli(*args)
+        assert out.returncode == 2
+        assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+        assert out.stderr.startswith(f"{spec}: {expected}")
+    assert not (tmp_path / "reg").exists(), "a spec error must not create a run"
+
+
+def test_missing_spec_file(tmp_path):
+    out = cli("run", tmp_path / "nope.yaml")
+    assert (out.returncode, out.stderr) == (2, f"{tmp_path / 'nope.yaml'}: no such file\n")
+
+
+def test_run_writes_a_complete_run_folder(tmp_path):
+    spec = write_spec(tmp_path)
+    out = cli("run", spec, "--registry", tmp_path / "reg")
+    assert out.returncode == 0, out.stderr
+    run_dir = Path(out.stdout.strip().splitlines()[-1])
+    assert run_dir.parent == tmp_path / "reg" / "runs" and run_dir.name.split("-")[2] == "toy"
+    for name in ("leaderboard.csv", "leaderboard.md", "leaderboard.json", "spec.yaml", "spec.json", "run.json",
+                 "run.log", "split.json", "predictions_test.csv", "fusers/avg.json",
+                 "members/net-a/model.safetensors", "members/net-a/outputs.safetensors", "members/net-b/card.json"):
+        assert (run_dir / name).is_file(), name
+
+    board = pd.read_csv(run_dir / "leaderboard.csv")
+    assert list(board.columns[:9]) == ["rank", "name", "kind", "members", "accuracy", "precision_macro",
+                                       "recall_macro", "f1_macro", "nll"]
+    assert "val_accuracy" in board.columns
+    assert sorted(board["name"]) == ["avg", "avg-a", "net-a", "net-b"]
+    assert list(board["rank"]) == [1, 2, 3, 4]
+    assert board["accuracy"].is_monotonic_decreasing
+    assert board.set_index("name").loc["avg", "members"] == "net-a, net-b"
+    assert board[["accuracy", "f1_macro", "val_accuracy"]].apply(lambda c: c.between(0, 1).all()).all()
+
+    split = json.loads((run_dir / "split.json").read_text())
+    sizes = {s: len(split[s]["ids"]) for s in ("train", "val", "test")}
+    assert sizes == {"train": 30, "val": 15, "test": 15}
+    assert not set(split["test"]["ids"]) & (set(split["train"]["ids"]) | set(split["val"]["ids"]))
+    predictions = pd.read_csv(run_dir / "predictions_test.csv")
+    assert list(predictions["id"]) == split["test"]["ids"]
+    acc = (predictions["net-a"] == predictions["label"]).mean()
+    assert acc == pytest.approx(board.set_index("name").loc["net-a", "accuracy"])
+    # one fuser over one member reproduces that member exactly
+    assert (predictions["avg-a"] == predictions["net-a"]).all()
+
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "complete" and record["trained"] == ["net-a", "net-b"]
+    resolved = json.loads((run_dir / "spec.json").read_text())
+    assert resolved["members"][0]["params"] == {"width": 4}
+    md = (run_dir / "leaderboard.md").read_text().splitlines()
+    assert md[0].startswith("| rank | name | kind | members | accuracy |") and len(md) == 2 + 4
+    assert str(run_dir) in out.stdout and "accuracy" in out.stdout
+
+
+def test_run_is_reproducible_on_cpu(tmp_path):
+    spec = write_spec(tmp_path)
+    boards = []
+    for _ in range(2):
+        out = cli("run", spec, "--registry", tmp_path / "reg", "--quiet")
+        assert out.returncode == 0, out.stderr
+        boards.append(pd.read_csv(Path(out.stdout.strip()) / "leaderboard.csv"))
+    pd.testing.assert_frame_equal(boards[0].drop(columns="seconds"), boards[1].drop(columns="seconds"))
+
+
+def test_quiet_prints_only_the_run_folder_and_env_sets_the_registry(tmp_path):
+    spec = write_spec(tmp_path)
+    out = cli("run", spec, "--quiet", env={"FUSION_ENGINE_REGISTRY": str(tmp_path / "envreg")})
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    lines = out.stdout.splitlines()
+    assert len(lines) == 1 and Path(lines[0]).parent == tmp_path / "envreg" / "runs"
+
+
+def test_lifecycle_hooks_are_called_in_order(tmp_path):
+    tracker = tmp_path / "tracker.py"
+    log = tmp_path / "events.txt"
+    tracker.write_text(textwrap.dedent(f"""
+        from fusion_engine import hookimpl
+
+        def note(text):
+            with open({str(log)!r}, "a") as f:
+                f.write(text + "\\n")
+
+        @hookimpl
+        def on_run_start(run):
+            note("start " + run.spec.spec.name + " " + str(run.run_dir.is_dir()))
+
+        @hookimpl
+        def on_member_ready(member):
+            note("member " + member.name + " " + str(member.logits["test"].shape))
+
+        @hookimpl
+        def on_run_end(run, leaderboard):
+            note("end " + str(len(leaderboard)))
+    """))
+    spec = write_spec(tmp_path, TOY_SPEC.replace(f"plugins: [{TOY_PLUGIN}]", f"plugins: [{TOY_PLUGIN}, tracker.py]"))
+    out = cli("run", spec, "--registry", tmp_path / "reg", "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert log.read_text().splitlines() == ["start toy True", "member net-a (15, 3)", "member net-b (15, 3)", "end 4"]

@@ -1,0 +1,167 @@
+"""The plugin system: entry points, plugin files, blocking, broken and duplicate plugins."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fusion_engine import PluginError, SpecError
+from fusion_engine.plugins import DISABLE_ENV, get_plugins
+
+TOY_PLUGIN = Path(__file__).parent / "plugins" / "toy_plugin.py"
+FIRST_PARTY = {"fusion_engine_datasets", "fusion_engine_fusers", "fusion_engine_metrics", "fusion_engine_timm"}
+
+
+def install_fake_distribution(site: Path, dist: str, module: str, source: str, *, ep_name: str | None = None) -> None:
+    """An installed distribution as pip leaves it: the module plus a dist-info with entry points."""
+    (site / f"{module}.py").write_text(textwrap.dedent(source))
+    info = site / f"{dist.replace('-', '_')}-1.2.3.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
+    (info / "entry_points.txt").write_text(f"[fusion_engine]\n{ep_name or dist} = {module}\n")
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    path = tmp_path / "site"
+    path.mkdir()
+    monkeypatch.syspath_prepend(str(path))
+    yield path
+    for name in [m for m in sys.modules if m.startswith("fe_test_")]:
+        del sys.modules[name]
+
+
+EXTRA_FUSER = """
+    from fusion_engine import hookimpl, FuserRecord, Fuser
+
+    class Median(Fuser):
+        requires_fit = False
+
+    @hookimpl
+    def register_fusers():
+        return [FuserRecord("median", Median)]
+"""
+
+
+def test_first_party_plugins_load_through_entry_points():
+    plugins = get_plugins()
+    assert FIRST_PARTY <= set(plugins.info)
+    assert all(plugins.info[name].first_party for name in FIRST_PARTY)
+    assert {"accuracy", "f1_macro", "nll", "precision_macro", "recall_macro"} <= set(plugins.catalog().names("metric"))
+
+
+def test_third_party_distribution_is_found(site):
+    install_fake_distribution(site, "fe-median", "fe_test_median", EXTRA_FUSER)
+    plugins = get_plugins()
+    info = plugins.info["fe-median"]
+    assert (info.version, info.distribution, info.first_party) == ("1.2.3", "fe-median", False)
+    assert plugins.catalog().get("fuser", "median").plugin == "fe-median"
+
+
+def test_env_var_disables_external_plugins_only(site, monkeypatch):
+    install_fake_distribution(site, "fe-median", "fe_test_median", EXTRA_FUSER)
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    plugins = get_plugins()
+    assert "fe-median" not in plugins.info
+    assert FIRST_PARTY <= set(plugins.info)
+
+
+def test_env_var_blocks_named_plugins(monkeypatch):
+    monkeypatch.setenv(DISABLE_ENV, "fusion_engine_metrics, nothing")
+    plugins = get_plugins()
+    assert "fusion_engine_metrics" not in plugins.info
+    assert plugins.catalog().names("metric") == []
+
+
+def test_broken_plugin_warns_and_is_skipped(site, caplog):
+    install_fake_distribution(site, "fe-broken", "fe_test_broken", "import not_a_module_anywhere\n")
+    with caplog.at_level(logging.WARNING, logger="fusion_engine"):
+        plugins = get_plugins()
+    assert "fe-broken" not in plugins.info
+    assert "No module named 'not_a_module_anywhere'" in plugins.skipped["fe-broken"]
+    assert "plugin fe-broken skipped: failed to import fe_test_broken" in caplog.text
+    assert FIRST_PARTY <= set(plugins.info)
+
+
+def test_misspelt_hook_is_skipped(site):
+    install_fake_distribution(site, "fe-typo", "fe_test_typo", """
+        from fusion_engine import hookimpl
+
+        @hookimpl
+        def register_fuser():
+            return []
+    """)
+    plugins = get_plugins()
+    assert "fe-typo" not in plugins.info
+    assert "register_fuser" in plugins.skipped["fe-typo"]
+
+
+def test_duplicate_name_names_both_providers(site):
+    install_fake_distribution(site, "fe-dup", "fe_test_dup", """
+        from fusion_engine import hookimpl, MetricRecord
+
+        @hookimpl
+        def register_metrics():
+            return [MetricRecord("Accuracy", lambda y, p: 0.0)]
+    """)
+    with pytest.raises(PluginError) as info:
+        get_plugins().catalog()
+    assert str(info.value) == (
+        f"metric 'accuracy' is registered by both fusion_engine_metrics and fe-dup; "
+        f"uninstall one or block it with {DISABLE_ENV}=fe-dup"
+    )
+
+
+def test_wrong_record_type_is_an_error(site):
+    install_fake_distribution(site, "fe-wrong", "fe_test_wrong", """
+        from fusion_engine import hookimpl
+
+        @hookimpl
+        def register_backbones():
+            return [{"name": "x"}]
+    """)
+    with pytest.raises(PluginError, match="fe-wrong: register_backbones\\(\\) returned dict, expected BackboneRecord"):
+        get_plugins().catalog()
+
+
+def test_plugin_file_registers_everything():
+    plugins = get_plugins([TOY_PLUGIN], entry_points=False)
+    catalog = plugins.catalog()
+    assert catalog.names("backbone") == ["toy-net"]
+    assert catalog.names("dataset") == ["toy-data"]
+    assert catalog.names("fuser") == ["toy-mean"]
+    (row,) = plugins.describe()
+    assert row["source"] == "file" and row["path"] == str(TOY_PLUGIN)
+    assert row["hooks"] == ["register_backbones", "register_datasets", "register_fusers"]
+
+
+def test_broken_plugin_file_is_an_error(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(SpecError, match=f"plugin file {bad} failed to import: RuntimeError: boom"):
+        get_plugins([bad], entry_points=False)
+    with pytest.raises(SpecError, match="plugin file not found"):
+        get_plugins([tmp_path / "missing.py"], entry_points=False)
+
+
+def test_managers_are_independent():
+    a = get_plugins([TOY_PLUGIN], entry_points=False)
+    b = get_plugins(entry_points=False)
+    assert a.catalog().names("backbone") == ["toy-net"]
+    assert b.catalog().names("backbone") == []
+
+
+def test_plugins_command_json_lists_versions_hooks_and_records():
+    out = subprocess.run([sys.executable, "-m", "fusion_engine", "plugins", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = {row["name"]: row for row in json.loads(out)}
+    assert FIRST_PARTY <= set(rows)
+    assert rows["fusion_engine_metrics"]["hooks"] == ["register_metrics"]
+    assert "nll" in rows["fusion_engine_metrics"]["metrics"]
+    assert rows["fusion_engine_metrics"]["version"]
