@@ -14,7 +14,7 @@ from threadpoolctl import threadpool_limits
 from fusion_engine.calibration import TemperatureScaled, apply_temperature, fit_temperature, log_proba
 from fusion_engine.crossfit import cross_val_proba
 from fusion_engine_fusers import LogisticStacking, Mean, Vote, Weighted
-from test_fusers import accuracy, simulate_members
+from simulate import accuracy, simulate_members
 
 
 @pytest.fixture(autouse=True)

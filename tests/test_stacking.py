@@ -15,7 +15,7 @@ from fusion_engine import Fuser
 from fusion_engine.crossfit import cross_val_proba, n_folds
 from fusion_engine.stacking import StackingFuser, stack_features
 from fusion_engine_fusers import LogisticStacking, Mean, XGBoostStacking
-from test_fusers import accuracy, simulate_members
+from simulate import accuracy, simulate_members
 
 STACKERS = [LogisticStacking, XGBoostStacking]
 
