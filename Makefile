@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test install browser clean
 
 $(BIN)/fusion-engine: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,17 @@ install: $(BIN)/fusion-engine
 demo: install
 	$(BIN)/fusion-engine run experiments/quickstart.yaml
 
-test: install
+test: install browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# The report test opens report.html in headless Chromium. Installed from Debian when we can
+# (root with apt-get); otherwise that one test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "could not install chromium: the browser test will be skipped"; \
+	  else echo "chromium not found: the browser test will be skipped"; fi; }
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -42,6 +42,9 @@ _EXPORTS = {
     "ExperimentSpec": "spec",
     "load_spec": "spec",
     "resolve_spec": "spec",
+    # evaluation
+    "write_plots": "plots",
+    "write_report": "report",
     # running
     "run_experiment": "runner",
     "RunContext": "runner",
@@ -69,6 +72,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .calibration import TemperatureScaled, apply_temperature, fit_temperature
     from .crossfit import cross_val_proba
     from .fuser import Fuser, check_logits
+    from .plots import write_plots
+    from .report import write_report
     from .stacking import StackingFuser, StackingParams
     from .hookspecs import hookimpl, hookspec
     from .plugins import get_plugins

@@ -1,4 +1,4 @@
-"""``fusion-engine``: run, validate and list plugins.
+"""``fusion-engine``: run, validate, list plugins, and look after the registry (zoo, runs, leaderboards).
 
 Imports stay light until a command needs more: ``--help``, ``validate`` and ``plugins`` never
 import torch.
@@ -38,7 +38,57 @@ def _parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list installed plugins and what they register")
     plugins.add_argument("--json", action="store_true", help="print JSON")
     plugins.add_argument("--spec", metavar="SPEC", help="also load the plugin files this spec lists")
+
+    zoo = sub.add_parser("zoo", help="list, show, remove and clean up stored members",
+                         description="The model zoo: every trained member, stored once under its key.")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND", required=True)
+    zoo_list = zoo_sub.add_parser("list", help="every stored member")
+    _registry_option(zoo_list, json_option=True)
+    zoo_show = zoo_sub.add_parser("show", help="one member's card, files and checks",
+                                  description="Show a member: its index entry, card and files, verified against their checksums.")
+    zoo_show.add_argument("ref", metavar="KEY", help="a key, a key prefix (8+ hex characters) or a member name")
+    _registry_option(zoo_show, json_option=True)
+    zoo_rm = zoo_sub.add_parser("rm", help="remove a member", description="Remove a member from the zoo (index entry, files, checkpoint).")
+    zoo_rm.add_argument("ref", metavar="KEY", help="a key or a key prefix (8+ hex characters)")
+    _registry_option(zoo_rm, json_option=True)
+    zoo_gc = zoo_sub.add_parser("gc", help="remove what no run will read and report the bytes freed",
+                                description="Remove temporary folders, unindexed zoo folders, index rows without files, "
+                                            "checkpoints of stored members and lock files of finished runs. "
+                                            "Anything a running run holds is left alone.")
+    zoo_gc.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
+    zoo_gc.add_argument("--checkpoints", action="store_true",
+                        help="also remove checkpoints of interrupted training (a re-run would resume from them)")
+    _registry_option(zoo_gc, json_option=True)
+
+    runs = sub.add_parser("runs", help="list recorded runs", description="Runs recorded in the registry index.")
+    runs_sub = runs.add_subparsers(dest="runs_command", metavar="RUNS_COMMAND", required=True)
+    runs_list = runs_sub.add_parser("list", help="every recorded run, oldest first")
+    runs_list.add_argument("--experiment", metavar="NAME", help="only the runs of this experiment")
+    _registry_option(runs_list, json_option=True)
+
+    board = sub.add_parser("leaderboard", help="print a run's leaderboard from the registry",
+                           description="Print the leaderboard of a run: RUN_ID (or a unique prefix), or the latest "
+                                       "complete run of --experiment, or the latest complete run.")
+    which = board.add_mutually_exclusive_group()
+    which.add_argument("run", metavar="RUN_ID", nargs="?", help="a run id or a unique prefix of one")
+    which.add_argument("--experiment", metavar="NAME", help="the latest complete run of this experiment")
+    board.add_argument("--format", choices=["table", "md", "csv", "json"], default="table", help="output format (default: table)")
+    _registry_option(board)
+
+    report = sub.add_parser("report", help="draw a run's plots and report.html again from the registry",
+                            description="Re-render plots/ and report.html of a run from its run folder; prints the "
+                                        "report's path.")
+    which = report.add_mutually_exclusive_group()
+    which.add_argument("run", metavar="RUN_ID", nargs="?", help="a run id or a unique prefix of one")
+    which.add_argument("--experiment", metavar="NAME", help="the latest complete run of this experiment")
+    _registry_option(report)
     return parser
+
+
+def _registry_option(parser: argparse.ArgumentParser, *, json_option: bool = False) -> None:
+    parser.add_argument("--registry", metavar="DIR", help="registry folder (default: $FUSION_ENGINE_REGISTRY or ./registry)")
+    if json_option:
+        parser.add_argument("--json", action="store_true", help="print JSON")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,4 +165,210 @@ def cmd_plugins(args) -> int:
     return 0
 
 
-_COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins}
+def _open_registry(args, *, create: bool = False):
+    from .runner import resolve_registry
+    from .zoo import Registry
+
+    return Registry(resolve_registry(args.registry), create=create)
+
+
+def _print_json(data) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(columns: list[str], rows: list[list], *, title: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: don't fold columns to 80 characters
+        console = Console(width=max(console.width, 200))
+    table = Table(*columns, title=title, title_justify="left")
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    console.print(table)
+
+
+def cmd_zoo(args) -> int:
+    from .runner import resolve_registry
+    from .zoo import ZooError
+
+    writes = args.zoo_command in ("rm", "gc")
+    if writes and not resolve_registry(args.registry).is_dir():
+        raise ZooError(f"no registry at {resolve_registry(args.registry)}")
+    reg = _open_registry(args, create=writes)
+    with reg:
+        return _ZOO_COMMANDS[args.zoo_command](args, reg)
+
+
+def zoo_list(args, reg) -> int:
+    usage = reg.usage()
+    entries = [{**e.summary(), "runs": usage.get(e.key, 0), "path": str(reg.member_dir(e.key))} for e in reg.entries()]
+    if args.json:
+        _print_json(entries)
+        return 0
+    if not entries:
+        print(f"the zoo in {reg.root} is empty", file=sys.stderr)
+        return 0
+    _table(["key", "name", "backbone", "experiment", "dataset", "val_accuracy", "params", "size", "runs", "created"],
+           [[e["key"][:16], e["name"], e["backbone"], e["experiment"], e["dataset"],
+             "" if e["val_accuracy"] is None else f"{e['val_accuracy']:.4f}",
+             "" if e["n_params"] is None else f"{e['n_params']:,}", _size(e["bytes"]), e["runs"],
+             e["created"][:19].replace("T", " ")]
+            for e in entries], title=f"zoo in {reg.root}: {len(entries)} members")
+    return 0
+
+
+def zoo_show(args, reg) -> int:
+    from .zoo import ZooError
+
+    entry = reg.resolve(args.ref)
+    try:
+        card = reg.verify(entry)
+        check = "ok"
+    except ZooError as exc:
+        card, check = None, str(exc)
+    runs = reg.runs_using(entry.key)
+    data = {**entry.summary(), "path": str(reg.member_dir(entry.key)), "files": entry.files, "check": check,
+            "runs": runs, "card": card}
+    if args.json:
+        _print_json(data)
+        return 0 if check == "ok" else 1
+    for field in ("key", "name", "experiment", "run_id", "backbone", "dataset", "val_accuracy", "n_params", "created", "path"):
+        print(f"{field:>13}: {data[field]}")
+    print(f"{'size':>13}: {_size(entry.bytes)} in {len(entry.files)} files")
+    if card is not None:
+        spec = card.get("spec", {})
+        print(f"{'params':>13}: {json.dumps(spec.get('params'))}")
+        print(f"{'train':>13}: {json.dumps(spec.get('train'))}")
+        print(f"{'seed':>13}: {spec.get('seed')}")
+        print(f"{'best epoch':>13}: {card.get('best_epoch')} of {len(card.get('history', []))}")
+        print(f"{'trained in':>13}: {card.get('timings', {}).get('train_seconds')} s on {card.get('device')}")
+    print(f"{'used by runs':>13}: {', '.join(runs) or 'none'}")
+    print(f"{'check':>13}: {check}")
+    return 0 if check == "ok" else 1
+
+
+def zoo_rm(args, reg) -> int:
+    entry = reg.resolve(args.ref, names=False)
+    freed = reg.remove(entry.key)
+    if args.json:
+        _print_json({"removed": entry.key, "name": entry.name, "bytes_freed": freed})
+    else:
+        print(f"removed {entry.key} ({entry.name}); freed {_size(freed)}")
+    return 0
+
+
+def zoo_gc(args, reg) -> int:
+    report = reg.gc(dry_run=args.dry_run, checkpoints=args.checkpoints)
+    if args.json:
+        _print_json(report.as_dict())
+        return 0
+    verb = "would remove" if report.dry_run else "removed"
+    for item in report.removed:
+        print(f"{verb} {item['path']} ({item['what']}, {_size(item['bytes'])})")
+    for path in report.kept_in_use:
+        print(f"kept {path} (in use by a running run)")
+    for key in report.recovered:
+        print(f"{'would index' if report.dry_run else 'indexed'} zoo/{key} again (intact, but missing from the index)")
+    if report.index_rows_removed:
+        print(f"{verb} {report.index_rows_removed} index entries whose files are gone")
+    if report.runs_marked_interrupted:
+        print(f"marked {report.runs_marked_interrupted} runs whose process died as interrupted")
+    print(f"{'would free' if report.dry_run else 'freed'} {report.bytes_freed} bytes ({_size(report.bytes_freed)})")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    with _open_registry(args) as reg:
+        runs = reg.runs(experiment=args.experiment)
+    if args.json:
+        _print_json(runs)
+        return 0
+    if not runs:
+        print(f"no runs recorded in {reg.root}", file=sys.stderr)
+        return 0
+    _table(["run_id", "experiment", "status", "created", "members", "trained", "reused", "fusers", "seconds"],
+           [[r["run_id"], r["experiment"], r["status"], r["created"][:19].replace("T", " "), r["n_members"], r["n_trained"],
+             r["n_reused"], r["n_fusers"], "" if r["seconds"] is None else f"{r['seconds']:.1f}"] for r in runs])
+    return 0
+
+
+def _complete_run(args) -> tuple[dict, Path]:
+    """The run RUN_ID (or a unique prefix) names, or the latest complete one of --experiment."""
+    from .errors import FusionEngineError
+    from .zoo import ZooError
+
+    with _open_registry(args) as reg:
+        if args.run:
+            try:
+                run = reg.find_run(args.run)
+            except ZooError:
+                run = _unindexed_run(reg, args.run)
+                if run is None:
+                    raise
+        else:
+            run = reg.latest_run(args.experiment)
+        run_dir = reg.run_dir(run["run_id"])
+    if run["status"] != "complete":
+        raise FusionEngineError(f"run {run['run_id']} is {run['status']}: it has no leaderboard")
+    return run, run_dir
+
+
+def cmd_report(args) -> int:
+    from .plots import write_plots
+    from .report import write_report
+
+    _, run_dir = _complete_run(args)
+    print(write_report(run_dir, plots=write_plots(run_dir)))
+    return 0
+
+
+def cmd_leaderboard(args) -> int:
+    from .errors import FusionEngineError
+
+    run, run_dir = _complete_run(args)
+    path = run_dir / {"table": "leaderboard.json", "md": "leaderboard.md", "csv": "leaderboard.csv", "json": "leaderboard.json"}[args.format]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise FusionEngineError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if args.format != "table":
+        sys.stdout.write(text)
+        return 0
+    import pandas as pd
+
+    from .leaderboard import print_leaderboard
+
+    payload = json.loads(text)
+    board = pd.DataFrame.from_records(payload["rows"])
+    board.attrs = {k: v for k, v in payload.items() if k != "rows"}
+    sizes = payload.get("split_sizes") or {}
+    print_leaderboard(board, title=f"{payload.get('experiment', run['experiment'])} ({run['run_id']}): "
+                                   f"scored on {sizes.get('test', '?')} test samples")
+    return 0
+
+
+def _unindexed_run(reg, run_id: str) -> dict | None:
+    """A run folder the index does not list (written before the index existed), by its exact id."""
+    from .zoo import ZooError
+
+    try:
+        run_dir = reg.run_dir(run_id)
+        record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    except (ZooError, OSError, ValueError):
+        return None
+    return {"run_id": run_id, "experiment": record.get("experiment", "?"), "status": record.get("status", "?")}
+
+
+_ZOO_COMMANDS = {"list": zoo_list, "show": zoo_show, "rm": zoo_rm, "gc": zoo_gc}
+_COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "zoo": cmd_zoo, "runs": cmd_runs,
+             "leaderboard": cmd_leaderboard, "report": cmd_report}

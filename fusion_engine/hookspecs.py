@@ -75,10 +75,12 @@ def on_run_start(run):
 
 @hookspec
 def on_member_ready(run, member):
-    """Called after each member has predicted val and test.
+    """Called once per member when its val and test outputs are ready, trained in this run or
+    reused from the zoo.
 
-    ``member`` is a :class:`~fusion_engine.MemberResult` with ``name``, ``logits`` per split,
-    ``history`` (per-epoch loss and val accuracy) and ``best_epoch``. Return value ignored.
+    ``member`` is a :class:`~fusion_engine.MemberResult` with ``name``, ``key`` (its zoo key),
+    ``action`` (``"trained"`` or ``"reused"``), ``logits`` per split, ``history`` (per-epoch loss
+    and val accuracy) and ``best_epoch``. Return value ignored.
     """
 
 

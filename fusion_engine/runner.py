@@ -4,6 +4,10 @@ The evaluation protocol lives here. The data are split once; members train on tr
 their best epoch on val, and predict val and test once; fusers see member logits only, are
 fitted on val and scored on val out-of-fold; test is touched only to score, and every row is
 scored on the same test samples.
+
+Members come from the zoo (:mod:`fusion_engine.zoo`) when it has them: each is looked up by its
+key under the member's lock, trained (resuming its checkpoint) and published only when missing,
+so a re-run of a spec trains and predicts nothing and a killed run picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FusionEngineError
+from .errors import FusionEngineError, SpecError
 from .leaderboard import Row, build_leaderboard, print_leaderboard, write_leaderboard
 from .plugins import Plugins, get_plugins
-from .records import ImageDataset, InputConfig
+from .records import BackboneRecord, ImageDataset, InputConfig, Provided
 from .spec import ResolvedSpec, load_spec, resolve_spec
+from .zoo import (CorruptArtifact, Registry, ZooEntry, ZooError, describe_candidates, key_material, member_key, short,
+                  split_digest)
 
 log = logging.getLogger("fusion_engine")
 
@@ -35,7 +41,7 @@ SPLITS = ("val", "test")
 
 @dataclass
 class MemberResult:
-    """A trained member and its outputs on val and test."""
+    """A member and its outputs on val and test, trained in this run or reused from the zoo."""
 
     name: str
     backbone: str
@@ -46,6 +52,10 @@ class MemberResult:
     train_seconds: float = 0.0
     predict_seconds: float = 0.0
     n_params: int = 0
+    temperature: float | None = None  # set when the member's logits were temperature-scaled
+    key: str | None = None  # its zoo key
+    action: str = "trained"  # "trained" (and predicted) in this run, or "reused" from the zoo
+    resumed_from_epoch: int | None = None  # the checkpointed epoch its training resumed after
 
 
 @dataclass
@@ -83,8 +93,33 @@ def prepare(spec_path: str | os.PathLike) -> tuple[ResolvedSpec, Plugins]:
         plugins = get_plugins([base_dir / p for p in spec.plugins])
     except FusionEngineError as exc:
         raise type(exc)(f"{spec_path}: plugins: {exc}") from None
-    resolved = resolve_spec(spec, plugins.catalog(), file=str(spec_path), base_dir=base_dir)
+    resolved = resolve_spec(spec, _WithZooMembers(plugins.catalog()), file=str(spec_path), base_dir=base_dir)
     return resolved, plugins
+
+
+def _zoo_only(*args, **kwargs):
+    raise FusionEngineError("a member taken from the zoo is loaded, never built")
+
+
+#: what a member taken from the zoo binds to: it has no backbone to build and takes no params
+ZOO_MEMBER = Provided(BackboneRecord("zoo", build=_zoo_only, description="a member reused from the zoo"),
+                      plugin="fusion_engine.zoo")
+
+
+class _WithZooMembers:
+    """The plugin catalog, seen by :func:`resolve_spec`: a member given by ``zoo:`` (no
+    ``backbone``) binds to :data:`ZOO_MEMBER`; every other name to its plugin."""
+
+    def __init__(self, catalog):
+        self._catalog = catalog
+
+    def get(self, kind: str, name: str | None) -> Provided:
+        if kind == "backbone" and name is None:
+            return ZOO_MEMBER
+        return self._catalog.get(kind, name)
+
+    def __getattr__(self, name: str):
+        return getattr(self._catalog, name)
 
 
 def run_experiment(
@@ -99,34 +134,49 @@ def run_experiment(
     spec = resolved.spec
     device = device or spec.device
     registry_dir = resolve_registry(registry)
+    _check_references_exist(resolved, registry_dir)
     run_id = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{spec.name}-{secrets.token_hex(2)}"
-    run_dir = registry_dir / "runs" / run_id
-    try:
-        run_dir.mkdir(parents=True)
-    except OSError as exc:
-        raise FusionEngineError(f"cannot create run folder {run_dir}: {exc.strerror}") from None
+    with Registry(registry_dir) as reg:
+        run_dir = reg.run_dir(run_id)
+        try:
+            run_dir.mkdir(parents=True)
+        except OSError as exc:
+            raise FusionEngineError(f"cannot create run folder {run_dir}: {exc.strerror}") from None
+        with reg.run_lock(run_id):
+            return _run(resolved, plugins, reg, run_id, run_dir, Path(spec_path), device, quiet)
 
+
+def _run(resolved: ResolvedSpec, plugins: Plugins, reg: Registry, run_id: str, run_dir: Path, spec_path: Path,
+         device: str, quiet: bool) -> RunResult:
     from rich.console import Console
 
     from .data import dataset_fingerprint
 
+    spec = resolved.spec
     console = Console(stderr=True, quiet=quiet)
     handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    warnings = _WarningList()
     log.addHandler(handler)
+    log.addHandler(warnings)
     previous_level = log.level
     log.setLevel(logging.INFO)
     started = time.perf_counter()
     record: dict[str, Any] = {
         "run_id": run_id,
         "experiment": spec.name,
-        "spec_file": str(Path(spec_path).resolve()),
+        "spec_file": str(spec_path.resolve()),
         "status": "running",
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": device,
+        "registry": str(reg.root.resolve()),
         "versions": _versions(),
+        "members": {},
+        "warnings": warnings.messages,
     }
-    ctx = RunContext(resolved, run_id, run_dir, registry_dir, plugins)
+    ctx = RunContext(resolved, run_id, run_dir, reg.root, plugins)
+    reg.run_started(run_id, experiment=spec.name, spec_file=record["spec_file"], n_members=len(spec.members),
+                    n_fusers=len(spec.fusers))
     try:
         write_json(run_dir / "spec.json", resolved.resolved_dict())
         _write_text(run_dir / "spec.yaml", _to_yaml(resolved.resolved_dict()))
@@ -134,40 +184,91 @@ def run_experiment(
         plugins.hook.on_run_start(run=ctx)
 
         dataset, indices, y = _load_data(resolved, ctx, console)
-        record["data"] = {"split_sizes": ctx.split_sizes, "classes": ctx.class_names, "fingerprint": dataset_fingerprint(dataset)}
+        ids = {s: [str(dataset.ids[i]) for i in idx] for s, idx in indices.items()}
+        data = _RunData(dataset, indices, y, ids, dataset_fingerprint(dataset), split_digest(ids))
+        record["data"] = {"split_sizes": ctx.split_sizes, "classes": ctx.class_names, "fingerprint": data.fingerprint,
+                          "split_sha256": data.split}
         _write_split(run_dir, dataset, indices)
 
-        members = _train_members(resolved, ctx, dataset, indices, y, device, quiet, console)
+        members = _members(resolved, ctx, reg, data, device, quiet, console, record)
+        n_scored = sum(len(y[s]) for s in SPLITS)
         rows = [
             Row(name=m.name, kind="member", members=[m.name], proba={s: _softmax(m.logits[s]) for s in SPLITS},
-                extra={"seconds": m.train_seconds})
+                extra={"n_params": m.n_params, "train_seconds": m.train_seconds,
+                       "infer_ms_per_image": 1000.0 * m.predict_seconds / max(1, n_scored)})
             for m in members.values()
         ]
         rows += _fit_fusers(resolved, ctx, members, y, console)
 
         metrics = [p.record for p in plugins.catalog().records["metric"].values()]
-        leaderboard = build_leaderboard(rows, y, metrics)
-        meta = {"run_id": run_id, "experiment": spec.name, "ranked_by": "accuracy", "scored_on": "test",
-                "split_sizes": ctx.split_sizes}
+        rank_by = spec.rank_by
+        leaderboard = build_leaderboard(rows, y, metrics, rank_by=rank_by, seed=spec.seed)
+        meta = {"run_id": run_id, "experiment": spec.name, "ranked_by": leaderboard.attrs.get("ranked_by", rank_by),
+                "scored_on": "test", "split_sizes": ctx.split_sizes}
         write_leaderboard(leaderboard, run_dir, meta=meta)
         _write_predictions(run_dir, dataset, indices, y, rows)
         if not quiet:
             print_leaderboard(leaderboard, title=f"{spec.name}: scored on {ctx.split_sizes['test']} test samples")
         plugins.hook.on_run_end(run=ctx, leaderboard=leaderboard)
-        record.update(status="complete", seconds=round(time.perf_counter() - started, 3),
-                      trained=list(members), fusers=[f.name for f in spec.fusers])
+        seconds = round(time.perf_counter() - started, 3)
+        record.update(status="complete", seconds=seconds, fusers=[f.name for f in spec.fusers])
         write_json(run_dir / "run.json", record)
-        log.info("run %s complete in %.1fs", run_id, time.perf_counter() - started)
+        reg.run_finished(run_id, status="complete", seconds=seconds)
+        log.info("run %s complete in %.1fs", run_id, seconds)
+        _write_plots_and_report(run_dir, console)
         return RunResult(run_id, run_dir, leaderboard, members)
     except BaseException as exc:
-        record.update(status="failed", error=f"{type(exc).__name__}: {exc}", seconds=round(time.perf_counter() - started, 3))
+        seconds = round(time.perf_counter() - started, 3)
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        record.update(status=status, error=f"{type(exc).__name__}: {exc}", seconds=seconds)
         write_json(run_dir / "run.json", record)
-        log.error("run %s failed: %s", run_id, record["error"])
+        log.error("run %s %s: %s", run_id, status, record["error"])
+        try:
+            reg.run_finished(run_id, status=status, seconds=seconds, error=record["error"])
+        except Exception as index_exc:  # the run's own error is the one to report
+            log.error("could not record the run's end in the registry index: %s", index_exc)
         raise
     finally:
         log.removeHandler(handler)
+        log.removeHandler(warnings)
         handler.close()
         log.setLevel(previous_level)
+
+
+class _WarningList(logging.Handler):
+    """The run's warnings, kept for ``run.json``."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@dataclass
+class _RunData:
+    dataset: ImageDataset
+    indices: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]
+    ids: dict[str, list[str]]
+    fingerprint: str
+    split: str
+    images: dict = field(default_factory=dict)
+
+    def pixels(self, cfg: InputConfig) -> dict:
+        """train/val/test images at the size and channels ``cfg`` asks for, decoded once a run."""
+        from .data import load_images
+
+        key = (cfg.size, cfg.in_chans)
+        if key not in self.images:
+            idx = self.indices
+            order = np.concatenate([idx["train"], idx["val"], idx["test"]])
+            images = load_images(self.dataset.images, order, cfg.size, cfg.in_chans)
+            bounds = np.cumsum([0, len(idx["train"]), len(idx["val"])])
+            self.images[key] = {"train": images[: bounds[1]], "val": images[bounds[1]: bounds[2]],
+                                "test": images[bounds[2]:]}
+        return self.images[key]
 
 
 # -- steps ----------------------------------------------------------------------------------------
@@ -190,61 +291,239 @@ def _load_data(resolved: ResolvedSpec, ctx: RunContext, console) -> tuple[ImageD
     return dataset, indices, y
 
 
-def _train_members(resolved, ctx, dataset, indices, y, device, quiet, console) -> dict[str, MemberResult]:
-    import torch
-    from safetensors.torch import save_file
-
-    from .data import load_images
-    from .training import predict_logits, train_member
+def _members(resolved: ResolvedSpec, ctx: RunContext, reg: Registry, data: _RunData, device, quiet, console,
+             record: dict) -> dict[str, MemberResult]:
+    """Every member, from the zoo where it is stored, else trained, predicted and stored there."""
+    from .calibration import fit_temperature
 
     spec = resolved.spec
-    image_cache: dict[tuple[int, int], Any] = {}
     results: dict[str, MemberResult] = {}
-    num_classes = len(dataset.class_names)
-    for i, (mspec, entry) in enumerate(zip(spec.members, resolved.members), start=1):
-        seed = spec.seed if mspec.seed is None else mspec.seed
-        console.log(f"member {i}/{len(spec.members)}: training [bold]{mspec.name}[/] ({mspec.backbone})")
-        torch.manual_seed(seed)
-        built = entry.record.build(entry.params, num_classes=num_classes, image_size=spec.data.image_size)
-        cfg = _input_config(built.input, spec.data)
-        key = (cfg.size, cfg.in_chans)
-        if key not in image_cache:
-            order = np.concatenate([indices["train"], indices["val"], indices["test"]])
-            images = load_images(dataset.images, order, cfg.size, cfg.in_chans)
-            bounds = np.cumsum([0, len(indices["train"]), len(indices["val"])])
-            image_cache[key] = {"train": images[: bounds[1]], "val": images[bounds[1]: bounds[2]], "test": images[bounds[2]:]}
-        x = image_cache[key]
-        y_t = {s: torch.as_tensor(dataset.labels[indices[s]]) for s in ("train", "val", "test")}
-        result = train_member(
-            built.module, cfg, mspec.train, x["train"], y_t["train"], x["val"], y_t["val"],
-            seed=seed, device=device, label=mspec.name, quiet=quiet,
-        )
-        built.module.load_state_dict(result.state_dict)
-        t0 = time.perf_counter()
-        logits = {s: predict_logits(built.module, cfg, x[s], batch_size=mspec.train.eval_batch_size, device=device) for s in SPLITS}
-        predict_seconds = time.perf_counter() - t0
-        member = MemberResult(
-            name=mspec.name, backbone=mspec.backbone, logits=logits, input=cfg, history=result.history,
-            best_epoch=result.best_epoch, train_seconds=result.train_seconds, predict_seconds=predict_seconds,
-            n_params=sum(p.numel() for p in built.module.parameters()),
-        )
-        out = ctx.run_dir / "members" / mspec.name
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in result.state_dict.items()}, str(out / "model.safetensors"))
-        save_file({f"{s}_logits": torch.from_numpy(logits[s]) for s in SPLITS}, str(out / "outputs.safetensors"))
-        write_json(out / "card.json", {
-            "name": mspec.name, "backbone": mspec.backbone, "plugin": entry.provided.plugin,
-            "params": entry.params.model_dump(mode="json"), "train": mspec.train.model_dump(mode="json"),
-            "seed": seed, "input": {"size": cfg.size, "mean": cfg.mean, "std": cfg.std, "in_chans": cfg.in_chans},
-            "best_epoch": result.best_epoch, "history": result.history, "n_params": member.n_params,
-            "train_seconds": round(result.train_seconds, 3), "predict_seconds": round(predict_seconds, 3),
-            "val_accuracy": float(np.mean(np.argmax(logits["val"], 1) == y["val"])),
-        })
-        log.info("member %s: best epoch %s, val accuracy %.4f, %.1fs", mspec.name, result.best_epoch,
-                 float(np.mean(np.argmax(logits["val"], 1) == y["val"])), result.train_seconds)
+    for i, (mspec, entry) in enumerate(zip(spec.members, resolved.members)):
+        progress = f"member {i + 1}/{len(spec.members)}"
+        if mspec.zoo is not None:
+            member = _referenced_member(resolved, i, reg, data, console)
+        else:
+            member = _stored_or_trained(resolved, i, entry, ctx, reg, data, device, quiet, console, progress)
+        if mspec.calibrate == "temperature":
+            member.temperature = fit_temperature(member.logits["val"], data.y["val"])
+            member.logits = {s: (v / member.temperature).astype(np.float32) for s, v in member.logits.items()}
+        _write_member(ctx.run_dir, member, reg)
+        entry_record = {"key": member.key, "action": member.action, "source": "zoo" if mspec.zoo is not None else "spec"}
+        if member.resumed_from_epoch:
+            entry_record["resumed_from_epoch"] = member.resumed_from_epoch
+        record["members"][member.name] = entry_record
+        record["trained"] = [n for n, m in record["members"].items() if m["action"] == "trained"]
+        record["predicted"] = list(record["trained"])
+        record["reused"] = [n for n, m in record["members"].items() if m["action"] == "reused"]
+        write_json(ctx.run_dir / "run.json", record)
+        reg.run_member(ctx.run_id, member.name, member.key, member.action)
+        log.info("member %s: %s, key %s, best epoch %s, val accuracy %.4f", member.name, member.action, member.key,
+                 member.best_epoch, float(np.mean(np.argmax(member.logits["val"], 1) == data.y["val"])))
         ctx.plugins.hook.on_member_ready(run=ctx, member=member)
-        results[mspec.name] = member
+        results[member.name] = member
     return results
+
+
+def _train_config(train) -> dict:
+    """The training config as it enters a key: ``lr`` and ``weight_decay`` resolved, so leaving
+    them to their defaults and writing the defaults out are the same member."""
+    data = train.model_dump(mode="json")
+    data["lr"] = train.resolved_lr
+    data["weight_decay"] = train.resolved_weight_decay
+    return data
+
+
+def _stored_or_trained(resolved: ResolvedSpec, i: int, entry, ctx: RunContext, reg: Registry, data: _RunData,
+                       device, quiet, console, progress: str) -> MemberResult:
+    spec = resolved.spec
+    mspec = spec.members[i]
+    seed = spec.seed if mspec.seed is None else mspec.seed
+    material = key_material(
+        backbone=entry.record.name, params=entry.params.model_dump(mode="json"), train=_train_config(mspec.train),
+        seed=seed, image_size=spec.data.image_size, mean=spec.data.mean, std=spec.data.std,
+        fingerprint=data.fingerprint, split=data.split,
+    )
+    key = member_key(material)
+
+    def waiting() -> None:
+        console.log(f"waiting for another run to finish with [bold]{mspec.name}[/] (key {short(key)})")
+        log.info("waiting for the lock of %s (key %s), held by another run", mspec.name, key)
+
+    with reg.lock(key, on_wait=waiting):
+        stored = None
+        try:
+            stored = reg.open_member(key)
+            if stored is not None:
+                _check_outputs(stored[0], stored[2], data)
+        except CorruptArtifact as exc:
+            log.warning("%s; retraining %s", exc, mspec.name)
+            reg.discard(key)
+            stored = None
+        if stored is not None:
+            zoo_entry, card, outputs = stored
+            checkpoint = reg.checkpoint(key)
+            if checkpoint.folder.exists():
+                checkpoint.clear()  # left by a run killed after publishing: nothing to resume
+            console.log(f"reused [bold]{mspec.name}[/] from the zoo (key {short(key)})")
+            return _from_card(mspec.name, zoo_entry, card, outputs, action="reused")
+        return _train_and_store(resolved, i, entry, ctx, reg, data, key, material, seed, device, quiet, console, progress)
+
+
+def _train_and_store(resolved: ResolvedSpec, i: int, entry, ctx: RunContext, reg: Registry, data: _RunData,
+                     key: str, material: dict, seed: int, device, quiet, console, progress: str) -> MemberResult:
+    import torch
+    from safetensors.numpy import save_file as save_arrays
+    from safetensors.torch import save_file
+
+    from .training import predict_logits, resolve_device, train_member
+
+    spec = resolved.spec
+    mspec = spec.members[i]
+    checkpoint = reg.checkpoint(key)
+    saved = checkpoint.peek()
+    if saved is not None:
+        console.log(f"{progress}: resuming [bold]{mspec.name}[/] ({mspec.backbone}) after epoch {saved.get('epoch')} "
+                    f"of {mspec.train.epochs} from its checkpoint (key {short(key)})")
+        log.info("resuming %s after epoch %s from its checkpoint", mspec.name, saved.get("epoch"))
+    else:
+        console.log(f"{progress}: training [bold]{mspec.name}[/] ({mspec.backbone}, key {short(key)})")
+    torch.manual_seed(seed)
+    num_classes = len(data.dataset.class_names)
+    built = entry.record.build(entry.params, num_classes=num_classes, image_size=spec.data.image_size)
+    cfg = _input_config(built.input, spec.data)
+    x = data.pixels(cfg)
+    y_t = {s: torch.as_tensor(data.dataset.labels[data.indices[s]]) for s in ("train", "val", "test")}
+    result = train_member(
+        built.module, cfg, mspec.train, x["train"], y_t["train"], x["val"], y_t["val"],
+        seed=seed, device=device, label=mspec.name, quiet=quiet, checkpoint=checkpoint,
+    )
+    built.module.load_state_dict(result.state_dict)
+    t0 = time.perf_counter()
+    logits = {s: predict_logits(built.module, cfg, x[s], batch_size=mspec.train.eval_batch_size, device=device) for s in SPLITS}
+    predict_seconds = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in built.module.parameters())
+    val_accuracy = float(np.mean(np.argmax(logits["val"], 1) == data.y["val"]))
+    best = next((h for h in result.history if h.get("epoch") == result.best_epoch), {})
+    resumed = getattr(result, "resumed_from_epoch", 0) or None
+    card = {
+        "format": material["format"],
+        "name": mspec.name,
+        "experiment": spec.name,
+        "run_id": ctx.run_id,
+        "spec": {"name": mspec.name, "backbone": mspec.backbone, "params": entry.params.model_dump(mode="json"),
+                 "train": mspec.train.model_dump(mode="json"), "seed": seed},
+        "backbone": entry.record.name,
+        "plugin": entry.provided.plugin,
+        "key_material": material,
+        "data": {"dataset": spec.data.dataset, "params": resolved.dataset.params.model_dump(mode="json"),
+                 "fingerprint": data.fingerprint, "split_sha256": data.split, "classes": list(data.dataset.class_names),
+                 "split_sizes": {s: len(v) for s, v in data.indices.items()}},
+        "input": {"size": cfg.size, "mean": list(cfg.mean), "std": list(cfg.std), "in_chans": cfg.in_chans},
+        "metrics": {"val_accuracy": val_accuracy, "val_loss": best.get("val_loss")},
+        "best_epoch": result.best_epoch,
+        "history": result.history,
+        "resumed_from_epoch": resumed,
+        "n_params": n_params,
+        "timings": {"train_seconds": round(result.train_seconds, 3), "predict_seconds": round(predict_seconds, 3),
+                    "images_per_second": round(result.images_per_second, 1)},
+        "device": str(resolve_device(device)),
+        "versions": _versions(),
+    }
+
+    def write(folder: Path) -> None:
+        save_file({k: v.contiguous() for k, v in result.state_dict.items()}, str(folder / "model.safetensors"),
+                  metadata={"format": "pt"})
+        save_arrays({**{f"{s}_logits": np.ascontiguousarray(logits[s], dtype=np.float32) for s in SPLITS},
+                     **{f"{s}_labels": np.ascontiguousarray(data.y[s], dtype=np.int64) for s in SPLITS}},
+                    str(folder / "outputs.safetensors"))
+        (folder / "ids.json").write_text(json.dumps({s: data.ids[s] for s in SPLITS}) + "\n", encoding="utf-8")
+
+    zoo_entry = reg.publish(key, card, write, entry={
+        "name": mspec.name, "experiment": spec.name, "run_id": ctx.run_id, "backbone": entry.record.name,
+        "dataset": spec.data.dataset, "fingerprint": data.fingerprint, "split": data.split,
+        "val_accuracy": val_accuracy, "n_params": n_params,
+    })
+    checkpoint.clear()
+    log.info("stored %s in the zoo as %s", mspec.name, key)
+    member = _from_card(mspec.name, zoo_entry, {**card, "key": key},
+                        None, action="trained", logits=logits)
+    member.resumed_from_epoch = resumed
+    return member
+
+
+def _from_card(name: str, entry: ZooEntry, card: dict, outputs, *, action: str, logits=None) -> MemberResult:
+    inp = card["input"]
+    timings = card.get("timings", {})
+    return MemberResult(
+        name=name, backbone=card.get("backbone", entry.backbone),
+        logits=dict(logits) if logits is not None else dict(outputs.logits),
+        input=InputConfig(size=inp["size"], mean=tuple(inp["mean"]), std=tuple(inp["std"]), in_chans=inp["in_chans"]),
+        history=card.get("history", []), best_epoch=card.get("best_epoch"),
+        train_seconds=float(timings.get("train_seconds") or 0.0), predict_seconds=float(timings.get("predict_seconds") or 0.0),
+        n_params=int(card.get("n_params") or 0), key=entry.key, action=action,
+    )
+
+
+def _check_outputs(entry: ZooEntry, outputs, data: _RunData) -> None:
+    """A stored member's samples are this run's, in this run's order, with its labels."""
+    for s in SPLITS:
+        if outputs.ids[s] != data.ids[s] or not np.array_equal(outputs.labels[s], data.y[s]):
+            raise CorruptArtifact(entry.key, "ids.json", f"its {s} samples are not this run's (same key, other data)")
+        if outputs.logits[s].shape != (len(data.ids[s]), len(data.dataset.class_names)):
+            raise CorruptArtifact(entry.key, "outputs.safetensors", f"{s} logits of shape {outputs.logits[s].shape}")
+
+
+# -- members by reference ---------------------------------------------------------------------------
+
+def _check_references_exist(resolved: ResolvedSpec, registry_dir: Path) -> None:
+    """Fail before a run is made when a ``zoo:`` member names nothing in the registry."""
+    refs = [(i, m.zoo) for i, m in enumerate(resolved.spec.members) if m.zoo is not None]
+    if not refs:
+        return
+    with Registry(registry_dir, create=False) as reg:
+        for i, ref in refs:
+            if not reg.find(ref):
+                raise SpecError(f"no zoo member matches '{ref}' (a key, key prefix or member name) in registry "
+                                f"{registry_dir}; `fusion-engine zoo list --registry {registry_dir}` shows them",
+                                file=resolved.file, loc=("members", i, "zoo"))
+
+
+def _referenced_member(resolved: ResolvedSpec, i: int, reg: Registry, data: _RunData, console) -> MemberResult:
+    """A member named by ``zoo:``: it must have been trained on this run's data and split."""
+    mspec = resolved.spec.members[i]
+    loc = ("members", i, "zoo")
+    found = reg.find(mspec.zoo)
+    fitting = [e for e in found if e.fingerprint == data.fingerprint and e.split == data.split]
+    if len(found) == 1:
+        chosen = found[0]
+    elif len(fitting) == 1:
+        chosen = fitting[0]
+    elif not found:
+        raise SpecError(f"no zoo member matches '{mspec.zoo}' in registry {reg.root}", file=resolved.file, loc=loc)
+    else:
+        shown = fitting or found
+        raise SpecError(f"'{mspec.zoo}' is ambiguous: {len(shown)} zoo members match"
+                        f"{' and were trained on this data' if fitting else ''}; give a longer key prefix. "
+                        f"Candidates: {describe_candidates(shown)}", file=resolved.file, loc=loc)
+    if chosen.fingerprint != data.fingerprint or chosen.split != data.split:
+        what = [f"data fingerprint {chosen.fingerprint[:16]} (this run: {data.fingerprint[:16]})"
+                if chosen.fingerprint != data.fingerprint else "",
+                f"split {chosen.split[:16]} (this run: {data.split[:16]})" if chosen.split != data.split else ""]
+        raise SpecError(f"zoo member {short(chosen.key)} ({chosen.name}, experiment {chosen.experiment}) was trained on "
+                        f"other data: {' and '.join(w for w in what if w)}; fusers may only combine members scored on "
+                        f"the same samples", file=resolved.file, loc=loc)
+    with reg.lock(chosen.key):
+        try:
+            stored = reg.open_member(chosen.key)
+            if stored is None:
+                raise ZooError(f"zoo member {short(chosen.key)} was removed while this run started")
+            _check_outputs(stored[0], stored[2], data)
+        except ZooError as exc:
+            raise SpecError(f"{exc}", file=resolved.file, loc=loc) from None
+    zoo_entry, card, outputs = stored
+    console.log(f"reused [bold]{mspec.name}[/] from the zoo (key {short(chosen.key)}, "
+                f"'{chosen.name}' of experiment {chosen.experiment})")
+    return _from_card(mspec.name, zoo_entry, card, outputs, action="reused")
 
 
 def _input_config(cfg: InputConfig, data) -> InputConfig:
@@ -257,6 +536,27 @@ def _input_config(cfg: InputConfig, data) -> InputConfig:
     return InputConfig(size=data.image_size or cfg.size, mean=mean, std=std, in_chans=cfg.in_chans)
 
 
+def _write_member(run_dir: Path, member: MemberResult, reg: Registry) -> None:
+    """``members/<name>/``: the logits this run used (after calibration) and a card pointing at
+    the zoo, where the weights live once."""
+    from safetensors.numpy import save_file
+
+    out = run_dir / "members" / member.name
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({f"{s}_logits": np.ascontiguousarray(member.logits[s], dtype=np.float32) for s in SPLITS},
+              str(out / "outputs.safetensors"))
+    write_json(out / "card.json", {
+        "name": member.name, "key": member.key, "action": member.action,
+        "zoo": str(reg.member_dir(member.key).relative_to(reg.root)),
+        "backbone": member.backbone, "temperature": member.temperature,
+        "resumed_from_epoch": member.resumed_from_epoch,
+        "input": {"size": member.input.size, "mean": list(member.input.mean), "std": list(member.input.std),
+                  "in_chans": member.input.in_chans},
+        "best_epoch": member.best_epoch, "history": member.history, "n_params": member.n_params,
+        "train_seconds": round(member.train_seconds, 3), "predict_seconds": round(member.predict_seconds, 3),
+    })
+
+
 def _fit_fusers(resolved, ctx, members: dict[str, MemberResult], y, console) -> list[Row]:
     """Fit every fuser on val; one BLAS thread, as small fits oversubscribe cores otherwise."""
     from threadpoolctl import threadpool_limits
@@ -266,6 +566,7 @@ def _fit_fusers(resolved, ctx, members: dict[str, MemberResult], y, console) -> 
 
 
 def _fit_fusers_unlimited(resolved, ctx, members: dict[str, MemberResult], y, console) -> list[Row]:
+    from .calibration import TemperatureScaled
     from .crossfit import cross_val_proba
 
     rows = []
@@ -274,6 +575,8 @@ def _fit_fusers_unlimited(resolved, ctx, members: dict[str, MemberResult], y, co
         names = fspec.members or list(members)
         logits = {s: np.stack([members[n].logits[s] for n in names]) for s in SPLITS}
         fuser = entry.record.cls(**entry.params.model_dump())
+        if fspec.temperature:
+            fuser = TemperatureScaled(fuser, seed=resolved.spec.seed)
         console.log(f"fitting fuser [bold]{fspec.name}[/] ({fspec.fuser}) on {len(names)} members")
         if fuser.requires_fit:
             val_proba = cross_val_proba(fuser, logits["val"], y["val"], seed=resolved.spec.seed)
@@ -282,16 +585,19 @@ def _fit_fusers_unlimited(resolved, ctx, members: dict[str, MemberResult], y, co
         fit_seconds = time.perf_counter() - t0
         if not fuser.requires_fit:
             val_proba = fuser.predict_proba(logits["val"])
+        t0 = time.perf_counter()
         test_proba = fuser.predict_proba(logits["test"])
+        predict_ms_per_image = 1000.0 * (time.perf_counter() - t0) / max(1, len(y["test"]))
         weights = getattr(fuser, "weights_", None)
         out.mkdir(exist_ok=True)
         write_json(out / f"{fspec.name}.json", {
             "name": fspec.name, "fuser": fspec.fuser, "plugin": entry.provided.plugin, "members": names,
-            "params": entry.params.model_dump(mode="json"), "state": fuser.get_state(),
+            "params": entry.params.model_dump(mode="json"), "temperature": fspec.temperature,
+            "state": fuser.get_state(),
         })
         rows.append(Row(
             name=fspec.name, kind="fuser", members=names, proba={"val": val_proba, "test": test_proba},
-            weights=None if weights is None else [float(w) for w in weights], extra={"seconds": fit_seconds},
+            weights=None if weights is None else [float(w) for w in weights], extra={"fit_seconds": fit_seconds, "predict_ms_per_image": predict_ms_per_image},
         ))
     return rows
 
@@ -305,10 +611,28 @@ def _write_split(run_dir: Path, dataset: ImageDataset, indices: dict) -> None:
     })
 
 
-def _write_predictions(run_dir: Path, dataset: ImageDataset, indices: dict, y: dict, rows: list[Row]) -> None:
-    """``predictions_{val,test}.csv``: per sample, the label and each row's predicted class."""
-    import pandas as pd
+def _write_plots_and_report(run_dir: Path, console) -> None:
+    """Plots and report.html, drawn from the finished run folder. A failure here is a warning:
+    the run's results are already written, and ``fusion-engine report`` can draw them again."""
+    from .plots import write_plots
+    from .report import write_report
 
+    try:
+        report = write_report(run_dir, plots=write_plots(run_dir))
+        console.log(f"report: {report}")
+    except Exception as exc:
+        log.warning("could not draw the plots and report of %s: %s: %s (retry with: fusion-engine report %s)",
+                    run_dir.name, type(exc).__name__, exc, run_dir.name)
+
+
+def _write_predictions(run_dir: Path, dataset: ImageDataset, indices: dict, y: dict, rows: list[Row]) -> None:
+    """``predictions_{val,test}.csv``: per sample, the label and each row's predicted class;
+    ``probabilities.safetensors``: each row's probabilities, keyed ``<row>/<split>``."""
+    import pandas as pd
+    from safetensors.numpy import save_file
+
+    save_file({f"{row.name}/{s}": np.ascontiguousarray(row.proba[s], dtype=np.float64) for row in rows for s in SPLITS},
+              str(run_dir / "probabilities.safetensors"))
     for s in SPLITS:
         df = pd.DataFrame({"id": [dataset.ids[i] for i in indices[s]], "label": y[s]})
         for row in rows:

@@ -19,9 +19,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SpecError, format_loc
-from .records import Params, Provided
+from .records import Params, Provided, normalize_name
 
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$"
+RANK_BY_DELTA = "delta_vs_best_member"
 
 
 class _Strict(BaseModel):
@@ -88,11 +89,30 @@ class TrainSpec(_Strict):
 
 
 class MemberSpec(_Strict):
+    """A member to train (``backbone``), or one already in the zoo (``zoo``): exactly one of the two."""
+
     name: str = Field(pattern=SAFE_NAME)
-    backbone: str
+    backbone: Optional[str] = Field(None, description="a registered backbone to train")
     params: dict[str, Any] = Field(default_factory=dict)
     train: TrainSpec = Field(default_factory=TrainSpec)
     seed: Optional[int] = Field(None, description="default: the experiment's seed")
+    calibrate: Literal["none", "temperature"] = Field(
+        "none", description="temperature-scale this member's logits (fitted on val) before fusion")
+    zoo: Optional[str] = Field(None, pattern=SAFE_NAME,
+                               description="reuse a zoo member: its key, a key prefix (8+ hex characters) or its name")
+
+    @model_validator(mode="after")
+    def _backbone_or_zoo(self) -> "MemberSpec":
+        if self.backbone is None and self.zoo is None:
+            raise ValueError("give a backbone to train, or zoo: KEY or NAME to reuse a member from the zoo")
+        if self.backbone is not None and self.zoo is not None:
+            raise ValueError("give either backbone (to train a member) or zoo (to reuse one from the zoo), not both")
+        if self.zoo is not None:
+            given = [f for f in ("params", "train", "seed") if f in self.model_fields_set]
+            if given:
+                raise ValueError(f"a zoo member comes trained: remove {', '.join(given)} "
+                                 "(its zoo card records how it was trained)")
+        return self
 
 
 class FuserSpec(_Strict):
@@ -100,12 +120,14 @@ class FuserSpec(_Strict):
     fuser: str
     params: dict[str, Any] = Field(default_factory=dict)
     members: Optional[list[str]] = Field(None, min_length=1, description="default: every member")
+    temperature: bool = Field(False, description="temperature-scale the fused output, fitted on val out-of-fold")
 
 
 class ExperimentSpec(_Strict):
     name: str = Field(pattern=SAFE_NAME)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    rank_by: str = Field("accuracy", description="the metric (or delta_vs_best_member) that orders the leaderboard")
     plugins: list[str] = Field(default_factory=list, description="plugin .py files, relative to the spec file")
     data: DataSpec
     members: list[MemberSpec] = Field(min_length=1)
@@ -291,4 +313,8 @@ def resolve_spec(spec: ExperimentSpec, catalog, *, file: str | None = None, base
     dataset = bind("dataset", spec.data.dataset, spec.data.params, ("data",))
     members = [bind("backbone", m.backbone, m.params, ("members", i)) for i, m in enumerate(spec.members)]
     fusers = [bind("fuser", f.fuser, f.params, ("fusers", i)) for i, f in enumerate(spec.fusers)]
+    rankable = {normalize_name(n) for n in catalog.names("metric")} | {normalize_name(RANK_BY_DELTA)}
+    if "rank_by" in spec.model_fields_set and normalize_name(spec.rank_by) not in rankable:
+        choices = ", ".join(sorted([*catalog.names("metric"), RANK_BY_DELTA]))
+        raise SpecError(f"cannot rank by '{spec.rank_by}'; choose one of: {choices}", file=file, loc="rank_by")
     return ResolvedSpec(spec, file, base_dir, dataset, members, fusers)

@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -108,8 +109,11 @@ def test_run_writes_a_complete_run_folder(tmp_path):
     assert run_dir.parent == tmp_path / "reg" / "runs" and run_dir.name.split("-")[2] == "toy"
     for name in ("leaderboard.csv", "leaderboard.md", "leaderboard.json", "spec.yaml", "spec.json", "run.json",
                  "run.log", "split.json", "predictions_test.csv", "fusers/avg.json",
-                 "members/net-a/model.safetensors", "members/net-a/outputs.safetensors", "members/net-b/card.json"):
+                 "members/net-a/outputs.safetensors", "members/net-b/card.json"):
         assert (run_dir / name).is_file(), name
+    for member in ("net-a", "net-b"):  # the weights are stored once, in the zoo, under the member's key
+        card = json.loads((run_dir / "members" / member / "card.json").read_text())
+        assert card["zoo"] == f"zoo/{card['key']}" and (tmp_path / "reg" / card["zoo"] / "model.safetensors").is_file()
 
     board = pd.read_csv(run_dir / "leaderboard.csv")
     assert list(board.columns[:9]) == ["rank", "name", "kind", "members", "accuracy", "precision_macro",
@@ -131,6 +135,12 @@ def test_run_writes_a_complete_run_folder(tmp_path):
     assert acc == pytest.approx(board.set_index("name").loc["net-a", "accuracy"])
     # one fuser over one member reproduces that member exactly
     assert (predictions["avg-a"] == predictions["net-a"]).all()
+    from safetensors.numpy import load_file
+
+    proba = load_file(run_dir / "probabilities.safetensors")
+    assert sorted(proba) == sorted(f"{r}/{s}" for r in ("avg", "avg-a", "net-a", "net-b") for s in ("val", "test"))
+    assert proba["avg/test"].shape == (15, 3) and np.allclose(proba["avg/test"].sum(1), 1)
+    assert (proba["net-a/test"].argmax(1) == predictions["net-a"]).all()
 
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "complete" and record["trained"] == ["net-a", "net-b"]
@@ -140,6 +150,17 @@ def test_run_writes_a_complete_run_folder(tmp_path):
     assert md[0].startswith("| rank | name | kind | members | accuracy |") and len(md) == 2 + 4
     assert str(run_dir) in out.stdout and "accuracy" in out.stdout
 
+    report = run_dir / "report.html"
+    html = report.read_text()
+    assert all(name in html for name in ("avg", "avg-a", "net-a", "net-b"))
+    assert any((run_dir / "plots").glob("confusion*.png"))
+    report.unlink()
+    again = cli("report", run_dir.name[:17], "--registry", tmp_path / "reg")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == str(report) and report.is_file()
+    missing = cli("report", "19990101", "--registry", tmp_path / "reg")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
+
 
 def test_run_is_reproducible_on_cpu(tmp_path):
     spec = write_spec(tmp_path)
@@ -148,7 +169,7 @@ def test_run_is_reproducible_on_cpu(tmp_path):
         out = cli("run", spec, "--registry", tmp_path / "reg", "--quiet")
         assert out.returncode == 0, out.stderr
         boards.append(pd.read_csv(Path(out.stdout.strip()) / "leaderboard.csv"))
-    pd.testing.assert_frame_equal(boards[0].drop(columns="seconds"), boards[1].drop(columns="seconds"))
+    pd.testing.assert_frame_equal(*(b.drop(columns=["train_seconds", "fit_seconds"]) for b in boards))
 
 
 def test_quiet_prints_only_the_run_folder_and_env_sets_the_registry(tmp_path):
@@ -186,3 +207,17 @@ def test_lifecycle_hooks_are_called_in_order(tmp_path):
     out = cli("run", spec, "--registry", tmp_path / "reg", "--quiet")
     assert out.returncode == 0, out.stderr
     assert log.read_text().splitlines() == ["start toy True", "member net-a (15, 3)", "member net-b (15, 3)", "end 4"]
+
+
+def test_temperature_options_keep_predictions_and_record_the_temperature(tmp_path):
+    spec_text = TOY_SPEC.replace("    seed: 7\n", "    seed: 7\n    calibrate: temperature\n") + \
+        "  - {name: avg-t, fuser: toy-mean, temperature: true}\n"
+    out = cli("run", write_spec(tmp_path, spec_text), "--registry", tmp_path / "reg", "--quiet")
+    assert out.returncode == 0, out.stderr
+    run_dir = Path(out.stdout.strip())
+    card = json.loads((run_dir / "members" / "net-b" / "card.json").read_text())
+    assert card["temperature"] > 0 and json.loads((run_dir / "members/net-a/card.json").read_text())["temperature"] is None
+    state = json.loads((run_dir / "fusers" / "avg-t.json").read_text())
+    assert state["temperature"] is True and state["state"]["temperature_"] > 0
+    predictions = pd.read_csv(run_dir / "predictions_test.csv")
+    assert (predictions["avg-t"] == predictions["avg"]).all(), "temperature must not change a prediction"

@@ -158,3 +158,21 @@ def test_resolved_spec_fills_plugin_defaults(tmp_path):
     data = resolved.resolved_dict()
     assert data["members"][0]["params"] == {"width": 4}
     assert data["members"][0]["train"]["optimizer"] == "adamw"
+
+
+def test_rank_by_must_be_a_registered_metric(tmp_path):
+    path = write(tmp_path, GOOD + "rank_by: f2\n")
+    with pytest.raises(SpecError) as info:
+        resolve_spec(load_spec(path), get_plugins([TOY_PLUGIN]).catalog(), file=str(path))
+    message = str(info.value)
+    assert message.startswith(f"{path}: rank_by: cannot rank by 'f2'; choose one of: accuracy, ")
+    assert "delta_vs_best_member" in message and "nll" in message
+
+
+def test_rank_by_accepts_metric_names_loosely(tmp_path):
+    plugin = tmp_path / "metric.py"
+    plugin.write_text("from fusion_engine import hookimpl, MetricRecord\n"
+                      "@hookimpl\ndef register_metrics():\n    return [MetricRecord('f1_macro', lambda y, p: 0.0)]\n")
+    path = write(tmp_path, GOOD + "rank_by: F1-Macro\n")
+    catalog = get_plugins([TOY_PLUGIN, plugin], entry_points=False).catalog()
+    assert resolve_spec(load_spec(path), catalog, file=str(path)).spec.rank_by == "F1-Macro"

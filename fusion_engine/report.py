@@ -1,0 +1,525 @@
+"""A run's report: one self-contained ``report.html`` rendered from the run folder alone.
+
+Everything a reader needs is in the file: the leaderboard with its intervals, what each fuser
+gained over the best member and whether that could be noise, the plots (PNG, base64-embedded),
+each fuser's weights or meta-learner, the data split and the resolved spec. No script, no
+stylesheet or image from anywhere else, so it opens offline and can be mailed as is. Every piece
+of user text (names, class names, the spec) is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from functools import cached_property
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import FusionEngineError
+
+REPORT = "report.html"
+
+
+class RunFolder:
+    """Read access to what the runner wrote into ``<registry>/runs/<run_id>/``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / "leaderboard.json").is_file():
+            status = self.record.get("status")
+            why = f" (its status is {status!r}; see run.log)" if status else ""
+            raise FusionEngineError(f"{self.path}: no leaderboard.json, so nothing to report{why}")
+
+    def _json(self, name: str, default: Any = None) -> Any:
+        path = self.path / name
+        if not path.is_file():
+            return default
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    @cached_property
+    def record(self) -> dict:
+        """``run.json``: status, timings, split sizes, versions."""
+        return self._json("run.json", {})
+
+    @cached_property
+    def leaderboard(self) -> dict:
+        """``leaderboard.json``: how the board was built, and ``rows`` in rank order."""
+        return self._json("leaderboard.json")
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.leaderboard.get("rows", [])
+
+    @cached_property
+    def spec(self) -> dict:
+        return self._json("spec.json", {})
+
+    @cached_property
+    def spec_text(self) -> str | None:
+        path = self.path / "spec.yaml"
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+
+    @cached_property
+    def split(self) -> dict:
+        split = self._json("split.json")
+        if split is None:
+            raise FusionEngineError(f"{self.path}: no split.json")
+        return split
+
+    @property
+    def classes(self) -> list[str]:
+        return [str(c) for c in self.split["classes"]]
+
+    def labels(self, split: str) -> np.ndarray:
+        return np.asarray(self.split[split]["labels"], dtype=np.int64)
+
+    @cached_property
+    def _probabilities(self) -> dict[str, np.ndarray]:
+        from safetensors.numpy import load_file
+
+        path = self.path / "probabilities.safetensors"
+        if not path.is_file():
+            raise FusionEngineError(f"{self.path}: no probabilities.safetensors")
+        return load_file(str(path))
+
+    def probabilities(self, split: str) -> dict[str, np.ndarray]:
+        """Each row's class probabilities on ``split``, by row name."""
+        suffix = f"/{split}"
+        return {k[: -len(suffix)]: v for k, v in self._probabilities.items() if k.endswith(suffix)}
+
+    @cached_property
+    def cards(self) -> dict[str, dict]:
+        """``members/<name>/card.json`` by member name, in the spec's order."""
+        folder = self.path / "members"
+        cards = {p.parent.name: json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*/card.json"))}
+        order = [m.get("name") for m in self.spec.get("members", [])]
+        return dict(sorted(cards.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+    @cached_property
+    def fusers(self) -> dict[str, dict]:
+        """``fusers/<name>.json`` by fuser name, in the spec's order."""
+        folder = self.path / "fusers"
+        fusers = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))}
+        order = [f.get("name") for f in self.spec.get("fusers", [])]
+        return dict(sorted(fusers.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        sizes = self.leaderboard.get("split_sizes") or self.record.get("data", {}).get("split_sizes")
+        if sizes:
+            return {k: int(v) for k, v in sizes.items()}
+        return {s: len(self.split[s]["ids"]) for s in ("train", "val", "test") if s in self.split}
+
+
+def write_report(run_dir: str | Path, *, plots: list[Path] | None = None) -> Path:
+    """Render ``<run_dir>/report.html`` from the run folder; return its path.
+
+    ``plots`` are the PNGs to embed; by default :func:`~fusion_engine.plots.write_plots` draws
+    them afresh (the runner passes the ones it has just drawn).
+    """
+    run = RunFolder(run_dir)
+    if plots is None:
+        from .plots import write_plots
+
+        plots = write_plots(run.path)
+    path = run.path / REPORT
+    tmp = path.with_name(f".{REPORT}.tmp")
+    tmp.write_text(render_report(run, [Path(p) for p in plots]), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+# -- rendering ------------------------------------------------------------------------------------
+
+def render_report(run: RunFolder, plots: list[Path]) -> str:
+    board = run.leaderboard
+    title = board.get("experiment") or run.record.get("experiment") or run.path.name
+    sections = [
+        ("summary", "Summary", _summary(run)),
+        ("leaderboard", "Leaderboard", _leaderboard(run)),
+        ("data", "Data", _data(run)),
+    ]
+    by_name = {p.name: p for p in plots}
+    if "pareto.png" in by_name:
+        sections.append(("cost", "Accuracy and cost", _figure(by_name.pop("pareto.png"),
+                         "Test accuracy (bars: 95% interval) against inference time per image. Filled marks "
+                         "are on the Pareto front: no other row is both at least as accurate and at most as costly.")))
+    if "reliability.png" in by_name:
+        sections.append(("calibration", "Calibration", _figure(by_name.pop("reliability.png"),
+                         "Reliability on test: samples binned by their top-class probability into 15 equal-width bins. "
+                         "Bars: the fraction right in each bin; black ticks: the bin's mean confidence, on the dashed "
+                         "diagonal for a calibrated model. Bars below their tick mean overconfidence; ECE is the "
+                         "sample-weighted mean gap. The outline is the share of samples per bin: a bin holding few "
+                         "samples says little.")))
+    confusion = [p for name, p in by_name.items() if name.startswith("confusion_")]
+    if confusion:
+        sections.append(("confusion", "Confusion matrices",
+                         "<p class='note'>Test samples; rows are the true class. Cells hold counts; the colour is "
+                         "the share of the true class, so the diagonal's colour is each class's recall.</p>"
+                         + "<div class='grid'>" + "".join(_image(p) for p in confusion) + "</div>"))
+        for p in confusion:
+            by_name.pop(p.name)
+    members_html = ""
+    if "training_curves.png" in by_name:
+        members_html = _figure(by_name.pop("training_curves.png"), "Per epoch: loss on train (dashed) and val "
+                               "(solid), and val accuracy; the circle marks the epoch kept (lowest val loss).")
+    members_html += _members(run)
+    sections.append(("members", "Members", members_html))
+    sections.append(("fusers", "Fusers", _fusers(run)))
+    if by_name:  # plots from elsewhere (a plugin's): shown, never dropped
+        sections.append(("more", "More plots", "<div class='grid'>" + "".join(_image(p) for p in by_name.values()) + "</div>"))
+    if run.spec_text is not None:
+        sections.append(("spec", "Spec", "<details><summary>The resolved spec (spec.yaml): every default filled in"
+                         f"</summary><pre>{escape(run.spec_text)}</pre></details>"))
+    sections.append(("run", "Run", _run_info(run)))
+
+    nav = " · ".join(f"<a href='#{sid}'>{escape(label)}</a>" for sid, label, _ in sections)
+    body = "\n".join(f"<section id='{sid}'><h2>{escape(label)}</h2>\n{content}\n</section>" for sid, label, content in sections)
+    sub = " · ".join(escape(str(x)) for x in (
+        board.get("run_id") or run.path.name, run.record.get("status"), run.record.get("started"),
+        f"{run.record['seconds']:.0f} s" if isinstance(run.record.get("seconds"), (int, float)) else None,
+    ) if x)
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{escape(str(title))}: fusion-engine report</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<header><h1>{escape(str(title))}</h1><p class="sub">{sub}</p><nav>{nav}</nav></header>
+<main>
+{body}
+</main>
+</body>
+</html>
+"""
+
+
+_CSS = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#1d2329;margin:0;background:#fafbfc}
+header{background:#fff;border-bottom:1px solid #dfe3e8;padding:18px 32px 10px}
+h1{margin:0 0 2px;font-size:24px}
+h2{font-size:19px;margin:0 0 10px;border-bottom:1px solid #e6e9ed;padding-bottom:4px}
+h3{font-size:16px;margin:16px 0 6px}
+.sub{color:#5c6670;margin:0 0 8px;font-size:13px}
+nav a{color:#0b5cad;text-decoration:none;font-size:14px}
+main{padding:8px 32px 40px;max-width:1500px}
+section{margin:22px 0 30px}
+.note{color:#5c6670;font-size:13px;margin:4px 0 10px;max-width:900px}
+.scroll{overflow-x:auto}
+table{border-collapse:collapse;font-size:13px;background:#fff}
+th,td{border:1px solid #e1e5ea;padding:4px 8px;vertical-align:top}
+th{background:#f1f3f6;text-align:left;font-weight:600}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+tr.fuser td:first-child{border-left:3px solid #d62728}
+tr.member td:first-child{border-left:3px solid #1f77b4}
+tr.best td{background:#f3f8fe}
+td.gain{color:#157a2f;font-weight:600}
+td.loss{color:#b3261e;font-weight:600}
+ul.verdicts{padding-left:20px;max-width:1000px}
+ul.verdicts li{margin:3px 0}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(380px,1fr));gap:14px}
+figure{margin:0 0 8px;background:#fff;border:1px solid #e1e5ea;padding:8px;max-width:fit-content}
+figure img{max-width:100%;height:auto;display:block}
+figcaption{font-size:13px;color:#5c6670;max-width:900px;margin-top:4px}
+pre{background:#fff;border:1px solid #e1e5ea;padding:10px;font-size:12.5px;overflow-x:auto;max-width:1000px}
+.bar{display:inline-block;height:10px;background:#d62728;opacity:.7;vertical-align:middle}
+.cards{display:flex;flex-wrap:wrap;gap:16px 28px;align-items:flex-start}
+.cards>div{max-width:560px}
+details{margin-top:12px}
+summary{cursor:pointer;color:#0b5cad;font-size:14px;margin-bottom:6px}
+"""
+
+
+def _num(value: Any, column: str = "") -> str:
+    from .leaderboard import format_value
+
+    return format_value(value, column)
+
+
+def _table(header: list[str] | None, body: list[list[str]], *, numeric: set[int] = frozenset(),
+           row_classes: list[str] | None = None, raw: set[int] = frozenset()) -> str:
+    """An HTML table (no header row when ``header`` is None); cells are escaped unless their
+    column is in ``raw``; a cell may be ``(text, css_class)``."""
+    head = "<thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr></thead>" if header else ""
+    lines = []
+    for r, cells in enumerate(body):
+        cls = f" class='{row_classes[r]}'" if row_classes and row_classes[r] else ""
+        tds = []
+        for i, cell in enumerate(cells):
+            attr = ""
+            if isinstance(cell, tuple):  # (text, css class)
+                cell, extra = cell
+                attr = f" class='{extra}{' num' if i in numeric else ''}'"
+            elif i in numeric:
+                attr = " class='num'"
+            tds.append(f"<td{attr}>{cell if i in raw else escape(str(cell))}</td>")
+        lines.append(f"<tr{cls}>{''.join(tds)}</tr>")
+    return f"<div class='scroll'><table>{head}<tbody>{''.join(lines)}</tbody></table></div>"
+
+
+def _image(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f"<figure><img alt='{escape(path.name, quote=True)}' src='data:image/png;base64,{data}'></figure>"
+
+
+def _figure(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f"<figure><img alt='{escape(path.name, quote=True)}' src='data:image/png;base64,{data}'>"
+            f"<figcaption>{escape(caption)}</figcaption></figure>")
+
+
+def _verdict(row: dict) -> tuple[str, str]:
+    lo, hi = row.get("delta_vs_best_member_lo"), row.get("delta_vs_best_member_hi")
+    if not (_finite(lo) and _finite(hi)):
+        return "", ""
+    if lo == hi == 0 and row.get("delta_vs_best_member") == 0:
+        return "", "right and wrong on exactly the same test samples as the best member"
+    if lo > 0:
+        return "gain", "better than the best member: the whole interval is above 0"
+    if hi < 0:
+        return "loss", "worse than the best member: the whole interval is below 0"
+    return "", "not distinguishable from the best member: the interval includes 0"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _summary(run: RunFolder) -> str:
+    board = run.leaderboard
+    rows = run.rows
+    n_test = run.split_sizes.get("test")
+    level = int(round(100 * board.get("confidence", 0.95)))
+    best = board.get("best_member")
+    by_name = {r["name"]: r for r in rows}
+    items = []
+    lead = (f"Every row is scored on the same {n_test} test samples. " if n_test else "") + \
+        f"Ranked by test <b>{escape(str(board.get('ranked_by', 'accuracy')))}</b>."
+    if best in by_name:
+        b = by_name[best]
+        lead += (f" The best member, chosen on val accuracy (never on test), is <b>{escape(best)}</b>: test accuracy "
+                 f"{_num(b['accuracy'])} [{_num(b.get('accuracy_lo'))}, {_num(b.get('accuracy_hi'))}].")
+    for row in rows:
+        if row.get("kind") != "fuser":
+            continue
+        cls, words = _verdict(row)
+        if not words:
+            continue
+        p = row.get("mcnemar_p")
+        p_text = (f"; McNemar p {'< 0.0001' if p < 1e-4 else '= ' + _num(p, 'mcnemar_p')}") if _finite(p) else ""
+        items.append(
+            f"<li><b>{escape(row['name'])}</b>: Δ accuracy {_num(row['delta_vs_best_member'], 'delta_vs_best_member')} "
+            f"[{_num(row['delta_vs_best_member_lo'], 'delta_vs_best_member')}, "
+            f"{_num(row['delta_vs_best_member_hi'], 'delta_vs_best_member')}]{p_text}: "
+            f"<span class='{'gain' if cls == 'gain' else 'loss' if cls == 'loss' else ''}'>{escape(words)}</span>.</li>")
+    front = [r["name"] for r in rows if r.get("pareto")]
+    html = f"<p>{lead}</p>"
+    if items:
+        html += f"<p>Each fuser against {escape(str(best))} ({level}% paired bootstrap interval of the difference):</p>"
+        html += f"<ul class='verdicts'>{''.join(items)}</ul>"
+    if front:
+        html += f"<p>On the accuracy-vs-inference-cost Pareto front: {escape(', '.join(front))}.</p>"
+    html += ("<p class='note'>Intervals come from resampling the test samples with the same resamples for every row "
+             f"({board.get('n_bootstrap', '?')} resamples, seed {board.get('bootstrap_seed', '?')}). McNemar p-values are "
+             "not corrected for the number of rows compared. docs/evaluation.md explains every column.</p>")
+    return html
+
+
+#: the leaderboard columns the report's main table shows; every column is under "every column"
+REPORT_COLUMNS = ("mcnemar_p", "f1_macro", "top5_accuracy", "nll", "brier", "ece", "val_accuracy", "n_params",
+                  "infer_ms_per_image", "pareto")
+
+
+def _leaderboard(run: RunFolder) -> str:
+    import pandas as pd
+
+    rows = run.rows
+    if not rows:
+        return "<p>No rows.</p>"
+    df = pd.DataFrame.from_records(rows)
+    df.attrs = {k: v for k, v in run.leaderboard.items() if k != "rows"}
+    note = ("<p class='note'>Scored on test unless the column says val; intervals in brackets. Δ is the accuracy "
+            "difference from the best member (chosen on val) with its paired interval: green when the whole interval "
+            "is above 0, red when it is below. A fuser's parameters and inference time are the sums over its members "
+            "(plus its own inference). Left edge: <span style='color:#d62728'>fuser</span>, "
+            "<span style='color:#1f77b4'>member</span>; shaded: the best member.</p>")
+    return (note + _board_table(df, REPORT_COLUMNS, rows)
+            + "<details><summary>Every column</summary>" + _board_table(df, None, rows) + "</details>")
+
+
+def _board_table(df, columns, rows: list[dict]) -> str:
+    from .leaderboard import summary_table
+
+    header, body = summary_table(df, columns)
+    numeric = {i for i, h in enumerate(header) if h not in ("name", "kind", "members")}
+    delta_col = next((i for i, h in enumerate(header) if h.startswith("Δ")), None)
+    best = df.attrs.get("best_member")
+    classes = []
+    for r, row in enumerate(rows):
+        classes.append(" ".join(filter(None, [row.get("kind"), "best" if row["name"] == best else ""])))
+        cls, _ = _verdict(row)
+        if delta_col is not None and cls:
+            body[r][delta_col] = (body[r][delta_col], cls)
+    return _table(header, body, numeric=numeric, row_classes=classes)
+
+
+def _data(run: RunFolder) -> str:
+    sizes = run.split_sizes
+    classes = run.classes
+    body = [[s, str(n)] for s, n in sizes.items()]
+    html = _table(["split", "samples"], body, numeric={1})
+    counts = {s: np.bincount(run.labels(s), minlength=len(classes)) for s in ("train", "val", "test") if s in run.split}
+    if counts and len(classes) <= 60:
+        head = ["class", *counts]
+        rows = [[c, *(str(int(counts[s][i])) for s in counts)] for i, c in enumerate(classes)]
+        html += f"<h3>Samples per class ({len(classes)} classes)</h3>" + _table(head, rows, numeric=set(range(1, len(head))))
+    else:
+        html += f"<p>{len(classes)} classes: {escape(', '.join(classes))}</p>"
+    return html
+
+
+def _members(run: RunFolder) -> str:
+    if not run.cards:
+        return ""
+    val_accuracy = {r["name"]: r.get("val_accuracy") for r in run.rows}
+    with_action = any("action" in card for card in run.cards.values())
+    header = ["member", "backbone", *(["this run"] if with_action else []), "params", "epochs run", "best epoch",
+              "val accuracy", "train s", "predict s", "temperature"]
+    body = []
+    for name, card in run.cards.items():
+        body.append([name, card.get("backbone", ""), *([str(card.get("action", ""))] if with_action else []),
+                     _num(card.get("n_params"), "n_params"), str(len(card.get("history") or [])),
+                     str(card.get("best_epoch", "")), _num(val_accuracy.get(name, card.get("val_accuracy"))),
+                     _num(card.get("train_seconds"), "train_seconds"), _num(card.get("predict_seconds"), "train_seconds"),
+                     _num(card.get("temperature"))])
+    first_number = 3 if with_action else 2
+    return _table(header, body, numeric=set(range(first_number, len(header))))
+
+
+def _fusers(run: RunFolder) -> str:
+    if not run.fusers:
+        return "<p>No fusers.</p>"
+    n_classes = len(run.classes)
+    parts = []
+    for name, info in run.fusers.items():
+        members = [str(m) for m in info.get("members", [])]
+        params = json.dumps(info.get("params", {}), sort_keys=True)
+        rows = [["fuser", str(info.get("fuser", ""))], ["plugin", str(info.get("plugin", ""))],
+                ["members", ", ".join(members)], ["params", params]]
+        if info.get("temperature"):
+            rows.append(["temperature option", "on"])
+        html = f"<h3>{escape(name)}</h3>" + _table(None, rows)
+        html += _state_summary(info.get("state") or {}, members, n_classes, info.get("params", {}))
+        parts.append(f"<div>{html}</div>")
+    return "<div class='cards'>" + "".join(parts) + "</div>"
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict) and "__ndarray__" in value:
+        return np.asarray(value["__ndarray__"], dtype=value.get("dtype", "float64"))
+    return value
+
+
+_BOOKKEEPING = {"n_members_", "n_classes_", "classes_"}
+
+
+def _state_summary(state: dict, members: list[str], n_classes: int, params: dict) -> str:
+    """What a fitted fuser learned, for a person: weights, temperature, the meta-learner, and
+    any other learned value (the member and class counts left out)."""
+    html = ""
+    weights = _decode(state.get("weights_"))
+    if weights is not None and np.ndim(weights) == 1 and len(weights) == len(members):
+        html += _share_table("weight", members, np.asarray(weights, dtype=float))
+    if _finite(state.get("temperature_")):
+        html += (f"<p>Fitted temperature T = {state['temperature_']:.3f} (fitted on out-of-fold val probabilities; "
+                 "T &gt; 1 softens the probabilities, T &lt; 1 sharpens them).</p>")
+    estimator = state.get("final_estimator_")
+    if isinstance(estimator, dict):
+        html += _meta_learner(estimator, members, n_classes, bool(params.get("append_logits")))
+    inner = state.get("fuser_")
+    if isinstance(inner, dict):
+        seen = {"weights_"} if "weights_" in state else set()
+        html += _state_summary({k: v for k, v in inner.items() if k not in seen}, members, n_classes, params)
+    shown = {"weights_", "temperature_", "final_estimator_", "fuser_", *_BOOKKEEPING}
+    other = [[k, _short_value(_decode(v))] for k, v in state.items() if k not in shown]
+    if other:
+        html += "<p class='note'>Other learned state:</p>" + _table(["name", "value"], other)
+    return html
+
+
+def _share_table(label: str, members: list[str], values: np.ndarray) -> str:
+    top = float(np.max(np.abs(values))) if len(values) else 0.0
+    body = []
+    for m, v in zip(members, values):
+        width = 0 if top == 0 else int(round(120 * abs(v) / top))
+        body.append([m, f"{v:.3f}", f"<span class='bar' style='width:{width}px'></span>"])
+    return _table(["member", label, ""], body, numeric={1}, raw={2})
+
+
+def _meta_learner(estimator: dict, members: list[str], n_classes: int, append_logits: bool) -> str:
+    n_members = len(members)
+    per_member = n_classes * n_members
+    if "coef_" in estimator:
+        coef = np.abs(np.asarray(estimator["coef_"], dtype=float))
+        mass = _per_member(coef.sum(axis=0), n_members, n_classes, per_member)
+        note = (f"<p>Meta-learner: multinomial logistic regression, coefficients {coef.shape[0]} × {coef.shape[1]} "
+                f"(features: each member's {n_classes} log-probabilities{' and logits' if append_logits else ''}). "
+                "Share of the absolute coefficient mass per member:</p>")
+        return note + _share_table("share", members, mass / max(mass.sum(), 1e-300))
+    if "booster" in estimator:
+        try:
+            learner = estimator["booster"]["learner"]
+            trees = learner["gradient_booster"]["model"]["trees"]
+            outputs = int(learner.get("learner_model_param", {}).get("num_class", 0)) or 1
+        except (KeyError, TypeError, ValueError):
+            return "<p>Meta-learner: gradient-boosted trees.</p>"
+        splits = np.zeros(per_member * (2 if append_logits else 1))
+        for tree in trees:
+            left = np.asarray(tree.get("left_children", []))
+            feats = np.asarray(tree.get("split_indices", []))[left != -1]
+            np.add.at(splits, feats[feats < len(splits)], 1)
+        share = _per_member(splits, n_members, n_classes, per_member)
+        rounds = f" ({len(trees) // outputs} rounds × {outputs} classes)" if outputs > 1 and len(trees) % outputs == 0 else ""
+        note = (f"<p>Meta-learner: gradient-boosted trees (XGBoost), {len(trees)} trees{rounds} on each member's "
+                f"{n_classes} log-probabilities{' and logits' if append_logits else ''}. Share of the tree splits "
+                "that use each member's features:</p>")
+        return note + _share_table("share", members, share / max(share.sum(), 1e-300))
+    return ""
+
+
+def _per_member(per_feature: np.ndarray, n_members: int, n_classes: int, per_member: int) -> np.ndarray:
+    """Sum feature values by member: features are member-major blocks of ``n_classes``, once
+    for log-probabilities and once more for logits when they were appended."""
+    out = np.zeros(n_members)
+    for f, v in enumerate(per_feature):
+        out[(f % per_member) // n_classes % n_members] += v
+    return out
+
+
+def _short_value(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        if value.size <= 12:
+            return np.array2string(value, precision=4, separator=", ")
+        return f"array of shape {value.shape}"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    return text if len(text) <= 200 else text[:200] + "…"
+
+
+def _run_info(run: RunFolder) -> str:
+    rec = run.record
+    rows = [[k, str(rec[k])] for k in ("run_id", "experiment", "status", "started", "seconds", "device", "spec_file") if k in rec]
+    fingerprint = rec.get("data", {}).get("fingerprint")
+    if fingerprint:
+        rows.append(["data fingerprint", str(fingerprint)])
+    for pkg, ver in rec.get("versions", {}).items():
+        rows.append([pkg, str(ver)])
+    return _table(None, rows) if rows else ""
