@@ -69,20 +69,23 @@ def _parser() -> argparse.ArgumentParser:
     board = sub.add_parser("leaderboard", help="print a run's leaderboard from the registry",
                            description="Print the leaderboard of a run: RUN_ID (or a unique prefix), or the latest "
                                        "complete run of --experiment, or the latest complete run.")
-    which = board.add_mutually_exclusive_group()
-    which.add_argument("run", metavar="RUN_ID", nargs="?", help="a run id or a unique prefix of one")
-    which.add_argument("--experiment", metavar="NAME", help="the latest complete run of this experiment")
+    _run_selector(board)
     board.add_argument("--format", choices=["table", "md", "csv", "json"], default="table", help="output format (default: table)")
     _registry_option(board)
 
     report = sub.add_parser("report", help="draw a run's plots and report.html again from the registry",
                             description="Re-render plots/ and report.html of a run from its run folder; prints the "
                                         "report's path.")
-    which = report.add_mutually_exclusive_group()
-    which.add_argument("run", metavar="RUN_ID", nargs="?", help="a run id or a unique prefix of one")
-    which.add_argument("--experiment", metavar="NAME", help="the latest complete run of this experiment")
+    _run_selector(report)
     _registry_option(report)
     return parser
+
+
+def _run_selector(parser: argparse.ArgumentParser) -> None:
+    """RUN_ID or --experiment NAME: the run a command reads (see :func:`_complete_run`)."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("run", metavar="RUN_ID", nargs="?", help="a run id or a unique prefix of one")
+    which.add_argument("--experiment", metavar="NAME", help="the latest complete run of this experiment")
 
 
 def _registry_option(parser: argparse.ArgumentParser, *, json_option: bool = False) -> None:
