@@ -163,13 +163,17 @@ def test_run_writes_a_complete_run_folder(tmp_path):
 
 
 def test_run_is_reproducible_on_cpu(tmp_path):
+    """Two registries, so both runs train from scratch; everything but the timings must agree."""
     spec = write_spec(tmp_path)
     boards = []
-    for _ in range(2):
-        out = cli("run", spec, "--registry", tmp_path / "reg", "--quiet")
+    for registry in ("reg-1", "reg-2"):
+        out = cli("run", spec, "--registry", tmp_path / registry, "--quiet")
         assert out.returncode == 0, out.stderr
-        boards.append(pd.read_csv(Path(out.stdout.strip()) / "leaderboard.csv"))
-    pd.testing.assert_frame_equal(*(b.drop(columns=["train_seconds", "fit_seconds"]) for b in boards))
+        run_dir = Path(out.stdout.strip())
+        assert json.loads((run_dir / "run.json").read_text())["trained"] == ["net-a", "net-b"]
+        boards.append(pd.read_csv(run_dir / "leaderboard.csv"))
+    timings = ["train_seconds", "fit_seconds", "infer_ms_per_image", "pareto"]
+    pd.testing.assert_frame_equal(*(b.drop(columns=timings) for b in boards))
 
 
 def test_quiet_prints_only_the_run_folder_and_env_sets_the_registry(tmp_path):
