@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import FusionEngineError
+from .errors import RUN_LOG_ONLY, FusionEngineError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -114,6 +114,7 @@ def _log_warnings_to_stderr() -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setLevel(logging.WARNING)
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        handler.addFilter(lambda record: not getattr(record, RUN_LOG_ONLY, False))
         handler._fusion_engine_cli = True
         logger.addHandler(handler)
         logger.propagate = False

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 
+# A log record's flag: the error is the CLI's to report (once, on one line); the record is for run.log.
+RUN_LOG_ONLY = "fusion_engine_run_log_only"
+
+
 class FusionEngineError(Exception):
     """Bad input: a spec, a path, a plugin name. Printed without a traceback."""
 

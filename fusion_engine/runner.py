@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FusionEngineError, SpecError
+from .errors import RUN_LOG_ONLY, FusionEngineError, SpecError
 from .leaderboard import Row, build_leaderboard, print_leaderboard, write_leaderboard
 from .plugins import Plugins, get_plugins
 from .records import BackboneRecord, ImageDataset, InputConfig, Provided
@@ -133,6 +133,10 @@ def run_experiment(
     resolved, plugins = prepare(spec_path)
     spec = resolved.spec
     device = device or spec.device
+    if device == "cuda":
+        from .training import resolve_device
+
+        resolve_device(device)  # no CUDA is bad input: say so before any folder is made
     registry_dir = resolve_registry(registry)
     _check_references_exist(resolved, registry_dir)
     run_id = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{spec.name}-{secrets.token_hex(2)}"
@@ -222,7 +226,8 @@ def _run(resolved: ResolvedSpec, plugins: Plugins, reg: Registry, run_id: str, r
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         record.update(status=status, error=f"{type(exc).__name__}: {exc}", seconds=seconds)
         write_json(run_dir / "run.json", record)
-        log.error("run %s %s: %s", run_id, status, record["error"])
+        # The CLI reports the error itself, once; this line is for run.log.
+        log.error("run %s %s: %s", run_id, status, record["error"], extra={RUN_LOG_ONLY: True})
         try:
             reg.run_finished(run_id, status=status, seconds=seconds, error=record["error"])
         except Exception as index_exc:  # the run's own error is the one to report

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from fusion_engine.cli import main
 
@@ -225,3 +226,28 @@ def test_temperature_options_keep_predictions_and_record_the_temperature(tmp_pat
     assert state["temperature"] is True and state["state"]["temperature_"] > 0
     predictions = pd.read_csv(run_dir / "predictions_test.csv")
     assert (predictions["avg-t"] == predictions["avg"]).all(), "temperature must not change a prediction"
+
+
+def test_bad_data_fails_the_run_with_one_line_and_records_it(tmp_path):
+    root = tmp_path / "imgs"
+    for label, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
+        (root / label).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (12, 12), colour).save(root / label / f"{i}.png")
+    (root / "b" / "broken.png").write_bytes(b"not a png")
+    spec = write_spec(tmp_path, "name: bad\ndevice: cpu\ndata: {dataset: imagefolder, params: {root: imgs}, image_size: 8}\n"
+                                "members:\n  - {name: r, backbone: resnet18, train: {epochs: 1}}\n")
+    out = cli("run", spec, "--registry", tmp_path / "reg", "--quiet")
+    assert (out.returncode, out.stderr) == (2, f"cannot read image {root / 'b' / 'broken.png'}: "
+                                               "not an image format Pillow can decode\n")
+    (run_dir,) = (tmp_path / "reg" / "runs").iterdir()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "failed" and "broken.png" in record["error"]
+    assert "broken.png" in (run_dir / "run.log").read_text()
+
+
+def test_cuda_without_cuda_is_bad_input_before_anything_is_written(tmp_path):
+    out = cli("run", write_spec(tmp_path), "--registry", tmp_path / "reg", "--device", "cuda")
+    assert (out.returncode, out.stderr) == (2, "device 'cuda' was asked for but CUDA is not available; "
+                                               "use device: auto or cpu\n")
+    assert not (tmp_path / "reg" / "runs").exists()
