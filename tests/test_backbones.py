@@ -16,7 +16,6 @@ torch = pytest.importorskip("torch")
 from pydantic import ValidationError  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-import fusion_engine_timm as timm_plugin  # noqa: E402
 from fusion_engine import FusionEngineError  # noqa: E402
 from fusion_engine.plugins import get_plugins  # noqa: E402
 from fusion_engine_timm import BackboneParams, TimmParams  # noqa: E402
@@ -231,3 +230,9 @@ def test_missing_pretrained_file_fails_validation(tmp_path):
 def test_checksum_without_file_fails_validation():
     with pytest.raises(ValidationError, match="pretrained_file is not"):
         BackboneParams(pretrained_sha256="a" * 64)
+
+
+def test_in_chans_is_what_images_load_as():
+    assert BackboneParams(in_chans=1).in_chans == 1
+    with pytest.raises(ValidationError, match="Input should be 1 or 3"):
+        BackboneParams(in_chans=4)
