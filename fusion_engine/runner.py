@@ -397,12 +397,11 @@ def _train_and_store(resolved: ResolvedSpec, i: int, entry, ctx: RunContext, reg
     built = entry.record.build(entry.params, num_classes=num_classes, image_size=spec.data.image_size)
     cfg = _input_config(built.input, spec.data)
     x = data.pixels(cfg)
-    y_t = {s: torch.as_tensor(data.dataset.labels[data.indices[s]]) for s in ("train", "val", "test")}
+    y_t = {s: torch.as_tensor(data.dataset.labels[data.indices[s]]) for s in ("train", "val")}
     result = train_member(
         built.module, cfg, mspec.train, x["train"], y_t["train"], x["val"], y_t["val"],
         seed=seed, device=device, label=mspec.name, quiet=quiet, checkpoint=checkpoint,
-    )
-    built.module.load_state_dict(result.state_dict)
+    )  # leaves built.module holding the best epoch's weights
     t0 = time.perf_counter()
     logits = {s: predict_logits(built.module, cfg, x[s], batch_size=mspec.train.eval_batch_size, device=device) for s in SPLITS}
     predict_seconds = time.perf_counter() - t0
