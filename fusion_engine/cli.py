@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     zoo_gc.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
     zoo_gc.add_argument("--checkpoints", action="store_true",
                         help="also remove checkpoints of interrupted training (a re-run would resume from them)")
+    zoo_gc.add_argument("--cache", action="store_true",
+                        help="also remove the decoded-image cache (the next run that trains a member decodes again)")
     _registry_option(zoo_gc, json_option=True)
 
     runs = sub.add_parser("runs", help="list recorded runs", description="Runs recorded in the registry index.")
@@ -272,7 +274,7 @@ def zoo_rm(args, reg) -> int:
 
 
 def zoo_gc(args, reg) -> int:
-    report = reg.gc(dry_run=args.dry_run, checkpoints=args.checkpoints)
+    report = reg.gc(dry_run=args.dry_run, checkpoints=args.checkpoints, cache=args.cache)
     if args.json:
         _print_json(report.as_dict())
         return 0

@@ -14,7 +14,7 @@ import numpy as np
 
 from .fuser import Fuser, check_logits
 
-__all__ = ["cross_val_proba", "n_folds"]
+__all__ = ["cross_fit", "cross_val_proba", "n_folds"]
 
 DEFAULT_CV = 5
 
@@ -35,7 +35,7 @@ def n_folds(y: np.ndarray, cv: int = DEFAULT_CV) -> int:
 
 
 def cross_val_proba(fuser: Fuser, logits: np.ndarray, y: np.ndarray, cv: int | None = None,
-                    seed: int | None = None) -> np.ndarray:
+                    seed: int | None = None, n_jobs: int | None = None) -> np.ndarray:
     """Out-of-fold class probabilities ``(N, C)`` of ``fuser`` on ``(logits, y)``.
 
     Every fold fits ``fuser.clone()``, so ``fuser`` itself is left untouched. Folds are
@@ -44,10 +44,35 @@ def cross_val_proba(fuser: Fuser, logits: np.ndarray, y: np.ndarray, cv: int | N
     parameters where it has them (and they are not ``None``), else 5 and 0. A fuser with ``requires_fit`` false learns
     nothing, so its in-sample probabilities are already out-of-fold and are returned as they are.
     """
+    return cross_fit(fuser, logits, y, cv=cv, seed=seed, n_jobs=n_jobs, refit=False)[1]
+
+
+def cross_fit(fuser: Fuser, logits: np.ndarray, y: np.ndarray, cv: int | None = None, seed: int | None = None,
+              n_jobs: int | None = None, refit: bool = True) -> tuple[Fuser | None, np.ndarray, float]:
+    """A clone of ``fuser`` fitted on all of ``(logits, y)``, its out-of-fold probabilities
+    (:func:`cross_val_proba`), and the seconds the full fit took.
+
+    The full fit and the fold fits are independent, so they run side by side on ``n_jobs``
+    threads (joblib's ``n_jobs``: ``None`` is 1, ``-1`` every core). Every fit is seeded and sees
+    only its own data, so the result does not depend on ``n_jobs``. Run it under
+    ``threadpoolctl.threadpool_limits(1)`` so that the threads do not each start a BLAS pool.
+    With ``refit=False`` no full fit is made and the first item is ``None``.
+    """
+    import time
+
+    from joblib import Parallel, delayed
+
     logits = check_logits(logits, y)
     y = np.asarray(y)
+
+    def fit(train: np.ndarray | None) -> tuple[Fuser, float]:
+        t0 = time.perf_counter()
+        fitted = fuser.clone().fit(logits if train is None else logits[:, train], y if train is None else y[train])
+        return fitted, time.perf_counter() - t0
+
     if not fuser.requires_fit:
-        return fuser.clone().fit(logits, y).predict_proba(logits)
+        fitted, seconds = fit(None)
+        return (fitted if refit else None), fitted.predict_proba(logits), seconds
 
     from sklearn.model_selection import StratifiedKFold
 
@@ -55,10 +80,14 @@ def cross_val_proba(fuser: Fuser, logits: np.ndarray, y: np.ndarray, cv: int | N
     cv = next(c for c in (cv, params.get("cv"), DEFAULT_CV) if c is not None)
     seed = next(s for s in (seed, params.get("seed"), 0) if s is not None)
     folds = StratifiedKFold(n_splits=n_folds(y, cv), shuffle=True, random_state=seed)
-    proba = np.empty(logits.shape[1:], dtype=np.float64)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         splits = list(folds.split(np.zeros((len(y), 1)), y))
-    for train, test in splits:
-        proba[test] = fuser.clone().fit(logits[:, train], y[train]).predict_proba(logits[:, test])
-    return proba
+    trains = ([None] if refit else []) + [train for train, _ in splits]
+    # the full fit first: it is the longest, so it never runs alone at the end
+    fitted = Parallel(n_jobs=n_jobs, prefer="threads")(delayed(fit)(train) for train in trains)
+    full, seconds = fitted.pop(0) if refit else (None, 0.0)
+    proba = np.empty(logits.shape[1:], dtype=np.float64)
+    for (_, test), (fold_fuser, _) in zip(splits, fitted):
+        proba[test] = fold_fuser.predict_proba(logits[:, test])
+    return full, proba, seconds

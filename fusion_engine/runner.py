@@ -189,7 +189,7 @@ def _run(resolved: ResolvedSpec, plugins: Plugins, reg: Registry, run_id: str, r
 
         dataset, indices, y = _load_data(resolved, ctx, console)
         ids = {s: [str(dataset.ids[i]) for i in idx] for s, idx in indices.items()}
-        data = _RunData(dataset, indices, y, ids, dataset_fingerprint(dataset), split_digest(ids))
+        data = _RunData(dataset, indices, y, ids, dataset_fingerprint(dataset), split_digest(ids), cache_dir=reg.image_cache_dir)
         record["data"] = {"split_sizes": ctx.split_sizes, "classes": ctx.class_names, "fingerprint": data.fingerprint,
                           "split_sha256": data.split}
         _write_split(run_dir, dataset, indices)
@@ -202,7 +202,7 @@ def _run(resolved: ResolvedSpec, plugins: Plugins, reg: Registry, run_id: str, r
                        "infer_ms_per_image": 1000.0 * m.predict_seconds / max(1, n_scored)})
             for m in members.values()
         ]
-        rows += _fit_fusers(resolved, ctx, members, y, console)
+        rows += fit_fusers(resolved, ctx, members, y, console)
 
         metrics = [p.record for p in plugins.catalog().records["metric"].values()]
         rank_by = spec.rank_by
@@ -259,20 +259,18 @@ class _RunData:
     ids: dict[str, list[str]]
     fingerprint: str
     split: str
+    cache_dir: Path | None = None
     images: dict = field(default_factory=dict)
 
     def pixels(self, cfg: InputConfig) -> dict:
-        """train/val/test images at the size and channels ``cfg`` asks for, decoded once a run."""
-        from .data import load_images
+        """train/val/test images at the size and channels ``cfg`` asks for: decoded once a run,
+        and for datasets of files once a machine (:func:`fusion_engine.data.cached_images`)."""
+        from .data import cached_images
 
         key = (cfg.size, cfg.in_chans)
         if key not in self.images:
-            idx = self.indices
-            order = np.concatenate([idx["train"], idx["val"], idx["test"]])
-            images = load_images(self.dataset.images, order, cfg.size, cfg.in_chans)
-            bounds = np.cumsum([0, len(idx["train"]), len(idx["val"])])
-            self.images[key] = {"train": images[: bounds[1]], "val": images[bounds[1]: bounds[2]],
-                                "test": images[bounds[2]:]}
+            images = cached_images(self.dataset.images, self.fingerprint, cfg.size, cfg.in_chans, self.cache_dir, log=log)
+            self.images[key] = {s: images[self.indices[s]] for s in ("train", "val", "test")}
         return self.images[key]
 
 
@@ -561,8 +559,12 @@ def _write_member(run_dir: Path, member: MemberResult, reg: Registry) -> None:
     })
 
 
-def _fit_fusers(resolved, ctx, members: dict[str, MemberResult], y, console) -> list[Row]:
-    """Fit every fuser on val; one BLAS thread, as small fits oversubscribe cores otherwise."""
+def fit_fusers(resolved, ctx, members: dict[str, MemberResult], y, console) -> list[Row]:
+    """Fit every fuser on val and score it there out-of-fold; apply it to test.
+
+    Each fuser's full fit and fold fits run side by side, one per core, each with one BLAS
+    thread (many small fits on one shared BLAS pool oversubscribe the cores).
+    """
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1):
@@ -571,7 +573,7 @@ def _fit_fusers(resolved, ctx, members: dict[str, MemberResult], y, console) -> 
 
 def _fit_fusers_unlimited(resolved, ctx, members: dict[str, MemberResult], y, console) -> list[Row]:
     from .calibration import TemperatureScaled
-    from .crossfit import cross_val_proba
+    from .crossfit import cross_fit
 
     rows = []
     out = ctx.run_dir / "fusers"
@@ -582,13 +584,7 @@ def _fit_fusers_unlimited(resolved, ctx, members: dict[str, MemberResult], y, co
         if fspec.temperature:
             fuser = TemperatureScaled(fuser, seed=resolved.spec.seed)
         console.log(f"fitting fuser [bold]{fspec.name}[/] ({fspec.fuser}) on {len(names)} members")
-        if fuser.requires_fit:
-            val_proba = cross_val_proba(fuser, logits["val"], y["val"], seed=resolved.spec.seed)
-        t0 = time.perf_counter()
-        fuser.fit(logits["val"], y["val"])
-        fit_seconds = time.perf_counter() - t0
-        if not fuser.requires_fit:
-            val_proba = fuser.predict_proba(logits["val"])
+        fuser, val_proba, fit_seconds = cross_fit(fuser, logits["val"], y["val"], seed=resolved.spec.seed, n_jobs=-1)
         t0 = time.perf_counter()
         test_proba = fuser.predict_proba(logits["test"])
         predict_ms_per_image = 1000.0 * (time.perf_counter() - t0) / max(1, len(y["test"]))

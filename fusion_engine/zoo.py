@@ -277,6 +277,7 @@ class Registry:
         self.tmp_dir = self.root / "tmp"
         self.locks_dir = self.root / "locks"
         self.checkpoints_dir = self.root / "checkpoints"
+        self.image_cache_dir = self.root / "cache" / "images"  # made when first written
         self._con: sqlite3.Connection | None = None
         if create:
             try:
@@ -716,12 +717,13 @@ class Registry:
         return done[-1]
 
     # -- gc ----------------------------------------------------------------------------------------
-    def gc(self, *, dry_run: bool = False, checkpoints: bool = False) -> GcReport:
+    def gc(self, *, dry_run: bool = False, checkpoints: bool = False, cache: bool = False) -> GcReport:
         """Remove what no run will read: temporary folders, zoo folders the index does not list
         that fail their checks (an intact one is indexed again instead: it is a finished member
         whose row a crash or a lost index took), index rows whose folder is gone, checkpoints of
-        members already stored (and, with ``checkpoints``, of interrupted training), and lock
-        files of finished runs.
+        members already stored (and, with ``checkpoints``, of interrupted training), lock
+        files of finished runs, and, with ``cache``, the decoded-image cache (made again when
+        a run next trains a member).
 
         Anything a live process holds the lock of is left alone.
         """
@@ -785,6 +787,9 @@ class Registry:
         for path in sorted(_children(self.locks_dir / "runs")):
             if not self._held(path):
                 drop(path, "lock of a finished run", None)
+        if cache:
+            for path in sorted(_children(self.image_cache_dir)):
+                drop(path, "decoded-image cache", None)
         return report
 
 

@@ -150,7 +150,7 @@ def test_a_run_killed_at_each_stage_is_rerun_to_completion(tmp_path):
     assert (reg / "zoo" / key_a / "card.json").is_file() and indexed(reg) == set()
 
     # 5. net-a recovered from its folder, net-b trained; killed before the fusers
-    code, out = attempt(spec, reg, "fusion_engine.runner:_fit_fusers:1")
+    code, out = attempt(spec, reg, "fusion_engine.runner:fit_fusers:1")
     assert code == -signal.SIGKILL, out
     assert "recovered zoo member" in (latest_run(reg) / "run.log").read_text()
     assert indexed(reg) == {key_a, key_b} and not checkpoint.exists()

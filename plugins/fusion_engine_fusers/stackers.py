@@ -56,7 +56,7 @@ class XGBoostStackingParams(StackingParams):
     colsample_bytree: float = Field(0.8, gt=0, le=1)
     min_child_weight: float = Field(2.0, ge=0)
     reg_lambda: float = Field(1.0, ge=0)
-    n_jobs: PositiveInt = 2
+    n_jobs: PositiveInt = Field(1, description="threads per fit; the engine already runs the fold fits side by side")
 
 
 class XGBoostStacking(StackingFuser):
@@ -67,7 +67,7 @@ class XGBoostStacking(StackingFuser):
 
     def __init__(self, n_estimators: int = 150, max_depth: int = 2, learning_rate: float = 0.1,
                  subsample: float = 0.8, colsample_bytree: float = 0.8, min_child_weight: float = 2.0,
-                 reg_lambda: float = 1.0, n_jobs: int = 2, append_logits: bool = False, cv: int = 5, seed: int = 0):
+                 reg_lambda: float = 1.0, n_jobs: int = 1, append_logits: bool = False, cv: int = 5, seed: int = 0):
         super().__init__(append_logits=append_logits, cv=cv, seed=seed)
         self.n_estimators = n_estimators
         self.max_depth = max_depth
