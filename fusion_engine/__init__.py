@@ -18,6 +18,7 @@ _EXPORTS = {
     "BackboneRecord": "records",
     "BuiltBackbone": "records",
     "DatasetRecord": "records",
+    "ExecutorRecord": "records",
     "FuserRecord": "records",
     "ImageDataset": "records",
     "InputConfig": "records",
@@ -49,6 +50,10 @@ _EXPORTS = {
     "run_experiment": "runner",
     "RunContext": "runner",
     "MemberResult": "runner",
+    "Executor": "executors",
+    "MemberJob": "executors",
+    "JobOutcome": "executors",
+    "fit_member": "executors",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -77,7 +82,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .stacking import StackingFuser, StackingParams
     from .hookspecs import hookimpl, hookspec
     from .plugins import get_plugins
-    from .records import (BackboneRecord, BuiltBackbone, DatasetRecord, FuserRecord, ImageDataset,
+    from .records import (BackboneRecord, BuiltBackbone, DatasetRecord, ExecutorRecord, FuserRecord, ImageDataset,
                           InputConfig, MetricRecord, NoParams, Params)
+    from .executors import Executor, JobOutcome, MemberJob, fit_member
     from .runner import MemberResult, RunContext, run_experiment
     from .spec import ExperimentSpec, load_spec, resolve_spec

@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--registry", metavar="DIR", help="registry folder (default: $FUSION_ENGINE_REGISTRY or ./registry)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train and predict (default: the spec's, else auto)")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress or table; print only the run folder")
+    run.add_argument("--executor", metavar="NAME", help="what trains the members: local or ray (default: the spec's, else local)")
+    run.add_argument("--executor-param", "-E", metavar="KEY=VALUE", action="append", default=[], dest="executor_params",
+                     help="an executor parameter, e.g. -E address=auto or -E num_cpus=8 (repeatable)")
 
     validate = sub.add_parser("validate", help="check specs without running them",
                               description="Check specs: fields, plugin names and plugin parameters. Imports no torch.")
@@ -129,9 +132,25 @@ def _one_line(message: str) -> str:
 def cmd_run(args) -> int:
     from .runner import run_experiment
 
-    result = run_experiment(args.spec, registry=args.registry, device=args.device, quiet=args.quiet)
+    executor = None
+    if args.executor or args.executor_params:
+        executor = {"name": args.executor, "params": dict(_key_value(item) for item in args.executor_params)}
+    result = run_experiment(args.spec, registry=args.registry, device=args.device, quiet=args.quiet, executor=executor)
     print(result.run_dir)
     return 0
+
+
+def _key_value(item: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as YAML (``8`` is a number, ``auto`` a string)."""
+    import yaml
+
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise FusionEngineError(f"--executor-param: expected KEY=VALUE, got '{item}'")
+    try:
+        return key.strip(), yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        return key.strip(), value
 
 
 def cmd_validate(args) -> int:

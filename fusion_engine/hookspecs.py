@@ -65,6 +65,19 @@ def register_metrics():
 
 
 @hookspec
+def register_executors():
+    """Return an iterable of :class:`~fusion_engine.ExecutorRecord`.
+
+    ``create(params) -> Executor`` (see :class:`fusion_engine.executors.Executor`): an object
+    whose ``run(jobs)`` trains and predicts each :class:`~fusion_engine.executors.MemberJob`
+    (with :func:`fusion_engine.executors.fit_member`, wherever it likes) and yields one
+    :class:`~fusion_engine.executors.JobOutcome` per job as each finishes, its ``error`` set when
+    the job failed; and ``close()``. The run stores what comes back in the zoo. First-party:
+    ``local`` (in-process) and ``ray``.
+    """
+
+
+@hookspec
 def on_run_start(run):
     """Called once a run's spec is resolved and its folder made, before any training.
 

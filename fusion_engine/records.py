@@ -128,6 +128,17 @@ class MetricRecord:
 
 
 @dataclass(frozen=True)
+class ExecutorRecord:
+    """``create(params)`` returns an :class:`fusion_engine.executors.Executor`: what runs the
+    members a run must train (``executor:`` in a spec, ``--executor`` on the command line)."""
+
+    name: str
+    create: Callable[..., Any]
+    params: type[Params] = NoParams
+    description: str = ""
+
+
+@dataclass(frozen=True)
 class Provided:
     """A record and the plugin it came from."""
 
@@ -141,12 +152,14 @@ RECORD_KINDS: dict[str, type] = {
     "fuser": FuserRecord,
     "dataset": DatasetRecord,
     "metric": MetricRecord,
+    "executor": ExecutorRecord,
 }
 
 __all__ = [
     "BackboneRecord",
     "BuiltBackbone",
     "DatasetRecord",
+    "ExecutorRecord",
     "FuserRecord",
     "ImageDataset",
     "InputConfig",

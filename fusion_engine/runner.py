@@ -19,6 +19,7 @@ import platform
 import secrets
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from .errors import RUN_LOG_ONLY, FusionEngineError, SpecError
 from .leaderboard import Row, build_leaderboard, print_leaderboard, write_leaderboard
 from .plugins import Plugins, get_plugins
 from .records import BackboneRecord, ImageDataset, InputConfig, Provided
-from .spec import ResolvedSpec, load_spec, resolve_spec
+from .spec import ResolvedSpec, load_spec, parse_spec, read_spec_file, resolve_spec
 from .zoo import (CorruptArtifact, Registry, ZooEntry, ZooError, describe_candidates, key_material, member_key, short,
                   split_digest)
 
@@ -84,16 +85,30 @@ def resolve_registry(registry: str | os.PathLike | None = None) -> Path:
     return Path(registry or os.environ.get(REGISTRY_ENV) or "registry")
 
 
-def prepare(spec_path: str | os.PathLike) -> tuple[ResolvedSpec, Plugins]:
-    """Load a spec, load the plugins it lists, and bind every name; imports no torch."""
+def prepare(spec_path: str | os.PathLike, *, executor: dict | None = None) -> tuple[ResolvedSpec, Plugins]:
+    """Load a spec, load the plugins it lists, and bind every name; imports no torch.
+
+    ``executor`` (``{"name": ..., "params": {...}}``, from the command line) replaces the spec's.
+    """
     spec_path = Path(spec_path)
-    spec = load_spec(spec_path)
+    label = str(spec_path)
+    if executor is None:
+        spec = load_spec(spec_path)
+    else:
+        data = read_spec_file(spec_path)
+        given = data.get("executor")
+        given = {"name": given} if isinstance(given, str) else dict(given or {})
+        if executor.get("name") and executor["name"] != given.get("name", "local"):
+            given = {"name": executor["name"]}  # another executor: the spec's params are not its params
+        given["params"] = {**dict(given.get("params") or {}), **executor.get("params", {})}
+        spec = parse_spec({**data, "executor": given}, file=f"{spec_path} (with --executor)")
+        label = f"{spec_path} (with --executor)"
     base_dir = spec_path.resolve().parent
     try:
         plugins = get_plugins([base_dir / p for p in spec.plugins])
     except FusionEngineError as exc:
         raise type(exc)(f"{spec_path}: plugins: {exc}") from None
-    resolved = resolve_spec(spec, _WithZooMembers(plugins.catalog()), file=str(spec_path), base_dir=base_dir)
+    resolved = resolve_spec(spec, _WithZooMembers(plugins.catalog()), file=label, base_dir=base_dir)
     return resolved, plugins
 
 
@@ -128,30 +143,48 @@ def run_experiment(
     registry: str | os.PathLike | None = None,
     device: str | None = None,
     quiet: bool = False,
+    executor: dict | None = None,
 ) -> RunResult:
-    """Run the experiment a spec file describes and write its run folder."""
-    resolved, plugins = prepare(spec_path)
+    """Run the experiment a spec file describes and write its run folder.
+
+    ``executor`` (``{"name": "ray", "params": {"address": "auto"}}``) overrides the spec's.
+    """
+    resolved, plugins = prepare(spec_path, executor=executor)
     spec = resolved.spec
     device = device or spec.device
-    if device == "cuda":
-        from .training import resolve_device
-
-        resolve_device(device)  # no CUDA is bad input: say so before any folder is made
     registry_dir = resolve_registry(registry)
     _check_references_exist(resolved, registry_dir)
-    run_id = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{spec.name}-{secrets.token_hex(2)}"
-    with Registry(registry_dir) as reg:
-        run_dir = reg.run_dir(run_id)
-        try:
-            run_dir.mkdir(parents=True)
-        except OSError as exc:
-            raise FusionEngineError(f"cannot create run folder {run_dir}: {exc.strerror}") from None
-        with reg.run_lock(run_id):
-            return _run(resolved, plugins, reg, run_id, run_dir, Path(spec_path), device, quiet)
+    with _make_executor(resolved) as runs_members:
+        if device == "cuda" and runs_members.in_process:
+            from .training import resolve_device
+
+            resolve_device(device)  # no CUDA is bad input: say so before any folder is made
+        run_id = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{spec.name}-{secrets.token_hex(2)}"
+        with Registry(registry_dir) as reg:
+            run_dir = reg.run_dir(run_id)
+            try:
+                run_dir.mkdir(parents=True)
+            except OSError as exc:
+                raise FusionEngineError(f"cannot create run folder {run_dir}: {exc.strerror}") from None
+            with reg.run_lock(run_id):
+                return _run(resolved, plugins, reg, run_id, run_dir, Path(spec_path), device, quiet, runs_members)
+
+
+def _make_executor(resolved: ResolvedSpec):
+    """The spec's executor, made from its plugin (the built-in local one when the spec names none)."""
+    from .executors import Executor, LocalExecutor
+
+    if resolved.executor is None:
+        return LocalExecutor()
+    made = resolved.executor.record.create(resolved.executor.params)
+    if not isinstance(made, Executor):
+        raise FusionEngineError(f"executor plugin {resolved.executor.provided.plugin} made {type(made).__name__}, "
+                                f"expected a fusion_engine.executors.Executor")
+    return made
 
 
 def _run(resolved: ResolvedSpec, plugins: Plugins, reg: Registry, run_id: str, run_dir: Path, spec_path: Path,
-         device: str, quiet: bool) -> RunResult:
+         device: str, quiet: bool, executor) -> RunResult:
     from rich.console import Console
 
     from .data import dataset_fingerprint
@@ -173,6 +206,7 @@ def _run(resolved: ResolvedSpec, plugins: Plugins, reg: Registry, run_id: str, r
         "status": "running",
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": device,
+        "executor": executor.name,
         "registry": str(reg.root.resolve()),
         "versions": _versions(),
         "members": {},
@@ -194,7 +228,7 @@ def _run(resolved: ResolvedSpec, plugins: Plugins, reg: Registry, run_id: str, r
                           "split_sha256": data.split}
         _write_split(run_dir, dataset, indices)
 
-        members = _members(resolved, ctx, reg, data, device, quiet, console, record)
+        members = _members(resolved, ctx, reg, data, device, quiet, console, record, executor)
         n_scored = sum(len(y[s]) for s in SPLITS)
         rows = [
             Row(name=m.name, kind="member", members=[m.name], proba={s: _softmax(m.logits[s]) for s in SPLITS},
@@ -295,36 +329,169 @@ def _load_data(resolved: ResolvedSpec, ctx: RunContext, console) -> tuple[ImageD
 
 
 def _members(resolved: ResolvedSpec, ctx: RunContext, reg: Registry, data: _RunData, device, quiet, console,
-             record: dict) -> dict[str, MemberResult]:
-    """Every member, from the zoo where it is stored, else trained, predicted and stored there."""
-    from .calibration import fit_temperature
+             record: dict, executor) -> dict[str, MemberResult]:
+    """Every member: from the zoo where it is stored, else trained and predicted by the executor
+    and stored there. A member that fails does not stop the others; the run then fails naming it."""
+    from contextlib import ExitStack
 
     spec = resolved.spec
     results: dict[str, MemberResult] = {}
-    for i, (mspec, entry) in enumerate(zip(spec.members, resolved.members)):
-        progress = f"member {i + 1}/{len(spec.members)}"
-        if mspec.zoo is not None:
-            member = _referenced_member(resolved, i, reg, data, console)
-        else:
-            member = _stored_or_trained(resolved, i, entry, ctx, reg, data, device, quiet, console, progress)
+    failures: dict[str, str] = {}
+
+    def ready(i: int, member: MemberResult) -> None:
+        mspec = spec.members[i]
         if mspec.calibrate == "temperature":
+            from .calibration import fit_temperature
+
             member.temperature = fit_temperature(member.logits["val"], data.y["val"])
             member.logits = {s: (v / member.temperature).astype(np.float32) for s, v in member.logits.items()}
         _write_member(ctx.run_dir, member, reg)
         entry_record = {"key": member.key, "action": member.action, "source": "zoo" if mspec.zoo is not None else "spec"}
         if member.resumed_from_epoch:
             entry_record["resumed_from_epoch"] = member.resumed_from_epoch
+        if member.action == "trained":
+            entry_record["executor"] = executor.name
         record["members"][member.name] = entry_record
-        record["trained"] = [n for n, m in record["members"].items() if m["action"] == "trained"]
-        record["predicted"] = list(record["trained"])
-        record["reused"] = [n for n, m in record["members"].items() if m["action"] == "reused"]
+        _record_actions(record)
         write_json(ctx.run_dir / "run.json", record)
         reg.run_member(ctx.run_id, member.name, member.key, member.action)
         log.info("member %s: %s, key %s, best epoch %s, val accuracy %.4f", member.name, member.action, member.key,
                  member.best_epoch, float(np.mean(np.argmax(member.logits["val"], 1) == data.y["val"])))
         ctx.plugins.hook.on_member_ready(run=ctx, member=member)
         results[member.name] = member
-    return results
+
+    def fail(outcome, name: str | None = None) -> None:
+        name = name or outcome.job.name
+        failures[name] = outcome.error
+        record["members"][name] = {"key": outcome.job.key, "action": "failed", "error": outcome.error,
+                                   "executor": executor.name}
+        log.error("member %s failed after %.1fs: %s\n%s", name, outcome.seconds, outcome.error,
+                  outcome.traceback or "", extra={RUN_LOG_ONLY: True})
+        console.log(f"[red]member {name} failed[/]: {outcome.error}")
+        _record_actions(record)
+        write_json(ctx.run_dir / "run.json", record)
+
+    planned = {}  # spec index -> (key, material, seed) of each member the spec trains
+    for i, (mspec, entry) in enumerate(zip(spec.members, resolved.members)):
+        if mspec.zoo is not None:
+            ready(i, _referenced_member(resolved, i, reg, data, console))
+        else:
+            planned[i] = _member_key(resolved, i, entry, data)
+
+    with ExitStack() as held:
+        # Every lock this run needs, in key order (two runs never wait for each other in a
+        # cycle); a stored member's lock is let go once it is read, a trained one's once stored.
+        locks = {}
+        for i in sorted(planned, key=lambda i: planned[i][0]):
+            key = planned[i][0]
+            if key not in locks:
+                locks[key] = held.enter_context(_Held(reg, key, spec.members[i].name, console))
+        jobs = []
+        for i, (key, material, seed) in planned.items():
+            stored = _stored(reg, key, spec.members[i].name, data)
+            if stored is not None:
+                zoo_entry, card, outputs = stored
+                console.log(f"reused [bold]{spec.members[i].name}[/] from the zoo (key {short(key)})")
+                ready(i, _from_card(spec.members[i].name, zoo_entry, card, outputs, action="reused"))
+            else:
+                try:
+                    jobs.append(_job(resolved, i, key, seed, data, reg, device, executor))
+                except FusionEngineError:
+                    raise  # bad input (mean/std against the backbone's channels): the run's error
+                except Exception as exc:  # the backbone plugin failed to build: this member fails alone
+                    from .executors import failed
+
+                    outcome = failed(SimpleNamespace(name=spec.members[i].name, key=key), exc)
+                    fail(outcome)
+        by_key = {}
+        for job in jobs:  # members alike in all but their names share a key: trained once
+            by_key.setdefault(job.key, []).append(job)
+        for key, lock in locks.items():
+            if key not in by_key:
+                lock.release()  # stored: other runs may read it now
+        unique = [same[0] for same in by_key.values()]
+        for job in unique:
+            saved = job.checkpoint.peek() if job.checkpoint is not None else None
+            if saved is not None:
+                console.log(f"{job.label}: resuming [bold]{job.name}[/] ({job.backbone.name}) after epoch "
+                            f"{saved.get('epoch')} of {job.train.epochs} from its checkpoint (key {short(job.key)})")
+                log.info("resuming %s after epoch %s from its checkpoint", job.name, saved.get("epoch"))
+            elif executor.in_process:  # an executor elsewhere says when it hands each job out
+                console.log(f"{job.label}: training [bold]{job.name}[/] ({job.backbone.name}, key {short(job.key)})")
+        labels = {s: data.dataset.labels[data.indices[s]] for s in ("train", "val")}
+        for outcome in executor.run(unique, data.pixels, labels, quiet=quiet, console=console):
+            job = outcome.job
+            same = by_key[job.key]
+            if not outcome.ok:
+                for other in same:
+                    fail(outcome, other.name)
+                continue
+            zoo_entry, card = _store(resolved, job, outcome.result, ctx, reg, data, material=planned[_index(spec, job.name)][1])
+            locks[job.key].release()
+            if not executor.in_process:
+                console.log(f"{job.label}: [bold]{job.name}[/] trained in {outcome.seconds:.1f}s on {outcome.result.host} "
+                            f"(best epoch {outcome.result.best_epoch})")
+            for n, other in enumerate(same):
+                member = _from_card(other.name, zoo_entry, {**card, "key": job.key}, None,
+                                    action="trained" if n == 0 else "reused", logits=outcome.result.logits)
+                member.resumed_from_epoch = (outcome.result.resumed_from_epoch or None) if n == 0 else None
+                ready(_index(spec, other.name), member)
+    if failures:
+        raise MembersFailed(failures, stored=len(results), total=len(spec.members))
+    return {m.name: results[m.name] for m in spec.members}
+
+
+class MembersFailed(FusionEngineError):
+    """Members whose training failed; the rest of the run's members are in the zoo. The run
+    failed rather than the input being bad: exit status 1."""
+
+    exit_code = 1
+
+    def __init__(self, failures: dict[str, str], *, stored: int, total: int):
+        self.failures = failures
+        detail = "; ".join(f"{name}: {error}" if not error.startswith(f"member {name}") else error
+                           for name, error in failures.items())
+        what = "member" if total == 1 else "members"
+        rest = (f"; the other {stored} are ready in the zoo, so a re-run trains only {', '.join(failures)}"
+                if stored else "")
+        super().__init__(f"{len(failures)} of {total} {what} failed: {detail}{rest}")
+
+
+def _index(spec, name: str) -> int:
+    return next(i for i, m in enumerate(spec.members) if m.name == name)
+
+
+def _record_actions(record: dict) -> None:
+    members = record["members"]
+    record["trained"] = [n for n, m in members.items() if m["action"] == "trained"]
+    record["predicted"] = list(record["trained"])
+    record["reused"] = [n for n, m in members.items() if m["action"] == "reused"]
+    record["failed"] = [n for n, m in members.items() if m["action"] == "failed"]
+
+
+class _Held:
+    """A member's zoo lock, held from when the run decides about it until it is stored."""
+
+    def __init__(self, reg: Registry, key: str, name: str, console):
+        def waiting() -> None:
+            console.log(f"waiting for another run to finish with [bold]{name}[/] (key {short(key)})")
+            log.info("waiting for the lock of %s (key %s), held by another run", name, key)
+
+        self._cm = reg.lock(key, on_wait=waiting)
+        self._held = False
+
+    def __enter__(self) -> "_Held":
+        self._cm.__enter__()
+        self._held = True
+        return self
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._cm.__exit__(None, None, None)
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def _train_config(train) -> dict:
@@ -336,8 +503,7 @@ def _train_config(train) -> dict:
     return data
 
 
-def _stored_or_trained(resolved: ResolvedSpec, i: int, entry, ctx: RunContext, reg: Registry, data: _RunData,
-                       device, quiet, console, progress: str) -> MemberResult:
+def _member_key(resolved: ResolvedSpec, i: int, entry, data: _RunData) -> tuple[str, dict, int]:
     spec = resolved.spec
     mspec = spec.members[i]
     seed = spec.seed if mspec.seed is None else mspec.seed
@@ -346,74 +512,65 @@ def _stored_or_trained(resolved: ResolvedSpec, i: int, entry, ctx: RunContext, r
         seed=seed, image_size=spec.data.image_size, mean=spec.data.mean, std=spec.data.std,
         fingerprint=data.fingerprint, split=data.split,
     )
-    key = member_key(material)
+    return member_key(material), material, seed
 
-    def waiting() -> None:
-        console.log(f"waiting for another run to finish with [bold]{mspec.name}[/] (key {short(key)})")
-        log.info("waiting for the lock of %s (key %s), held by another run", mspec.name, key)
 
-    with reg.lock(key, on_wait=waiting):
-        stored = None
-        try:
-            stored = reg.open_member(key)
-            if stored is not None:
-                _check_outputs(stored[0], stored[2], data)
-        except CorruptArtifact as exc:
-            log.warning("%s; retraining %s", exc, mspec.name)
-            reg.discard(key)
-            stored = None
+def _stored(reg: Registry, key: str, name: str, data: _RunData):
+    """The stored member under ``key`` (its lock held), or None; damage is discarded with a warning."""
+    try:
+        stored = reg.open_member(key)
         if stored is not None:
-            zoo_entry, card, outputs = stored
-            checkpoint = reg.checkpoint(key)
-            if checkpoint.folder.exists():
-                checkpoint.clear()  # left by a run killed after publishing: nothing to resume
-            console.log(f"reused [bold]{mspec.name}[/] from the zoo (key {short(key)})")
-            return _from_card(mspec.name, zoo_entry, card, outputs, action="reused")
-        return _train_and_store(resolved, i, entry, ctx, reg, data, key, material, seed, device, quiet, console, progress)
+            _check_outputs(stored[0], stored[2], data)
+    except CorruptArtifact as exc:
+        log.warning("%s; retraining %s", exc, name)
+        reg.discard(key)
+        return None
+    if stored is not None:
+        checkpoint = reg.checkpoint(key)
+        if checkpoint.folder.exists():
+            checkpoint.clear()  # left by a run killed after publishing: nothing to resume
+    return stored
 
 
-def _train_and_store(resolved: ResolvedSpec, i: int, entry, ctx: RunContext, reg: Registry, data: _RunData,
-                     key: str, material: dict, seed: int, device, quiet, console, progress: str) -> MemberResult:
-    import torch
-    from safetensors.numpy import save_file as save_arrays
-    from safetensors.torch import save_file
-
-    from .training import predict_logits, resolve_device, train_member
+def _job(resolved: ResolvedSpec, i: int, key: str, seed: int, data: _RunData, reg: Registry, device, executor):
+    """A member to train, as an executor gets it; a job run in this process resumes its checkpoint."""
+    from .executors import MemberJob, build_member
 
     spec = resolved.spec
     mspec = spec.members[i]
-    checkpoint = reg.checkpoint(key)
-    saved = checkpoint.peek()
-    if saved is not None:
-        console.log(f"{progress}: resuming [bold]{mspec.name}[/] ({mspec.backbone}) after epoch {saved.get('epoch')} "
-                    f"of {mspec.train.epochs} from its checkpoint (key {short(key)})")
-        log.info("resuming %s after epoch %s from its checkpoint", mspec.name, saved.get("epoch"))
-    else:
-        console.log(f"{progress}: training [bold]{mspec.name}[/] ({mspec.backbone}, key {short(key)})")
-    torch.manual_seed(seed)
-    num_classes = len(data.dataset.class_names)
-    built = entry.record.build(entry.params, num_classes=num_classes, image_size=spec.data.image_size)
-    cfg = _input_config(built.input, spec.data)
-    x = data.pixels(cfg)
-    y_t = {s: torch.as_tensor(data.dataset.labels[data.indices[s]]) for s in ("train", "val")}
-    result = train_member(
-        built.module, cfg, mspec.train, x["train"], y_t["train"], x["val"], y_t["val"],
-        seed=seed, device=device, label=mspec.name, quiet=quiet, checkpoint=checkpoint,
-    )  # leaves built.module holding the best epoch's weights
-    t0 = time.perf_counter()
-    logits = {s: predict_logits(built.module, cfg, x[s], batch_size=mspec.train.eval_batch_size, device=device) for s in SPLITS}
-    predict_seconds = time.perf_counter() - t0
-    n_params = sum(p.numel() for p in built.module.parameters())
+    entry = resolved.members[i]
+    job = MemberJob(
+        name=mspec.name, key=key, backbone=entry.record, params=entry.params, train=mspec.train, seed=seed,
+        num_classes=len(data.dataset.class_names), image_size=spec.data.image_size, input=None, device=device,
+        resources=mspec.resources, label=f"member {i + 1}/{len(spec.members)}",
+    )
+    job.input = _input_config(build_member(job).input, spec.data)  # the size and channels its images need
+    if executor.in_process:
+        job.checkpoint = reg.checkpoint(key)
+    return job
+
+
+def _store(resolved: ResolvedSpec, job, fitted, ctx: RunContext, reg: Registry, data: _RunData, *,
+           material: dict) -> tuple[ZooEntry, dict]:
+    """Publish a trained member in the zoo: weights, outputs, ids and its card."""
+    from safetensors.numpy import save_file as save_arrays
+    from safetensors.torch import save_file
+
+    spec = resolved.spec
+    i = _index(spec, job.name)
+    mspec = spec.members[i]
+    entry = resolved.members[i]
+    cfg = job.input
+    logits = fitted.logits
     val_accuracy = float(np.mean(np.argmax(logits["val"], 1) == data.y["val"]))
-    best = next((h for h in result.history if h.get("epoch") == result.best_epoch), {})
-    resumed = getattr(result, "resumed_from_epoch", 0) or None
+    best = next((h for h in fitted.history if h.get("epoch") == fitted.best_epoch), {})
     card = {
         "format": material["format"],
         "name": mspec.name,
         "experiment": spec.name,
         "run_id": ctx.run_id,
         "spec": {"name": mspec.name, "backbone": mspec.backbone, "params": entry.params.model_dump(mode="json"),
-                 "train": mspec.train.model_dump(mode="json"), "seed": seed},
+                 "train": mspec.train.model_dump(mode="json"), "seed": job.seed},
         "backbone": entry.record.name,
         "plugin": entry.provided.plugin,
         "key_material": material,
@@ -422,35 +579,32 @@ def _train_and_store(resolved: ResolvedSpec, i: int, entry, ctx: RunContext, reg
                  "split_sizes": {s: len(v) for s, v in data.indices.items()}},
         "input": {"size": cfg.size, "mean": list(cfg.mean), "std": list(cfg.std), "in_chans": cfg.in_chans},
         "metrics": {"val_accuracy": val_accuracy, "val_loss": best.get("val_loss")},
-        "best_epoch": result.best_epoch,
-        "history": result.history,
-        "resumed_from_epoch": resumed,
-        "n_params": n_params,
-        "timings": {"train_seconds": round(result.train_seconds, 3), "predict_seconds": round(predict_seconds, 3),
-                    "images_per_second": round(result.images_per_second, 1)},
-        "device": str(resolve_device(device)),
+        "best_epoch": fitted.best_epoch,
+        "history": fitted.history,
+        "resumed_from_epoch": fitted.resumed_from_epoch or None,
+        "n_params": fitted.n_params,
+        "timings": {"train_seconds": round(fitted.train_seconds, 3), "predict_seconds": round(fitted.predict_seconds, 3),
+                    "images_per_second": round(fitted.images_per_second, 1)},
+        "device": fitted.device,
         "versions": _versions(),
     }
 
     def write(folder: Path) -> None:
-        save_file({k: v.contiguous() for k, v in result.state_dict.items()}, str(folder / "model.safetensors"),
+        save_file({k: v.contiguous() for k, v in fitted.state_dict.items()}, str(folder / "model.safetensors"),
                   metadata={"format": "pt"})
         save_arrays({**{f"{s}_logits": np.ascontiguousarray(logits[s], dtype=np.float32) for s in SPLITS},
                      **{f"{s}_labels": np.ascontiguousarray(data.y[s], dtype=np.int64) for s in SPLITS}},
                     str(folder / "outputs.safetensors"))
         (folder / "ids.json").write_text(json.dumps({s: data.ids[s] for s in SPLITS}) + "\n", encoding="utf-8")
 
-    zoo_entry = reg.publish(key, card, write, entry={
+    zoo_entry = reg.publish(job.key, card, write, entry={
         "name": mspec.name, "experiment": spec.name, "run_id": ctx.run_id, "backbone": entry.record.name,
         "dataset": spec.data.dataset, "fingerprint": data.fingerprint, "split": data.split,
-        "val_accuracy": val_accuracy, "n_params": n_params,
+        "val_accuracy": val_accuracy, "n_params": fitted.n_params,
     })
-    checkpoint.clear()
-    log.info("stored %s in the zoo as %s", mspec.name, key)
-    member = _from_card(mspec.name, zoo_entry, {**card, "key": key},
-                        None, action="trained", logits=logits)
-    member.resumed_from_epoch = resumed
-    return member
+    reg.checkpoint(job.key).clear()
+    log.info("stored %s in the zoo as %s", mspec.name, job.key)
+    return zoo_entry, card
 
 
 def _from_card(name: str, entry: ZooEntry, card: dict, outputs, *, action: str, logits=None) -> MemberResult:

@@ -88,6 +88,24 @@ class TrainSpec(_Strict):
         return 0.05 if self.optimizer == "adamw" else 5e-4
 
 
+class ResourcesSpec(_Strict):
+    """What one member's training asks of an executor that schedules (``ray``); ``local`` runs
+    members one after another in its own process and ignores it."""
+
+    cpus: float = Field(1.0, gt=0, description="CPU cores for the member's task")
+    gpus: float = Field(0.0, ge=0, description="GPUs for the member's task (fractions share one)")
+
+
+class ExecutorSpec(_Strict):
+    name: str = Field("local", description="a registered executor: local (in this process) or ray")
+    params: dict[str, Any] = Field(default_factory=dict, description="the executor's own parameters")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+
 class MemberSpec(_Strict):
     """A member to train (``backbone``), or one already in the zoo (``zoo``): exactly one of the two."""
 
@@ -98,6 +116,8 @@ class MemberSpec(_Strict):
     seed: Optional[int] = Field(None, description="default: the experiment's seed")
     calibrate: Literal["none", "temperature"] = Field(
         "none", description="temperature-scale this member's logits (fitted on val) before fusion")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec,
+                                     description="CPUs and GPUs the member's task asks an executor for")
     zoo: Optional[str] = Field(None, pattern=SAFE_NAME,
                                description="reuse a zoo member: its key, a key prefix (8+ hex characters) or its name")
 
@@ -129,6 +149,7 @@ class ExperimentSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     rank_by: str = Field("accuracy", description="the metric (or delta_vs_best_member) that orders the leaderboard")
     plugins: list[str] = Field(default_factory=list, description="plugin .py files, relative to the spec file")
+    executor: ExecutorSpec = Field(default_factory=ExecutorSpec, description="what trains the members: local or ray")
     data: DataSpec
     members: list[MemberSpec] = Field(min_length=1)
     fusers: list[FuserSpec] = Field(default_factory=list)
@@ -282,6 +303,7 @@ class ResolvedSpec:
     dataset: Resolved
     members: list[Resolved]
     fusers: list[Resolved]
+    executor: Resolved | None = None
 
     def resolved_dict(self) -> dict:
         """The spec with every default filled in, plugin parameters included."""
@@ -291,6 +313,8 @@ class ResolvedSpec:
             entry["params"] = r.params.model_dump(mode="json")
         for entry, r in zip(data["fusers"], self.fusers):
             entry["params"] = r.params.model_dump(mode="json")
+        if self.executor is not None:
+            data["executor"]["params"] = self.executor.params.model_dump(mode="json")
         return data
 
 
@@ -298,11 +322,11 @@ def resolve_spec(spec: ExperimentSpec, catalog, *, file: str | None = None, base
     """Bind each dataset, backbone and fuser name to a plugin and validate its ``params``."""
     base_dir = Path(base_dir) if base_dir is not None else (Path(file).resolve().parent if file else Path.cwd())
 
-    def bind(kind: str, name: str, params: dict, loc: tuple) -> Resolved:
+    def bind(kind: str, name: str, params: dict, loc: tuple, field: str | None = None) -> Resolved:
         try:
             provided = catalog.get(kind, name)
         except SpecError as exc:
-            raise SpecError(exc.message, file=file, loc=loc + (kind,)) from None
+            raise SpecError(exc.message, file=file, loc=loc + (field or kind,)) from None
         model = provided.record.params
         try:
             value = model.model_validate(params, context={"base_dir": base_dir})
@@ -313,8 +337,11 @@ def resolve_spec(spec: ExperimentSpec, catalog, *, file: str | None = None, base
     dataset = bind("dataset", spec.data.dataset, spec.data.params, ("data",))
     members = [bind("backbone", m.backbone, m.params, ("members", i)) for i, m in enumerate(spec.members)]
     fusers = [bind("fuser", f.fuser, f.params, ("fusers", i)) for i, f in enumerate(spec.fusers)]
+    # bound when the spec names one; else the run uses the built-in local executor
+    executor = (bind("executor", spec.executor.name, spec.executor.params, ("executor",), field="name")
+                if "executor" in spec.model_fields_set else None)
     rankable = {normalize_name(n) for n in catalog.names("metric")} | {normalize_name(RANK_BY_DELTA)}
     if "rank_by" in spec.model_fields_set and normalize_name(spec.rank_by) not in rankable:
         choices = ", ".join(sorted([*catalog.names("metric"), RANK_BY_DELTA]))
         raise SpecError(f"cannot rank by '{spec.rank_by}'; choose one of: {choices}", file=file, loc="rank_by")
-    return ResolvedSpec(spec, file, base_dir, dataset, members, fusers)
+    return ResolvedSpec(spec, file, base_dir, dataset, members, fusers, executor)

@@ -25,7 +25,7 @@ HOOKS = sorted(name for name, fn in vars(hookspecs).items()
 
 def test_hooks_are_the_documented_set():
     assert HOOKS == ["on_member_ready", "on_run_end", "on_run_start", "register_backbones",
-                     "register_datasets", "register_fusers", "register_metrics"]
+                     "register_datasets", "register_executors", "register_fusers", "register_metrics"]
 
 
 @pytest.mark.parametrize("hook", HOOKS)
@@ -65,6 +65,53 @@ def test_hook_register_datasets(tmp_path):
     record = get_plugins([TOY_PLUGIN], entry_points=False).catalog().get("dataset", "toy-data").record
     dataset = record.load(record.params(n_per_class=5), base_dir=tmp_path)
     assert dataset.class_names == ["top", "bottom", "dark"] and len(dataset.ids) == 15
+
+
+def test_hook_register_executors(tmp_path):
+    """A third-party executor: runs the jobs in reverse on threads, and is what the run reports."""
+    plugin = plugin_file(tmp_path, """
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+        from pydantic import Field
+        from fusion_engine import Executor, ExecutorRecord, JobOutcome, Params, fit_member, hookimpl
+
+        class ThreadParams(Params):
+            threads: int = Field(2, ge=1)
+
+        class Threads(Executor):
+            name = "threads"
+            seen = []
+
+            def __init__(self, params):
+                self.threads = params.threads
+
+            def run(self, jobs, pixels, labels, *, quiet=False, console=None):
+                with ThreadPoolExecutor(self.threads) as pool:
+                    futures = {pool.submit(fit_member, job, pixels(job.input), labels): job for job in reversed(jobs)}
+                    for future in as_completed(futures):
+                        Threads.seen.append(futures[future].name)
+                        yield JobOutcome(futures[future], result=future.result())
+
+        @hookimpl
+        def register_executors():
+            return [ExecutorRecord("threads", Threads, ThreadParams)]
+    """)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(textwrap.dedent(f"""
+        name: threads
+        device: cpu
+        plugins: [{TOY_PLUGIN}, {plugin}]
+        executor: {{name: threads, params: {{threads: 2}}}}
+        data: {{dataset: toy-data}}
+        members:
+          - {{name: a, backbone: toy-net, train: {{epochs: 1}}}}
+          - {{name: b, backbone: toy-net, seed: 5, train: {{epochs: 1}}}}
+    """))
+    result = run_experiment(spec, registry=tmp_path / "reg", quiet=True)
+    record = __import__("json").loads((result.run_dir / "run.json").read_text())
+    assert record["executor"] == "threads" and sorted(record["trained"]) == ["a", "b"]
+    assert {m["executor"] for m in record["members"].values()} == {"threads"}
+    assert sorted(sys.modules[next(n for n in sys.modules if n.startswith("fusion_engine_local_plugin_"))]
+                  .Threads.seen) == ["a", "b"]
 
 
 def test_hook_register_metrics(tmp_path):

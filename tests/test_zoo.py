@@ -513,7 +513,7 @@ def test_an_interrupted_member_resumes_from_its_checkpoint_and_ends_as_if_never_
     monkeypatch.setattr(training, "_evaluate", evaluate)
 
     record = run(spec, reg)
-    assert record["members"]["net-a"] == {"key": key, "action": "trained", "source": "spec", "resumed_from_epoch": 2}
+    assert record["members"]["net-a"] == {"key": key, "action": "trained", "source": "spec", "resumed_from_epoch": 2, "executor": "local"}
     assert not (reg / "checkpoints" / key).exists()
     cards = [json.loads((r / "zoo" / key / "card.json").read_text()) for r in (tmp_path / "ref-reg", reg)]
     strip = [[{k: v for k, v in h.items() if k != "seconds"} for h in c["history"]] for c in cards]

@@ -23,6 +23,29 @@ def build_toy_net(params: ToyNetParams, num_classes: int, image_size: int | None
     return BuiltBackbone(module, InputConfig(size=image_size or 8, mean=(0.5,), std=(0.5,), in_chans=1))
 
 
+class FlakyNetParams(ToyNetParams):
+    fail_while: str = Field(description="a file path: training raises while this file exists")
+
+
+def build_flaky_net(params: FlakyNetParams, num_classes: int, image_size: int | None = None) -> BuiltBackbone:
+    """A toy net whose forward pass raises while ``fail_while`` exists: a member that fails, then,
+    the file removed, trains."""
+    import os
+
+    import torch.nn as nn
+
+    built = build_toy_net(params, num_classes, image_size)
+
+    class Flaky(nn.Sequential):
+        def forward(self, x):
+            if os.path.exists(params.fail_while):
+                raise RuntimeError(f"flaky-net refuses to train while {params.fail_while} exists")
+            return super().forward(x)
+
+    built.module = Flaky(*built.module)
+    return built
+
+
 class ToyDataParams(Params):
     n_per_class: int = Field(12, ge=4)
 
@@ -55,7 +78,8 @@ class ToyMean(Fuser):
 
 @hookimpl
 def register_backbones():
-    return [BackboneRecord("toy-net", build_toy_net, ToyNetParams)]
+    return [BackboneRecord("toy-net", build_toy_net, ToyNetParams),
+            BackboneRecord("flaky-net", build_flaky_net, FlakyNetParams)]
 
 
 @hookimpl

@@ -1,0 +1,180 @@
+"""Executors: what trains and predicts the members a run does not find in the zoo.
+
+The run (:mod:`fusion_engine.runner`) decides which members to train, holds their zoo locks and
+stores what comes back; an executor only turns each :class:`MemberJob` into a
+:class:`FittedMember` with :func:`fit_member`, wherever it runs it. Executors are plugins
+(``register_executors``): ``local`` runs the jobs one after another in this process (resuming
+checkpoints, with progress bars); ``ray`` (``pip install 'fusion-engine[ray]'``) runs them as Ray
+tasks on a cluster, side by side, each with its own resource request.
+
+A job that fails comes back as a :class:`JobOutcome` with its ``error`` set; the other jobs go
+on, and the run reports every failed member at the end. Members that finished are stored in the
+zoo either way, so a re-run trains only the ones that failed.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from .errors import FusionEngineError
+from .records import BackboneRecord, InputConfig, Params
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
+
+    from .spec import ResourcesSpec, TrainSpec
+    from .zoo import Checkpoint
+
+SPLITS = ("val", "test")
+
+#: what an executor is given to find a job's images: the train/val/test ``uint8`` tensors at an input config
+Pixels = Callable[[InputConfig], "dict[str, torch.Tensor]"]
+
+
+@dataclass
+class MemberJob:
+    """One member to train on train, select on val, and predict on val and test.
+
+    Everything a worker needs travels in the job, except the images and labels, which an
+    executor gets once per run and shares between jobs (the ``ray`` executor puts them in the
+    object store once). ``checkpoint`` is the zoo's per-epoch checkpoint on this machine; an
+    executor that runs jobs elsewhere leaves it out, and the job starts from epoch 1.
+    """
+
+    name: str
+    key: str
+    backbone: BackboneRecord
+    params: Params
+    train: "TrainSpec"
+    seed: int
+    num_classes: int
+    image_size: int | None
+    input: InputConfig
+    device: str = "auto"
+    resources: "ResourcesSpec | None" = None
+    label: str = ""  # "member 2/3", for progress lines
+    checkpoint: "Checkpoint | None" = None
+
+
+@dataclass
+class FittedMember:
+    """What :func:`fit_member` returns: the best epoch's weights and the member's outputs."""
+
+    state_dict: dict[str, Any]  # name -> CPU tensor
+    logits: dict[str, "np.ndarray"]  # "val", "test" -> (N, C) float32
+    history: list[dict]
+    best_epoch: int
+    train_seconds: float
+    predict_seconds: float
+    images_per_second: float
+    n_params: int
+    device: str
+    resumed_from_epoch: int = 0
+    host: str = field(default_factory=platform.node)
+
+
+@dataclass
+class JobOutcome:
+    """A finished job: ``result`` when it succeeded, else ``error`` (one line) and ``traceback``."""
+
+    job: MemberJob
+    result: FittedMember | None = None
+    error: str | None = None
+    traceback: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Executor:
+    """Runs member jobs. Subclasses implement :meth:`run`; :meth:`close` frees what they hold."""
+
+    name = "executor"
+    #: True when jobs run in this process and may use its checkpoint folder and progress bars
+    in_process = False
+
+    def run(self, jobs: list[MemberJob], pixels: Pixels, labels: dict[str, "np.ndarray"], *,
+            quiet: bool = False, console=None) -> Iterator[JobOutcome]:
+        """Yield one :class:`JobOutcome` per job, in the order they finish. ``pixels(cfg)`` gives
+        the images at a job's input config; ``labels`` the ``train`` and ``val`` labels."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def failed(job: MemberJob, exc: BaseException, seconds: float = 0.0) -> JobOutcome:
+    """The outcome of a job that raised ``exc``: its message on one line, and the traceback."""
+    message = " ".join(str(exc).split())
+    if not isinstance(exc, FusionEngineError):
+        message = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return JobOutcome(job, error=message, traceback="".join(traceback.format_exception(exc)), seconds=seconds)
+
+
+class LocalExecutor(Executor):
+    """The default: every job in this process, one after another, on the run's device; a job
+    resumes from its checkpoint. Needs nothing installed."""
+
+    name = "local"
+    in_process = True
+
+    def run(self, jobs, pixels, labels, *, quiet=False, console=None):
+        for job in jobs:
+            images = pixels(job.input)  # unreadable data fails the run, not the member
+            t0 = time.perf_counter()
+            try:
+                result = fit_member(job, images, labels, quiet=quiet, checkpoint=job.checkpoint)
+            except Exception as exc:  # the member fails alone; KeyboardInterrupt stops the run
+                yield failed(job, exc, time.perf_counter() - t0)
+            else:
+                yield JobOutcome(job, result=result, seconds=time.perf_counter() - t0)
+
+
+def build_member(job: MemberJob):
+    """The job's network, freshly initialised from its seed (the same weights on every machine)."""
+    import torch
+
+    torch.manual_seed(job.seed)
+    return job.backbone.build(job.params, num_classes=job.num_classes, image_size=job.image_size)
+
+
+def fit_member(job: MemberJob, images: dict[str, "torch.Tensor"], labels: dict[str, "np.ndarray"], *,
+               quiet: bool = True, checkpoint: "Checkpoint | None" = None) -> FittedMember:
+    """Build, train and predict one member: the whole of a member's compute, run by executors.
+
+    ``images`` holds ``uint8`` tensors for ``train``, ``val`` and ``test`` at ``job.input``;
+    ``labels`` the ``train`` and ``val`` labels. Deterministic on CPU for a given job.
+    """
+    import torch
+
+    from .training import predict_logits, resolve_device, train_member
+
+    built = build_member(job)
+    y = {s: torch.tensor(labels[s]) for s in ("train", "val")}
+    result = train_member(
+        built.module, job.input, job.train, images["train"], y["train"], images["val"], y["val"],
+        seed=job.seed, device=job.device, label=job.name, quiet=quiet, checkpoint=checkpoint,
+    )  # leaves the module holding the best epoch's weights
+    t0 = time.perf_counter()
+    logits = {s: predict_logits(built.module, job.input, images[s], batch_size=job.train.eval_batch_size,
+                                device=job.device) for s in SPLITS}
+    predict_seconds = time.perf_counter() - t0
+    return FittedMember(
+        state_dict=result.state_dict, logits=logits, history=result.history, best_epoch=result.best_epoch,
+        train_seconds=result.train_seconds, predict_seconds=predict_seconds,
+        images_per_second=result.images_per_second, n_params=sum(p.numel() for p in built.module.parameters()),
+        device=str(resolve_device(job.device)), resumed_from_epoch=result.resumed_from_epoch,
+    )

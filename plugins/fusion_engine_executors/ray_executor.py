@@ -1,0 +1,165 @@
+"""The ``ray`` executor: members train and predict as Ray tasks; results come back through Ray's
+object store, and the run stores them in the zoo on the driver, as a local run would.
+
+Nothing is assumed shared between the driver and the workers but the Python environment
+(fusion-engine, torch, timm and the plugin packages installed alike on every node): the images go
+to the object store once per input size and every task reads them from there; weights and logits
+come back as numpy arrays; a plugin loaded from a ``.py`` file named in the spec travels with the
+task as its source text. Nothing is written on the workers, so a member's task starts from epoch 1
+(zoo checkpoints are on the driver's disk).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import Field
+
+from fusion_engine import FusionEngineError, Params
+from fusion_engine.executors import Executor, JobOutcome, failed
+
+INSTALL_HINT = "pip install 'fusion-engine[ray]'"
+#: the module names fusion_engine.plugins gives plugin files loaded from a spec's ``plugins:``
+FILE_PLUGIN_PREFIX = "fusion_engine_local_"
+
+
+class RayParams(Params):
+    address: Optional[str] = Field(
+        None, description="the cluster: auto (the one this machine belongs to), ray://host:10001, or none to start "
+                          "a local Ray instance for the run")
+    num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a local Ray instance (default: all of them)")
+    num_gpus: Optional[int] = Field(None, ge=0, description="GPUs of a local Ray instance (default: all of them)")
+    max_retries: int = Field(0, ge=0, description="times Ray reruns a member's task whose worker died")
+    runtime_env: dict[str, Any] = Field(default_factory=dict,
+                                        description="Ray runtime_env for the workers, e.g. {pip: [my-plugin]}")
+
+
+def create_ray_executor(params: RayParams) -> "RayExecutor":
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise FusionEngineError(f"the ray executor needs Ray, which is not installed; {INSTALL_HINT}") from None
+    return RayExecutor(params)
+
+
+class RayExecutor(Executor):
+    """Members as Ray tasks, each asking for its member's ``resources`` (``cpus``, ``gpus``).
+
+    Connects to ``address``, or starts a local instance; a Ray already initialised in this
+    process (a notebook, a test) is used as it is. A Ray this executor started is shut down when
+    the run ends.
+    """
+
+    name = "ray"
+    in_process = False
+
+    def __init__(self, params: RayParams):
+        import ray
+
+        self.params = params
+        self.started = False
+        if ray.is_initialized():
+            return
+        try:
+            ray.init(address=params.address, num_cpus=params.num_cpus, num_gpus=params.num_gpus,
+                     runtime_env=params.runtime_env or None, include_dashboard=False, log_to_driver=True,
+                     logging_level="warning")
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = f"the Ray cluster at {params.address}" if params.address else "a local Ray instance"
+            raise FusionEngineError(f"cannot start or reach {where}: {' '.join(str(exc).split())}") from None
+        self.started = True
+
+    def run(self, jobs, pixels, labels, *, quiet=False, console=None):
+        import ray
+
+        task = ray.remote(_fit_on_worker)
+        plugin_sources = _file_plugin_sources()
+        labels_ref = ray.put({s: v for s, v in labels.items()})
+        images_ref: dict[tuple, Any] = {}
+        pending: dict[Any, tuple] = {}
+        for job in jobs:
+            size = (job.input.size, job.input.in_chans)
+            if size not in images_ref:  # once per input size, shared by every task that needs it
+                images_ref[size] = ray.put({s: x.numpy() for s, x in pixels(job.input).items()})
+            resources = job.resources
+            ref = task.options(num_cpus=resources.cpus, num_gpus=resources.gpus, max_retries=self.params.max_retries,
+                               name=f"fusion-engine:{job.name}").remote(
+                plugin_sources, _dumps(job), images_ref[size], labels_ref)
+            pending[ref] = (job, time.perf_counter())
+            if console is not None:
+                console.log(f"{job.label}: [bold]{job.name}[/] submitted to Ray "
+                            f"({resources.cpus:g} CPU, {resources.gpus:g} GPU)")
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            job, t0 = pending.pop(done[0])
+            try:
+                result = ray.get(done[0])
+            except ray.exceptions.RayTaskError as exc:  # the member's own code raised
+                cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+                outcome = failed(job, cause, time.perf_counter() - t0)
+                outcome.traceback = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # the worker's traceback, uncoloured
+                yield outcome
+            except ray.exceptions.RayError as exc:  # its worker or node died, or it was cancelled
+                yield failed(job, exc, time.perf_counter() - t0)
+            else:
+                yield JobOutcome(job, result=_from_wire(result), seconds=time.perf_counter() - t0)
+
+    def close(self) -> None:
+        if self.started:
+            import ray
+
+            ray.shutdown()
+            self.started = False
+
+
+def _file_plugin_sources() -> dict[str, tuple[str, str]]:
+    """Plugin files this process loaded from specs: module name -> (path, source)."""
+    sources = {}
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if name.startswith(FILE_PLUGIN_PREFIX) and path:
+            sources[name] = (path, Path(path).read_text(encoding="utf-8"))
+    return sources
+
+
+def _dumps(job) -> bytes:
+    """The job for the wire, by reference to its modules (plugin files are sent as source)."""
+    import ray.cloudpickle as cloudpickle
+
+    return cloudpickle.dumps(job)
+
+
+def _fit_on_worker(plugin_sources: dict, job_bytes: bytes, images: dict, labels: dict):
+    """A Ray task: load plugin files, then train and predict the member. Runs on a worker."""
+    import types
+
+    import numpy as np
+    import ray.cloudpickle as cloudpickle
+    import torch
+
+    from fusion_engine.executors import fit_member
+
+    for name, (path, source) in plugin_sources.items():
+        if name not in sys.modules:
+            module = types.ModuleType(name)
+            module.__file__ = path
+            sys.modules[name] = module
+            exec(compile(source, path, "exec"), module.__dict__)
+    job = cloudpickle.loads(job_bytes)
+    torch.set_num_threads(max(1, int(job.resources.cpus)))  # what the task was given, not the node's count
+    images = {s: torch.from_numpy(np.array(x)) for s, x in images.items()}  # the object store's arrays are read-only
+    fitted = fit_member(job, images, labels, quiet=True)
+    fitted.state_dict = {k: v.numpy() for k, v in fitted.state_dict.items()}
+    return fitted
+
+
+def _from_wire(fitted):
+    import numpy as np
+    import torch
+
+    fitted.state_dict = {k: torch.from_numpy(np.array(v)) for k, v in fitted.state_dict.items()}
+    return fitted

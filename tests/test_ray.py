@@ -1,0 +1,160 @@
+"""The ray executor, on a local Ray instance with two CPUs: members as Ray tasks, results through
+the object store into the zoo, failures isolated, and the leaderboard equal to a local run's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fusion_engine import FusionEngineError
+from fusion_engine.runner import MembersFailed, run_experiment
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'fusion-engine[ray]'")
+
+TOY_PLUGIN = Path(__file__).parent / "plugins" / "toy_plugin.py"
+TIMING_COLUMNS = {"train_seconds", "infer_ms_per_image", "fit_seconds", "predict_ms_per_image", "pareto"}
+
+
+def spec_text(flag: Path, executor: str = "ray") -> str:
+    return textwrap.dedent(f"""
+        name: raytoy
+        seed: 3
+        device: cpu
+        plugins: [{TOY_PLUGIN}]
+        executor: {executor}
+        data:
+          dataset: toy-data
+          params: {{n_per_class: 20}}
+          split: {{val: 0.25, test: 0.25}}
+        members:
+          - {{name: net-a, backbone: toy-net, train: {{epochs: 2, batch_size: 16}}}}
+          - {{name: net-b, backbone: toy-net, params: {{width: 6}}, seed: 7, train: {{epochs: 2, batch_size: 16, optimizer: sgd}}}}
+          - {{name: net-c, backbone: flaky-net, params: {{fail_while: {flag}}}, train: {{epochs: 2, batch_size: 16}}}}
+        fusers:
+          - {{name: avg, fuser: toy-mean}}
+        """)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance for the module (the executor uses a Ray already initialised)."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def record_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def latest_run(registry: Path) -> Path:
+    return max((registry / "runs").iterdir(), key=lambda p: p.stat().st_mtime_ns)
+
+
+def test_a_ray_run_equals_the_local_run_of_the_same_spec(local_ray, tmp_path):
+    import torch
+
+    flag = tmp_path / "absent-flag"
+    spec_ray = tmp_path / "ray.yaml"
+    spec_ray.write_text(spec_text(flag, "ray"))
+    spec_local = tmp_path / "local.yaml"
+    spec_local.write_text(spec_text(flag, "local"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each 1-CPU Ray task runs, so both compute the same floats
+    try:
+        local = run_experiment(spec_local, registry=tmp_path / "local-reg", quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    remote = run_experiment(spec_ray, registry=tmp_path / "ray-reg", quiet=True)
+
+    rec = record_of(remote.run_dir)
+    assert rec["status"] == "complete" and rec["executor"] == "ray"
+    assert sorted(rec["trained"]) == ["net-a", "net-b", "net-c"]
+    assert {m["executor"] for m in rec["members"].values()} == {"ray"}
+    assert {n: m["key"] for n, m in rec["members"].items()} == {n: m["key"] for n, m in record_of(local.run_dir)["members"].items()}
+
+    boards = [pd.read_csv(r.run_dir / "leaderboard.csv") for r in (local, remote)]
+    columns = [c for c in boards[0].columns if c not in TIMING_COLUMNS]
+    pd.testing.assert_frame_equal(boards[0][columns], boards[1][columns])
+    for name in ("net-a", "net-b", "net-c"):  # weights and logits came back through the object store intact
+        from safetensors.numpy import load_file
+
+        key = rec["members"][name]["key"]
+        stored = [load_file(reg / "zoo" / key / f) for reg in (tmp_path / "local-reg", tmp_path / "ray-reg")
+                  for f in ("model.safetensors", "outputs.safetensors")]
+        for a, b in ((stored[0], stored[2]), (stored[1], stored[3])):
+            assert a.keys() == b.keys()
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_a_failing_member_fails_alone_and_a_rerun_trains_only_it(local_ray, tmp_path):
+    flag = tmp_path / "flag"
+    flag.touch()
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec_text(flag))
+    registry = tmp_path / "reg"
+    with pytest.raises(MembersFailed) as info:
+        run_experiment(spec, registry=registry, quiet=True)
+    assert str(info.value) == (
+        f"1 of 3 members failed: net-c: RuntimeError: flaky-net refuses to train while {flag} exists; "
+        "the other 2 are ready in the zoo, so a re-run trains only net-c")
+    failed = record_of(latest_run(registry))
+    assert failed["status"] == "failed" and failed["failed"] == ["net-c"]
+    assert sorted(failed["trained"]) == ["net-a", "net-b"]
+    assert "flaky-net refuses to train" in failed["members"]["net-c"]["error"]
+    log = (latest_run(registry) / "run.log").read_text()
+    assert f'{TOY_PLUGIN}", line' in log and "in forward" in log  # the worker's traceback is in the log
+
+    flag.unlink()
+    rerun = record_of(run_experiment(spec, registry=registry, quiet=True).run_dir)
+    assert rerun["status"] == "complete"
+    assert rerun["trained"] == ["net-c"] and sorted(rerun["reused"]) == ["net-a", "net-b"]
+
+
+def test_the_command_line_picks_the_executor_and_its_params(tmp_path):
+    """`--executor ray -E num_cpus=2` on a spec that says local: a Ray instance of its own."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec_text(tmp_path / "absent", "local").replace(
+        "  - {name: net-c", "  # - {name: net-c"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-m", "fusion_engine", "run", str(spec), "--registry", str(tmp_path / "reg"),
+                          "--executor", "ray", "-E", "num_cpus=2"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "net-a submitted to Ray (1 CPU, 0 GPU)" in out.stderr
+    rec = record_of(Path(out.stdout.strip().splitlines()[-1]))
+    assert rec["executor"] == "ray" and sorted(rec["trained"]) == ["net-a", "net-b"]
+    spec_json = json.loads((Path(out.stdout.strip().splitlines()[-1]) / "spec.json").read_text())
+    assert spec_json["executor"] == {"name": "ray", "params": {"address": None, "num_cpus": 2, "num_gpus": None,
+                                                                "max_retries": 0, "runtime_env": {}}}
+
+
+def test_bad_executor_input_is_one_line_and_exit_2(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec_text(tmp_path / "absent", "rai"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "fusion_engine", "validate", str(spec)], capture_output=True, text=True, env=env)
+    assert (out.returncode, out.stderr) == (2, f"{spec}: executor.name: unknown executor 'rai' (did you mean 'ray'?); "
+                                               "installed: local, ray\n")
+    out = subprocess.run([sys.executable, "-m", "fusion_engine", "run", str(spec), "--executor", "ray", "-E", "num_cpu=2"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert out.stderr.startswith(f"{spec} (with --executor): executor.params.num_cpu: unknown field (did you mean 'num_cpus'?)")
+
+
+def test_without_ray_installed_the_ray_executor_says_how_to_install_it(tmp_path, monkeypatch):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec_text(tmp_path / "absent", "ray"))
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
+    with pytest.raises(FusionEngineError, match=r"the ray executor needs Ray, which is not installed; "
+                                                r"pip install 'fusion-engine\[ray\]'"):
+        run_experiment(spec, registry=tmp_path / "reg", quiet=True)
+    assert not (tmp_path / "reg" / "runs").exists() or not any((tmp_path / "reg" / "runs").iterdir())
