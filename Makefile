@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test install browser clean
+.PHONY: demo test install browser bench clean
 
 $(BIN)/fusion-engine: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ demo: install
 
 test: install browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# The speed figures of docs/benchmarks.md, printed and written as JSON to benchmarks/results/ (about 30 min on 2 cores)
+bench: install
+	mkdir -p benchmarks/results
+	for b in cli members data fusers repeat; do HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_$$b.py --json benchmarks/results/$$b.json || exit 1; done
 
 # The report test opens report.html in headless Chromium. Installed from Debian when we can
 # (root with apt-get); otherwise that one test is skipped and says why.

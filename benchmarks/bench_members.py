@@ -12,6 +12,8 @@ same images and batch size, in one process, timed alternately:
   floats, forward, cross-entropy, backward, AdamW step. Both from the same initial weights, in
   images per second of wall-clock time, the engine's set-up, schedule and validation included.
 
+Each side runs ``--repeats`` times, interleaved with the other; the fastest of each is compared.
+
     python benchmarks/bench_members.py [--archs resnet18 mobilenetv2] [--size 32] [--json out.json]
 """
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import copy
 
-from _common import Report, median, parser, side_by_side
+from _common import Report, best, parser, side_by_side
 
 
 def main() -> None:
@@ -68,7 +70,7 @@ def main() -> None:
                     bare(xb)
 
         t = side_by_side({"engine": engine_predict, "bare": bare_predict}, args.repeats, sync=sync)
-        engine_s, bare_s = median(t["engine"]), median(t["bare"])
+        engine_s, bare_s = best(t["engine"]), best(t["bare"])
         ratio = bare_s / engine_s
         report.add(f"{arch} inference ({cfg.size}px, batch 256)",
                    f"engine {args.images / engine_s:7.0f} img/s  bare {args.images / bare_s:7.0f} img/s  ratio {ratio:.3f}",
@@ -103,8 +105,8 @@ def main() -> None:
                 loss.backward()
                 optimizer.step()
 
-        t = side_by_side({"engine": engine_train, "bare": bare_train}, max(1, args.repeats - 2), sync=sync)
-        engine_s, bare_s = median(t["engine"]), median(t["bare"])
+        t = side_by_side({"engine": engine_train, "bare": bare_train}, args.repeats, sync=sync)
+        engine_s, bare_s = best(t["engine"]), best(t["bare"])
         ratio = bare_s / engine_s
         report.add(f"{arch} training ({cfg.size}px, batch {args.batch_size})",
                    f"engine {n / engine_s:7.0f} img/s  bare {n / bare_s:7.0f} img/s  ratio {ratio:.3f}",

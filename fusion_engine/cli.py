@@ -181,7 +181,7 @@ def cmd_plugins(args) -> int:
 
     table = Table("plugin", "version", "hooks", "registers")
     for row in rows:
-        provides = "; ".join(f"{k}: {', '.join(row[k])}" for k in ("backbones", "fusers", "datasets", "metrics") if k in row)
+        provides = "; ".join(f"{k}: {', '.join(row[k])}" for k in ("backbones", "fusers", "datasets", "metrics", "executors") if k in row)
         version = row["version"] or (Path(row["path"]).name if row["path"] else "")
         table.add_row(row["name"], version, ", ".join(row["hooks"]), provides)
     Console().print(table)

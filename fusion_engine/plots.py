@@ -28,30 +28,65 @@ MEMBER_COLOUR = "#1f77b4"
 FUSER_COLOUR = "#d62728"
 
 
-def write_plots(run_dir: str | Path) -> list[Path]:
+def write_plots(run_dir: str | Path, *, processes: int | None = None) -> list[Path]:
     """Draw every plot of the run in ``run_dir`` into ``run_dir/plots``; return their paths.
 
-    A plot whose inputs the folder lacks (no cost columns, no member history) is skipped.
+    A plot whose inputs the folder lacks (no cost columns, no member history) is skipped. The
+    figures are independent, and drawing them is most of a repeated run's time, so they are
+    drawn by ``processes`` forked workers (default: one per core, at most 4; 1 draws here).
     """
     run = RunFolder(Path(run_dir))
+    (run.path / "plots").mkdir(exist_ok=True)
+    names = [row["name"] for row in run.rows if row["name"] in run.probabilities("test")]
+    tasks = [("confusion", name) for name in names] + [("reliability", None)] * bool(names) + [
+        ("pareto", None), ("training", None)]
+    processes = processes or min(4, _cores())
+    if processes > 1 and len(tasks) > 2:
+        import multiprocessing
+
+        try:
+            context = multiprocessing.get_context("fork")
+        except ValueError:  # no fork (Windows): draw here
+            context = None
+        if context is not None:
+            chunks = [tasks[i::processes] for i in range(processes)]
+            with context.Pool(processes) as pool:
+                drawn = pool.starmap(_draw, [(str(run.path), chunk) for chunk in chunks if chunk])
+            by_task = {task: path for chunk, paths in zip([c for c in chunks if c], drawn)
+                       for task, path in zip(chunk, paths)}
+            return [by_task[task] for task in tasks if by_task.get(task) is not None]
+    return [path for path in _draw(run.path, tasks) if path is not None]
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _draw(run_dir: str | Path, tasks: list[tuple[str, str | None]]) -> list[Path | None]:
+    """Draw ``tasks`` (``("confusion", row)``, ``("reliability", None)``, ...); None where
+    the folder lacks a plot's inputs."""
+    run = RunFolder(Path(run_dir))
     out = run.path / "plots"
-    out.mkdir(exist_ok=True)
-    paths: list[Path] = []
     proba = run.probabilities("test")
     y = run.labels("test")
-    rows = [r for r in run.rows if r["name"] in proba]
-    for row in rows:
-        fig = confusion_figure(confusion_matrix(y, proba[row["name"]], len(run.classes)), run.classes,
-                               title=f"{row['name']} ({row['kind']}): test accuracy {row['accuracy']:.4f}")
-        paths.append(_save(fig, out / f"confusion_{safe_filename(row['name'])}.png"))
-    if rows:
-        paths.append(_save(reliability_figure(rows, proba, y), out / "reliability.png"))
-    fig = pareto_figure(run.rows, best_member=run.leaderboard.get("best_member"))
-    if fig is not None:
-        paths.append(_save(fig, out / "pareto.png"))
-    fig = training_figure(run.cards)
-    if fig is not None:
-        paths.append(_save(fig, out / "training_curves.png"))
+    rows = {r["name"]: r for r in run.rows if r["name"] in proba}
+    paths: list[Path | None] = []
+    for kind, name in tasks:
+        if kind == "confusion":
+            row = rows[name]
+            fig = confusion_figure(confusion_matrix(y, proba[name], len(run.classes)), run.classes,
+                                   title=f"{name} ({row['kind']}): test accuracy {row['accuracy']:.4f}")
+            paths.append(_save(fig, out / f"confusion_{safe_filename(name)}.png"))
+        elif kind == "reliability":
+            paths.append(_save(reliability_figure(list(rows.values()), proba, y), out / "reliability.png"))
+        elif kind == "pareto":
+            fig = pareto_figure(run.rows, best_member=run.leaderboard.get("best_member"))
+            paths.append(None if fig is None else _save(fig, out / "pareto.png"))
+        else:
+            fig = training_figure(run.cards)
+            paths.append(None if fig is None else _save(fig, out / "training_curves.png"))
     return paths
 
 

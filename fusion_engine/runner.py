@@ -332,7 +332,7 @@ def _members(resolved: ResolvedSpec, ctx: RunContext, reg: Registry, data: _RunD
              record: dict, executor) -> dict[str, MemberResult]:
     """Every member: from the zoo where it is stored, else trained and predicted by the executor
     and stored there. A member that fails does not stop the others; the run then fails naming it."""
-    from contextlib import ExitStack
+    from contextlib import ExitStack, closing, nullcontext
 
     spec = resolved.spec
     results: dict[str, MemberResult] = {}
@@ -419,23 +419,25 @@ def _members(resolved: ResolvedSpec, ctx: RunContext, reg: Registry, data: _RunD
             elif executor.in_process:  # an executor elsewhere says when it hands each job out
                 console.log(f"{job.label}: training [bold]{job.name}[/] ({job.backbone.name}, key {short(job.key)})")
         labels = {s: data.dataset.labels[data.indices[s]] for s in ("train", "val")}
-        for outcome in executor.run(unique, data.pixels, labels, quiet=quiet, console=console):
-            job = outcome.job
-            same = by_key[job.key]
-            if not outcome.ok:
-                for other in same:
-                    fail(outcome, other.name)
-                continue
-            zoo_entry, card = _store(resolved, job, outcome.result, ctx, reg, data, material=planned[_index(spec, job.name)][1])
-            locks[job.key].release()
-            if not executor.in_process:
-                console.log(f"{job.label}: [bold]{job.name}[/] trained in {outcome.seconds:.1f}s on {outcome.result.host} "
-                            f"(best epoch {outcome.result.best_epoch})")
-            for n, other in enumerate(same):
-                member = _from_card(other.name, zoo_entry, {**card, "key": job.key}, None,
-                                    action="trained" if n == 0 else "reused", logits=outcome.result.logits)
-                member.resumed_from_epoch = (outcome.result.resumed_from_epoch or None) if n == 0 else None
-                ready(_index(spec, other.name), member)
+        outcomes = executor.run(unique, data.pixels, labels, quiet=quiet, console=console)
+        with closing(outcomes) if hasattr(outcomes, "close") else nullcontext():  # a stopped run stops its jobs
+            for outcome in outcomes:
+                job = outcome.job
+                same = by_key[job.key]
+                if not outcome.ok:
+                    for other in same:
+                        fail(outcome, other.name)
+                    continue
+                zoo_entry, card = _store(resolved, job, outcome.result, ctx, reg, data, material=planned[_index(spec, job.name)][1])
+                locks[job.key].release()
+                if not executor.in_process:
+                    console.log(f"{job.label}: [bold]{job.name}[/] trained in {outcome.seconds:.1f}s on {outcome.result.host} "
+                                f"(best epoch {outcome.result.best_epoch})")
+                for n, other in enumerate(same):
+                    member = _from_card(other.name, zoo_entry, {**card, "key": job.key}, None,
+                                        action="trained" if n == 0 else "reused", logits=outcome.result.logits)
+                    member.resumed_from_epoch = (outcome.result.resumed_from_epoch or None) if n == 0 else None
+                    ready(_index(spec, other.name), member)
     if failures:
         raise MembersFailed(failures, stored=len(results), total=len(spec.members))
     return {m.name: results[m.name] for m in spec.members}

@@ -9,13 +9,17 @@ same history and weights.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from functools import partial
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import FusionEngineError
 from .records import InputConfig
+
+log = logging.getLogger("fusion_engine")
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -189,7 +193,10 @@ def train_member(
 def predict_logits(
     module: "torch.nn.Module", input_cfg: InputConfig, x: "torch.Tensor", *, batch_size: int, device: str = "auto",
 ) -> "np.ndarray":
-    """Logits ``(N, num_classes)`` as float32 for uint8 images, in eval mode."""
+    """Logits ``(N, num_classes)`` as float32 for uint8 images, in eval mode.
+
+    Batches of ``batch_size``, halved until they fit whenever the device runs out of memory.
+    """
     import torch
 
     dev = resolve_device(device)
@@ -199,7 +206,19 @@ def predict_logits(
     if dev.type == "cuda":
         module.to(memory_format=torch.channels_last)
     normalise = _Normaliser(input_cfg, dev)
-    out = [logits.cpu() for logits in _batch_logits(module, x, normalise, batch_size, dev)]
+    out: list = []
+    while True:  # the largest batch that fits: halve it when the device runs out of memory
+        try:
+            for logits in _batch_logits(module, x[sum(len(o) for o in out):], normalise, batch_size, dev):
+                out.append(logits.cpu())
+            break
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size //= 2
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            log.warning("out of device memory predicting; batch size lowered to %d", batch_size)
     return torch.cat(out).numpy() if out else torch.zeros((0, 0)).numpy()
 
 
@@ -278,14 +297,25 @@ def _evaluate(module, x, y, normalise, batch_size: int, dev) -> tuple[float, flo
 
 
 def _optimizer(module, train: "TrainSpec"):
-    """AdamW or Nesterov SGD; norm weights and biases are not decayed (timm's parameter groups)."""
+    """AdamW or Nesterov SGD; norm weights and biases are not decayed (timm's parameter groups).
+
+    The fused implementation where torch has one for the parameters' device: on CPU, AdamW's
+    default per-parameter loop took 6.5% of a ResNet-18's training time and the fused step is
+    7x faster (benchmarks/profile_training.py).
+    """
     import torch
     from timm.optim import param_groups_weight_decay
 
     groups = param_groups_weight_decay(module, train.resolved_weight_decay)
     if train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=train.resolved_lr, momentum=train.momentum, nesterov=train.momentum > 0)
-    return torch.optim.AdamW(groups, lr=train.resolved_lr)
+        make = partial(torch.optim.SGD, groups, lr=train.resolved_lr, momentum=train.momentum,
+                       nesterov=train.momentum > 0)
+    else:
+        make = partial(torch.optim.AdamW, groups, lr=train.resolved_lr)
+    try:
+        return make(fused=True)
+    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device or dtype
+        return make()
 
 
 def _lr_factor(train: "TrainSpec", total_steps: int, warmup_steps: int):

@@ -32,7 +32,7 @@ def test_every_spec_field_is_in_the_reference(field):
     assert f"`{leaf}`" in SPEC_DOC or f"`{field.split('.', 1)[-1]}`" in SPEC_DOC, field
 
 
-@pytest.mark.parametrize("kind", ["backbone", "dataset", "fuser"])
+@pytest.mark.parametrize("kind", ["backbone", "dataset", "fuser", "executor"])
 def test_every_first_party_plugin_param_is_documented(kind):
     docs = SPEC_DOC + (ROOT / "docs" / "fusers.md").read_text()
     catalog = get_plugins().catalog()

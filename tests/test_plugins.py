@@ -15,7 +15,7 @@ from fusion_engine import PluginError, SpecError
 from fusion_engine.plugins import DISABLE_ENV, get_plugins
 
 TOY_PLUGIN = Path(__file__).parent / "plugins" / "toy_plugin.py"
-FIRST_PARTY = {"fusion_engine_datasets", "fusion_engine_fusers", "fusion_engine_metrics", "fusion_engine_timm"}
+FIRST_PARTY = {"fusion_engine_datasets", "fusion_engine_executors", "fusion_engine_fusers", "fusion_engine_metrics", "fusion_engine_timm"}
 
 
 def install_fake_distribution(site: Path, dist: str, module: str, source: str, *, ep_name: str | None = None) -> None:
@@ -165,3 +165,4 @@ def test_plugins_command_json_lists_versions_hooks_and_records():
     assert rows["fusion_engine_metrics"]["hooks"] == ["register_metrics"]
     assert "nll" in rows["fusion_engine_metrics"]["metrics"]
     assert rows["fusion_engine_metrics"]["version"]
+    assert rows["fusion_engine_executors"]["executors"] == ["local", "ray"]

@@ -120,6 +120,19 @@ def test_a_failing_member_fails_alone_and_a_rerun_trains_only_it(local_ray, tmp_
     assert rerun["trained"] == ["net-c"] and sorted(rerun["reused"]) == ["net-a", "net-b"]
 
 
+def test_a_member_asking_for_more_than_any_node_has_fails_at_once(local_ray, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec_text(tmp_path / "absent").replace(
+        "train: {epochs: 2, batch_size: 16, optimizer: sgd}}", "train: {epochs: 2, batch_size: 16, optimizer: sgd}, "
+        "resources: {cpus: 1, gpus: 1}}"))
+    with pytest.raises(MembersFailed) as info:
+        run_experiment(spec, registry=tmp_path / "reg", quiet=True)
+    assert str(info.value).startswith(
+        "1 of 3 members failed: member net-b asks for 1 CPU and 1 GPU, more than any node of the Ray cluster has "
+        "(the largest: 2 CPU, 0 GPU); lower its resources, or set the executor's wait_for_resources: true")
+    assert sorted(record_of(latest_run(tmp_path / "reg"))["trained"]) == ["net-a", "net-c"]
+
+
 def test_the_command_line_picks_the_executor_and_its_params(tmp_path):
     """`--executor ray -E num_cpus=2` on a spec that says local: a Ray instance of its own."""
     spec = tmp_path / "spec.yaml"
@@ -134,7 +147,8 @@ def test_the_command_line_picks_the_executor_and_its_params(tmp_path):
     assert rec["executor"] == "ray" and sorted(rec["trained"]) == ["net-a", "net-b"]
     spec_json = json.loads((Path(out.stdout.strip().splitlines()[-1]) / "spec.json").read_text())
     assert spec_json["executor"] == {"name": "ray", "params": {"address": None, "num_cpus": 2, "num_gpus": None,
-                                                                "max_retries": 0, "runtime_env": {}}}
+                                                                "max_retries": 0, "wait_for_resources": False,
+                                                                "runtime_env": {}}}
 
 
 def test_bad_executor_input_is_one_line_and_exit_2(tmp_path):

@@ -140,6 +140,30 @@ def test_predict_logits_are_float32_per_sample_and_class(data):
     assert not module.training
 
 
+def test_prediction_halves_its_batch_until_it_fits_in_device_memory(data, caplog):
+    """A device that runs out of memory above 8 images a batch: the logits are those of batch 8."""
+    module, _ = fit(data, epochs=1)
+
+    class SmallDevice(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.batches = []
+
+        def forward(self, x):
+            self.batches.append(len(x))
+            if len(x) > 8:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return self.inner(x)
+
+    small = SmallDevice(module)
+    with caplog.at_level("WARNING", logger="fusion_engine"):
+        logits = predict_logits(small, CFG, data[2], batch_size=32, device="cpu")
+    np.testing.assert_allclose(logits, predict_logits(module, CFG, data[2], batch_size=8, device="cpu"), rtol=1e-6)
+    assert small.batches == [32, 16, 8, 8, 8, 8]
+    assert "batch size lowered to 16" in caplog.text and "batch size lowered to 8" in caplog.text
+
+
 def test_quiet_prints_nothing(data, capsys):
     fit(data, epochs=1, quiet=True)
     captured = capsys.readouterr()

@@ -11,6 +11,7 @@ task as its source text. Nothing is written on the workers, so a member's task s
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 import time
@@ -21,6 +22,8 @@ from pydantic import Field
 
 from fusion_engine import FusionEngineError, Params
 from fusion_engine.executors import Executor, JobOutcome, failed
+
+log = logging.getLogger("fusion_engine")
 
 INSTALL_HINT = "pip install 'fusion-engine[ray]'"
 #: the module names fusion_engine.plugins gives plugin files loaded from a spec's ``plugins:``
@@ -34,6 +37,9 @@ class RayParams(Params):
     num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a local Ray instance (default: all of them)")
     num_gpus: Optional[int] = Field(None, ge=0, description="GPUs of a local Ray instance (default: all of them)")
     max_retries: int = Field(0, ge=0, description="times Ray reruns a member's task whose worker died")
+    wait_for_resources: bool = Field(
+        False, description="submit a member that asks for more than any node has, and wait for an autoscaler to add "
+                           "one (default: that member fails at once)")
     runtime_env: dict[str, Any] = Field(default_factory=dict,
                                         description="Ray runtime_env for the workers, e.g. {pip: [my-plugin]}")
 
@@ -82,6 +88,13 @@ class RayExecutor(Executor):
         images_ref: dict[tuple, Any] = {}
         pending: dict[Any, tuple] = {}
         for job in jobs:
+            reason = _unschedulable(job)
+            if reason and not self.params.wait_for_resources:
+                yield failed(job, FusionEngineError(f"{reason}; lower its resources, or set the executor's "
+                                                    f"wait_for_resources: true on an autoscaling cluster"))
+                continue
+            if reason:
+                log.warning("%s; its task waits until such a node joins", reason)
             size = (job.input.size, job.input.in_chans)
             if size not in images_ref:  # once per input size, shared by every task that needs it
                 images_ref[size] = ray.put({s: x.numpy() for s, x in pixels(job.input).items()})
@@ -93,20 +106,24 @@ class RayExecutor(Executor):
             if console is not None:
                 console.log(f"{job.label}: [bold]{job.name}[/] submitted to Ray "
                             f"({resources.cpus:g} CPU, {resources.gpus:g} GPU)")
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            job, t0 = pending.pop(done[0])
-            try:
-                result = ray.get(done[0])
-            except ray.exceptions.RayTaskError as exc:  # the member's own code raised
-                cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-                outcome = failed(job, cause, time.perf_counter() - t0)
-                outcome.traceback = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # the worker's traceback, uncoloured
-                yield outcome
-            except ray.exceptions.RayError as exc:  # its worker or node died, or it was cancelled
-                yield failed(job, exc, time.perf_counter() - t0)
-            else:
-                yield JobOutcome(job, result=_from_wire(result), seconds=time.perf_counter() - t0)
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                job, t0 = pending.pop(done[0])
+                try:
+                    result = ray.get(done[0])
+                except ray.exceptions.RayTaskError as exc:  # the member's own code raised
+                    cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+                    outcome = failed(job, cause, time.perf_counter() - t0)
+                    outcome.traceback = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # the worker's traceback, uncoloured
+                    yield outcome
+                except ray.exceptions.RayError as exc:  # its worker or node died, or it was cancelled
+                    yield failed(job, exc, time.perf_counter() - t0)
+                else:
+                    yield JobOutcome(job, result=_from_wire(result), seconds=time.perf_counter() - t0)
+        finally:  # the run stopped (Ctrl-C, an error storing a member): free the cluster of its tasks
+            for ref in pending:
+                ray.cancel(ref, force=True)
 
     def close(self) -> None:
         if self.started:
@@ -114,6 +131,19 @@ class RayExecutor(Executor):
 
             ray.shutdown()
             self.started = False
+
+
+def _unschedulable(job) -> str | None:
+    """Why no node of the cluster can run ``job`` now, or None when one can."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    want = {"CPU": job.resources.cpus, "GPU": job.resources.gpus}
+    if any(all(node.get(k, 0) >= v for k, v in want.items() if v) for node in nodes):
+        return None
+    largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+    return (f"member {job.name} asks for {job.resources.cpus:g} CPU and {job.resources.gpus:g} GPU, more than any node "
+            f"of the Ray cluster has (the largest: {largest.get('CPU', 0):g} CPU, {largest.get('GPU', 0):g} GPU)")
 
 
 def _file_plugin_sources() -> dict[str, tuple[str, str]]:
