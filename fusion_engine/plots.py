@@ -41,7 +41,7 @@ def write_plots(run_dir: str | Path, *, processes: int | None = None) -> list[Pa
     tasks = [("confusion", name) for name in names] + [("reliability", None)] * bool(names) + [
         ("pareto", None), ("training", None)]
     processes = processes or min(4, _cores())
-    if processes > 1 and len(tasks) > 2:
+    if processes > 1 and len(tasks) > 2:  # a worker that dies leaves the drawing to this process
         import multiprocessing
 
         try:
@@ -49,12 +49,18 @@ def write_plots(run_dir: str | Path, *, processes: int | None = None) -> list[Pa
         except ValueError:  # no fork (Windows): draw here
             context = None
         if context is not None:
-            chunks = [tasks[i::processes] for i in range(processes)]
-            with context.Pool(processes) as pool:
-                drawn = pool.starmap(_draw, [(str(run.path), chunk) for chunk in chunks if chunk])
-            by_task = {task: path for chunk, paths in zip([c for c in chunks if c], drawn)
-                       for task, path in zip(chunk, paths)}
-            return [by_task[task] for task in tasks if by_task.get(task) is not None]
+            from concurrent.futures import ProcessPoolExecutor
+            from concurrent.futures.process import BrokenProcessPool
+
+            chunks = [chunk for chunk in (tasks[i::processes] for i in range(processes)) if chunk]
+            try:
+                with ProcessPoolExecutor(len(chunks), mp_context=context) as pool:
+                    drawn = list(pool.map(_draw, [str(run.path)] * len(chunks), chunks))
+            except (BrokenProcessPool, OSError):  # a worker killed (out of memory) or no process to fork
+                pass
+            else:
+                by_task = {task: path for chunk, paths in zip(chunks, drawn) for task, path in zip(chunk, paths)}
+                return [by_task[task] for task in tasks if by_task.get(task) is not None]
     return [path for path in _draw(run.path, tasks) if path is not None]
 
 

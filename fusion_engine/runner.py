@@ -97,10 +97,13 @@ def prepare(spec_path: str | os.PathLike, *, executor: dict | None = None) -> tu
     else:
         data = read_spec_file(spec_path)
         given = data.get("executor")
-        given = {"name": given} if isinstance(given, str) else dict(given or {})
+        given = {"name": given} if isinstance(given, str) else dict(given) if isinstance(given, dict) else given
+        if given is not None and not (isinstance(given, dict) and isinstance(given.get("params", {}), dict)):
+            parse_spec(data, file=str(spec_path))  # malformed in the file: the error says so, as without --executor
+        given = given or {}
         if executor.get("name") and executor["name"] != given.get("name", "local"):
             given = {"name": executor["name"]}  # another executor: the spec's params are not its params
-        given["params"] = {**dict(given.get("params") or {}), **executor.get("params", {})}
+        given["params"] = {**(given.get("params") or {}), **executor.get("params", {})}
         spec = parse_spec({**data, "executor": given}, file=f"{spec_path} (with --executor)")
         label = f"{spec_path} (with --executor)"
     base_dir = spec_path.resolve().parent
@@ -154,8 +157,8 @@ def run_experiment(
     device = device or spec.device
     registry_dir = resolve_registry(registry)
     _check_references_exist(resolved, registry_dir)
-    with _make_executor(resolved) as runs_members:
-        if device == "cuda" and runs_members.in_process:
+    with _LazyExecutor(resolved) as runs_members:
+        if device == "cuda" and runs_members.local:
             from .training import resolve_device
 
             resolve_device(device)  # no CUDA is bad input: say so before any folder is made
@@ -170,17 +173,41 @@ def run_experiment(
                 return _run(resolved, plugins, reg, run_id, run_dir, Path(spec_path), device, quiet, runs_members)
 
 
-def _make_executor(resolved: ResolvedSpec):
-    """The spec's executor, made from its plugin (the built-in local one when the spec names none)."""
-    from .executors import Executor, LocalExecutor
+class _LazyExecutor:
+    """The spec's executor, made from its plugin (the built-in local one when the spec names
+    none) when a member first needs training: a run whose members are all in the zoo never
+    starts or reaches a Ray cluster."""
 
-    if resolved.executor is None:
-        return LocalExecutor()
-    made = resolved.executor.record.create(resolved.executor.params)
-    if not isinstance(made, Executor):
-        raise FusionEngineError(f"executor plugin {resolved.executor.provided.plugin} made {type(made).__name__}, "
-                                f"expected a fusion_engine.executors.Executor")
-    return made
+    def __init__(self, resolved: ResolvedSpec):
+        self.entry = resolved.executor
+        self.name = self.entry.record.name if self.entry is not None else "local"
+        self._made = None
+
+    @property
+    def local(self) -> bool:
+        return self.name == "local"
+
+    def get(self):
+        from .executors import Executor, LocalExecutor
+
+        if self._made is None:
+            made = LocalExecutor() if self.entry is None else self.entry.record.create(self.entry.params)
+            if not isinstance(made, Executor):
+                raise FusionEngineError(f"executor plugin {self.entry.provided.plugin} made {type(made).__name__}, "
+                                        f"expected a fusion_engine.executors.Executor")
+            self._made = made
+        return self._made
+
+    def close(self) -> None:
+        if self._made is not None:
+            made, self._made = self._made, None
+            made.close()
+
+    def __enter__(self) -> "_LazyExecutor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _run(resolved: ResolvedSpec, plugins: Plugins, reg: Registry, run_id: str, run_dir: Path, spec_path: Path,
@@ -229,6 +256,7 @@ def _run(resolved: ResolvedSpec, plugins: Plugins, reg: Registry, run_id: str, r
         _write_split(run_dir, dataset, indices)
 
         members = _members(resolved, ctx, reg, data, device, quiet, console, record, executor)
+        executor.close()  # a Ray instance it started is stopped before anything forks to draw plots
         n_scored = sum(len(y[s]) for s in SPLITS)
         rows = [
             Row(name=m.name, kind="member", members=[m.name], proba={s: _softmax(m.logits[s]) for s in SPLITS},
@@ -332,7 +360,7 @@ def _members(resolved: ResolvedSpec, ctx: RunContext, reg: Registry, data: _RunD
              record: dict, executor) -> dict[str, MemberResult]:
     """Every member: from the zoo where it is stored, else trained and predicted by the executor
     and stored there. A member that fails does not stop the others; the run then fails naming it."""
-    from contextlib import ExitStack, closing, nullcontext
+    from contextlib import closing, nullcontext
 
     spec = resolved.spec
     results: dict[str, MemberResult] = {}
@@ -378,66 +406,100 @@ def _members(resolved: ResolvedSpec, ctx: RunContext, reg: Registry, data: _RunD
         else:
             planned[i] = _member_key(resolved, i, entry, data)
 
-    with ExitStack() as held:
-        # Every lock this run needs, in key order (two runs never wait for each other in a
-        # cycle); a stored member's lock is let go once it is read, a trained one's once stored.
-        locks = {}
-        for i in sorted(planned, key=lambda i: planned[i][0]):
-            key = planned[i][0]
-            if key not in locks:
-                locks[key] = held.enter_context(_Held(reg, key, spec.members[i].name, console))
+    def settle(indices: list[int], held: dict) -> None:
+        """Reuse or train the members at ``indices``; the run holds their keys' locks in ``held``."""
         jobs = []
-        for i, (key, material, seed) in planned.items():
+        for i in indices:
+            key, _, seed = planned[i]
             stored = _stored(reg, key, spec.members[i].name, data)
             if stored is not None:
                 zoo_entry, card, outputs = stored
                 console.log(f"reused [bold]{spec.members[i].name}[/] from the zoo (key {short(key)})")
                 ready(i, _from_card(spec.members[i].name, zoo_entry, card, outputs, action="reused"))
-            else:
-                try:
-                    jobs.append(_job(resolved, i, key, seed, data, reg, device, executor))
-                except FusionEngineError:
-                    raise  # bad input (mean/std against the backbone's channels): the run's error
-                except Exception as exc:  # the backbone plugin failed to build: this member fails alone
-                    from .executors import failed
+                continue
+            try:
+                jobs.append(_job(resolved, i, key, seed, data, reg, device, executor))
+            except FusionEngineError:
+                raise  # bad input (mean/std against the backbone's channels): the run's error
+            except Exception as exc:  # the backbone plugin failed to build: this member fails alone
+                from .executors import failed
 
-                    outcome = failed(SimpleNamespace(name=spec.members[i].name, key=key), exc)
-                    fail(outcome)
+                fail(failed(SimpleNamespace(name=spec.members[i].name, key=key), exc))
         by_key = {}
         for job in jobs:  # members alike in all but their names share a key: trained once
             by_key.setdefault(job.key, []).append(job)
-        for key, lock in locks.items():
+        for key, lock in held.items():
             if key not in by_key:
-                lock.release()  # stored: other runs may read it now
+                lock.release()  # stored (or failed to build): other runs may have it now
+        if not by_key:
+            return
+        runner = executor.get()
         unique = [same[0] for same in by_key.values()]
         for job in unique:
+            job.checkpoint = reg.checkpoint(job.key) if runner.in_process else None
             saved = job.checkpoint.peek() if job.checkpoint is not None else None
             if saved is not None:
                 console.log(f"{job.label}: resuming [bold]{job.name}[/] ({job.backbone.name}) after epoch "
                             f"{saved.get('epoch')} of {job.train.epochs} from its checkpoint (key {short(job.key)})")
                 log.info("resuming %s after epoch %s from its checkpoint", job.name, saved.get("epoch"))
-            elif executor.in_process:  # an executor elsewhere says when it hands each job out
+            elif runner.in_process:  # an executor elsewhere says when it hands each job out
                 console.log(f"{job.label}: training [bold]{job.name}[/] ({job.backbone.name}, key {short(job.key)})")
         labels = {s: data.dataset.labels[data.indices[s]] for s in ("train", "val")}
-        outcomes = executor.run(unique, data.pixels, labels, quiet=quiet, console=console)
+        outstanding = set(by_key)
+        outcomes = runner.run(unique, data.pixels, labels, quiet=quiet, console=console)
         with closing(outcomes) if hasattr(outcomes, "close") else nullcontext():  # a stopped run stops its jobs
             for outcome in outcomes:
                 job = outcome.job
+                if job.key not in outstanding:
+                    log.warning("executor %s reported %s again, or a job it was not given; ignored", executor.name, job.name)
+                    continue
+                outstanding.discard(job.key)
                 same = by_key[job.key]
                 if not outcome.ok:
                     for other in same:
                         fail(outcome, other.name)
+                    held[job.key].release()
                     continue
-                zoo_entry, card = _store(resolved, job, outcome.result, ctx, reg, data, material=planned[_index(spec, job.name)][1])
-                locks[job.key].release()
-                if not executor.in_process:
-                    console.log(f"{job.label}: [bold]{job.name}[/] trained in {outcome.seconds:.1f}s on {outcome.result.host} "
-                                f"(best epoch {outcome.result.best_epoch})")
+                zoo_entry, card = _store(resolved, job, outcome.result, ctx, reg, data,
+                                         material=planned[_index(spec, job.name)][1])
+                held[job.key].release()
+                if not runner.in_process:
+                    console.log(f"{job.label}: [bold]{job.name}[/] trained in {outcome.seconds:.1f}s on "
+                                f"{outcome.result.host} (best epoch {outcome.result.best_epoch})")
                 for n, other in enumerate(same):
                     member = _from_card(other.name, zoo_entry, {**card, "key": job.key}, None,
                                         action="trained" if n == 0 else "reused", logits=outcome.result.logits)
                     member.resumed_from_epoch = (outcome.result.resumed_from_epoch or None) if n == 0 else None
                     ready(_index(spec, other.name), member)
+        from .executors import failed
+
+        for key in sorted(outstanding):  # an executor that returned without reporting a job
+            for job in by_key[key]:
+                fail(failed(job, FusionEngineError(f"member {job.name}: the {executor.name} executor never reported it")))
+
+    # Members whose lock is free are settled first, all together (in parallel where the executor
+    # can); then, one at a time, those another run is busy with: by the time their lock is ours,
+    # that run has usually stored them. Locks are taken in key order and, while waiting, the run
+    # holds no other, so two runs never wait for each other in a cycle.
+    keys = sorted({planned[i][0] for i in planned})
+    held: dict[str, _Held] = {}
+    busy: list[str] = []
+    try:
+        for key in keys:
+            lock = _Held(reg, key, next(spec.members[i].name for i in planned if planned[i][0] == key), console)
+            if lock.acquire(wait=False):
+                held[key] = lock
+            else:
+                busy.append(key)
+        settle([i for i in planned if planned[i][0] in held], held)
+        for key in busy:
+            lock = _Held(reg, key, next(spec.members[i].name for i in planned if planned[i][0] == key), console)
+            lock.acquire(wait=True)
+            held[key] = lock
+            settle([i for i in planned if planned[i][0] == key], {key: lock})
+    finally:
+        for lock in held.values():
+            lock.release()
     if failures:
         raise MembersFailed(failures, stored=len(results), total=len(spec.members))
     return {m.name: results[m.name] for m in spec.members}
@@ -454,8 +516,8 @@ class MembersFailed(FusionEngineError):
         detail = "; ".join(f"{name}: {error}" if not error.startswith(f"member {name}") else error
                            for name, error in failures.items())
         what = "member" if total == 1 else "members"
-        rest = (f"; the other {stored} are ready in the zoo, so a re-run trains only {', '.join(failures)}"
-                if stored else "")
+        others = "the other member is" if stored == 1 else f"the other {stored} are"
+        rest = f"; {others} ready in the zoo, so a re-run trains only {', '.join(failures)}" if stored else ""
         super().__init__(f"{len(failures)} of {total} {what} failed: {detail}{rest}")
 
 
@@ -479,21 +541,25 @@ class _Held:
             console.log(f"waiting for another run to finish with [bold]{name}[/] (key {short(key)})")
             log.info("waiting for the lock of %s (key %s), held by another run", name, key)
 
-        self._cm = reg.lock(key, on_wait=waiting)
-        self._held = False
+        self._reg, self._key, self._waiting = reg, key, waiting
+        self._cm = None
 
-    def __enter__(self) -> "_Held":
-        self._cm.__enter__()
-        self._held = True
-        return self
+    def acquire(self, *, wait: bool) -> bool:
+        """Take the lock; without ``wait``, False when another process holds it."""
+        from .zoo import Busy
+
+        cm = self._reg.lock(self._key, wait=wait, on_wait=self._waiting)
+        try:
+            cm.__enter__()
+        except Busy:
+            return False
+        self._cm = cm
+        return True
 
     def release(self) -> None:
-        if self._held:
-            self._held = False
-            self._cm.__exit__(None, None, None)
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+        if self._cm is not None:
+            cm, self._cm = self._cm, None
+            cm.__exit__(None, None, None)
 
 
 def _train_config(train) -> dict:
@@ -535,7 +601,7 @@ def _stored(reg: Registry, key: str, name: str, data: _RunData):
 
 
 def _job(resolved: ResolvedSpec, i: int, key: str, seed: int, data: _RunData, reg: Registry, device, executor):
-    """A member to train, as an executor gets it; a job run in this process resumes its checkpoint."""
+    """A member to train, as an executor gets it (its checkpoint is set when it runs here)."""
     from .executors import MemberJob, build_member
 
     spec = resolved.spec
@@ -547,8 +613,6 @@ def _job(resolved: ResolvedSpec, i: int, key: str, seed: int, data: _RunData, re
         resources=mspec.resources, label=f"member {i + 1}/{len(spec.members)}",
     )
     job.input = _input_config(build_member(job).input, spec.data)  # the size and channels its images need
-    if executor.in_process:
-        job.checkpoint = reg.checkpoint(key)
     return job
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from functools import partial
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -306,15 +305,16 @@ def _optimizer(module, train: "TrainSpec"):
     import torch
     from timm.optim import param_groups_weight_decay
 
-    groups = param_groups_weight_decay(module, train.resolved_weight_decay)
-    if train.optimizer == "sgd":
-        make = partial(torch.optim.SGD, groups, lr=train.resolved_lr, momentum=train.momentum,
-                       nesterov=train.momentum > 0)
-    else:
-        make = partial(torch.optim.AdamW, groups, lr=train.resolved_lr)
+    def make(**kwargs):  # fresh groups each time: torch writes its choices into the group dicts
+        groups = param_groups_weight_decay(module, train.resolved_weight_decay)
+        if train.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=train.resolved_lr, momentum=train.momentum,
+                                   nesterov=train.momentum > 0, **kwargs)
+        return torch.optim.AdamW(groups, lr=train.resolved_lr, **kwargs)
+
     try:
         return make(fused=True)
-    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device or dtype
+    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device, dtype or torch
         return make()
 
 
@@ -449,7 +449,10 @@ def _restore(saved: tuple[dict, dict], module, optimizer, scheduler, order_gen, 
             opt_state.setdefault(int(pid), {})[field_name] = value
     for pid, values in state["optimizer"]["scalars"].items():
         opt_state.setdefault(int(pid), {}).update(values)
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
+    # the implementation (fused or not) is this process's choice, not the checkpoint's
+    implementation = {k: optimizer.defaults[k] for k in ("fused", "foreach") if k in optimizer.defaults}
+    groups = [{**group, **implementation} for group in state["optimizer"]["param_groups"]]
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
     scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
     rng = state["rng"]
     torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))

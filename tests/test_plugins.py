@@ -133,7 +133,7 @@ def test_wrong_record_type_is_an_error(site):
 def test_plugin_file_registers_everything():
     plugins = get_plugins([TOY_PLUGIN], entry_points=False)
     catalog = plugins.catalog()
-    assert catalog.names("backbone") == ["flaky-net", "toy-net"]
+    assert catalog.names("backbone") == ["file-net", "flaky-net", "toy-net"]
     assert catalog.names("dataset") == ["toy-data"]
     assert catalog.names("fuser") == ["toy-mean"]
     (row,) = plugins.describe()
@@ -153,7 +153,7 @@ def test_broken_plugin_file_is_an_error(tmp_path):
 def test_managers_are_independent():
     a = get_plugins([TOY_PLUGIN], entry_points=False)
     b = get_plugins(entry_points=False)
-    assert a.catalog().names("backbone") == ["flaky-net", "toy-net"]
+    assert a.catalog().names("backbone") == ["file-net", "flaky-net", "toy-net"]
     assert b.catalog().names("backbone") == []
 
 

@@ -133,6 +133,34 @@ def test_a_member_asking_for_more_than_any_node_has_fails_at_once(local_ray, tmp
     assert sorted(record_of(latest_run(tmp_path / "reg"))["trained"]) == ["net-a", "net-c"]
 
 
+def test_a_file_a_member_params_name_travels_with_its_task(tmp_path):
+    """A worker on another node has no driver paths: the bytes go with the task and the params
+    point at a copy on the worker."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fusion_engine.executors import MemberJob
+    from fusion_engine.plugins import get_plugins
+    from fusion_engine.records import InputConfig
+    from fusion_engine.spec import ResourcesSpec, TrainSpec
+    from fusion_engine_executors.ray_executor import _dumps, _fit_on_worker, _local_files
+
+    weights = tmp_path / "driver-only" / "marker.safetensors"
+    weights.parent.mkdir()
+    save_file({"marker": torch.arange(5.0)}, str(weights))
+    record = get_plugins([TOY_PLUGIN], entry_points=False).catalog().get("backbone", "file-net").record
+    job = MemberJob(name="f", key="0" * 64, backbone=record, params=record.params(weights=weights),
+                    train=TrainSpec(epochs=1, batch_size=8), seed=0, num_classes=3, image_size=8,
+                    input=InputConfig(8, (0.5,), (0.5,), 1), device="cpu", resources=ResourcesSpec())
+    files = {field: (path.name, path.read_bytes()) for field, path in _local_files(job.params).items()}
+    assert list(files) == ["weights"]
+    job_bytes = _dumps(job)
+    weights.unlink()  # as on a worker node
+    images = {s: np.zeros((6, 1, 8, 8), dtype=np.uint8) for s in ("train", "val", "test")}
+    fitted = _fit_on_worker({}, job_bytes, images, {"train": np.arange(6) % 3, "val": np.arange(6) % 3}, files)
+    np.testing.assert_array_equal(fitted.state_dict["marker"], np.arange(5.0))
+
+
 def test_the_command_line_picks_the_executor_and_its_params(tmp_path):
     """`--executor ray -E num_cpus=2` on a spec that says local: a Ray instance of its own."""
     spec = tmp_path / "spec.yaml"
@@ -171,4 +199,15 @@ def test_without_ray_installed_the_ray_executor_says_how_to_install_it(tmp_path,
     with pytest.raises(FusionEngineError, match=r"the ray executor needs Ray, which is not installed; "
                                                 r"pip install 'fusion-engine\[ray\]'"):
         run_experiment(spec, registry=tmp_path / "reg", quiet=True)
-    assert not (tmp_path / "reg" / "runs").exists() or not any((tmp_path / "reg" / "runs").iterdir())
+    assert record_of(latest_run(tmp_path / "reg"))["status"] == "failed"  # before any member trained
+
+
+def test_a_run_whose_members_are_all_stored_never_starts_ray(tmp_path, monkeypatch):
+    """The executor is made when a member first needs training: a cached run needs no cluster."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec_text(tmp_path / "absent", "local"))
+    run_experiment(spec, registry=tmp_path / "reg", quiet=True)
+    spec.write_text(spec_text(tmp_path / "absent", "ray"))
+    monkeypatch.setitem(sys.modules, "ray", None)  # asking Ray for anything would fail
+    rec = record_of(run_experiment(spec, registry=tmp_path / "reg", quiet=True).run_dir)
+    assert rec["status"] == "complete" and sorted(rec["reused"]) == ["net-a", "net-b", "net-c"]

@@ -144,7 +144,7 @@ def test_unknown_plugin_name_lists_installed_and_suggests(tmp_path):
         resolve(tmp_path, GOOD.replace("backbone: toy-net", "backbone: toy_nte"))
     assert str(info.value) == (
         f"{tmp_path / 'spec.yaml'}: members.0.backbone: unknown backbone 'toy_nte' "
-        "(did you mean 'toy-net'?); installed: flaky-net, toy-net"
+        "(did you mean 'toy-net'?); installed: file-net, flaky-net, toy-net"
     )
 
 

@@ -164,6 +164,22 @@ def test_prediction_halves_its_batch_until_it_fits_in_device_memory(data, caplog
     assert "batch size lowered to 16" in caplog.text and "batch size lowered to 8" in caplog.text
 
 
+def test_training_falls_back_to_the_plain_optimizer_where_torch_has_no_fused_kernel(data, monkeypatch):
+    """Older torch, or a device without one: the fused attempt marks the groups, then fails."""
+    class NoFusedAdamW(torch.optim.AdamW):
+        def __init__(self, params, *args, fused=None, **kwargs):
+            params = list(params)
+            if fused or any(group.get("fused") for group in params):
+                for group in params:
+                    group["fused"] = True  # what torch's Optimizer.__init__ does before it checks
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+            super().__init__(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", NoFusedAdamW)
+    reference = fit(data, epochs=2)[1]
+    assert reference.best_epoch in (1, 2) and all(np.isfinite(h["train_loss"]) for h in reference.history)
+
+
 def test_quiet_prints_nothing(data, capsys):
     fit(data, epochs=1, quiet=True)
     captured = capsys.readouterr()

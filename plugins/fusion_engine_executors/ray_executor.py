@@ -86,27 +86,33 @@ class RayExecutor(Executor):
         plugin_sources = _file_plugin_sources()
         labels_ref = ray.put({s: v for s, v in labels.items()})
         images_ref: dict[tuple, Any] = {}
+        files_ref: dict[Path, Any] = {}
         pending: dict[Any, tuple] = {}
-        for job in jobs:
-            reason = _unschedulable(job)
-            if reason and not self.params.wait_for_resources:
-                yield failed(job, FusionEngineError(f"{reason}; lower its resources, or set the executor's "
-                                                    f"wait_for_resources: true on an autoscaling cluster"))
-                continue
-            if reason:
-                log.warning("%s; its task waits until such a node joins", reason)
-            size = (job.input.size, job.input.in_chans)
-            if size not in images_ref:  # once per input size, shared by every task that needs it
-                images_ref[size] = ray.put({s: x.numpy() for s, x in pixels(job.input).items()})
-            resources = job.resources
-            ref = task.options(num_cpus=resources.cpus, num_gpus=resources.gpus, max_retries=self.params.max_retries,
-                               name=f"fusion-engine:{job.name}").remote(
-                plugin_sources, _dumps(job), images_ref[size], labels_ref)
-            pending[ref] = (job, time.perf_counter())
-            if console is not None:
-                console.log(f"{job.label}: [bold]{job.name}[/] submitted to Ray "
-                            f"({resources.cpus:g} CPU, {resources.gpus:g} GPU)")
         try:
+            for job in jobs:
+                reason = _unschedulable(job)
+                if reason and not self.params.wait_for_resources:
+                    yield failed(job, FusionEngineError(f"{reason}; lower its resources, or set the executor's "
+                                                        f"wait_for_resources: true on an autoscaling cluster"))
+                    continue
+                if reason:
+                    log.warning("%s; its task waits until such a node joins", reason)
+                size = (job.input.size, job.input.in_chans)
+                if size not in images_ref:  # once per input size, shared by every task that needs it
+                    images_ref[size] = ray.put({s: x.numpy() for s, x in pixels(job.input).items()})
+                files = {}
+                for field, path in _local_files(job.params).items():  # e.g. pretrained_file: only on this disk
+                    if path not in files_ref:
+                        files_ref[path] = ray.put(path.read_bytes())
+                    files[field] = (path.name, files_ref[path])
+                resources = job.resources
+                ref = task.options(num_cpus=resources.cpus, num_gpus=resources.gpus,
+                                   max_retries=self.params.max_retries, name=f"fusion-engine:{job.name}").remote(
+                    plugin_sources, _dumps(job), images_ref[size], labels_ref, files)
+                pending[ref] = (job, time.perf_counter())
+                if console is not None:
+                    console.log(f"{job.label}: [bold]{job.name}[/] submitted to Ray "
+                                f"({resources.cpus:g} CPU, {resources.gpus:g} GPU)")
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 job, t0 = pending.pop(done[0])
@@ -146,6 +152,12 @@ def _unschedulable(job) -> str | None:
             f"of the Ray cluster has (the largest: {largest.get('CPU', 0):g} CPU, {largest.get('GPU', 0):g} GPU)")
 
 
+def _local_files(params) -> dict[str, Path]:
+    """The parameters naming a file on the driver's disk (a backbone's ``pretrained_file``):
+    their bytes travel with the task, as a worker on another node has no such path."""
+    return {name: value for name, value in params if isinstance(value, Path) and value.is_file()}
+
+
 def _file_plugin_sources() -> dict[str, tuple[str, str]]:
     """Plugin files this process loaded from specs: module name -> (path, source)."""
     sources = {}
@@ -163,8 +175,10 @@ def _dumps(job) -> bytes:
     return cloudpickle.dumps(job)
 
 
-def _fit_on_worker(plugin_sources: dict, job_bytes: bytes, images: dict, labels: dict):
-    """A Ray task: load plugin files, then train and predict the member. Runs on a worker."""
+def _fit_on_worker(plugin_sources: dict, job_bytes: bytes, images: dict, labels: dict, files: dict):
+    """A Ray task: load plugin files, write the files the member's params name, then train and
+    predict the member. Runs on a worker."""
+    import tempfile
     import types
 
     import numpy as np
@@ -182,7 +196,16 @@ def _fit_on_worker(plugin_sources: dict, job_bytes: bytes, images: dict, labels:
     job = cloudpickle.loads(job_bytes)
     torch.set_num_threads(max(1, int(job.resources.cpus)))  # what the task was given, not the node's count
     images = {s: torch.from_numpy(np.array(x)) for s, x in images.items()}  # the object store's arrays are read-only
-    fitted = fit_member(job, images, labels, quiet=True)
+    with tempfile.TemporaryDirectory(prefix="fusion-engine-") as tmp:
+        local = {}
+        for field, (name, data) in files.items():
+            path = Path(tmp) / field / name
+            path.parent.mkdir()
+            path.write_bytes(data)
+            local[field] = path
+        if local:
+            job.params = job.params.model_copy(update=local)
+        fitted = fit_member(job, images, labels, quiet=True)
     fitted.state_dict = {k: v.numpy() for k, v in fitted.state_dict.items()}
     return fitted
 

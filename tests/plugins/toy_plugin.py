@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from pydantic import Field
 
@@ -46,6 +48,19 @@ def build_flaky_net(params: FlakyNetParams, num_classes: int, image_size: int | 
     return built
 
 
+class FileNetParams(ToyNetParams):
+    weights: Path = Field(description="a safetensors file whose 'marker' tensor the net keeps as a buffer")
+
+
+def build_file_net(params: FileNetParams, num_classes: int, image_size: int | None = None) -> BuiltBackbone:
+    """A toy net that reads a file at build time, as a backbone with pretrained weights does."""
+    from safetensors.torch import load_file
+
+    built = build_toy_net(params, num_classes, image_size)
+    built.module.register_buffer("marker", load_file(str(params.weights))["marker"])
+    return built
+
+
 class ToyDataParams(Params):
     n_per_class: int = Field(12, ge=4)
 
@@ -79,7 +94,8 @@ class ToyMean(Fuser):
 @hookimpl
 def register_backbones():
     return [BackboneRecord("toy-net", build_toy_net, ToyNetParams),
-            BackboneRecord("flaky-net", build_flaky_net, FlakyNetParams)]
+            BackboneRecord("flaky-net", build_flaky_net, FlakyNetParams),
+            BackboneRecord("file-net", build_file_net, FileNetParams)]
 
 
 @hookimpl

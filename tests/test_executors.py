@@ -1,0 +1,88 @@
+"""The local executor (the default) and what every executor shares: a member that fails does
+not stop the others, the run says which one and why in one line with exit status 1, and a
+re-run trains only what failed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+TOY_PLUGIN = Path(__file__).parent / "plugins" / "toy_plugin.py"
+
+
+def spec_text(flag: Path) -> str:
+    return textwrap.dedent(f"""
+        name: local-failure
+        seed: 1
+        device: cpu
+        plugins: [{TOY_PLUGIN}]
+        data: {{dataset: toy-data, split: {{val: 0.25, test: 0.25}}}}
+        members:
+          - {{name: flaky, backbone: flaky-net, params: {{fail_while: {flag}}}, train: {{epochs: 1, batch_size: 16}}}}
+          - {{name: steady, backbone: toy-net, train: {{epochs: 1, batch_size: 16}}}}
+        fusers:
+          - {{name: avg, fuser: toy-mean}}
+        """)
+
+
+def run_cli(spec: Path, registry: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "fusion_engine", "run", str(spec), "--registry", str(registry), "--quiet"],
+                          capture_output=True, text=True, env=env)
+
+
+def test_a_failing_member_does_not_stop_the_others_and_a_rerun_trains_only_it(tmp_path):
+    flag = tmp_path / "flag"
+    flag.touch()
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec_text(flag))
+    registry = tmp_path / "reg"
+
+    out = run_cli(spec, registry)
+    assert out.returncode == 1
+    assert out.stderr == (f"1 of 2 members failed: flaky: RuntimeError: flaky-net refuses to train while {flag} exists; "
+                          "the other member is ready in the zoo, so a re-run trains only flaky\n")
+    [run_dir] = (registry / "runs").iterdir()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert (record["status"], record["trained"], record["failed"]) == ("failed", ["steady"], ["flaky"])
+    assert record["members"]["flaky"]["executor"] == "local"
+    assert "Traceback" in (run_dir / "run.log").read_text()
+    assert not (run_dir / "leaderboard.csv").exists()
+
+    flag.unlink()
+    out = run_cli(spec, registry)
+    assert out.returncode == 0, out.stderr
+    record = json.loads((Path(out.stdout.strip()) / "run.json").read_text())
+    assert (record["status"], record["trained"], record["reused"]) == ("complete", ["flaky"], ["steady"])
+
+
+def test_a_job_an_executor_never_reports_fails_by_name_and_a_repeat_report_is_ignored(tmp_path):
+    plugin = tmp_path / "sloppy.py"
+    plugin.write_text(textwrap.dedent("""
+        from fusion_engine import Executor, ExecutorRecord, JobOutcome, fit_member, hookimpl
+
+        class Sloppy(Executor):
+            name = "sloppy"
+
+            def run(self, jobs, pixels, labels, *, quiet=False, console=None):
+                first = jobs[0]  # reports the first job twice and never the second
+                outcome = JobOutcome(first, result=fit_member(first, pixels(first.input), labels))
+                yield outcome
+                yield outcome
+
+        @hookimpl
+        def register_executors():
+            return [ExecutorRecord("sloppy", lambda params: Sloppy())]
+    """))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec_text(tmp_path / "absent").replace(f"plugins: [{TOY_PLUGIN}]",
+                                                            f"plugins: [{TOY_PLUGIN}, {plugin}]\nexecutor: sloppy"))
+    out = run_cli(spec, tmp_path / "reg")
+    assert out.returncode == 1
+    assert "executor sloppy reported flaky again, or a job it was not given; ignored" in out.stderr
+    assert out.stderr.splitlines()[-1] == ("1 of 2 members failed: member steady: the sloppy executor never reported it; "
+                                           "the other member is ready in the zoo, so a re-run trains only steady")
