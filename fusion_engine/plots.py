@@ -33,7 +33,8 @@ def write_plots(run_dir: str | Path, *, processes: int | None = None) -> list[Pa
 
     A plot whose inputs the folder lacks (no cost columns, no member history) is skipped. The
     figures are independent, and drawing them is most of a repeated run's time, so they are
-    drawn by ``processes`` forked workers (default: one per core, at most 4; 1 draws here).
+    drawn by ``processes`` forked workers (default: one per core, at most 4; 1 draws here), unless
+    torch or Ray is loaded, when forking is unsafe and they are drawn here.
     """
     run = RunFolder(Path(run_dir))
     (run.path / "plots").mkdir(exist_ok=True)
@@ -41,7 +42,7 @@ def write_plots(run_dir: str | Path, *, processes: int | None = None) -> list[Pa
     tasks = [("confusion", name) for name in names] + [("reliability", None)] * bool(names) + [
         ("pareto", None), ("training", None)]
     processes = processes or min(4, _cores())
-    if processes > 1 and len(tasks) > 2:  # a worker that dies leaves the drawing to this process
+    if processes > 1 and len(tasks) > 2 and _safe_to_fork():  # a worker that dies leaves the drawing to this process
         import multiprocessing
 
         try:
@@ -62,6 +63,15 @@ def write_plots(run_dir: str | Path, *, processes: int | None = None) -> list[Pa
                 by_task = {task: path for chunk, paths in zip(chunks, drawn) for task, path in zip(chunk, paths)}
                 return [by_task[task] for task in tasks if by_task.get(task) is not None]
     return [path for path in _draw(run.path, tasks) if path is not None]
+
+
+def _safe_to_fork() -> bool:
+    """Whether this process may fork: not once torch or Ray is loaded, whose thread pools (OpenMP
+    spinning, gRPC) a forked child inherits half-alive and can hang on. A repeated run, the case
+    worth speeding up, never imports either; a run that trained draws in its own process."""
+    import sys
+
+    return not any(name in sys.modules for name in ("torch", "ray"))
 
 
 def _cores() -> int:
@@ -274,7 +284,8 @@ def _place_labels(points: np.ndarray, labels: list[str], line: float, char: floa
         while moved:
             moved = False
             for other_left, other_right, other_bottom in placed.values():
-                if left < other_right and other_left < right and abs(bottom - other_bottom) < line:
+                # a tolerance: (b + line) - b can round to just under line, which would loop forever
+                if left < other_right and other_left < right and abs(bottom - other_bottom) < line * (1 - 1e-9):
                     bottom, moved = other_bottom + line, True
         placed[int(i)] = (left, right, bottom)
     return placed

@@ -272,3 +272,17 @@ def test_fuser_summaries_explain_an_xgboost_stacker_and_a_temperature():
     assert "Fitted temperature T = " in html
     shares = [float(v) for v in re.findall(r"<td class='num'>([0-9.]+)</td>", html)]
     assert len(shares) == 2 and sum(shares) == pytest.approx(1.0, abs=0.002)
+
+
+def test_pareto_labels_of_rows_at_one_point_are_stacked_and_placing_them_ends():
+    """Two members at the same cost and accuracy: (b + line) - b rounds to just under line here,
+    which once pushed the second label up forever and hung the run."""
+    from fusion_engine.plots import _place_labels
+
+    px_per_pt = 100 / 72  # the plots' dpi, 8 pt labels: the sizes _label_points passes
+    line, char, gap = 1.3 * 8 * px_per_pt, 0.6 * 8 * px_per_pt, 6 * px_per_pt
+    points = np.array([[156.67647058823525, 239.19999999999973]] * 2 + [[599.3235294117646, 239.19999999999973]])
+    placed = _place_labels(points, ["flaky", "steady", "avg"], line, char, gap)
+    bottoms = sorted(placed[i][2] for i in (0, 1))
+    assert bottoms[1] - bottoms[0] == pytest.approx(line)
+    assert placed[2][2] == pytest.approx(points[2][1] + gap / 3)
