@@ -481,22 +481,20 @@ def _members(resolved: ResolvedSpec, ctx: RunContext, reg: Registry, data: _RunD
     # can); then, one at a time, those another run is busy with: by the time their lock is ours,
     # that run has usually stored them. Locks are taken in key order and, while waiting, the run
     # holds no other, so two runs never wait for each other in a cycle.
-    keys = sorted({planned[i][0] for i in planned})
+    indices_of: dict[str, list[int]] = {}  # key -> the spec indices of the members it stands for
+    for i, (key, _, _) in planned.items():
+        indices_of.setdefault(key, []).append(i)
+    locks = {key: _Held(reg, key, spec.members[indices[0]].name, console) for key, indices in indices_of.items()}
     held: dict[str, _Held] = {}
-    busy: list[str] = []
     try:
-        for key in keys:
-            lock = _Held(reg, key, next(spec.members[i].name for i in planned if planned[i][0] == key), console)
-            if lock.acquire(wait=False):
-                held[key] = lock
-            else:
-                busy.append(key)
-        settle([i for i in planned if planned[i][0] in held], held)
-        for key in busy:
-            lock = _Held(reg, key, next(spec.members[i].name for i in planned if planned[i][0] == key), console)
-            lock.acquire(wait=True)
-            held[key] = lock
-            settle([i for i in planned if planned[i][0] == key], {key: lock})
+        for key in sorted(indices_of):
+            if locks[key].acquire(wait=False):
+                held[key] = locks[key]
+        settle(sorted(i for key in held for i in indices_of[key]), held)  # in spec order
+        for key in sorted(set(indices_of) - set(held)):
+            locks[key].acquire(wait=True)
+            held[key] = locks[key]
+            settle(indices_of[key], {key: locks[key]})
     finally:
         for lock in held.values():
             lock.release()
