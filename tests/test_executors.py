@@ -86,3 +86,13 @@ def test_a_job_an_executor_never_reports_fails_by_name_and_a_repeat_report_is_ig
     assert "executor sloppy reported flaky again, or a job it was not given; ignored" in out.stderr
     assert out.stderr.splitlines()[-1] == ("1 of 2 members failed: member steady: the sloppy executor never reported it; "
                                            "the other member is ready in the zoo, so a re-run trains only steady")
+
+
+def test_a_malformed_executor_entry_is_one_line_even_with_executor_on_the_command_line(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec_text(tmp_path / "absent").replace("members:", "executor: [ray]\nmembers:"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "fusion_engine", "run", str(spec), "--executor", "local"],
+                         capture_output=True, text=True, env=env)
+    assert (out.returncode, out.stderr) == (
+        2, f"{spec}: executor: Input should be a valid dictionary or instance of ExecutorSpec\n")
