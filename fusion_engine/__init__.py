@@ -1,20 +1,20 @@
 """fusion-engine: a plugin-based model-zoo ensembling engine for image classification.
 
-The public API is what this module exports. Names load lazily, so importing ``fusion_engine``
-(and running ``fusion-engine --help``, ``validate`` or ``plugins``) never imports torch.
+The public API is what this module exports: the one list below, name -> module. Plugins
+(first-party ones too) import only these names. Names load lazily, so importing
+``fusion_engine`` (and running ``fusion-engine --help``, ``validate`` or ``plugins``) never
+imports torch.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    # hooks and records
+    # writing plugins: the hook marker and the records register_* hooks return
     "hookimpl": "hookspecs",
-    "hookspec": "hookspecs",
     "BackboneRecord": "records",
     "BuiltBackbone": "records",
     "DatasetRecord": "records",
@@ -25,35 +25,48 @@ _EXPORTS = {
     "MetricRecord": "records",
     "NoParams": "records",
     "Params": "records",
+    "params_from_signature": "records",
+    "SPLITS": "records",
+    "SCORED_SPLITS": "records",
     # fusers
     "Fuser": "fuser",
     "check_logits": "fuser",
     "StackingFuser": "stacking",
-    "StackingParams": "stacking",
     "cross_val_proba": "crossfit",
     "TemperatureScaled": "calibration",
     "fit_temperature": "calibration",
     "apply_temperature": "calibration",
+    # metrics the core computes
+    "accuracy": "evaluation",
+    "nll": "evaluation",
+    "expected_calibration_error": "evaluation",
     # errors
     "FusionEngineError": "errors",
     "PluginError": "errors",
     "SpecError": "errors",
     # plugins and specs
     "get_plugins": "plugins",
+    "loaded_plugin_files": "plugins",
+    "import_plugin_source": "plugins",
     "ExperimentSpec": "spec",
     "load_spec": "spec",
     "resolve_spec": "spec",
-    # evaluation
-    "write_plots": "plots",
-    "write_report": "report",
-    # running
+    # running, and executors that train members
     "run_experiment": "runner",
     "RunContext": "runner",
-    "MemberResult": "runner",
+    "MemberResult": "members",
     "Executor": "executors",
+    "LocalExecutor": "executors",
     "MemberJob": "executors",
+    "FittedMember": "executors",
     "JobOutcome": "executors",
     "fit_member": "executors",
+    # what a run leaves: the zoo and the run folder
+    "Registry": "zoo",
+    "MemberCard": "zoo",
+    "RunFolder": "runfolder",
+    "write_plots": "plots",
+    "write_report": "report",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -70,20 +83,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(__all__)
-
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .errors import FusionEngineError, PluginError, SpecError
-    from .calibration import TemperatureScaled, apply_temperature, fit_temperature
-    from .crossfit import cross_val_proba
-    from .fuser import Fuser, check_logits
-    from .plots import write_plots
-    from .report import write_report
-    from .stacking import StackingFuser, StackingParams
-    from .hookspecs import hookimpl, hookspec
-    from .plugins import get_plugins
-    from .records import (BackboneRecord, BuiltBackbone, DatasetRecord, ExecutorRecord, FuserRecord, ImageDataset,
-                          InputConfig, MetricRecord, NoParams, Params)
-    from .executors import Executor, JobOutcome, MemberJob, fit_member
-    from .runner import MemberResult, RunContext, run_experiment
-    from .spec import ExperimentSpec, load_spec, resolve_spec

@@ -154,7 +154,7 @@ def _key_value(item: str) -> tuple[str, object]:
 
 
 def cmd_validate(args) -> int:
-    from .runner import prepare
+    from .spec import prepare
 
     for path in args.specs:
         resolved, _ = prepare(path)
@@ -167,7 +167,7 @@ def cmd_plugins(args) -> int:
     from .plugins import get_plugins
 
     if args.spec:
-        from .runner import prepare
+        from .spec import prepare
 
         _, plugins = prepare(args.spec)
     else:
@@ -191,7 +191,7 @@ def cmd_plugins(args) -> int:
 
 
 def _open_registry(args, *, create: bool = False):
-    from .runner import resolve_registry
+    from .zoo import resolve_registry
     from .zoo import Registry
 
     return Registry(resolve_registry(args.registry), create=create)
@@ -223,7 +223,7 @@ def _table(columns: list[str], rows: list[list], *, title: str | None = None) ->
 
 
 def cmd_zoo(args) -> int:
-    from .runner import resolve_registry
+    from .zoo import resolve_registry
     from .zoo import ZooError
 
     writes = args.zoo_command in ("rm", "gc")
@@ -263,7 +263,7 @@ def zoo_show(args, reg) -> int:
         card, check = None, str(exc)
     runs = reg.runs_using(entry.key)
     data = {**entry.summary(), "path": str(reg.member_dir(entry.key)), "files": entry.files, "check": check,
-            "runs": runs, "card": card}
+            "runs": runs, "card": None if card is None else card.to_json()}
     if args.json:
         _print_json(data)
         return 0 if check == "ok" else 1
@@ -271,12 +271,11 @@ def zoo_show(args, reg) -> int:
         print(f"{field:>13}: {data[field]}")
     print(f"{'size':>13}: {_size(entry.bytes)} in {len(entry.files)} files")
     if card is not None:
-        spec = card.get("spec", {})
-        print(f"{'params':>13}: {json.dumps(spec.get('params'))}")
-        print(f"{'train':>13}: {json.dumps(spec.get('train'))}")
-        print(f"{'seed':>13}: {spec.get('seed')}")
-        print(f"{'best epoch':>13}: {card.get('best_epoch')} of {len(card.get('history', []))}")
-        print(f"{'trained in':>13}: {card.get('timings', {}).get('train_seconds')} s on {card.get('device')}")
+        print(f"{'params':>13}: {json.dumps(card.spec.params)}")
+        print(f"{'train':>13}: {json.dumps(card.spec.train)}")
+        print(f"{'seed':>13}: {card.spec.seed}")
+        print(f"{'best epoch':>13}: {card.best_epoch} of {len(card.history)}")
+        print(f"{'trained in':>13}: {card.timings.train_seconds} s on {card.device}")
     print(f"{'used by runs':>13}: {', '.join(runs) or 'none'}")
     print(f"{'check':>13}: {check}")
     return 0 if check == "ok" else 1
@@ -329,7 +328,6 @@ def cmd_runs(args) -> int:
 
 def _complete_run(args) -> tuple[dict, Path]:
     """The run RUN_ID (or a unique prefix) names, or the latest complete one of --experiment."""
-    from .errors import FusionEngineError
     from .zoo import ZooError
 
     with _open_registry(args) as reg:
@@ -353,31 +351,27 @@ def cmd_report(args) -> int:
     from .report import write_report
 
     _, run_dir = _complete_run(args)
-    print(write_report(run_dir, plots=write_plots(run_dir)))
+    print(write_report(run_dir, write_plots(run_dir)))
     return 0
 
 
 def cmd_leaderboard(args) -> int:
-    from .errors import FusionEngineError
+    from .runfolder import LEADERBOARD, RunFolder
 
     run, run_dir = _complete_run(args)
-    path = run_dir / {"table": "leaderboard.json", "md": "leaderboard.md", "csv": "leaderboard.csv", "json": "leaderboard.json"}[args.format]
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise FusionEngineError(f"cannot read {path}: {exc.strerror or exc}") from None
     if args.format != "table":
-        sys.stdout.write(text)
+        path = run_dir / {"csv": LEADERBOARD[0], "md": LEADERBOARD[1], "json": LEADERBOARD[2]}[args.format]
+        try:
+            sys.stdout.write(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise FusionEngineError(f"cannot read {path}: {exc.strerror or exc}") from None
         return 0
-    import pandas as pd
-
     from .leaderboard import print_leaderboard
 
-    payload = json.loads(text)
-    board = pd.DataFrame.from_records(payload["rows"])
-    board.attrs = {k: v for k, v in payload.items() if k != "rows"}
-    sizes = payload.get("split_sizes") or {}
-    print_leaderboard(board, title=f"{payload.get('experiment', run['experiment'])} ({run['run_id']}): "
+    folder = RunFolder.complete(run_dir)
+    board = folder.leaderboard_frame()
+    sizes = board.attrs.get("split_sizes") or {}
+    print_leaderboard(board, title=f"{board.attrs.get('experiment', run['experiment'])} ({run['run_id']}): "
                                    f"scored on {sizes.get('test', '?')} test samples")
     return 0
 

@@ -1,4 +1,5 @@
-"""From a loaded :class:`ImageDataset` to what training needs: a split, a fingerprint, pixels.
+"""The data stage of a run: a loaded :class:`ImageDataset` becomes a split, a fingerprint and
+pixels (:class:`RunData`, made by :func:`load_data`).
 
 torch and scikit-learn load inside the functions that use them, so importing this module (as
 ``validate`` and ``plugins`` may) stays fast.
@@ -9,28 +10,86 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import FusionEngineError
-from .records import ImageDataset
+from .records import SPLITS, ImageDataset, InputConfig
 from .spec import SplitSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-SPLIT_NAMES = ("train", "val", "test")
-MIN_PER_CLASS = len(SPLIT_NAMES)
+    from .spec import ResolvedSpec
+
+log = logging.getLogger("fusion_engine")
+
+MIN_PER_CLASS = len(SPLITS)
 FINGERPRINT_FORMAT = 1
 DECODE_THREADS = min(8, os.cpu_count() or 1)
 RESIZE_CHUNK_FLOATS = 2**26  # bounds the float32 copy interpolate makes: 256 MiB
 IMAGE_CACHE_FORMAT = 1
 IMAGE_CACHE_MAX_BYTES = 8 << 30  # decoded datasets larger than this are decoded again each run
+
+
+# -- the stage -------------------------------------------------------------------------------------
+
+@dataclass
+class RunData:
+    """A run's data: the dataset, its split, what identifies both, and its images per input config."""
+
+    dataset: ImageDataset
+    indices: dict[str, np.ndarray]  # split -> sorted sample indices
+    labels: dict[str, np.ndarray]  # split -> labels
+    ids: dict[str, list[str]]  # split -> sample ids
+    fingerprint: str  # :func:`dataset_fingerprint`
+    split: str  # the sha256 of the split's sample ids
+    cache_dir: Path | None = None
+    _images: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.dataset.class_names)
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        return {s: int(len(idx)) for s, idx in self.indices.items()}
+
+    def pixels(self, cfg: InputConfig) -> dict:
+        """train/val/test images at the size and channels ``cfg`` asks for: decoded once a run,
+        and for datasets of files once a machine (:func:`cached_images`)."""
+        key = (cfg.size, cfg.in_chans)
+        if key not in self._images:
+            images = cached_images(self.dataset.images, self.fingerprint, cfg.size, cfg.in_chans, self.cache_dir, log=log)
+            self._images[key] = {s: images[self.indices[s]] for s in SPLITS}
+        return self._images[key]
+
+
+def load_data(resolved: "ResolvedSpec", *, cache_dir: Path | None = None) -> RunData:
+    """Load the spec's dataset through its plugin, split it once, and fingerprint both."""
+    from .zoo.keys import split_digest
+
+    entry = resolved.dataset
+    data_spec = resolved.spec.data
+    dataset = entry.record.load(entry.params, base_dir=resolved.base_dir)
+    if not isinstance(dataset, ImageDataset):
+        raise FusionEngineError(f"dataset plugin {entry.provided.plugin} returned {type(dataset).__name__}, expected ImageDataset")
+    if dataset.split is not None and "split" in data_spec.model_fields_set:
+        log.warning("dataset '%s' brings its own train/val/test split; data.split is ignored", data_spec.dataset)
+    indices = split_indices(dataset, data_spec.split, resolved.spec.seed)
+    ids = {s: [str(dataset.ids[i]) for i in idx] for s, idx in indices.items()}
+    data = RunData(dataset, indices, {s: dataset.labels[idx] for s, idx in indices.items()}, ids,
+                   dataset_fingerprint(dataset), split_digest(ids), cache_dir=cache_dir)
+    log.info("dataset %s: %s, %d classes", data_spec.dataset, data.split_sizes, len(data.class_names))
+    return data
 
 
 # -- splitting -------------------------------------------------------------------------------------
@@ -62,12 +121,12 @@ def split_indices(dataset: ImageDataset, split: SplitSpec, seed: int) -> dict[st
 
 
 def _given_split(split: np.ndarray) -> dict[str, np.ndarray]:
-    unknown = sorted(set(split.tolist()) - set(SPLIT_NAMES), key=str)
+    unknown = sorted(set(split.tolist()) - set(SPLITS), key=str)
     if unknown:
         raise FusionEngineError(
-            f"the dataset's own split holds {', '.join(repr(u) for u in unknown)}; expected {', '.join(SPLIT_NAMES)}"
+            f"the dataset's own split holds {', '.join(repr(u) for u in unknown)}; expected {', '.join(SPLITS)}"
         )
-    parts = {name: np.flatnonzero(split == name) for name in SPLIT_NAMES}
+    parts = {name: np.flatnonzero(split == name) for name in SPLITS}
     empty = [name for name, idx in parts.items() if len(idx) == 0]
     if empty:
         raise FusionEngineError(f"the dataset's own split has no {' and no '.join(empty)} samples")

@@ -4,6 +4,8 @@ it cost.
 Every function here works on plain arrays, so the leaderboard, the plots and a user's notebook
 share one implementation:
 
+- :func:`accuracy` and :func:`nll`: the two core metrics, which choose the best member, break
+  ties and fill the ``val_*`` columns whatever metric plugins are installed;
 - :func:`bootstrap_indices`: one seeded set of test resamples, shared by every row, so that
   intervals of differences are *paired*;
 - :func:`bootstrap_accuracy` and :func:`bootstrap_delta`: percentile intervals of a row's
@@ -25,6 +27,21 @@ import numpy as np
 
 DEFAULT_BINS = 15
 _CHUNK_INDICES = 2_000_000
+
+
+# -- core metrics ---------------------------------------------------------------------------------
+
+def accuracy(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """The fraction of samples whose most probable class is the label."""
+    return float(np.mean(np.argmax(proba, axis=1) == np.asarray(y_true))) if len(y_true) else float("nan")
+
+
+def nll(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class (log loss), in nats; every class
+    ``0..C-1`` counts, whether or not it occurs in ``y_true``."""
+    from sklearn.metrics import log_loss
+
+    return float(log_loss(y_true, proba, labels=np.arange(np.shape(proba)[1]))) if len(y_true) else float("nan")
 
 
 # -- bootstrap ------------------------------------------------------------------------------------
@@ -200,6 +217,8 @@ def pareto_front(accuracy: np.ndarray, cost: np.ndarray) -> np.ndarray:
 
 __all__ = [
     "McNemar",
+    "accuracy",
+    "nll",
     "ReliabilityBins",
     "bootstrap_accuracy",
     "bootstrap_delta",

@@ -21,16 +21,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import FusionEngineError
-from .records import BackboneRecord, InputConfig, Params
+from .records import SCORED_SPLITS, BackboneRecord, InputConfig, Params
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
 
-    from .spec import ResourcesSpec, TrainSpec
-    from .zoo import Checkpoint
-
-SPLITS = ("val", "test")
+    from .checkpoint import Checkpoint
+    from .spec import Resolved, ResourcesSpec, TrainSpec
 
 #: what an executor is given to find a job's images: the train/val/test ``uint8`` tensors at an input config
 Pixels = Callable[[InputConfig], "dict[str, torch.Tensor]"]
@@ -82,7 +80,7 @@ class FittedMember:
 class JobOutcome:
     """A finished job: ``result`` when it succeeded, else ``error`` (one line) and ``traceback``."""
 
-    job: MemberJob
+    job: MemberJob | None
     result: FittedMember | None = None
     error: str | None = None
     traceback: str | None = None
@@ -91,6 +89,15 @@ class JobOutcome:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @classmethod
+    def failure(cls, job: MemberJob | None, exc: BaseException, seconds: float = 0.0) -> "JobOutcome":
+        """The outcome of a job that raised ``exc`` (or that could not be made: ``job`` None): its
+        message on one line, and the traceback."""
+        message = " ".join(str(exc).split())
+        if not isinstance(exc, FusionEngineError):
+            message = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+        return cls(job, error=message, traceback="".join(traceback.format_exception(exc)), seconds=seconds)
 
 
 class Executor:
@@ -116,14 +123,6 @@ class Executor:
         self.close()
 
 
-def failed(job: MemberJob, exc: BaseException, seconds: float = 0.0) -> JobOutcome:
-    """The outcome of a job that raised ``exc``: its message on one line, and the traceback."""
-    message = " ".join(str(exc).split())
-    if not isinstance(exc, FusionEngineError):
-        message = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    return JobOutcome(job, error=message, traceback="".join(traceback.format_exception(exc)), seconds=seconds)
-
-
 class LocalExecutor(Executor):
     """The default: every job in this process, one after another, on the run's device; a job
     resumes from its checkpoint. Needs nothing installed."""
@@ -138,7 +137,7 @@ class LocalExecutor(Executor):
             try:
                 result = fit_member(job, images, labels, quiet=quiet, checkpoint=job.checkpoint)
             except Exception as exc:  # the member fails alone; KeyboardInterrupt stops the run
-                yield failed(job, exc, time.perf_counter() - t0)
+                yield JobOutcome.failure(job, exc, time.perf_counter() - t0)
             else:
                 yield JobOutcome(job, result=result, seconds=time.perf_counter() - t0)
 
@@ -170,7 +169,7 @@ def fit_member(job: MemberJob, images: dict[str, "torch.Tensor"], labels: dict[s
     )  # leaves the module holding the best epoch's weights
     t0 = time.perf_counter()
     logits = {s: predict_logits(built.module, job.input, images[s], batch_size=job.train.eval_batch_size,
-                                device=job.device) for s in SPLITS}
+                                device=job.device) for s in SCORED_SPLITS}
     predict_seconds = time.perf_counter() - t0
     return FittedMember(
         state_dict=result.state_dict, logits=logits, history=result.history, best_epoch=result.best_epoch,
@@ -178,3 +177,38 @@ def fit_member(job: MemberJob, images: dict[str, "torch.Tensor"], labels: dict[s
         images_per_second=result.images_per_second, n_params=sum(p.numel() for p in built.module.parameters()),
         device=str(resolve_device(job.device)), resumed_from_epoch=result.resumed_from_epoch,
     )
+
+
+class LazyExecutor:
+    """The spec's executor, made from its plugin (the built-in local one when the spec names
+    none) when a member first needs training: a run whose members are all in the zoo never
+    starts or reaches a Ray cluster."""
+
+    def __init__(self, entry: "Resolved | None"):
+        self.entry = entry
+        self.name = entry.record.name if entry is not None else "local"
+        self._made: Executor | None = None
+
+    @property
+    def local(self) -> bool:
+        return self.name == "local"
+
+    def get(self) -> Executor:
+        if self._made is None:
+            made = LocalExecutor() if self.entry is None else self.entry.record.create(self.entry.params)
+            if not isinstance(made, Executor):
+                raise FusionEngineError(f"executor plugin {self.entry.provided.plugin} made {type(made).__name__}, "
+                                        f"expected a fusion_engine.Executor")
+            self._made = made
+        return self._made
+
+    def close(self) -> None:
+        if self._made is not None:
+            made, self._made = self._made, None
+            made.close()
+
+    def __enter__(self) -> "LazyExecutor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from scipy.special import log_softmax, softmax
 
+from .files import from_jsonable, to_jsonable
+
 __all__ = ["Fuser", "check_logits", "log_softmax", "softmax"]
 
 
@@ -80,40 +82,19 @@ class Fuser:
         override this and :meth:`set_state`, encoding those attributes yourself and passing
         their names in ``skip``.
         """
-        return {k: _to_json(v) for k, v in vars(self).items()
-                if k.endswith("_") and not k.startswith("_") and k not in skip}
+        try:
+            return {k: to_jsonable(v) for k, v in vars(self).items()
+                    if k.endswith("_") and not k.startswith("_") and k not in skip}
+        except TypeError as exc:
+            raise TypeError(f"{exc} in a fuser's state; override get_state/set_state") from None
 
     def set_state(self, state: dict[str, Any]) -> "Fuser":
         for key, value in state.items():
             if not key.endswith("_"):
                 raise ValueError(f"unexpected state key '{key}'")
-            setattr(self, key, _from_json(value))
+            setattr(self, key, from_jsonable(value))
         return self
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({args})"
-
-
-def _to_json(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return {"__ndarray__": value.tolist(), "dtype": str(value.dtype)}
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, dict):
-        return {str(k): _to_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_json(v) for v in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    raise TypeError(f"cannot store a {type(value).__name__} in a fuser's JSON state; override get_state/set_state")
-
-
-def _from_json(value: Any) -> Any:
-    if isinstance(value, dict):
-        if "__ndarray__" in value:
-            return np.asarray(value["__ndarray__"], dtype=value.get("dtype", "float64"))
-        return {k: _from_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_from_json(v) for v in value]
-    return value

@@ -9,17 +9,13 @@ column.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import evaluation
-
-FILES = ("leaderboard.csv", "leaderboard.md", "leaderboard.json")
 
 #: the cost keys :class:`Row.extra` may carry; each becomes a leaderboard column
 COST_KEYS = ("n_params", "infer_ms_per_image", "train_seconds", "fit_seconds")
@@ -28,8 +24,12 @@ COST_KEYS = ("n_params", "infer_ms_per_image", "train_seconds", "fit_seconds")
 STAT_COLUMNS = ("accuracy_lo", "accuracy_hi", "delta_vs_best_member", "delta_vs_best_member_lo",
                 "delta_vs_best_member_hi", "mcnemar_p")
 
+#: the core's metrics (:mod:`fusion_engine.evaluation`): always on the leaderboard, and what chooses the best
+#: member, breaks ties and fills the ``val_*`` columns, whatever metric plugins are installed
+CORE_METRICS = {"accuracy": (evaluation.accuracy, True), "nll": (evaluation.nll, False)}
+
 #: columns that can rank a leaderboard without being a registered metric, and their direction
-_CORE_RANKABLE = {"accuracy": True, "delta_vs_best_member": True}
+CORE_RANKABLE = {**{name: hi for name, (_, hi) in CORE_METRICS.items()}, "delta_vs_best_member": True}
 
 
 @dataclass
@@ -71,11 +71,11 @@ def build_leaderboard(
 ):
     """Score every row on test with every metric and the core statistics; rank by ``rank_by``.
 
-    ``metrics`` are :class:`~fusion_engine.MetricRecord` objects, scored on test (and accuracy
-    and NLL on val too, as ``val_accuracy`` and ``val_nll``). ``rank_by`` names one of them (or
-    ``accuracy`` or ``delta_vs_best_member``, which the core always computes) and is sorted in
-    the direction its ``higher_is_better`` says; ties go to the lower test NLL, then to the
-    cheaper row (``infer_ms_per_image``), then to the earlier row.
+    ``metrics`` are :class:`~fusion_engine.MetricRecord` objects, scored on test; the core's
+    accuracy and NLL are added where they are missing, and scored on val too (``val_accuracy``,
+    ``val_nll``). ``rank_by`` names one of them (or ``delta_vs_best_member``, which the core
+    always computes) and is sorted in the direction its ``higher_is_better`` says; ties go to the
+    lower test NLL, then to the cheaper row (``infer_ms_per_image``), then to the earlier row.
 
     The best member is the member with the highest val accuracy (ties: lower val NLL, then the
     earlier row); test never chooses it. Intervals are percentile intervals from ``n_bootstrap``
@@ -83,13 +83,16 @@ def build_leaderboard(
 
     The frame's ``attrs`` record how it was built (``ranked_by``, ``best_member``,
     ``n_bootstrap``, ``bootstrap_seed``, ``confidence``, ``scored_on``);
-    :func:`write_leaderboard` writes them into ``leaderboard.json``.
+    :meth:`fusion_engine.runfolder.RunFolder.write_leaderboard` writes them into ``leaderboard.json``.
     """
     import pandas as pd
 
-    from .records import normalize_name
+    from .records import MetricRecord, normalize_name
 
-    directions = dict(_CORE_RANKABLE)
+    names = {m.name for m in metrics}
+    metrics = [*metrics, *(MetricRecord(name, fn, higher_is_better=hi) for name, (fn, hi) in CORE_METRICS.items()
+                           if name not in names)]
+    directions = dict(CORE_RANKABLE)
     directions.update({m.name: m.higher_is_better for m in metrics})
     by_key = {normalize_name(name): name for name in directions}
     rank_col = by_key.get(normalize_name(rank_by))
@@ -105,15 +108,12 @@ def build_leaderboard(
     records = []
     for i, row in enumerate(rows):
         rec: dict[str, Any] = {"name": row.name, "kind": row.kind, "members": _members_cell(row)}
-        if "accuracy" not in metric_names:
-            rec["accuracy"] = float(correct[i].mean()) if correct.shape[1] else float("nan")
         for m in metrics:
             rec[m.name] = m.fn(y_test, row.proba["test"])
         for col in STAT_COLUMNS:
             rec[col] = stats[col][i]
-        for m in metrics:
-            if m.name in ("accuracy", "nll"):
-                rec[f"val_{m.name}"] = m.fn(y_val, row.proba["val"])
+        for name, (fn, _) in CORE_METRICS.items():
+            rec[f"val_{name}"] = fn(y_val, row.proba["val"])
         rec.update(costs[i])
         rec.update({k: v for k, v in row.extra.items() if k not in (*COST_KEYS, "predict_ms_per_image")})
         records.append(rec)
@@ -146,10 +146,9 @@ def best_member_index(rows: list[Row], y_val: np.ndarray) -> int | None:
     for i, row in enumerate(rows):
         if row.kind != "member":
             continue
-        proba = np.asarray(row.proba["val"], dtype=np.float64)
-        acc = float(np.mean(proba.argmax(axis=1) == y_val)) if len(y_val) else 0.0
-        nll = float(-np.mean(np.log(np.clip(proba[np.arange(len(y_val)), y_val], 1e-15, None)))) if len(y_val) else 0.0
-        key = (-acc, nll)
+        if not len(y_val):
+            return i  # nothing to choose on: the first member
+        key = (-evaluation.accuracy(y_val, row.proba["val"]), evaluation.nll(y_val, row.proba["val"]))
         if best_key is None or key < best_key:
             best, best_key = i, key
     return best
@@ -204,21 +203,6 @@ def _members_cell(row: Row) -> str:
     return ", ".join(f"{m}:{w:.2f}" for m, w in zip(row.members, row.weights))
 
 
-def write_leaderboard(df, run_dir: Path, *, meta: dict[str, Any]) -> list[Path]:
-    """Write ``leaderboard.csv``, ``.md`` and ``.json`` into ``run_dir``.
-
-    ``leaderboard.json`` holds ``meta``, then how the board was built (its ``attrs``: the
-    ranking metric, the best member, the bootstrap settings), then the rows.
-    """
-    run_dir = Path(run_dir)
-    paths = [run_dir / name for name in FILES]
-    df.to_csv(paths[0], index=False)
-    paths[1].write_text(to_markdown(df), encoding="utf-8")
-    payload = {**meta, **df.attrs, "rows": json.loads(df.to_json(orient="records", double_precision=15))}
-    paths[2].write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    return paths
-
-
 # -- text rendering -------------------------------------------------------------------------------
 
 def format_value(value: Any, column: str = "") -> str:
@@ -244,10 +228,6 @@ def format_value(value: Any, column: str = "") -> str:
     if isinstance(value, (int, np.integer)) and column == "n_params":
         return f"{value:,}"
     return str(value)
-
-
-def _fmt(value: Any) -> str:
-    return format_value(value)
 
 
 def _numeric(column) -> bool:

@@ -16,28 +16,39 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .evaluation import DEFAULT_BINS, reliability_bins
-from .report import RunFolder
+from .runfolder import RunFolder
 
 DPI = 100
 MEMBER_COLOUR = "#1f77b4"
 FUSER_COLOUR = "#d62728"
 
 
-def write_plots(run_dir: str | Path, *, processes: int | None = None) -> list[Path]:
-    """Draw every plot of the run in ``run_dir`` into ``run_dir/plots``; return their paths.
+@dataclass(frozen=True)
+class Plot:
+    """A drawn plot: ``kind`` is ``confusion`` (of the leaderboard row ``row``), ``reliability``,
+    ``pareto`` or ``training``."""
+
+    kind: str
+    path: Path
+    row: str | None = None
+
+
+def write_plots(run_dir: str | Path, *, processes: int | None = None) -> list[Plot]:
+    """Draw every plot of the run in ``run_dir`` into ``run_dir/plots``; return what was drawn.
 
     A plot whose inputs the folder lacks (no cost columns, no member history) is skipped. The
     figures are independent, and drawing them is most of a repeated run's time, so they are
     drawn by ``processes`` forked workers (default: one per core, at most 4; 1 draws here), unless
     torch or Ray is loaded, when forking is unsafe and they are drawn here.
     """
-    run = RunFolder(Path(run_dir))
-    (run.path / "plots").mkdir(exist_ok=True)
+    run = RunFolder.complete(run_dir)
+    run.plots_dir.mkdir(exist_ok=True)
     names = [row["name"] for row in run.rows if row["name"] in run.probabilities("test")]
     tasks = [("confusion", name) for name in names] + [("reliability", None)] * bool(names) + [
         ("pareto", None), ("training", None)]
@@ -60,9 +71,9 @@ def write_plots(run_dir: str | Path, *, processes: int | None = None) -> list[Pa
             except (BrokenProcessPool, OSError):  # a worker killed (out of memory) or no process to fork
                 pass
             else:
-                by_task = {task: path for chunk, paths in zip(chunks, drawn) for task, path in zip(chunk, paths)}
+                by_task = {task: plot for chunk, plots in zip(chunks, drawn) for task, plot in zip(chunk, plots)}
                 return [by_task[task] for task in tasks if by_task.get(task) is not None]
-    return [path for path in _draw(run.path, tasks) if path is not None]
+    return [plot for plot in _draw(run.path, tasks) if plot is not None]
 
 
 def _safe_to_fork() -> bool:
@@ -80,30 +91,29 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _draw(run_dir: str | Path, tasks: list[tuple[str, str | None]]) -> list[Path | None]:
+def _draw(run_dir: str | Path, tasks: list[tuple[str, str | None]]) -> list[Plot | None]:
     """Draw ``tasks`` (``("confusion", row)``, ``("reliability", None)``, ...); None where
     the folder lacks a plot's inputs."""
-    run = RunFolder(Path(run_dir))
-    out = run.path / "plots"
+    run = RunFolder.complete(run_dir)
+    out = run.plots_dir
     proba = run.probabilities("test")
     y = run.labels("test")
     rows = {r["name"]: r for r in run.rows if r["name"] in proba}
-    paths: list[Path | None] = []
+    drawn: list[Plot | None] = []
     for kind, name in tasks:
         if kind == "confusion":
             row = rows[name]
             fig = confusion_figure(confusion_matrix(y, proba[name], len(run.classes)), run.classes,
                                    title=f"{name} ({row['kind']}): test accuracy {row['accuracy']:.4f}")
-            paths.append(_save(fig, out / f"confusion_{safe_filename(name)}.png"))
+            file = f"confusion_{safe_filename(name)}.png"
         elif kind == "reliability":
-            paths.append(_save(reliability_figure(list(rows.values()), proba, y), out / "reliability.png"))
+            fig, file = reliability_figure(list(rows.values()), proba, y), "reliability.png"
         elif kind == "pareto":
-            fig = pareto_figure(run.rows, best_member=run.leaderboard.get("best_member"))
-            paths.append(None if fig is None else _save(fig, out / "pareto.png"))
+            fig, file = pareto_figure(run.rows, best_member=run.leaderboard.get("best_member")), "pareto.png"
         else:
-            fig = training_figure(run.cards)
-            paths.append(None if fig is None else _save(fig, out / "training_curves.png"))
-    return paths
+            fig, file = training_figure(run.cards), "training_curves.png"
+        drawn.append(None if fig is None else Plot(kind, _save(fig, out / file), name))
+    return drawn
 
 
 def safe_filename(name: str) -> str:

@@ -29,6 +29,8 @@ log = logging.getLogger("fusion_engine")
 
 ENTRY_POINT_GROUP = "fusion_engine"
 FIRST_PARTY_DIST = "fusion-engine"
+#: the module names plugin files loaded from a spec's ``plugins:`` get: this prefix, the file's stem, a hash
+FILE_PLUGIN_PREFIX = "fusion_engine_local_"
 DISABLE_ENV = "FUSION_ENGINE_DISABLE_PLUGINS"
 _DISABLE_ALL = {"1", "true", "yes", "all", "*"}
 
@@ -109,7 +111,7 @@ class Plugins:
         if not path.is_file():
             raise SpecError(f"plugin file not found: {path}")
         digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
-        mod_name = f"fusion_engine_local_{path.stem}_{digest}"
+        mod_name = f"{FILE_PLUGIN_PREFIX}{path.stem}_{digest}"
         if mod_name in self.info:
             return
         spec = importlib.util.spec_from_file_location(mod_name, path)
@@ -218,6 +220,38 @@ def get_plugins(plugin_files: Iterable[str | os.PathLike] = (), *, entry_points:
     for path in plugin_files:
         plugins.load_file(path)
     return plugins
+
+
+def loaded_plugin_files() -> dict[str, tuple[str, str]]:
+    """The plugin files this process has loaded from specs: module name -> (path, source text).
+
+    For executors that run members in other processes or on other machines, where the files'
+    paths may not exist: the worker calls :func:`import_plugin_source` with each, so a job that
+    refers to a backbone defined in one can be unpickled there.
+    """
+    sources = {}
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if name.startswith(FILE_PLUGIN_PREFIX) and path:
+            sources[name] = (path, Path(path).read_text(encoding="utf-8"))
+    return sources
+
+
+def import_plugin_source(name: str, path: str, source: str) -> None:
+    """Make the plugin file ``path`` (its text ``source``) importable as module ``name`` in this
+    process, unless it already is: the worker side of :func:`loaded_plugin_files`."""
+    import types
+
+    if name in sys.modules:
+        return
+    module = types.ModuleType(name)
+    module.__file__ = path
+    sys.modules[name] = module
+    try:
+        exec(compile(source, path, "exec"), module.__dict__)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
 
 
 def _entry_points():

@@ -6,14 +6,21 @@ adds which plugin provided it, so duplicates and listings can name the provider.
 
 from __future__ import annotations
 
+import inspect
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, create_model
 
 from .errors import PluginError
+
+#: the three splits of every run: members train on train, choose their epoch on val, are scored on test
+SPLITS = ("train", "val", "test")
+#: the splits every member predicts and every row is scored on
+SCORED_SPLITS = ("val", "test")
 
 
 class Params(BaseModel):
@@ -24,6 +31,29 @@ class Params(BaseModel):
 
 class NoParams(Params):
     """For plugins that take no parameters."""
+
+
+def params_from_signature(cls: type) -> type[Params]:
+    """The :class:`Params` model of ``cls(**params)``, read off ``cls.__init__``: one field per
+    keyword parameter, with its annotation (constraints and descriptions in
+    ``Annotated[..., Field(...)]``) and its default. ``__init__`` is then the one place a
+    parameter, its type and its default are written, as in scikit-learn."""
+    init = cls.__init__
+    if init is object.__init__:
+        return NoParams
+    try:
+        hints = typing.get_type_hints(init, include_extras=True)
+    except NameError as exc:  # a string annotation naming something the module does not import
+        raise PluginError(f"cannot read the parameters of {cls.__name__}.__init__: {exc} (import it at the top of "
+                          f"{cls.__module__})") from None
+    fields: dict[str, Any] = {}
+    for p in inspect.signature(init).parameters.values():
+        if p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        fields[p.name] = (hints.get(p.name, Any), ... if p.default is p.empty else p.default)
+    model = create_model(f"{cls.__name__}Params", __base__=Params, __module__=cls.__module__, **fields)
+    model.__doc__ = f"The parameters of ``{cls.__name__}.__init__``."
+    return model
 
 
 def normalize_name(name: str) -> str:
@@ -55,22 +85,35 @@ class BackboneRecord:
 
     ``image_size`` is the spec's ``data.image_size`` or ``None``; a factory uses it where the
     architecture adapts to the input (``small_input``), and reports the size it expects.
+
+    ``input_config(params, image_size=...)``, optional, returns the :class:`InputConfig` that
+    ``build`` would report, without building the network (timm reads it from the model's
+    pretrained config). Without it, the engine builds the network once to ask.
     """
 
     name: str
     build: Callable[..., BuiltBackbone]
     params: type[Params] = NoParams
     description: str = ""
+    input_config: Callable[..., InputConfig] | None = None
 
 
 @dataclass(frozen=True)
 class FuserRecord:
-    """``cls(**params)`` is a fresh, unfitted fuser (see :class:`fusion_engine.Fuser`)."""
+    """``cls(**params)`` is a fresh, unfitted fuser (see :class:`fusion_engine.Fuser`).
+
+    ``params`` defaults to the model of ``cls.__init__``'s keyword parameters
+    (:func:`params_from_signature`), so a fuser's parameters are written once, in ``__init__``.
+    """
 
     name: str
     cls: type
-    params: type[Params] = NoParams
+    params: type[Params] | None = None
     description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.params is None:
+            object.__setattr__(self, "params", params_from_signature(self.cls))
 
 
 @dataclass
@@ -167,4 +210,5 @@ __all__ = [
     "NoParams",
     "Params",
     "normalize_name",
+    "params_from_signature",
 ]

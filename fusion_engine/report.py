@@ -12,130 +12,29 @@ from __future__ import annotations
 import base64
 import json
 import math
-from functools import cached_property
 from html import escape
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import FusionEngineError
+from .files import from_jsonable, write_atomic
+from .runfolder import RunFolder
 
-REPORT = "report.html"
-
-
-class RunFolder:
-    """Read access to what the runner wrote into ``<registry>/runs/<run_id>/``."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not (self.path / "leaderboard.json").is_file():
-            status = self.record.get("status")
-            why = f" (its status is {status!r}; see run.log)" if status else ""
-            raise FusionEngineError(f"{self.path}: no leaderboard.json, so nothing to report{why}")
-
-    def _json(self, name: str, default: Any = None) -> Any:
-        path = self.path / name
-        if not path.is_file():
-            return default
-        return json.loads(path.read_text(encoding="utf-8"))
-
-    @cached_property
-    def record(self) -> dict:
-        """``run.json``: status, timings, split sizes, versions."""
-        return self._json("run.json", {})
-
-    @cached_property
-    def leaderboard(self) -> dict:
-        """``leaderboard.json``: how the board was built, and ``rows`` in rank order."""
-        return self._json("leaderboard.json")
-
-    @property
-    def rows(self) -> list[dict]:
-        return self.leaderboard.get("rows", [])
-
-    @cached_property
-    def spec(self) -> dict:
-        return self._json("spec.json", {})
-
-    @cached_property
-    def spec_text(self) -> str | None:
-        path = self.path / "spec.yaml"
-        return path.read_text(encoding="utf-8") if path.is_file() else None
-
-    @cached_property
-    def split(self) -> dict:
-        split = self._json("split.json")
-        if split is None:
-            raise FusionEngineError(f"{self.path}: no split.json")
-        return split
-
-    @property
-    def classes(self) -> list[str]:
-        return [str(c) for c in self.split["classes"]]
-
-    def labels(self, split: str) -> np.ndarray:
-        return np.asarray(self.split[split]["labels"], dtype=np.int64)
-
-    @cached_property
-    def _probabilities(self) -> dict[str, np.ndarray]:
-        from safetensors.numpy import load_file
-
-        path = self.path / "probabilities.safetensors"
-        if not path.is_file():
-            raise FusionEngineError(f"{self.path}: no probabilities.safetensors")
-        return load_file(str(path))
-
-    def probabilities(self, split: str) -> dict[str, np.ndarray]:
-        """Each row's class probabilities on ``split``, by row name."""
-        suffix = f"/{split}"
-        return {k[: -len(suffix)]: v for k, v in self._probabilities.items() if k.endswith(suffix)}
-
-    @cached_property
-    def cards(self) -> dict[str, dict]:
-        """``members/<name>/card.json`` by member name, in the spec's order."""
-        folder = self.path / "members"
-        cards = {p.parent.name: json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*/card.json"))}
-        order = [m.get("name") for m in self.spec.get("members", [])]
-        return dict(sorted(cards.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
-
-    @cached_property
-    def fusers(self) -> dict[str, dict]:
-        """``fusers/<name>.json`` by fuser name, in the spec's order."""
-        folder = self.path / "fusers"
-        fusers = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))}
-        order = [f.get("name") for f in self.spec.get("fusers", [])]
-        return dict(sorted(fusers.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
-
-    @property
-    def split_sizes(self) -> dict[str, int]:
-        sizes = self.leaderboard.get("split_sizes") or self.record.get("data", {}).get("split_sizes")
-        if sizes:
-            return {k: int(v) for k, v in sizes.items()}
-        return {s: len(self.split[s]["ids"]) for s in ("train", "val", "test") if s in self.split}
+if TYPE_CHECKING:  # pragma: no cover
+    from .plots import Plot
 
 
-def write_report(run_dir: str | Path, *, plots: list[Path] | None = None) -> Path:
-    """Render ``<run_dir>/report.html`` from the run folder; return its path.
-
-    ``plots`` are the PNGs to embed; by default :func:`~fusion_engine.plots.write_plots` draws
-    them afresh (the runner passes the ones it has just drawn).
-    """
-    run = RunFolder(run_dir)
-    if plots is None:
-        from .plots import write_plots
-
-        plots = write_plots(run.path)
-    path = run.path / REPORT
-    tmp = path.with_name(f".{REPORT}.tmp")
-    tmp.write_text(render_report(run, [Path(p) for p in plots]), encoding="utf-8")
-    tmp.replace(path)
-    return path
+def write_report(run_dir: str | Path, plots: list["Plot"]) -> Path:
+    """Render ``<run_dir>/report.html`` from the run folder, with ``plots`` (what
+    :func:`~fusion_engine.plots.write_plots` drew) embedded; return its path."""
+    run = RunFolder.complete(run_dir)
+    return write_atomic(run.report_path, render_report(run, plots))
 
 
 # -- rendering ------------------------------------------------------------------------------------
 
-def render_report(run: RunFolder, plots: list[Path]) -> str:
+def render_report(run: RunFolder, plots: list["Plot"]) -> str:
     board = run.leaderboard
     title = board.get("experiment") or run.record.get("experiment") or run.path.name
     sections = [
@@ -143,35 +42,36 @@ def render_report(run: RunFolder, plots: list[Path]) -> str:
         ("leaderboard", "Leaderboard", _leaderboard(run)),
         ("data", "Data", _data(run)),
     ]
-    by_name = {p.name: p for p in plots}
-    if "pareto.png" in by_name:
-        sections.append(("cost", "Accuracy and cost", _figure(by_name.pop("pareto.png"),
+    by_kind: dict[str, list[Path]] = {}
+    for plot in plots:
+        by_kind.setdefault(plot.kind, []).append(Path(plot.path))
+    if "pareto" in by_kind:
+        sections.append(("cost", "Accuracy and cost", _figure(by_kind.pop("pareto")[0],
                          "Test accuracy (bars: 95% interval) against inference time per image. Filled marks "
                          "are on the Pareto front: no other row is both at least as accurate and at most as costly.")))
-    if "reliability.png" in by_name:
-        sections.append(("calibration", "Calibration", _figure(by_name.pop("reliability.png"),
+    if "reliability" in by_kind:
+        sections.append(("calibration", "Calibration", _figure(by_kind.pop("reliability")[0],
                          "Reliability on test: samples binned by their top-class probability into 15 equal-width bins. "
                          "Bars: the fraction right in each bin; black ticks: the bin's mean confidence, on the dashed "
                          "diagonal for a calibrated model. Bars below their tick mean overconfidence; ECE is the "
                          "sample-weighted mean gap. The outline is the share of samples per bin: a bin holding few "
                          "samples says little.")))
-    confusion = [p for name, p in by_name.items() if name.startswith("confusion_")]
+    confusion = by_kind.pop("confusion", [])
     if confusion:
         sections.append(("confusion", "Confusion matrices",
                          "<p class='note'>Test samples; rows are the true class. Cells hold counts; the colour is "
                          "the share of the true class, so the diagonal's colour is each class's recall.</p>"
                          + "<div class='grid'>" + "".join(_image(p) for p in confusion) + "</div>"))
-        for p in confusion:
-            by_name.pop(p.name)
     members_html = ""
-    if "training_curves.png" in by_name:
-        members_html = _figure(by_name.pop("training_curves.png"), "Per epoch: loss on train (dashed) and val "
+    if "training" in by_kind:
+        members_html = _figure(by_kind.pop("training")[0], "Per epoch: loss on train (dashed) and val "
                                "(solid), and val accuracy; the circle marks the epoch kept (lowest val loss).")
     members_html += _members(run)
     sections.append(("members", "Members", members_html))
     sections.append(("fusers", "Fusers", _fusers(run)))
-    if by_name:  # plots from elsewhere (a plugin's): shown, never dropped
-        sections.append(("more", "More plots", "<div class='grid'>" + "".join(_image(p) for p in by_name.values()) + "</div>"))
+    more = [path for paths in by_kind.values() for path in paths]
+    if more:  # plots of kinds this report does not place: shown, never dropped
+        sections.append(("more", "More plots", "<div class='grid'>" + "".join(_image(p) for p in more) + "</div>"))
     if run.spec_text is not None:
         sections.append(("spec", "Spec", "<details><summary>The resolved spec (spec.yaml): every default filled in"
                          f"</summary><pre>{escape(run.spec_text)}</pre></details>"))
@@ -406,7 +306,6 @@ def _members(run: RunFolder) -> str:
 def _fusers(run: RunFolder) -> str:
     if not run.fusers:
         return "<p>No fusers.</p>"
-    n_classes = len(run.classes)
     parts = []
     for name, info in run.fusers.items():
         members = [str(m) for m in info.get("members", [])]
@@ -416,39 +315,34 @@ def _fusers(run: RunFolder) -> str:
         if info.get("temperature"):
             rows.append(["temperature option", "on"])
         html = f"<h3>{escape(name)}</h3>" + _table(None, rows)
-        html += _state_summary(info.get("state") or {}, members, n_classes, info.get("params", {}))
+        html += _state_summary(info.get("state") or {}, members)
         parts.append(f"<div>{html}</div>")
     return "<div class='cards'>" + "".join(parts) + "</div>"
-
-
-def _decode(value: Any) -> Any:
-    if isinstance(value, dict) and "__ndarray__" in value:
-        return np.asarray(value["__ndarray__"], dtype=value.get("dtype", "float64"))
-    return value
 
 
 _BOOKKEEPING = {"n_members_", "n_classes_", "classes_"}
 
 
-def _state_summary(state: dict, members: list[str], n_classes: int, params: dict) -> str:
-    """What a fitted fuser learned, for a person: weights, temperature, the meta-learner, and
-    any other learned value (the member and class counts left out)."""
+def _state_summary(state: dict, members: list[str]) -> str:
+    """What a fitted fuser learned, for a person: weights, a meta-learner's importance per member,
+    temperature, and any other learned value (the member and class counts left out)."""
     html = ""
-    weights = _decode(state.get("weights_"))
-    if weights is not None and np.ndim(weights) == 1 and len(weights) == len(members):
-        html += _share_table("weight", members, np.asarray(weights, dtype=float))
+    state = from_jsonable(state)
+    for key, label, note in (("weights_", "weight", ""),
+                             ("importance_", "importance", "<p>Each member's share of the meta-learner's feature "
+                                                           "importance (see the fuser's documentation):</p>")):
+        values = state.get(key)
+        if values is not None and np.ndim(values) == 1 and len(values) == len(members):
+            html += note + _share_table(label, members, np.asarray(values, dtype=float))
     if _finite(state.get("temperature_")):
         html += (f"<p>Fitted temperature T = {state['temperature_']:.3f} (fitted on out-of-fold val probabilities; "
                  "T &gt; 1 softens the probabilities, T &lt; 1 sharpens them).</p>")
-    estimator = state.get("final_estimator_")
-    if isinstance(estimator, dict):
-        html += _meta_learner(estimator, members, n_classes, bool(params.get("append_logits")))
     inner = state.get("fuser_")
     if isinstance(inner, dict):
         seen = {"weights_"} if "weights_" in state else set()
-        html += _state_summary({k: v for k, v in inner.items() if k not in seen}, members, n_classes, params)
-    shown = {"weights_", "temperature_", "final_estimator_", "fuser_", *_BOOKKEEPING}
-    other = [[k, _short_value(_decode(v))] for k, v in state.items() if k not in shown]
+        html += _state_summary({k: v for k, v in inner.items() if k not in seen}, members)
+    shown = {"weights_", "importance_", "temperature_", "final_estimator_", "fuser_", *_BOOKKEEPING}
+    other = [[k, _short_value(v)] for k, v in state.items() if k not in shown]
     if other:
         html += "<p class='note'>Other learned state:</p>" + _table(["name", "value"], other)
     return html
@@ -461,46 +355,6 @@ def _share_table(label: str, members: list[str], values: np.ndarray) -> str:
         width = 0 if top == 0 else int(round(120 * abs(v) / top))
         body.append([m, f"{v:.3f}", f"<span class='bar' style='width:{width}px'></span>"])
     return _table(["member", label, ""], body, numeric={1}, raw={2})
-
-
-def _meta_learner(estimator: dict, members: list[str], n_classes: int, append_logits: bool) -> str:
-    n_members = len(members)
-    per_member = n_classes * n_members
-    if "coef_" in estimator:
-        coef = np.abs(np.asarray(estimator["coef_"], dtype=float))
-        mass = _per_member(coef.sum(axis=0), n_members, n_classes, per_member)
-        note = (f"<p>Meta-learner: multinomial logistic regression, coefficients {coef.shape[0]} × {coef.shape[1]} "
-                f"(features: each member's {n_classes} log-probabilities{' and logits' if append_logits else ''}). "
-                "Share of the absolute coefficient mass per member:</p>")
-        return note + _share_table("share", members, mass / max(mass.sum(), 1e-300))
-    if "booster" in estimator:
-        try:
-            learner = estimator["booster"]["learner"]
-            trees = learner["gradient_booster"]["model"]["trees"]
-            outputs = int(learner.get("learner_model_param", {}).get("num_class", 0)) or 1
-        except (KeyError, TypeError, ValueError):
-            return "<p>Meta-learner: gradient-boosted trees.</p>"
-        splits = np.zeros(per_member * (2 if append_logits else 1))
-        for tree in trees:
-            left = np.asarray(tree.get("left_children", []))
-            feats = np.asarray(tree.get("split_indices", []))[left != -1]
-            np.add.at(splits, feats[feats < len(splits)], 1)
-        share = _per_member(splits, n_members, n_classes, per_member)
-        rounds = f" ({len(trees) // outputs} rounds × {outputs} classes)" if outputs > 1 and len(trees) % outputs == 0 else ""
-        note = (f"<p>Meta-learner: gradient-boosted trees (XGBoost), {len(trees)} trees{rounds} on each member's "
-                f"{n_classes} log-probabilities{' and logits' if append_logits else ''}. Share of the tree splits "
-                "that use each member's features:</p>")
-        return note + _share_table("share", members, share / max(share.sum(), 1e-300))
-    return ""
-
-
-def _per_member(per_feature: np.ndarray, n_members: int, n_classes: int, per_member: int) -> np.ndarray:
-    """Sum feature values by member: features are member-major blocks of ``n_classes``, once
-    for log-probabilities and once more for logits when they were appended."""
-    out = np.zeros(n_members)
-    for f, v in enumerate(per_feature):
-        out[(f % per_member) // n_classes % n_members] += v
-    return out
 
 
 def _short_value(value: Any) -> str:

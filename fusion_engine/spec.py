@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import SpecError, format_loc
+from .errors import FusionEngineError, SpecError, format_loc
 from .records import Params, Provided, normalize_name
 
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$"
@@ -222,9 +222,29 @@ def parse_spec(data: dict, *, file: str | None = None) -> ExperimentSpec:
         raise validation_error(exc, ExperimentSpec, file=file) from None
 
 
-def load_spec(path: str | Path) -> ExperimentSpec:
-    """Read and validate a spec file (plugin parameters are checked by :func:`resolve_spec`)."""
-    return parse_spec(read_spec_file(path), file=str(path))
+def spec_label(path: str | Path, executor: dict | None = None) -> str:
+    """How errors name a spec: its file, marked when the command line changed its executor."""
+    return str(path) if executor is None else f"{path} (with --executor)"
+
+
+def load_spec(path: str | Path, *, executor: dict | None = None) -> ExperimentSpec:
+    """Read and validate a spec file (plugin parameters are checked by :func:`resolve_spec`).
+
+    ``executor`` (``{"name": ..., "params": {...}}``, from the command line) replaces the spec's:
+    another executor's name drops the spec's executor params, the same name merges them.
+    """
+    data = read_spec_file(path)
+    if executor is None:
+        return parse_spec(data, file=str(path))
+    given = data.get("executor")
+    given = {"name": given} if isinstance(given, str) else dict(given) if isinstance(given, dict) else given
+    if given is not None and not (isinstance(given, dict) and isinstance(given.get("params", {}), dict)):
+        parse_spec(data, file=str(path))  # malformed in the file: the error says so, as without --executor
+    given = given or {}
+    if executor.get("name") and executor["name"] != given.get("name", "local"):
+        given = {"name": executor["name"]}  # another executor: the spec's params are not its params
+    given["params"] = {**(given.get("params") or {}), **executor.get("params", {})}
+    return parse_spec({**data, "executor": given}, file=spec_label(path, executor))
 
 
 def validation_error(exc: ValidationError, model: type[BaseModel] | None, *, file: str | None, prefix: tuple = ()) -> SpecError:
@@ -297,25 +317,51 @@ class Resolved:
 
 @dataclass
 class ResolvedSpec:
+    """A spec with every plugin name bound. ``members[i]`` is ``None`` for a member taken from the
+    zoo (``zoo:``), which has no backbone to bind."""
+
     spec: ExperimentSpec
     file: str | None
     base_dir: Path
     dataset: Resolved
-    members: list[Resolved]
+    members: list[Resolved | None]
     fusers: list[Resolved]
     executor: Resolved | None = None
+
+    @property
+    def fuser_entries(self) -> list[tuple["FuserSpec", Resolved]]:
+        return list(zip(self.spec.fusers, self.fusers))
 
     def resolved_dict(self) -> dict:
         """The spec with every default filled in, plugin parameters included."""
         data = self.spec.model_dump(mode="json")
         data["data"]["params"] = self.dataset.params.model_dump(mode="json")
         for entry, r in zip(data["members"], self.members):
-            entry["params"] = r.params.model_dump(mode="json")
+            if r is not None:
+                entry["params"] = r.params.model_dump(mode="json")
         for entry, r in zip(data["fusers"], self.fusers):
             entry["params"] = r.params.model_dump(mode="json")
         if self.executor is not None:
             data["executor"]["params"] = self.executor.params.model_dump(mode="json")
         return data
+
+
+def prepare(spec_path: str | Path, *, executor: dict | None = None):
+    """The spec stage of a run: load a spec file, load the plugins it lists, and bind every name
+    (:func:`resolve_spec`). Returns ``(ResolvedSpec, Plugins)``; imports no torch.
+
+    ``executor`` (``{"name": ..., "params": {...}}``, from the command line) replaces the spec's.
+    """
+    from .plugins import get_plugins
+
+    spec_path = Path(spec_path)
+    spec = load_spec(spec_path, executor=executor)
+    base_dir = spec_path.resolve().parent
+    try:
+        plugins = get_plugins([base_dir / p for p in spec.plugins])
+    except FusionEngineError as exc:
+        raise type(exc)(f"{spec_path}: plugins: {exc}") from None
+    return resolve_spec(spec, plugins.catalog(), file=spec_label(spec_path, executor), base_dir=base_dir), plugins
 
 
 def resolve_spec(spec: ExperimentSpec, catalog, *, file: str | None = None, base_dir: Path | None = None) -> ResolvedSpec:
@@ -335,13 +381,15 @@ def resolve_spec(spec: ExperimentSpec, catalog, *, file: str | None = None, base
         return Resolved(provided, value)
 
     dataset = bind("dataset", spec.data.dataset, spec.data.params, ("data",))
-    members = [bind("backbone", m.backbone, m.params, ("members", i)) for i, m in enumerate(spec.members)]
+    members = [None if m.backbone is None else bind("backbone", m.backbone, m.params, ("members", i))
+               for i, m in enumerate(spec.members)]
     fusers = [bind("fuser", f.fuser, f.params, ("fusers", i)) for i, f in enumerate(spec.fusers)]
     # bound when the spec names one; else the run uses the built-in local executor
     executor = (bind("executor", spec.executor.name, spec.executor.params, ("executor",), field="name")
                 if "executor" in spec.model_fields_set else None)
-    rankable = {normalize_name(n) for n in catalog.names("metric")} | {normalize_name(RANK_BY_DELTA)}
-    if "rank_by" in spec.model_fields_set and normalize_name(spec.rank_by) not in rankable:
-        choices = ", ".join(sorted([*catalog.names("metric"), RANK_BY_DELTA]))
+    always = ("accuracy", "nll", RANK_BY_DELTA)  # the core computes these whatever plugins are installed
+    names = sorted({*catalog.names("metric"), *always})
+    if "rank_by" in spec.model_fields_set and normalize_name(spec.rank_by) not in {normalize_name(n) for n in names}:
+        choices = ", ".join(names)
         raise SpecError(f"cannot rank by '{spec.rank_by}'; choose one of: {choices}", file=file, loc="rank_by")
     return ResolvedSpec(spec, file, base_dir, dataset, members, fusers, executor)

@@ -14,25 +14,15 @@ validation (see :func:`fusion_engine.crossfit.cross_val_proba`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import Field
 from scipy.special import log_softmax
 
 from .fuser import Fuser, check_logits
-from .records import Params
 
-__all__ = ["StackingFuser", "StackingParams", "stack_features"]
-
-
-class StackingParams(Params):
-    """Parameters every stacker takes; a stacker's own ``Params`` model subclasses this."""
-
-    append_logits: bool = False
-    cv: int = Field(5, ge=2)
-    seed: int = 0
-
+__all__ = ["StackingFuser", "member_totals", "stack_features"]
 
 def stack_features(logits: np.ndarray, append_logits: bool = False) -> np.ndarray:
     """The ``(N, M*C)`` design matrix: member by member, its ``C`` log-probabilities, then, with
@@ -49,13 +39,27 @@ def stack_features(logits: np.ndarray, append_logits: bool = False) -> np.ndarra
     return np.concatenate([p.transpose(1, 0, 2).reshape(n_samples, n_members * n_classes) for p in parts], axis=1)
 
 
+def member_totals(per_feature: np.ndarray, n_members: int, n_classes: int) -> np.ndarray:
+    """Per-feature values of :func:`stack_features`' columns summed by member: the columns are
+    member-major blocks of ``n_classes``, once for log-probabilities and once more for logits
+    when they were appended."""
+    per_member = n_members * n_classes
+    out = np.zeros(n_members)
+    for f, v in enumerate(np.asarray(per_feature, dtype=np.float64)):
+        out[(f % per_member) // n_classes] += v
+    return out
+
+
 class StackingFuser(Fuser):
     """Base class for stackers: subclasses implement :meth:`make_estimator`,
     :meth:`save_estimator` and :meth:`load_estimator`, and take ``append_logits``, ``cv`` and
     ``seed`` as keyword arguments of their ``__init__`` (passed on to this one).
 
     The fitted estimator is ``final_estimator_`` (scikit-learn's name), trained on labels
-    ``0..K-1`` that index ``classes_``, the classes present in the training labels. A class
+    ``0..K-1`` that index ``classes_``, the classes present in the training labels.
+    ``importance_`` is each member's share of the estimator's feature importance
+    (:meth:`feature_importances`, summed over that member's features), shown in the report as
+    ``weights_`` are for averaging fusers. A class
     absent from them gets probability 0; when only one class is present no estimator is fitted
     and that class gets probability 1. Right after fitting, the estimator is replaced by
     ``load_estimator(save_estimator(estimator))``: a fitted fuser then predicts through the same
@@ -65,7 +69,7 @@ class StackingFuser(Fuser):
 
     requires_fit = True
 
-    def __init__(self, append_logits: bool = False, cv: int = 5, seed: int = 0):
+    def __init__(self, append_logits: bool = False, cv: Annotated[int, Field(ge=2)] = 5, seed: int = 0):
         self.append_logits = append_logits
         self.cv = cv
         self.seed = seed
@@ -85,6 +89,16 @@ class StackingFuser(Fuser):
         ``predict_proba(X) -> (N, K)``, not necessarily the class :meth:`make_estimator` made."""
         raise NotImplementedError
 
+    def feature_importances(self, estimator: Any) -> np.ndarray | None:
+        """One non-negative importance per feature of the fitted ``estimator``: scikit-learn's
+        ``feature_importances_`` where it has one, else the absolute coefficients summed over
+        classes (linear models); ``None`` when neither exists. Override for other estimators."""
+        found = getattr(estimator, "feature_importances_", None)
+        if found is not None:
+            return np.asarray(found, dtype=np.float64)
+        coef = getattr(estimator, "coef_", None)
+        return None if coef is None else np.abs(np.atleast_2d(np.asarray(coef, dtype=np.float64))).sum(axis=0)
+
     # -- the fuser contract ----------------------------------------------------------------
     def features(self, logits: np.ndarray) -> np.ndarray:
         return stack_features(logits, self.append_logits)
@@ -99,6 +113,10 @@ class StackingFuser(Fuser):
         estimator = self.make_estimator()
         estimator.fit(self.features(logits), np.searchsorted(self.classes_, y))
         self.final_estimator_ = self.load_estimator(self.save_estimator(estimator))
+        per_feature = self.feature_importances(self.final_estimator_)
+        if per_feature is not None:
+            per_member = member_totals(per_feature, self.n_members_, self.n_classes_)
+            self.importance_ = per_member / max(per_member.sum(), 1e-300)
         return self
 
     def predict_proba(self, logits: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from .spec import TrainSpec
-    from .zoo import Checkpoint
+    from .checkpoint import Checkpoint
 
 # Training images up to this size are copied to a CUDA device once; larger sets stream from
 # pinned host memory batch by batch.
@@ -81,11 +81,13 @@ def train_member(
     The module is left on the device, holding the best weights.
 
     With a ``checkpoint`` (an object with ``load() -> (tensors, state) | None`` and
-    ``save(tensors, state)``, as :class:`fusion_engine.zoo.Checkpoint`), the full training state
+    ``save(tensors, state)``, as :class:`fusion_engine.checkpoint.Checkpoint`), the full training state
     is saved after every epoch (weights, best weights, optimizer, scheduler, RNG states) and
     training resumes after the last saved epoch; on CPU the result equals an uninterrupted run's.
     """
     import torch
+
+    from .checkpoint import restore, snapshot
 
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
@@ -135,7 +137,7 @@ def train_member(
     resumed_from, elapsed_before = 0, 0.0
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
-        resumed = _restore(saved, module, optimizer, scheduler, order_gen, aug_gen, dev)
+        resumed = restore(saved, module, optimizer, scheduler, order_gen, aug_gen, dev)
         resumed_from, elapsed_before = resumed["epoch"], resumed["elapsed"]
         history, best_loss, best_epoch, best_state = resumed["history"], resumed["best_loss"], resumed["best_epoch"], resumed["best_state"]
         train_time, images = resumed["train_time"], resumed["images"]
@@ -172,7 +174,7 @@ def train_member(
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
             progress.end_epoch(train_loss, val_loss, val_acc)
             if checkpoint is not None:
-                checkpoint.save(*_snapshot(
+                checkpoint.save(*snapshot(
                     module, optimizer, scheduler, order_gen, aug_gen, dev, epoch=epoch, history=history,
                     best_loss=best_loss, best_epoch=best_epoch, best_state=best_state, train_time=train_time,
                     images=images, elapsed=elapsed_before + time.perf_counter() - started))
@@ -395,73 +397,3 @@ class _Progress:
         if not self.quiet:
             self.progress.remove_task(self.batch_task)
             self.progress.__exit__(*exc)
-
-
-# -- checkpoints ----------------------------------------------------------------------------------
-
-def _snapshot(module, optimizer, scheduler, order_gen, aug_gen, dev, *, epoch: int, history: list[dict],
-              best_loss: float, best_epoch: int, best_state, train_time: float, images: int,
-              elapsed: float) -> tuple[dict, dict]:
-    """The training state after ``epoch``: tensors (for safetensors) and the rest (for JSON).
-
-    Tensors: ``model/*`` (current weights), ``best/*`` (best epoch's), ``optim/<param>/<name>``.
-    JSON: epoch, history, best loss and epoch, the optimizer's groups and scalar state, the
-    scheduler's state, and the torch, data-order and augmentation RNG states as lists.
-    """
-    import torch
-
-    tensors = {f"model/{k}": v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-    if best_state is not None:
-        tensors.update({f"best/{k}": v.detach().to("cpu", copy=True) for k, v in best_state.items()})
-    opt = optimizer.state_dict()
-    scalars: dict[str, dict] = {}
-    for pid, values in opt["state"].items():
-        for name, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim/{pid}/{name}"] = value.detach().to("cpu", copy=True)
-            else:
-                scalars.setdefault(str(pid), {})[name] = value
-    rng = {"torch": torch.get_rng_state().tolist(), "order": order_gen.get_state().tolist(),
-           "augment": aug_gen.get_state().tolist()}
-    if dev.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(dev).tolist()
-    state = {
-        "epoch": epoch, "history": history, "best_loss": best_loss if math.isfinite(best_loss) else None,
-        "best_epoch": best_epoch, "train_time": train_time, "images": images, "elapsed": elapsed,
-        "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},
-        "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
-        "rng": rng,
-    }
-    return tensors, state
-
-
-def _restore(saved: tuple[dict, dict], module, optimizer, scheduler, order_gen, aug_gen, dev) -> dict:
-    """Put a :func:`_snapshot` back; return the loop's bookkeeping."""
-    import torch
-
-    tensors, state = saved
-    module.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
-    best_state = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")} or None
-    opt_state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim/"):
-            _, pid, field_name = name.split("/", 2)
-            opt_state.setdefault(int(pid), {})[field_name] = value
-    for pid, values in state["optimizer"]["scalars"].items():
-        opt_state.setdefault(int(pid), {}).update(values)
-    # the implementation (fused or not) is this process's choice, not the checkpoint's
-    implementation = {k: optimizer.defaults[k] for k in ("fused", "foreach") if k in optimizer.defaults}
-    groups = [{**group, **implementation} for group in state["optimizer"]["param_groups"]]
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
-    rng = state["rng"]
-    torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
-    order_gen.set_state(torch.tensor(rng["order"], dtype=torch.uint8))
-    aug_gen.set_state(torch.tensor(rng["augment"], dtype=torch.uint8))
-    if dev.type == "cuda" and "cuda" in rng:
-        torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8), dev)
-    best_loss = state["best_loss"]
-    return {"epoch": int(state["epoch"]), "history": list(state["history"]),
-            "best_loss": math.inf if best_loss is None else float(best_loss), "best_epoch": int(state["best_epoch"]),
-            "best_state": best_state, "train_time": float(state["train_time"]), "images": int(state["images"]),
-            "elapsed": float(state["elapsed"])}

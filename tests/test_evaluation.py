@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from fusion_engine import evaluation
-from fusion_engine.leaderboard import Row, build_leaderboard, write_leaderboard
+from fusion_engine.leaderboard import Row, build_leaderboard
+from fusion_engine.runfolder import RunFolder
 from fusion_engine.plugins import get_plugins
 
 
@@ -247,7 +248,7 @@ def test_top5_is_left_off_with_five_classes_or_fewer(metrics):
 def test_leaderboard_json_records_how_it_was_built(metrics, tmp_path):
     rows, y = _rows(np.random.default_rng(10))
     df = build_leaderboard(rows, y, metrics, n_bootstrap=200, seed=3)
-    write_leaderboard(df, tmp_path, meta={"run_id": "r", "ranked_by": "accuracy"})
+    RunFolder(tmp_path).write_leaderboard(df, meta={"run_id": "r", "ranked_by": "accuracy"})
     data = json.loads((tmp_path / "leaderboard.json").read_text())
     assert {k: data[k] for k in ("best_member", "n_bootstrap", "bootstrap_seed", "confidence", "ranked_by")} == \
         {"best_member": "a", "n_bootstrap": 200, "bootstrap_seed": 3, "confidence": 0.95, "ranked_by": "accuracy"}

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Annotated, Literal
 
 import numpy as np
 import pytest
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 from scipy.special import softmax
 from threadpoolctl import threadpool_limits
 
+from fusion_engine import Fuser, FuserRecord
 from fusion_engine.calibration import TemperatureScaled
 from fusion_engine.plugins import get_plugins
 from fusion_engine_fusers import Caruana, Mean, Vote, Weighted, register_fusers
@@ -42,11 +44,22 @@ def test_every_fuser_is_registered_through_the_entry_point():
         assert catalog.get("fuser", name).plugin == "fusion_engine_fusers"
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_params_model_matches_init_signature(name):
-    record = RECORDS[name]
-    fuser = record.cls()
-    assert record.params().model_dump() == fuser.get_params()
+class Shrink(Fuser):
+    def __init__(self, alpha: Annotated[float, Field(gt=0, le=1, description="how far to shrink")] = 0.5,
+                 mode: Literal["prob", "logprob"] = "prob", weights: list[float] | None = None):
+        self.alpha, self.mode, self.weights = alpha, mode, weights
+
+
+def test_a_fusers_params_are_read_off_its_init():
+    """A fuser's parameters are written once, in ``__init__``: the record's Params model has its
+    defaults, its constraints and its descriptions, and rejects unknown keys."""
+    params = FuserRecord("shrink", Shrink).params
+    assert params().model_dump() == Shrink().get_params() == {"alpha": 0.5, "mode": "prob", "weights": None}
+    assert params.model_json_schema()["properties"]["alpha"]["description"] == "how far to shrink"
+    for bad in ({"alpha": 0}, {"alpha": 1.5}, {"mode": "linear"}, {"alhpa": 0.3}):
+        with pytest.raises(ValidationError):
+            params(**bad)
+    assert Shrink(**params(alpha=0.25).model_dump()).alpha == 0.25
 
 
 @pytest.mark.parametrize("name, params", [

@@ -19,10 +19,11 @@ from scipy.special import softmax
 from simulate import simulate_members
 
 from fusion_engine import FusionEngineError, TemperatureScaled
-from fusion_engine.leaderboard import Row, build_leaderboard, write_leaderboard
+from fusion_engine.leaderboard import Row, build_leaderboard
 from fusion_engine.plugins import get_plugins
 from fusion_engine.plots import write_plots
-from fusion_engine.report import RunFolder, write_report
+from fusion_engine.report import write_report
+from fusion_engine.runfolder import RunFolder
 from fusion_engine_fusers import LogisticStacking, Mean, Weighted
 
 # user text that must come out escaped: a class name is whatever a folder was called
@@ -89,8 +90,8 @@ def make_run(root: Path, *, n_val: int = 150, n_test: int = 150, seed: int = 0) 
 
     metrics = [p.record for p in get_plugins().catalog().records["metric"].values()]
     board = build_leaderboard(rows, y, metrics, n_bootstrap=200, seed=0)
-    write_leaderboard(board, run_dir, meta={"run_id": run_id, "experiment": "synthetic", "scored_on": "test",
-                                            "split_sizes": sizes})
+    RunFolder(run_dir).write_leaderboard(board, meta={"run_id": run_id, "experiment": "synthetic", "scored_on": "test",
+                                                      "split_sizes": sizes})
     save_file({f"{r.name}/{s}": np.ascontiguousarray(r.proba[s]) for r in rows for s in ("val", "test")},
               str(run_dir / "probabilities.safetensors"))
     for s in ("val", "test"):
@@ -115,7 +116,7 @@ def fresh_run(synthetic_run, tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def rendered(synthetic_run):
     plots = write_plots(synthetic_run)
-    report = write_report(synthetic_run, plots=plots)
+    report = write_report(synthetic_run, plots)
     return synthetic_run, plots, report
 
 
@@ -124,11 +125,13 @@ ROWS = [*MEMBERS, "mean", "weighted", "stack-lr"]
 
 def test_write_plots_draws_every_picture(rendered):
     run_dir, plots, _ = rendered
-    names = sorted(p.name for p in plots)
+    names = sorted(p.path.name for p in plots)
     assert names == sorted([f"confusion_{r}.png" for r in ROWS] + ["pareto.png", "reliability.png", "training_curves.png"])
-    for path in plots:
-        assert path.parent == run_dir / "plots"
-        with Image.open(path) as image:
+    assert sorted((p.kind, p.row) for p in plots if p.kind == "confusion") == sorted(("confusion", r) for r in ROWS)
+    assert sorted(p.kind for p in plots if p.kind != "confusion") == ["pareto", "reliability", "training"]
+    for plot in plots:
+        assert plot.path.parent == run_dir / "plots"
+        with Image.open(plot.path) as image:
             assert image.format == "PNG" and min(image.size) >= 200
 
 
@@ -141,7 +144,7 @@ def test_plots_skip_what_the_folder_cannot_support(fresh_run):
     (run_dir / "leaderboard.json").write_text(json.dumps(board))
     for card in (run_dir / "members").glob("*/card.json"):
         card.write_text(json.dumps({**json.loads(card.read_text()), "history": []}))
-    names = {p.name for p in write_plots(run_dir)}
+    names = {p.path.name for p in write_plots(run_dir)}
     assert "pareto.png" not in names and "training_curves.png" not in names
     assert "reliability.png" in names and len(names) == len(ROWS) + 1
 
@@ -154,12 +157,12 @@ def test_report_holds_every_row_every_plot_and_the_fusers(rendered):
     for name in board["name"]:
         assert re.search(rf"<td>{re.escape(name)}</td>", html), name
     images = re.findall(r"<img alt='([^']+)' src='data:image/png;base64,([A-Za-z0-9+/=]+)'>", html)
-    assert sorted(alt for alt, _ in images) == sorted(p.name for p in plots)
+    assert sorted(alt for alt, _ in images) == sorted(p.path.name for p in plots)
     # the leaderboard with intervals, the split sizes, the weights and the meta-learner
     acc = board.set_index("name").loc["stack-lr"]
     assert f"{acc['accuracy']:.4f} [{acc['accuracy_lo']:.4f}, {acc['accuracy_hi']:.4f}]" in html
     assert "<td>test</td><td class='num'>150</td>" in html
-    assert "Fitted temperature" in html and "Meta-learner: multinomial logistic regression" in html
+    assert "Fitted temperature" in html and "share of the meta-learner's feature importance" in html
     assert html.count("<span class='bar'") >= 2 * len(MEMBERS)
     assert "name: synthetic" in html  # the spec
 
@@ -206,7 +209,7 @@ def test_report_rerenders_from_the_folder_alone(fresh_run):
     run_dir = fresh_run
     shutil.rmtree(run_dir / "plots", ignore_errors=True)
     (run_dir / "report.html").unlink(missing_ok=True)
-    report = write_report(run_dir)  # draws the plots itself
+    report = write_report(run_dir, write_plots(run_dir))
     assert (run_dir / "plots" / "reliability.png").is_file()
     assert report.read_text(encoding="utf-8").count("data:image/png;base64,") == len(ROWS) + 3
 
@@ -214,7 +217,7 @@ def test_report_rerenders_from_the_folder_alone(fresh_run):
 def test_a_folder_without_a_leaderboard_is_a_clear_error(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"status": "failed"}))
     with pytest.raises(FusionEngineError, match=r"no leaderboard.json, so nothing to report \(its status is 'failed'"):
-        write_report(tmp_path)
+        write_report(tmp_path, [])
 
 
 def test_run_folder_reads_what_the_runner_wrote(rendered):
@@ -267,11 +270,12 @@ def test_fuser_summaries_explain_an_xgboost_stacker_and_a_temperature():
     logits, y = simulate_members([0.9, 0.6], n_samples=200, n_classes=4, seed=1)
     fuser = TemperatureScaled(XGBoostStacking(n_estimators=5, n_jobs=1), cv=3, seed=0).fit(logits, y)
     state = json.loads(json.dumps(fuser.get_state()))  # as read back from fusers/<name>.json
-    html = _state_summary(state, ["strong", "weak"], n_classes=4, params={})
-    assert "20 trees (5 rounds × 4 classes)" in html
+    html = _state_summary(state, ["strong", "weak"])
+    assert "share of the meta-learner's feature importance" in html
     assert "Fitted temperature T = " in html
     shares = [float(v) for v in re.findall(r"<td class='num'>([0-9.]+)</td>", html)]
     assert len(shares) == 2 and sum(shares) == pytest.approx(1.0, abs=0.002)
+    assert shares[0] > shares[1]  # the trees split more on the stronger member's features
 
 
 def test_pareto_labels_of_rows_at_one_point_are_stacked_and_placing_them_ends():

@@ -138,14 +138,14 @@ def test_a_run_killed_at_each_stage_is_rerun_to_completion(tmp_path):
     assert indexed(reg) == set()
 
     # 3. killed while writing net-a's artifact (weights written, logits not yet sealed)
-    code, out = attempt(spec, reg, "fusion_engine.zoo:_seal:2")
+    code, out = attempt(spec, reg, "fusion_engine.zoo.store:seal:2")
     assert code == -signal.SIGKILL, out
     leftovers = list((reg / "tmp").iterdir())
     assert len(leftovers) == 1 and leftovers[0].name.startswith(key_a)
     assert not (reg / "zoo" / key_a).exists() and indexed(reg) == set()
 
     # 4. killed after net-a's folder was moved into the zoo, before the index row was written
-    code, out = attempt(spec, reg, "fusion_engine.zoo:Registry._insert:1")
+    code, out = attempt(spec, reg, "fusion_engine.zoo.index:Index.insert:1")
     assert code == -signal.SIGKILL, out
     assert (reg / "zoo" / key_a / "card.json").is_file() and indexed(reg) == set()
 

@@ -8,8 +8,7 @@
 
 from __future__ import annotations
 
-from fusion_engine import ExecutorRecord, hookimpl
-from fusion_engine.executors import LocalExecutor
+from fusion_engine import ExecutorRecord, LocalExecutor, hookimpl
 
 from .ray_executor import RayParams, create_ray_executor
 

@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from pydantic import Field
 
-from fusion_engine import FusionEngineError, Params
-from fusion_engine.executors import Executor, JobOutcome, failed
+from fusion_engine import Executor, FusionEngineError, JobOutcome, Params, loaded_plugin_files
 
 log = logging.getLogger("fusion_engine")
 
 INSTALL_HINT = "pip install 'fusion-engine[ray]'"
-#: the module names fusion_engine.plugins gives plugin files loaded from a spec's ``plugins:``
-FILE_PLUGIN_PREFIX = "fusion_engine_local_"
 
 
 class RayParams(Params):
@@ -83,7 +79,7 @@ class RayExecutor(Executor):
         import ray
 
         task = ray.remote(_fit_on_worker)
-        plugin_sources = _file_plugin_sources()
+        plugin_sources = loaded_plugin_files()
         labels_ref = ray.put({s: v for s, v in labels.items()})
         images_ref: dict[tuple, Any] = {}
         files_ref: dict[Path, Any] = {}
@@ -92,7 +88,7 @@ class RayExecutor(Executor):
             for job in jobs:
                 reason = _unschedulable(job)
                 if reason and not self.params.wait_for_resources:
-                    yield failed(job, FusionEngineError(f"{reason}; lower its resources, or set the executor's "
+                    yield JobOutcome.failure(job, FusionEngineError(f"{reason}; lower its resources, or set the executor's "
                                                         f"wait_for_resources: true on an autoscaling cluster"))
                     continue
                 if reason:
@@ -120,11 +116,11 @@ class RayExecutor(Executor):
                     result = ray.get(done[0])
                 except ray.exceptions.RayTaskError as exc:  # the member's own code raised
                     cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-                    outcome = failed(job, cause, time.perf_counter() - t0)
+                    outcome = JobOutcome.failure(job, cause, time.perf_counter() - t0)
                     outcome.traceback = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # the worker's traceback, uncoloured
                     yield outcome
                 except ray.exceptions.RayError as exc:  # its worker or node died, or it was cancelled
-                    yield failed(job, exc, time.perf_counter() - t0)
+                    yield JobOutcome.failure(job, exc, time.perf_counter() - t0)
                 else:
                     yield JobOutcome(job, result=_from_wire(result), seconds=time.perf_counter() - t0)
         finally:  # the run stopped (Ctrl-C, an error storing a member): free the cluster of its tasks
@@ -158,16 +154,6 @@ def _local_files(params) -> dict[str, Path]:
     return {name: value for name, value in params if isinstance(value, Path) and value.is_file()}
 
 
-def _file_plugin_sources() -> dict[str, tuple[str, str]]:
-    """Plugin files this process loaded from specs: module name -> (path, source)."""
-    sources = {}
-    for name, module in list(sys.modules.items()):
-        path = getattr(module, "__file__", None)
-        if name.startswith(FILE_PLUGIN_PREFIX) and path:
-            sources[name] = (path, Path(path).read_text(encoding="utf-8"))
-    return sources
-
-
 def _dumps(job) -> bytes:
     """The job for the wire, by reference to its modules (plugin files are sent as source)."""
     import ray.cloudpickle as cloudpickle
@@ -179,20 +165,15 @@ def _fit_on_worker(plugin_sources: dict, job_bytes: bytes, images: dict, labels:
     """A Ray task: load plugin files, write the files the member's params name, then train and
     predict the member. Runs on a worker."""
     import tempfile
-    import types
 
     import numpy as np
     import ray.cloudpickle as cloudpickle
     import torch
 
-    from fusion_engine.executors import fit_member
+    from fusion_engine import fit_member, import_plugin_source
 
     for name, (path, source) in plugin_sources.items():
-        if name not in sys.modules:
-            module = types.ModuleType(name)
-            module.__file__ = path
-            sys.modules[name] = module
-            exec(compile(source, path, "exec"), module.__dict__)
+        import_plugin_source(name, path, source)
     job = cloudpickle.loads(job_bytes)
     torch.set_num_threads(max(1, int(job.resources.cpus)))  # what the task was given, not the node's count
     images = {s: torch.from_numpy(np.array(x)) for s, x in images.items()}  # the object store's arrays are read-only

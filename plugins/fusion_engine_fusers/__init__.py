@@ -1,7 +1,9 @@
 """fusion-engine first-party plugin: fusers.
 
 Written exactly as a third-party fuser plugin would be, on the public API only:
-``fusion_engine`` plus :mod:`fusion_engine.stacking`. Heavy libraries (scikit-learn's models,
+the names ``fusion_engine`` exports. Each fuser's parameters are its ``__init__``'s keyword
+arguments, annotated with their constraints: the engine reads its ``Params`` model off them, so
+a parameter is written once. Heavy libraries (scikit-learn's models,
 XGBoost) load inside ``fit``, so listing plugins stays fast; nothing here imports torch.
 """
 
@@ -9,10 +11,10 @@ from __future__ import annotations
 
 from fusion_engine import FuserRecord, hookimpl
 
-from .averaging import Mean, MeanParams, Weighted, WeightedParams
-from .selection import Caruana, CaruanaParams
-from .stackers import LogisticStacking, LogisticStackingParams, XGBoostStacking, XGBoostStackingParams
-from .voting import Vote, VoteParams
+from .averaging import Mean, Weighted
+from .selection import Caruana
+from .stackers import LogisticStacking, XGBoostStacking
+from .voting import Vote
 
 __all__ = ["Caruana", "LogisticStacking", "Mean", "Vote", "Weighted", "XGBoostStacking"]
 
@@ -20,12 +22,11 @@ __all__ = ["Caruana", "LogisticStacking", "Mean", "Vote", "Weighted", "XGBoostSt
 @hookimpl
 def register_fusers():
     return [
-        FuserRecord("mean", Mean, MeanParams, "mean of member probabilities (space: prob or logprob), fixed weights"),
-        FuserRecord("vote", Vote, VoteParams, "hard majority vote; ties go to the highest mean probability"),
-        FuserRecord("weighted", Weighted, WeightedParams, "weighted mean of probabilities, weights fitted for NLL"),
-        FuserRecord("caruana", Caruana, CaruanaParams, "greedy ensemble selection with replacement (Caruana 2004)"),
-        FuserRecord("logistic-stacking", LogisticStacking, LogisticStackingParams,
-                    "logistic regression on member log-probabilities"),
-        FuserRecord("xgboost-stacking", XGBoostStacking, XGBoostStackingParams,
-                    "gradient-boosted trees (XGBoost) on member log-probabilities"),
+        FuserRecord("mean", Mean, description="mean of member probabilities (space: prob or logprob), fixed weights"),
+        FuserRecord("vote", Vote, description="hard majority vote; ties go to the highest mean probability"),
+        FuserRecord("weighted", Weighted, description="weighted mean of probabilities, weights fitted for NLL"),
+        FuserRecord("caruana", Caruana, description="greedy ensemble selection with replacement (Caruana 2004)"),
+        FuserRecord("logistic-stacking", LogisticStacking, description="logistic regression on member log-probabilities"),
+        FuserRecord("xgboost-stacking", XGBoostStacking,
+                    description="gradient-boosted trees (XGBoost) on member log-probabilities"),
     ]

@@ -8,7 +8,7 @@ import numpy as np
 from pydantic import AfterValidator, Field, NonNegativeFloat
 from scipy.special import log_softmax, softmax
 
-from fusion_engine import Fuser, Params, check_logits
+from fusion_engine import Fuser, check_logits
 
 
 def member_weights(weights: Sequence[float] | None, n_members: int) -> np.ndarray:
@@ -56,11 +56,6 @@ def learn_weights(proba: np.ndarray, y: np.ndarray, l2: float = 0.0) -> np.ndarr
     return softmax(result.x)
 
 
-class MeanParams(Params):
-    space: Literal["prob", "logprob"] = "prob"
-    weights: MemberWeights | None = None
-
-
 class Mean(Fuser):
     """The (weighted) mean of the members' probabilities: the classic late fusion.
 
@@ -71,7 +66,7 @@ class Mean(Fuser):
 
     requires_fit = False
 
-    def __init__(self, space: Literal["prob", "logprob"] = "prob", weights: list[float] | None = None):
+    def __init__(self, space: Literal["prob", "logprob"] = "prob", weights: MemberWeights | None = None):
         self.space = space
         self.weights = weights
 
@@ -88,10 +83,6 @@ class Mean(Fuser):
         return np.tensordot(w, softmax(logits, axis=2), axes=1)
 
 
-class WeightedParams(Params):
-    l2: NonNegativeFloat = Field(0.0, description="penalty pulling the weights towards equal")
-
-
 class Weighted(Fuser):
     """The mean of the members' probabilities with one weight per member, learned on validation
     by minimising the NLL (:func:`learn_weights`). Weights are non-negative and sum to 1, so a
@@ -99,7 +90,7 @@ class Weighted(Fuser):
 
     requires_fit = True
 
-    def __init__(self, l2: float = 0.0):
+    def __init__(self, l2: Annotated[NonNegativeFloat, Field(description="penalty pulling the weights towards equal")] = 0.0):
         self.l2 = l2
 
     def fit(self, logits: np.ndarray, y: np.ndarray) -> "Weighted":

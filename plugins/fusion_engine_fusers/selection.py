@@ -17,13 +17,13 @@ less greedy when there are many members and few validation samples.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field, NonNegativeInt, PositiveInt
 from scipy.special import softmax
 
-from fusion_engine import Fuser, Params, check_logits
+from fusion_engine import Fuser, check_logits
 
 from .averaging import member_weights
 
@@ -52,23 +52,15 @@ def select(proba: np.ndarray, y: np.ndarray, ensemble_size: int = 25, metric: st
     return np.bincount(chosen, minlength=n_members).astype(np.float64)
 
 
-class CaruanaParams(Params):
-    ensemble_size: PositiveInt = 25
-    metric: Literal["nll", "accuracy"] = "nll"
-    init_best: NonNegativeInt = 0
-    bagging: NonNegativeInt = 0
-    bag_fraction: float = Field(0.5, gt=0, le=1)
-    seed: int = 0
-
-
 class Caruana(Fuser):
     """Greedy ensemble selection with replacement (see the module docstring); ``weights_`` are
     the selection frequencies, applied to the members' probabilities."""
 
     requires_fit = True
 
-    def __init__(self, ensemble_size: int = 25, metric: Literal["nll", "accuracy"] = "nll", init_best: int = 0,
-                 bagging: int = 0, bag_fraction: float = 0.5, seed: int = 0):
+    def __init__(self, ensemble_size: PositiveInt = 25, metric: Literal["nll", "accuracy"] = "nll",
+                 init_best: NonNegativeInt = 0, bagging: NonNegativeInt = 0,
+                 bag_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5, seed: int = 0):
         self.ensemble_size = ensemble_size
         self.metric = metric
         self.init_best = init_best

@@ -9,17 +9,16 @@ validation sets: a regularised model with few degrees of freedom.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import Field, PositiveFloat, PositiveInt
 
-from fusion_engine.stacking import StackingFuser, StackingParams
+from fusion_engine import StackingFuser
 
-
-class LogisticStackingParams(StackingParams):
-    C: PositiveFloat = Field(1.0, description="inverse L2 regularisation strength, as in scikit-learn")
-    max_iter: PositiveInt = 1000
+#: the parameters every stacker shares (see :class:`fusion_engine.StackingFuser`)
+Folds = Annotated[int, Field(ge=2, description="folds for scoring the stacker out-of-fold on val")]
+AppendLogits = Annotated[bool, Field(description="also feed each member's raw logits to the meta-learner")]
 
 
 class LogisticStacking(StackingFuser):
@@ -27,7 +26,9 @@ class LogisticStacking(StackingFuser):
     members' log-probabilities: it learns per-member, per-class trust and can undo a member's
     systematic class confusions, with few parameters. State: ``coef_``, ``intercept_``, ``classes_``."""
 
-    def __init__(self, C: float = 1.0, max_iter: int = 1000, append_logits: bool = False, cv: int = 5, seed: int = 0):
+    def __init__(self, C: Annotated[PositiveFloat, Field(description="inverse L2 regularisation strength, as in "
+                                                                      "scikit-learn")] = 1.0,
+                 max_iter: PositiveInt = 1000, append_logits: AppendLogits = False, cv: Folds = 5, seed: int = 0):
         super().__init__(append_logits=append_logits, cv=cv, seed=seed)
         self.C = C
         self.max_iter = max_iter
@@ -48,15 +49,8 @@ class LogisticStacking(StackingFuser):
         return estimator
 
 
-class XGBoostStackingParams(StackingParams):
-    n_estimators: PositiveInt = 150
-    max_depth: PositiveInt = 2
-    learning_rate: PositiveFloat = 0.1
-    subsample: float = Field(0.8, gt=0, le=1)
-    colsample_bytree: float = Field(0.8, gt=0, le=1)
-    min_child_weight: float = Field(2.0, ge=0)
-    reg_lambda: float = Field(1.0, ge=0)
-    n_jobs: PositiveInt = Field(1, description="threads per fit; the engine already runs the fold fits side by side")
+Fraction = Annotated[float, Field(gt=0, le=1)]
+NonNegative = Annotated[float, Field(ge=0)]
 
 
 class XGBoostStacking(StackingFuser):
@@ -65,9 +59,12 @@ class XGBoostStacking(StackingFuser):
     row and column subsampling and ``min_child_weight`` keep it from memorising a small
     validation set. Deterministic for a given ``seed``. State: the booster's own JSON model."""
 
-    def __init__(self, n_estimators: int = 150, max_depth: int = 2, learning_rate: float = 0.1,
-                 subsample: float = 0.8, colsample_bytree: float = 0.8, min_child_weight: float = 2.0,
-                 reg_lambda: float = 1.0, n_jobs: int = 1, append_logits: bool = False, cv: int = 5, seed: int = 0):
+    def __init__(self, n_estimators: PositiveInt = 150, max_depth: PositiveInt = 2, learning_rate: PositiveFloat = 0.1,
+                 subsample: Fraction = 0.8, colsample_bytree: Fraction = 0.8, min_child_weight: NonNegative = 2.0,
+                 reg_lambda: NonNegative = 1.0,
+                 n_jobs: Annotated[PositiveInt, Field(description="threads per fit; the engine already runs the fold "
+                                                                  "fits side by side")] = 1,
+                 append_logits: AppendLogits = False, cv: Folds = 5, seed: int = 0):
         super().__init__(append_logits=append_logits, cv=cv, seed=seed)
         self.n_estimators = n_estimators
         self.max_depth = max_depth
@@ -94,3 +91,9 @@ class XGBoostStacking(StackingFuser):
         estimator = self.make_estimator()
         estimator.load_model(bytearray(json.dumps(state["booster"]).encode()))
         return estimator
+
+    def feature_importances(self, estimator: Any) -> np.ndarray:
+        """How many tree splits use each feature (XGBoost's ``weight`` importance)."""
+        n_features = estimator.get_booster().num_features()
+        counts = estimator.get_booster().get_score(importance_type="weight")
+        return np.array([counts.get(f"f{i}", 0.0) for i in range(n_features)], dtype=np.float64)

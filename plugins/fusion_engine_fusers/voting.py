@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 from scipy.special import softmax
 
-from fusion_engine import Fuser, Params, check_logits
+from fusion_engine import Fuser, check_logits
 
 from .averaging import MemberWeights, learn_weights, member_weights
 
@@ -43,10 +43,6 @@ def vote(logits: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return shares, winner
 
 
-class VoteParams(Params):
-    weights: MemberWeights | Literal["learned"] | None = None
-
-
 class Vote(Fuser):
     """Majority vote of the members' top classes (see the module docstring for the tie-break).
 
@@ -55,7 +51,7 @@ class Vote(Fuser):
     validation), which makes this fuser one that must be fitted.
     """
 
-    def __init__(self, weights: list[float] | Literal["learned"] | None = None):
+    def __init__(self, weights: MemberWeights | Literal["learned"] | None = None):
         self.weights = weights
 
     @property

@@ -1,5 +1,9 @@
 """fusion-engine first-party plugin: the leaderboard's metrics, from scikit-learn.
 
+``accuracy`` and ``nll`` are the core's own (:mod:`fusion_engine.evaluation`), which the
+leaderboard computes whether or not this plugin is installed; registering them here places their
+columns among the others.
+
 Each metric scores one leaderboard row on one split from the true labels and the row's
 class probabilities ``(N, C)``. Every class ``0..C-1`` counts, whether or not it occurs in the
 split. A metric that does not apply to a dataset returns NaN, and a column that is NaN for every
@@ -11,16 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from fusion_engine import MetricRecord, hookimpl
+from fusion_engine import MetricRecord, accuracy, expected_calibration_error, hookimpl, nll
 
 TOP_K = 5
 ECE_BINS = 15
-
-
-def accuracy(y_true: np.ndarray, proba: np.ndarray) -> float:
-    from sklearn.metrics import accuracy_score
-
-    return float(accuracy_score(y_true, np.argmax(proba, axis=1)))
 
 
 def _averaged(score_name: str, average: str):
@@ -47,13 +45,6 @@ def top_k_accuracy(y_true: np.ndarray, proba: np.ndarray, k: int = TOP_K) -> flo
     return float(top_k_accuracy_score(y_true, proba, k=k, labels=np.arange(proba.shape[1])))
 
 
-def nll(y_true: np.ndarray, proba: np.ndarray) -> float:
-    """Mean negative log-likelihood of the true class (log loss), in nats."""
-    from sklearn.metrics import log_loss
-
-    return float(log_loss(y_true, proba, labels=np.arange(proba.shape[1])))
-
-
 def brier(y_true: np.ndarray, proba: np.ndarray) -> float:
     """Multiclass Brier score: the mean over samples of ``sum_c (p_c - [y = c])^2``, in [0, 2].
 
@@ -67,8 +58,6 @@ def brier(y_true: np.ndarray, proba: np.ndarray) -> float:
 
 def ece(y_true: np.ndarray, proba: np.ndarray) -> float:
     """Top-label expected calibration error in 15 equal-width confidence bins."""
-    from fusion_engine.evaluation import expected_calibration_error
-
     return expected_calibration_error(y_true, proba, n_bins=ECE_BINS)
 
 

@@ -90,13 +90,40 @@ def build_timm(params: TimmParams, num_classes: int, image_size: int | None = No
     return build_model(params.model, params, num_classes=num_classes, image_size=image_size)
 
 
-def _ready(model_name: str):
+def timm_input_config(params: TimmParams, image_size: int | None = None) -> InputConfig:
+    return model_input_config(params.model, params, image_size=image_size)
+
+
+def _ready(model_name: str) -> dict[str, Any]:
+    """``build`` and ``input_config`` of a ready-made name for one timm architecture."""
     def build(params: BackboneParams, num_classes: int, image_size: int | None = None) -> BuiltBackbone:
         return build_model(model_name, params, num_classes=num_classes, image_size=image_size)
 
-    build.__name__ = f"build_{model_name}"
+    def input_config(params: BackboneParams, image_size: int | None = None) -> InputConfig:
+        return model_input_config(model_name, params, image_size=image_size)
+
+    build.__name__, input_config.__name__ = f"build_{model_name}", f"input_config_{model_name}"
     build.__doc__ = f"timm ``{model_name}``."
-    return build
+    return {"build": build, "input_config": input_config}
+
+
+def model_input_config(name: str, params: BackboneParams, *, image_size: int | None = None) -> InputConfig:
+    """The input config :func:`build_model` reports, read from timm's pretrained config of the
+    architecture without building it: its input size (unless ``image_size`` is given) and its
+    normalisation, per channel of ``in_chans``."""
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    _check_model_name(name)
+    cfg = get_pretrained_cfg(name)
+    data_cfg = resolve_data_config(pretrained_cfg=cfg.to_dict() if cfg is not None else {})
+    return _input(data_cfg, params, image_size)
+
+
+def _input(data_cfg: dict, params: BackboneParams, image_size: int | None) -> InputConfig:
+    size = image_size or int(data_cfg["input_size"][-1])
+    mean, std = (_per_channel(data_cfg[k], params.in_chans) for k in ("mean", "std"))
+    return InputConfig(size=size, mean=mean, std=std, in_chans=params.in_chans)
 
 
 def build_model(name: str, params: BackboneParams, *, num_classes: int, image_size: int | None = None) -> BuiltBackbone:
@@ -126,10 +153,7 @@ def build_model(name: str, params: BackboneParams, *, num_classes: int, image_si
                 f"small_input is not supported for timm model '{name}' ({type(model).__name__}); it supports the "
                 "ResNet family and models with a conv_stem (MobileNet, EfficientNet, ...). Set small_input: false")
 
-    data_cfg = resolve_data_config(model=model)
-    size = image_size or int(data_cfg["input_size"][-1])
-    mean, std = (_per_channel(data_cfg[k], params.in_chans) for k in ("mean", "std"))
-    return BuiltBackbone(model, InputConfig(size=size, mean=mean, std=std, in_chans=params.in_chans))
+    return BuiltBackbone(model, _input(resolve_data_config(model=model), params, image_size))
 
 
 def adapt_small_input(model: Any, *, resample: bool = False) -> bool:
@@ -310,8 +334,9 @@ def _first_line(exc: BaseException) -> str:
 @hookimpl
 def register_backbones():
     return [
-        BackboneRecord("timm", build_timm, TimmParams,
+        BackboneRecord("timm", build_timm, TimmParams, input_config=timm_input_config,
                        description="any timm architecture by name (model: resnet50, convnext_tiny, ...)"),
-        BackboneRecord("resnet18", _ready("resnet18"), BackboneParams, description="timm resnet18"),
-        BackboneRecord("mobilenetv2", _ready("mobilenetv2_100"), BackboneParams, description="timm mobilenetv2_100"),
+        BackboneRecord("resnet18", params=BackboneParams, description="timm resnet18", **_ready("resnet18")),
+        BackboneRecord("mobilenetv2", params=BackboneParams, description="timm mobilenetv2_100",
+                       **_ready("mobilenetv2_100")),
     ]

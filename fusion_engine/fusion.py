@@ -1,0 +1,87 @@
+"""The fuser stage of a run: every fuser fitted on val, scored on val out-of-fold, applied to test.
+
+:func:`fit_fusers` sees member logits and labels only (never images, never the run folder) and
+returns :class:`FittedFuser` records; the run writes and scores them. Each fuser's full fit and
+its fold fits run side by side, one per core, each with one BLAS thread (many small fits on one
+shared BLAS pool oversubscribe the cores).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .records import SCORED_SPLITS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .fuser import Fuser
+    from .spec import FuserSpec, Resolved
+
+log = logging.getLogger("fusion_engine")
+
+
+@dataclass
+class FittedFuser:
+    """A fuser fitted on val: its out-of-fold val and its test probabilities, and what it cost."""
+
+    spec: "FuserSpec"
+    bound: "Resolved"
+    members: list[str]
+    model: "Fuser"
+    proba: dict[str, np.ndarray]  # "val" (out-of-fold) and "test", each (N, C)
+    fit_seconds: float
+    predict_ms_per_image: float
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def weights(self) -> list[float] | None:
+        weights = getattr(self.model, "weights_", None)
+        return None if weights is None else [float(w) for w in weights]
+
+    def description(self) -> dict[str, Any]:
+        """What ``fusers/<name>.json`` holds: enough to rebuild the fitted fuser from its plugin."""
+        return {"name": self.spec.name, "fuser": self.spec.fuser, "plugin": self.bound.provided.plugin,
+                "members": self.members, "params": self.bound.params.model_dump(mode="json"),
+                "temperature": self.spec.temperature, "state": self.model.get_state()}
+
+
+def make_fuser(spec: "FuserSpec", bound: "Resolved", *, seed: int) -> "Fuser":
+    """A fresh, unfitted fuser for a spec entry (temperature-scaled when the entry asks)."""
+    from .calibration import TemperatureScaled
+
+    fuser = bound.record.cls(**bound.params.model_dump())
+    return TemperatureScaled(fuser, seed=seed) if spec.temperature else fuser
+
+
+def fit_fusers(entries: list[tuple["FuserSpec", "Resolved"]], logits: dict[str, dict[str, np.ndarray]],
+               y: dict[str, np.ndarray], seed: int) -> list[FittedFuser]:
+    """Fit each ``(spec, bound plugin)`` fuser on val; score it there out-of-fold; apply it to test.
+
+    ``logits`` maps each member's name to its ``"val"`` and ``"test"`` logits ``(N, C)``; a fuser
+    combines the members its spec names (default: every member, in ``logits``' order).
+    """
+    from threadpoolctl import threadpool_limits
+
+    from .crossfit import cross_fit
+
+    fitted = []
+    with threadpool_limits(1):
+        for spec, bound in entries:
+            names = spec.members or list(logits)
+            stacked = {s: np.stack([logits[n][s] for n in names]) for s in SCORED_SPLITS}
+            log.info("fitting fuser %s (%s) on %d members", spec.name, spec.fuser, len(names))
+            model, val_proba, fit_seconds = cross_fit(make_fuser(spec, bound, seed=seed), stacked["val"], y["val"],
+                                                      seed=seed, n_jobs=-1)
+            t0 = time.perf_counter()
+            test_proba = model.predict_proba(stacked["test"])
+            predict_ms = 1000.0 * (time.perf_counter() - t0) / max(1, len(y["test"]))
+            fitted.append(FittedFuser(spec, bound, names, model, {"val": val_proba, "test": test_proba},
+                                      fit_seconds, predict_ms))
+    return fitted

@@ -1,0 +1,456 @@
+"""The member stage of a run: every member's val and test outputs, from the zoo where it is
+stored, else trained by the executor and stored there.
+
+Each member the spec trains has a zoo key (:func:`plan`); members alike in all but their names
+share one and are trained once. The stage holds each key's lock from the moment it decides about
+the member until the member is stored, so two runs never train one member twice: members whose
+lock is free are settled first, all together (in parallel where the executor can); then, one at a
+time, those another run is busy with: by the time their lock is ours, that run has usually
+stored them. Locks are taken in key order and, while waiting, the stage holds no other, so two
+runs never wait for each other in a cycle.
+
+A member that fails does not stop the others; the stage then raises :class:`MembersFailed`
+naming it, and a re-run trains only what failed. A member named by ``zoo:`` is read from the
+zoo and must have been trained on this run's data and split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import closing, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .data import RunData
+from .errors import RUN_LOG_ONLY, FusionEngineError, SpecError
+from .executors import FittedMember, JobOutcome, LazyExecutor, MemberJob
+from .records import SCORED_SPLITS, InputConfig
+from .spec import ResolvedSpec
+from .zoo import (Busy, CorruptArtifact, MemberCard, Registry, StoredMember, ZooError, describe_candidates,
+                  key_material, member_key, short)
+
+log = logging.getLogger("fusion_engine")
+
+
+@dataclass
+class MemberResult:
+    """A member and its outputs on val and test, trained in this run or reused from the zoo.
+
+    ``card`` is its zoo card (:class:`~fusion_engine.zoo.MemberCard`); ``logits`` its outputs,
+    divided by ``temperature`` once the calibrate stage has fitted one.
+    """
+
+    name: str
+    card: MemberCard
+    logits: dict[str, np.ndarray]
+    action: str = "trained"  # "trained" (and predicted) in this run, or "reused" from the zoo
+    resumed_from_epoch: int | None = None  # the checkpointed epoch its training resumed after
+    temperature: float | None = None  # set when its logits were temperature-scaled
+
+    @property
+    def key(self) -> str | None:
+        return self.card.key
+
+    @property
+    def backbone(self) -> str:
+        return self.card.backbone
+
+    @property
+    def input(self) -> InputConfig:
+        inp = self.card.input
+        return InputConfig(size=inp.size, mean=tuple(inp.mean), std=tuple(inp.std), in_chans=inp.in_chans)
+
+    @property
+    def history(self) -> list[dict]:
+        return self.card.history
+
+    @property
+    def best_epoch(self) -> int | None:
+        return self.card.best_epoch
+
+    @property
+    def n_params(self) -> int:
+        return self.card.n_params
+
+    @property
+    def train_seconds(self) -> float:
+        return float(self.card.timings.train_seconds or 0.0)
+
+    @property
+    def predict_seconds(self) -> float:
+        return float(self.card.timings.predict_seconds or 0.0)
+
+
+class MembersFailed(FusionEngineError):
+    """Members whose training failed; the rest of the run's members are in the zoo. The run
+    failed rather than the input being bad: exit status 1."""
+
+    exit_code = 1
+
+    def __init__(self, failures: dict[str, str], *, stored: int, total: int):
+        self.failures = failures
+        detail = "; ".join(f"{name}: {error}" if not error.startswith(f"member {name}") else error
+                           for name, error in failures.items())
+        what = "member" if total == 1 else "members"
+        others = "the other member is" if stored == 1 else f"the other {stored} are"
+        rest = f"; {others} ready in the zoo, so a re-run trains only {', '.join(failures)}" if stored else ""
+        super().__init__(f"{len(failures)} of {total} {what} failed: {detail}{rest}")
+
+
+@dataclass
+class PlannedMember:
+    """A member the spec trains: where it is in the spec, and the key it has in the zoo."""
+
+    index: int
+    name: str
+    key: str
+    material: dict
+    seed: int
+
+
+def plan(resolved: ResolvedSpec, data: RunData) -> list[PlannedMember]:
+    """The zoo key of every member the spec trains (members given by ``zoo:`` have one already)."""
+    spec = resolved.spec
+    planned = []
+    for i, (mspec, entry) in enumerate(zip(spec.members, resolved.members)):
+        if mspec.zoo is not None:
+            continue
+        seed = spec.seed if mspec.seed is None else mspec.seed
+        material = key_material(
+            backbone=entry.record.name, params=entry.params.model_dump(mode="json"), train=train_config(mspec.train),
+            seed=seed, image_size=spec.data.image_size, mean=spec.data.mean, std=spec.data.std,
+            fingerprint=data.fingerprint, split=data.split,
+        )
+        planned.append(PlannedMember(i, mspec.name, member_key(material), material, seed))
+    return planned
+
+
+def train_config(train) -> dict:
+    """The training config as it enters a key: ``lr`` and ``weight_decay`` resolved, so leaving
+    them to their defaults and writing the defaults out are the same member."""
+    data = train.model_dump(mode="json")
+    data["lr"] = train.resolved_lr
+    data["weight_decay"] = train.resolved_weight_decay
+    return data
+
+
+def input_config(entry, *, num_classes: int, image_size: int | None, seed: int, data_spec) -> InputConfig:
+    """What a member's network takes, with the spec's ``data.mean``/``data.std`` applied.
+
+    Read from the backbone record's ``input_config`` when it has one; otherwise the network is
+    built once to ask it.
+    """
+    record = entry.record
+    if record.input_config is not None:
+        cfg = record.input_config(entry.params, image_size=image_size)
+    else:
+        import torch
+
+        torch.manual_seed(seed)
+        cfg = record.build(entry.params, num_classes=num_classes, image_size=image_size).input
+    mean = tuple(data_spec.mean) if data_spec.mean is not None else tuple(cfg.mean)
+    std = tuple(data_spec.std) if data_spec.std is not None else tuple(cfg.std)
+    for label, values in (("mean", mean), ("std", std)):
+        if len(values) != cfg.in_chans:
+            raise FusionEngineError(f"data.{label} has {len(values)} values but the backbone takes {cfg.in_chans} channels")
+    return InputConfig(size=data_spec.image_size or cfg.size, mean=mean, std=std, in_chans=cfg.in_chans)
+
+
+class MemberStage:
+    """Settles every member of a spec (see the module docstring).
+
+    ``on_ready(index, member)`` is called for each member as its outputs are ready, in the order
+    they become ready; ``on_failed(name, key, error)`` for each one that fails.
+    """
+
+    def __init__(self, resolved: ResolvedSpec, reg: Registry, data: RunData, executor: LazyExecutor, *,
+                 run_id: str, device: str, quiet: bool, console,
+                 on_ready: Callable[[int, MemberResult], None],
+                 on_failed: Callable[[str, str, str], None]):
+        self.resolved, self.spec = resolved, resolved.spec
+        self.reg, self.data, self.executor = reg, data, executor
+        self.run_id, self.device, self.quiet, self.console = run_id, device, quiet, console
+        self._on_ready, self._on_failed = on_ready, on_failed
+        self.results: dict[str, MemberResult] = {}
+        self.failures: dict[str, str] = {}
+
+    def run(self) -> dict[str, MemberResult]:
+        """Every member's result, in the spec's order; :class:`MembersFailed` when any failed."""
+        for i, mspec in enumerate(self.spec.members):
+            if mspec.zoo is not None:
+                self._ready(i, referenced_member(self.resolved, i, self.reg, self.data, self.console))
+        planned = plan(self.resolved, self.data)
+        by_key: dict[str, list[PlannedMember]] = {}
+        for p in planned:
+            by_key.setdefault(p.key, []).append(p)
+        locks = {key: _Held(self.reg, key, members[0].name, self.console) for key, members in by_key.items()}
+        held: dict[str, _Held] = {}
+        try:
+            for key in sorted(by_key):
+                if locks[key].acquire(wait=False):
+                    held[key] = locks[key]
+            self._settle(sorted((p for key in held for p in by_key[key]), key=lambda p: p.index), held)
+            for key in sorted(set(by_key) - set(held)):
+                locks[key].acquire(wait=True)
+                held[key] = locks[key]
+                self._settle(by_key[key], {key: locks[key]})
+        finally:
+            for lock in held.values():
+                lock.release()
+        if self.failures:
+            raise MembersFailed(self.failures, stored=len(self.results), total=len(self.spec.members))
+        return {m.name: self.results[m.name] for m in self.spec.members}
+
+    # -- callbacks ------------------------------------------------------------------------------------
+    def _ready(self, index: int, member: MemberResult) -> None:
+        self.results[member.name] = member
+        self._on_ready(index, member)
+
+    def _fail(self, name: str, key: str, outcome: JobOutcome) -> None:
+        self.failures[name] = outcome.error
+        log.error("member %s failed after %.1fs: %s\n%s", name, outcome.seconds, outcome.error,
+                  outcome.traceback or "", extra={RUN_LOG_ONLY: True})
+        self.console.log(f"[red]member {name} failed[/]: {outcome.error}")
+        self._on_failed(name, key, outcome.error)
+
+    # -- settling members whose locks the run holds -----------------------------------------------------
+    def _settle(self, members: list[PlannedMember], held: dict[str, "_Held"]) -> None:
+        """Reuse or train ``members``; the run holds their keys' locks in ``held``."""
+        jobs: list[tuple[PlannedMember, MemberJob]] = []
+        for p in members:
+            stored = stored_member(self.reg, p.key, p.name, self.data)
+            if stored is not None:
+                self.console.log(f"reused [bold]{p.name}[/] from the zoo (key {short(p.key)})")
+                self._ready(p.index, from_stored(p.name, stored, action="reused"))
+                continue
+            try:
+                jobs.append((p, self._job(p)))
+            except FusionEngineError:
+                raise  # bad input (mean/std against the backbone's channels): the run's error
+            except Exception as exc:  # the backbone plugin failed to build: this member fails alone
+                self._fail(p.name, p.key, JobOutcome.failure(None, exc))
+        same_key: dict[str, list[tuple[PlannedMember, MemberJob]]] = {}
+        for p, job in jobs:  # members alike in all but their names share a key: trained once
+            same_key.setdefault(p.key, []).append((p, job))
+        for key, lock in held.items():
+            if key not in same_key:
+                lock.release()  # stored (or failed to build): other runs may have it now
+        if not same_key:
+            return
+        runner = self.executor.get()
+        unique = [group[0][1] for group in same_key.values()]
+        for job in unique:
+            self._announce(job, runner.in_process)
+        outstanding = set(same_key)
+        labels = {s: self.data.labels[s] for s in ("train", "val")}
+        outcomes = runner.run(unique, self.data.pixels, labels, quiet=self.quiet, console=self.console)
+        with closing(outcomes) if hasattr(outcomes, "close") else nullcontext():  # a stopped run stops its jobs
+            for outcome in outcomes:
+                job = outcome.job
+                if job.key not in outstanding:
+                    log.warning("executor %s reported %s again, or a job it was not given; ignored",
+                                self.executor.name, job.name)
+                    continue
+                outstanding.discard(job.key)
+                group = same_key[job.key]
+                if not outcome.ok:
+                    for p, _ in group:
+                        self._fail(p.name, p.key, outcome)
+                    held[job.key].release()
+                    continue
+                card = self._store(group[0][0], job, outcome.result)
+                held[job.key].release()
+                if not runner.in_process:
+                    self.console.log(f"{job.label}: [bold]{job.name}[/] trained in {outcome.seconds:.1f}s on "
+                                     f"{outcome.result.host} (best epoch {outcome.result.best_epoch})")
+                for n, (p, _) in enumerate(group):
+                    member = MemberResult(p.name, card, dict(outcome.result.logits),
+                                          action="trained" if n == 0 else "reused")
+                    member.resumed_from_epoch = (outcome.result.resumed_from_epoch or None) if n == 0 else None
+                    self._ready(p.index, member)
+        for key in sorted(outstanding):  # an executor that returned without reporting a job
+            for p, job in same_key[key]:
+                self._fail(p.name, p.key, JobOutcome.failure(job, FusionEngineError(
+                    f"member {job.name}: the {self.executor.name} executor never reported it")))
+
+    def _job(self, p: PlannedMember) -> MemberJob:
+        """A member to train, as an executor gets it."""
+        mspec = self.spec.members[p.index]
+        entry = self.resolved.members[p.index]
+        num_classes = len(self.data.class_names)
+        return MemberJob(
+            name=mspec.name, key=p.key, backbone=entry.record, params=entry.params, train=mspec.train, seed=p.seed,
+            num_classes=num_classes, image_size=self.spec.data.image_size,
+            input=input_config(entry, num_classes=num_classes, image_size=self.spec.data.image_size, seed=p.seed,
+                               data_spec=self.spec.data),
+            device=self.device, resources=mspec.resources, label=f"member {p.index + 1}/{len(self.spec.members)}",
+        )
+
+    def _announce(self, job: MemberJob, in_process: bool) -> None:
+        """Give an in-process job its checkpoint, and say whether it resumes."""
+        job.checkpoint = self.reg.checkpoint(job.key) if in_process else None
+        saved = job.checkpoint.peek() if job.checkpoint is not None else None
+        if saved is not None:
+            self.console.log(f"{job.label}: resuming [bold]{job.name}[/] ({job.backbone.name}) after epoch "
+                             f"{saved.get('epoch')} of {job.train.epochs} from its checkpoint (key {short(job.key)})")
+            log.info("resuming %s after epoch %s from its checkpoint", job.name, saved.get("epoch"))
+        elif in_process:  # an executor elsewhere says when it hands each job out
+            self.console.log(f"{job.label}: training [bold]{job.name}[/] ({job.backbone.name}, key {short(job.key)})")
+
+    def _store(self, p: PlannedMember, job: MemberJob, fitted: FittedMember) -> MemberCard:
+        """Publish a trained member in the zoo: weights, outputs, ids and its card."""
+        from safetensors.numpy import save_file as save_arrays
+        from safetensors.torch import save_file
+
+        from .provenance import library_versions
+
+        data = self.data
+        entry = self.resolved.members[p.index]
+        mspec = self.spec.members[p.index]
+        cfg = job.input
+        logits = fitted.logits
+        val_accuracy = float(np.mean(np.argmax(logits["val"], 1) == data.labels["val"]))
+        best = next((h for h in fitted.history if h.get("epoch") == fitted.best_epoch), {})
+        card = MemberCard(
+            format=p.material["format"], name=mspec.name, experiment=self.spec.name, run_id=self.run_id,
+            spec={"name": mspec.name, "backbone": mspec.backbone, "params": entry.params.model_dump(mode="json"),
+                  "train": mspec.train.model_dump(mode="json"), "seed": job.seed},
+            backbone=entry.record.name, plugin=entry.provided.plugin, key_material=p.material,
+            data={"dataset": self.spec.data.dataset, "params": self.resolved.dataset.params.model_dump(mode="json"),
+                  "fingerprint": data.fingerprint, "split_sha256": data.split, "classes": data.class_names,
+                  "split_sizes": data.split_sizes},
+            input={"size": cfg.size, "mean": list(cfg.mean), "std": list(cfg.std), "in_chans": cfg.in_chans},
+            metrics={"val_accuracy": val_accuracy, "val_loss": best.get("val_loss")},
+            best_epoch=fitted.best_epoch, history=fitted.history, resumed_from_epoch=fitted.resumed_from_epoch or None,
+            n_params=fitted.n_params,
+            timings={"train_seconds": round(fitted.train_seconds, 3), "predict_seconds": round(fitted.predict_seconds, 3),
+                     "images_per_second": round(fitted.images_per_second, 1)},
+            device=fitted.device, versions=library_versions(),
+        )
+
+        def write(folder: Path) -> None:
+            save_file({k: v.contiguous() for k, v in fitted.state_dict.items()}, str(folder / "model.safetensors"),
+                      metadata={"format": "pt"})
+            save_arrays({**{f"{s}_logits": np.ascontiguousarray(logits[s], dtype=np.float32) for s in SCORED_SPLITS},
+                         **{f"{s}_labels": np.ascontiguousarray(data.labels[s], dtype=np.int64) for s in SCORED_SPLITS}},
+                        str(folder / "outputs.safetensors"))
+            (folder / "ids.json").write_text(json.dumps({s: data.ids[s] for s in SCORED_SPLITS}) + "\n", encoding="utf-8")
+
+        _, card = self.reg.publish(job.key, card, write)
+        self.reg.checkpoint(job.key).clear()
+        log.info("stored %s in the zoo as %s", mspec.name, job.key)
+        return card
+
+
+def from_stored(name: str, stored: StoredMember, *, action: str) -> MemberResult:
+    return MemberResult(name, stored.card, dict(stored.outputs.logits), action=action)
+
+
+def check_outputs(stored: StoredMember, data: RunData) -> None:
+    """A stored member's samples are this run's, in this run's order, with its labels."""
+    key, outputs = stored.entry.key, stored.outputs
+    for s in SCORED_SPLITS:
+        if outputs.ids[s] != data.ids[s] or not np.array_equal(outputs.labels[s], data.labels[s]):
+            raise CorruptArtifact(key, "ids.json", f"its {s} samples are not this run's (same key, other data)")
+        if outputs.logits[s].shape != (len(data.ids[s]), len(data.class_names)):
+            raise CorruptArtifact(key, "outputs.safetensors", f"{s} logits of shape {outputs.logits[s].shape}")
+
+
+def stored_member(reg: Registry, key: str, name: str, data: RunData) -> StoredMember | None:
+    """The stored member under ``key`` (its lock held), or None; damage is discarded with a warning."""
+    try:
+        stored = reg.open_member(key)
+        if stored is not None:
+            check_outputs(stored, data)
+    except CorruptArtifact as exc:
+        log.warning("%s; retraining %s", exc, name)
+        reg.discard(key)
+        return None
+    if stored is not None:
+        checkpoint = reg.checkpoint(key)
+        if checkpoint.folder.exists():
+            checkpoint.clear()  # left by a run killed after publishing: nothing to resume
+    return stored
+
+
+class _Held:
+    """A member's zoo lock, held from when the run decides about it until it is stored."""
+
+    def __init__(self, reg: Registry, key: str, name: str, console):
+        def waiting() -> None:
+            console.log(f"waiting for another run to finish with [bold]{name}[/] (key {short(key)})")
+            log.info("waiting for the lock of %s (key %s), held by another run", name, key)
+
+        self._reg, self._key, self._waiting = reg, key, waiting
+        self._cm = None
+
+    def acquire(self, *, wait: bool) -> bool:
+        """Take the lock; without ``wait``, False when another process holds it."""
+        cm = self._reg.lock(self._key, wait=wait, on_wait=self._waiting)
+        try:
+            cm.__enter__()
+        except Busy:
+            return False
+        self._cm = cm
+        return True
+
+    def release(self) -> None:
+        if self._cm is not None:
+            cm, self._cm = self._cm, None
+            cm.__exit__(None, None, None)
+
+
+# -- members by reference ---------------------------------------------------------------------------
+
+def check_references_exist(resolved: ResolvedSpec, registry_dir: Path) -> None:
+    """Fail before a run is made when a ``zoo:`` member names nothing in the registry."""
+    refs = [(i, m.zoo) for i, m in enumerate(resolved.spec.members) if m.zoo is not None]
+    if not refs:
+        return
+    with Registry(registry_dir, create=False) as reg:
+        for i, ref in refs:
+            if not reg.find(ref):
+                raise SpecError(f"no zoo member matches '{ref}' (a key, key prefix or member name) in registry "
+                                f"{registry_dir}; `fusion-engine zoo list --registry {registry_dir}` shows them",
+                                file=resolved.file, loc=("members", i, "zoo"))
+
+
+def referenced_member(resolved: ResolvedSpec, i: int, reg: Registry, data: RunData, console) -> MemberResult:
+    """A member named by ``zoo:``: it must have been trained on this run's data and split."""
+    mspec = resolved.spec.members[i]
+    loc = ("members", i, "zoo")
+    found = reg.find(mspec.zoo)
+    fitting = [e for e in found if e.fingerprint == data.fingerprint and e.split == data.split]
+    if len(found) == 1:
+        chosen = found[0]
+    elif len(fitting) == 1:
+        chosen = fitting[0]
+    elif not found:
+        raise SpecError(f"no zoo member matches '{mspec.zoo}' in registry {reg.root}", file=resolved.file, loc=loc)
+    else:
+        shown = fitting or found
+        raise SpecError(f"'{mspec.zoo}' is ambiguous: {len(shown)} zoo members match"
+                        f"{' and were trained on this data' if fitting else ''}; give a longer key prefix. "
+                        f"Candidates: {describe_candidates(shown)}", file=resolved.file, loc=loc)
+    if chosen.fingerprint != data.fingerprint or chosen.split != data.split:
+        what = [f"data fingerprint {chosen.fingerprint[:16]} (this run: {data.fingerprint[:16]})"
+                if chosen.fingerprint != data.fingerprint else "",
+                f"split {chosen.split[:16]} (this run: {data.split[:16]})" if chosen.split != data.split else ""]
+        raise SpecError(f"zoo member {short(chosen.key)} ({chosen.name}, experiment {chosen.experiment}) was trained on "
+                        f"other data: {' and '.join(w for w in what if w)}; fusers may only combine members scored on "
+                        f"the same samples", file=resolved.file, loc=loc)
+    with reg.lock(chosen.key):
+        try:
+            stored = reg.open_member(chosen.key)
+            if stored is None:
+                raise ZooError(f"zoo member {short(chosen.key)} was removed while this run started")
+            check_outputs(stored, data)
+        except ZooError as exc:
+            raise SpecError(f"{exc}", file=resolved.file, loc=loc) from None
+    console.log(f"reused [bold]{mspec.name}[/] from the zoo (key {short(chosen.key)}, "
+                f"'{chosen.name}' of experiment {chosen.experiment})")
+    return from_stored(mspec.name, stored, action="reused")

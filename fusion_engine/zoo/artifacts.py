@@ -1,0 +1,106 @@
+"""A stored member's files: sealed when written, checked before they are read.
+
+Every file of a member is recorded with its size and sha256 when it is written (:func:`seal`),
+and checked against that record before it is used (:func:`check_file`, :func:`read_checked`).
+A file that fails is damage (:class:`CorruptArtifact`), unless it is a pickle or a zip archive
+(torch.save's format), which the zoo never writes and refuses outright (:class:`PlantedFile`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+
+from .errors import CorruptArtifact, PlantedFile
+
+#: what a member's folder holds besides its card
+PAYLOAD_FILES = ("model.safetensors", "outputs.safetensors", "ids.json")
+CARD_FILE = "card.json"
+ARTIFACT_FILES = (*PAYLOAD_FILES, CARD_FILE)
+
+_PICKLE_MAGIC = tuple(bytes([0x80, p]) for p in range(2, 6))
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format: a zip of pickles
+
+
+def tree_bytes(path: Path) -> int:
+    """The bytes of the regular files under ``path`` (not following links)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return 0
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
+def children(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def _lstat_regular(key: str, path: Path):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise CorruptArtifact(key, path.name, "missing") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise PlantedFile(key, path, "is not a regular file (a link or a device)")
+    return st
+
+
+def _verdict(key: str, path: Path, record: dict, size: int, head: bytes) -> None:
+    """Why a file fails its checksum: a pickle or an archive is refused, anything else is damage."""
+    if head.startswith(_PICKLE_MAGIC):
+        raise PlantedFile(key, path, "holds a pickle")
+    if head.startswith(_ZIP_MAGIC):
+        raise PlantedFile(key, path, "holds a zip archive (torch.save's pickle format)")
+    if size != record["bytes"]:
+        raise CorruptArtifact(key, path.name, f"{size} bytes where {record['bytes']} were written (truncated or overwritten)")
+    raise CorruptArtifact(key, path.name, "its sha256 differs from the one recorded when it was written")
+
+
+def check_file(key: str, path: Path, record: dict) -> None:
+    """Raise unless the file at ``path`` is the one ``record`` describes."""
+    st = _lstat_regular(key, path)
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        handle.seek(0)
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    if st.st_size != record["bytes"] or digest != record["sha256"]:
+        _verdict(key, path, record, st.st_size, head)
+
+
+def read_checked(key: str, path: Path, record: dict) -> bytes:
+    """A file's bytes, read once and checked against its record (no window to swap it)."""
+    _lstat_regular(key, path)
+    data = path.read_bytes()
+    if len(data) != record["bytes"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
+        _verdict(key, path, record, len(data), data[:8])
+    return data
+
+
+def read_json_object(path: Path, key: str) -> dict:
+    """A JSON object from a member's folder; damage reported as :class:`CorruptArtifact`."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CorruptArtifact(key, path.name, "missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CorruptArtifact(key, path.name, f"not readable JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise CorruptArtifact(key, path.name, "not a JSON object")
+    return value

@@ -1,0 +1,106 @@
+"""The member card: one typed, versioned description of a stored member.
+
+A card is written beside a member's files in the zoo (``zoo/<key>/card.json``) and read wherever
+a member is looked at: by a run reusing it, by ``zoo show``, by ``gc`` re-indexing a folder the
+index lost. It says what the member is (its spec, key material, data and input config), how it
+was made (history, timings, device, library versions) and which files hold it (with checksums).
+
+Versions: cards without a ``version`` field were written by fusion-engine 0.1 before cards were
+typed (version 1); they read unchanged. Version 2 cards drop the copy of the index row that
+version 1 carried (it is derived from the card's own fields).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CARD_VERSION = 2
+
+
+class _Part(BaseModel):
+    # ``allow``: a card written by a newer version keeps what this one does not know when read
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+class CardSpec(_Part):
+    """The member as the spec gave it, plugin parameters resolved."""
+
+    name: str
+    backbone: Optional[str] = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 0
+
+
+class CardData(_Part):
+    """The data it was trained and scored on."""
+
+    dataset: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    fingerprint: str
+    split_sha256: str
+    classes: list[str]
+    split_sizes: dict[str, int] = Field(default_factory=dict)
+
+
+class CardInput(_Part):
+    """What its network takes: square size, normalisation, channels."""
+
+    size: int
+    mean: list[float]
+    std: list[float]
+    in_chans: int = 3
+
+
+class CardMetrics(_Part):
+    val_accuracy: Optional[float] = None
+    val_loss: Optional[float] = None
+
+
+class CardTimings(_Part):
+    train_seconds: float = 0.0
+    predict_seconds: float = 0.0
+    images_per_second: float = 0.0
+
+
+class FileRecord(_Part):
+    sha256: str
+    bytes: int
+
+
+class MemberCard(_Part):
+    """``zoo/<key>/card.json``. ``key``, ``created`` and ``files`` are set when it is published."""
+
+    version: int = 1
+    format: int = 1  # the key format (:data:`fusion_engine.zoo.keys.ZOO_FORMAT`) the member was keyed with
+    key: Optional[str] = None
+    created: Optional[str] = None
+    name: str
+    experiment: str
+    run_id: Optional[str] = None
+    spec: CardSpec
+    backbone: str
+    plugin: str = ""
+    key_material: dict[str, Any]
+    data: CardData
+    input: CardInput
+    metrics: CardMetrics = Field(default_factory=CardMetrics)
+    best_epoch: Optional[int] = None
+    history: list[dict[str, Any]] = Field(default_factory=list)
+    resumed_from_epoch: Optional[int] = None
+    n_params: int = 0
+    timings: CardTimings = Field(default_factory=CardTimings)
+    device: Optional[str] = None
+    versions: dict[str, str] = Field(default_factory=dict)
+    files: dict[str, FileRecord] = Field(default_factory=dict)
+
+    def index_fields(self) -> dict[str, Any]:
+        """The registry index's columns for this member (besides key, files, size and date)."""
+        return {"name": self.name, "experiment": self.experiment, "run_id": self.run_id, "backbone": self.backbone,
+                "dataset": self.data.dataset, "fingerprint": self.data.fingerprint, "split": self.data.split_sha256,
+                "val_accuracy": self.metrics.val_accuracy, "n_params": self.n_params}
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")

@@ -1,0 +1,71 @@
+"""Zoo keys: the sha256 of everything that decides a member's weights and outputs.
+
+A key is computed from :func:`key_material`, a plain JSON mapping, so that two runs agree on
+a member exactly when they would train (or load) the same one. The material is stored in the
+member's card, so a key can always be checked against what it claims to be.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+from .errors import ZooError
+
+#: part of every key: bump it when what a stored member means changes
+ZOO_FORMAT = 1
+
+KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+PREFIX_RE = re.compile(r"^[0-9a-f]{8,64}$")
+MIN_PREFIX = 8
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}$")
+
+
+def canonical_json(value: Any) -> bytes:
+    """The one JSON text of ``value``: sorted keys, no spaces, UTF-8, no NaN."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def sha256_json(value: Any) -> str:
+    return hashlib.sha256(canonical_json(value)).hexdigest()
+
+
+def split_digest(ids: dict[str, list[str]]) -> str:
+    """The sha256 of the sample ids of train, val and test, in order."""
+    return sha256_json({s: [str(i) for i in ids[s]] for s in ("train", "val", "test")})
+
+
+def key_material(*, backbone: str, params: dict, train: dict, seed: int, image_size: int | None,
+                 mean: list | None, std: list | None, fingerprint: str, split: str) -> dict:
+    """What a member's key hashes: everything that decides its weights and its outputs.
+
+    Not in it: the member's name, the device (CPU and CUDA runs of one member are the same
+    member), ``calibrate`` (applied to the stored logits at load time) and the fusers.
+    """
+    return {
+        "format": ZOO_FORMAT,
+        "backbone": backbone,
+        "params": params,
+        "train": train,
+        "seed": int(seed),
+        "data": {"image_size": image_size, "mean": None if mean is None else list(mean),
+                 "std": None if std is None else list(std), "fingerprint": fingerprint, "split": split},
+    }
+
+
+def member_key(material: dict) -> str:
+    return sha256_json(material)
+
+
+def check_key(key: str) -> str:
+    if not isinstance(key, str) or not KEY_RE.match(key):
+        raise ZooError(f"not a zoo key: {key!r} (expected 64 lowercase hex characters)")
+    return key
+
+
+def check_run_id(run_id: str) -> str:
+    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id) or ".." in run_id:
+        raise ZooError(f"not a run id: {run_id!r}")
+    return run_id

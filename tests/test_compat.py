@@ -1,0 +1,105 @@
+"""A registry written by fusion-engine 0.1 (before member cards were typed and the zoo became a
+package) opens with this version: its members are listed, verified, reused and referenced, its
+run is read, and its index can be rebuilt from its version-1 cards.
+
+``tests/data/registry-0.1`` was made by the 0.1 code with ``tests/plugins/toy_plugin.py`` and the
+spec in ``OLD_SPEC`` below (run folders' plots and report left out: they are drawn again here).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fusion_engine.cli import main
+from fusion_engine.runner import run_experiment
+from fusion_engine.zoo import Registry
+
+OLD_REGISTRY = Path(__file__).parent / "data" / "registry-0.1"
+OLD_RUN = "20261130-063007-toy-0.1-9208"
+TOY_PLUGIN = Path(__file__).parent / "plugins" / "toy_plugin.py"
+OLD_SPEC = f"""
+name: toy-0.1
+seed: 3
+device: cpu
+plugins: [{TOY_PLUGIN}]
+data:
+  dataset: toy-data
+  params: {{n_per_class: 20}}
+  split: {{val: 0.25, test: 0.25}}
+members:
+  - name: net-a
+    backbone: toy-net
+    train: {{epochs: 2, batch_size: 16}}
+  - name: net-b
+    backbone: toy-net
+    params: {{width: 6}}
+    seed: 7
+    calibrate: temperature
+    train: {{epochs: 2, batch_size: 16, optimizer: sgd}}
+fusers:
+  - {{name: avg, fuser: toy-mean}}
+  - {{name: stack, fuser: logistic-stacking}}
+"""
+
+
+@pytest.fixture
+def old_registry(tmp_path) -> Path:
+    return Path(shutil.copytree(OLD_REGISTRY, tmp_path / "registry"))
+
+
+def cli_json(capsys, *args) -> object:
+    capsys.readouterr()
+    assert main([*map(str, args), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_its_members_list_and_verify(old_registry, capsys):
+    listed = cli_json(capsys, "zoo", "list", "--registry", old_registry)
+    assert sorted(m["name"] for m in listed) == ["net-a", "net-b"]
+    for member in listed:
+        shown = cli_json(capsys, "zoo", "show", member["key"], "--registry", old_registry)
+        assert shown["check"] == "ok" and shown["card"]["version"] == 1
+        assert shown["card"]["key"] == member["key"] and shown["runs"] == [OLD_RUN]
+
+
+def test_its_run_reads_and_redraws(old_registry, capsys):
+    capsys.readouterr()
+    assert main(["leaderboard", OLD_RUN, "--registry", str(old_registry), "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("rank,name,kind,members,accuracy")
+    assert main(["report", OLD_RUN, "--registry", str(old_registry)]) == 0
+    report = Path(capsys.readouterr().out.strip())
+    assert report == old_registry / "runs" / OLD_RUN / "report.html"
+    html = report.read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") == 4 + 3  # a confusion matrix per row, reliability, Pareto, curves
+
+
+def test_its_members_are_reused_and_referenced(old_registry, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(OLD_SPEC)
+    result = run_experiment(spec, registry=old_registry, quiet=True)
+    record = json.loads((result.run_dir / "run.json").read_text())
+    assert record["trained"] == [] and record["reused"] == ["net-a", "net-b"]
+    old = json.loads((old_registry / "runs" / OLD_RUN / "leaderboard.json").read_text())
+    new = json.loads((result.run_dir / "leaderboard.json").read_text())
+    timing = {"infer_ms_per_image", "train_seconds", "fit_seconds"}
+    for before, after in zip(old["rows"], new["rows"]):
+        assert {k: v for k, v in before.items() if k not in timing} == {k: v for k, v in after.items() if k not in timing}
+
+    by_ref = tmp_path / "by-reference.yaml"
+    by_ref.write_text(OLD_SPEC.split("members:")[0] + "members:\n  - {name: a, zoo: net-a}\n  - {name: b, zoo: net-b}\n")
+    record = json.loads((run_experiment(by_ref, registry=old_registry, quiet=True).run_dir / "run.json").read_text())
+    assert record["reused"] == ["a", "b"]
+
+
+def test_its_index_is_rebuilt_from_version_1_cards(old_registry, capsys):
+    keys = {e.key for e in Registry(old_registry, create=False).entries()}
+    (old_registry / "index.sqlite").unlink()
+    report = cli_json(capsys, "zoo", "gc", "--registry", old_registry)
+    assert sorted(report["recovered"]) == sorted(keys) and report["removed"] == []
+    with Registry(old_registry) as reg:
+        assert {e.key for e in reg.entries()} == keys
+        assert all(reg.verify(e).version == 1 for e in reg.entries())
