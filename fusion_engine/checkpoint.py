@@ -18,7 +18,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .files import atomic_path, file_record, fsync_dir, write_atomic
+from .files import atomic_path, checksum, fsync_dir, write_atomic
 
 log = logging.getLogger("fusion_engine")
 
@@ -77,9 +77,9 @@ class Checkpoint:
         name = f"epoch-{epoch:05d}.safetensors"
         with atomic_path(self.folder / name, fsync=True) as tmp:
             save_file(tensors, str(tmp))
-            record = file_record(tmp)
+            written = checksum(tmp)
         write_atomic(self.state_path, json.dumps({"format": CHECKPOINT_FORMAT, "key": self.key, "tensors": name,
-                                                  **record, **state}, allow_nan=False), fsync=True)
+                                                  **written, **state}, allow_nan=False), fsync=True)
         fsync_dir(self.folder)
         for old in self.folder.iterdir():
             if old.name not in (name, "state.json"):

@@ -292,7 +292,9 @@ def zoo_rm(args, reg) -> int:
 
 
 def zoo_gc(args, reg) -> int:
-    report = reg.gc(dry_run=args.dry_run, checkpoints=args.checkpoints, cache=args.cache)
+    from .zoo.gc import collect
+
+    report = collect(reg, dry_run=args.dry_run, checkpoints=args.checkpoints, cache=args.cache)
     if args.json:
         _print_json(report.as_dict())
         return 0

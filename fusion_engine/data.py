@@ -77,11 +77,11 @@ def load_data(resolved: "ResolvedSpec", *, cache_dir: Path | None = None) -> Run
     """Load the spec's dataset through its plugin, split it once, and fingerprint both."""
     from .zoo.keys import split_digest
 
-    entry = resolved.dataset
+    bound = resolved.dataset
     data_spec = resolved.spec.data
-    dataset = entry.record.load(entry.params, base_dir=resolved.base_dir)
+    dataset = bound.record.load(bound.params, base_dir=resolved.base_dir)
     if not isinstance(dataset, ImageDataset):
-        raise FusionEngineError(f"dataset plugin {entry.provided.plugin} returned {type(dataset).__name__}, expected ImageDataset")
+        raise FusionEngineError(f"dataset plugin {bound.provided.plugin} returned {type(dataset).__name__}, expected ImageDataset")
     if dataset.split is not None and "split" in data_spec.model_fields_set:
         log.warning("dataset '%s' brings its own train/val/test split; data.split is ignored", data_spec.dataset)
     indices = split_indices(dataset, data_spec.split, resolved.spec.seed)

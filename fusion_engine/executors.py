@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from .checkpoint import Checkpoint
-    from .spec import Resolved, ResourcesSpec, TrainSpec
+    from .spec import Bound, ResourcesSpec, TrainSpec
 
 #: what an executor is given to find a job's images: the train/val/test ``uint8`` tensors at an input config
 Pixels = Callable[[InputConfig], "dict[str, torch.Tensor]"]
@@ -184,9 +184,9 @@ class LazyExecutor:
     none) when a member first needs training: a run whose members are all in the zoo never
     starts or reaches a Ray cluster."""
 
-    def __init__(self, entry: "Resolved | None"):
-        self.entry = entry
-        self.name = entry.record.name if entry is not None else "local"
+    def __init__(self, bound: "Bound | None"):
+        self.bound = bound
+        self.name = bound.record.name if bound is not None else "local"
         self._made: Executor | None = None
 
     @property
@@ -195,9 +195,9 @@ class LazyExecutor:
 
     def get(self) -> Executor:
         if self._made is None:
-            made = LocalExecutor() if self.entry is None else self.entry.record.create(self.entry.params)
+            made = LocalExecutor() if self.bound is None else self.bound.record.create(self.bound.params)
             if not isinstance(made, Executor):
-                raise FusionEngineError(f"executor plugin {self.entry.provided.plugin} made {type(made).__name__}, "
+                raise FusionEngineError(f"executor plugin {self.bound.provided.plugin} made {type(made).__name__}, "
                                         f"expected a fusion_engine.Executor")
             self._made = made
         return self._made

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-__all__ = ["atomic_path", "file_record", "from_jsonable", "fsync_dir", "read_json", "seal", "to_jsonable", "write_atomic",
+__all__ = ["atomic_path", "checksum", "from_jsonable", "fsync_dir", "read_json", "seal", "to_jsonable", "write_atomic",
            "write_json"]
 
 
@@ -61,7 +61,7 @@ def write_json(path: str | os.PathLike, value: Any, *, fsync: bool = False, allo
     return write_atomic(path, json.dumps(value, indent=2, allow_nan=allow_nan, default=_default) + "\n", fsync=fsync)
 
 
-def file_record(path: str | os.PathLike) -> dict:
+def checksum(path: str | os.PathLike) -> dict:
     """``{"sha256", "bytes"}`` of a file."""
     with open(path, "rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
@@ -70,13 +70,13 @@ def file_record(path: str | os.PathLike) -> dict:
 
 
 def seal(path: str | os.PathLike) -> dict:
-    """fsync a file just written and return its checksum record (:func:`file_record`)."""
+    """fsync a file just written and return its checksum (:func:`checksum`)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return file_record(path)
+    return checksum(path)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -19,7 +19,7 @@ from .records import SCORED_SPLITS
 
 if TYPE_CHECKING:  # pragma: no cover
     from .fuser import Fuser
-    from .spec import FuserSpec, Resolved
+    from .spec import FuserSpec, Bound
 
 log = logging.getLogger("fusion_engine")
 
@@ -29,7 +29,7 @@ class FittedFuser:
     """A fuser fitted on val: its out-of-fold val and its test probabilities, and what it cost."""
 
     spec: "FuserSpec"
-    bound: "Resolved"
+    bound: "Bound"
     members: list[str]
     model: "Fuser"
     proba: dict[str, np.ndarray]  # "val" (out-of-fold) and "test", each (N, C)
@@ -52,7 +52,7 @@ class FittedFuser:
                 "temperature": self.spec.temperature, "state": self.model.get_state()}
 
 
-def make_fuser(spec: "FuserSpec", bound: "Resolved", *, seed: int) -> "Fuser":
+def make_fuser(spec: "FuserSpec", bound: "Bound", *, seed: int) -> "Fuser":
     """A fresh, unfitted fuser for a spec entry (temperature-scaled when the entry asks)."""
     from .calibration import TemperatureScaled
 
@@ -60,7 +60,7 @@ def make_fuser(spec: "FuserSpec", bound: "Resolved", *, seed: int) -> "Fuser":
     return TemperatureScaled(fuser, seed=seed) if spec.temperature else fuser
 
 
-def fit_fusers(entries: list[tuple["FuserSpec", "Resolved"]], logits: dict[str, dict[str, np.ndarray]],
+def fit_fusers(fusers: list[tuple["FuserSpec", "Bound"]], logits: dict[str, dict[str, np.ndarray]],
                y: dict[str, np.ndarray], seed: int) -> list[FittedFuser]:
     """Fit each ``(spec, bound plugin)`` fuser on val; score it there out-of-fold; apply it to test.
 
@@ -73,7 +73,7 @@ def fit_fusers(entries: list[tuple["FuserSpec", "Resolved"]], logits: dict[str, 
 
     fitted = []
     with threadpool_limits(1):
-        for spec, bound in entries:
+        for spec, bound in fusers:
             names = spec.members or list(logits)
             stacked = {s: np.stack([logits[n][s] for n in names]) for s in SCORED_SPLITS}
             log.info("fitting fuser %s (%s) on %d members", spec.name, spec.fuser, len(names))

@@ -116,12 +116,12 @@ def plan(resolved: ResolvedSpec, data: RunData) -> list[PlannedMember]:
     """The zoo key of every member the spec trains (members given by ``zoo:`` have one already)."""
     spec = resolved.spec
     planned = []
-    for i, (mspec, entry) in enumerate(zip(spec.members, resolved.members)):
+    for i, (mspec, bound) in enumerate(zip(spec.members, resolved.members)):
         if mspec.zoo is not None:
             continue
         seed = spec.seed if mspec.seed is None else mspec.seed
         material = key_material(
-            backbone=entry.record.name, params=entry.params.model_dump(mode="json"), train=train_config(mspec.train),
+            backbone=bound.record.name, params=bound.params.model_dump(mode="json"), train=train_config(mspec.train),
             seed=seed, image_size=spec.data.image_size, mean=spec.data.mean, std=spec.data.std,
             fingerprint=data.fingerprint, split=data.split,
         )
@@ -138,20 +138,20 @@ def train_config(train) -> dict:
     return data
 
 
-def input_config(entry, *, num_classes: int, image_size: int | None, seed: int, data_spec) -> InputConfig:
+def input_config(bound, *, num_classes: int, image_size: int | None, seed: int, data_spec) -> InputConfig:
     """What a member's network takes, with the spec's ``data.mean``/``data.std`` applied.
 
     Read from the backbone record's ``input_config`` when it has one; otherwise the network is
     built once to ask it.
     """
-    record = entry.record
+    record = bound.record
     if record.input_config is not None:
-        cfg = record.input_config(entry.params, image_size=image_size)
+        cfg = record.input_config(bound.params, image_size=image_size)
     else:
         import torch
 
         torch.manual_seed(seed)
-        cfg = record.build(entry.params, num_classes=num_classes, image_size=image_size).input
+        cfg = record.build(bound.params, num_classes=num_classes, image_size=image_size).input
     mean = tuple(data_spec.mean) if data_spec.mean is not None else tuple(cfg.mean)
     std = tuple(data_spec.std) if data_spec.std is not None else tuple(cfg.std)
     for label, values in (("mean", mean), ("std", std)):
@@ -280,12 +280,12 @@ class MemberStage:
     def _job(self, p: PlannedMember) -> MemberJob:
         """A member to train, as an executor gets it."""
         mspec = self.spec.members[p.index]
-        entry = self.resolved.members[p.index]
+        bound = self.resolved.members[p.index]
         num_classes = len(self.data.class_names)
         return MemberJob(
-            name=mspec.name, key=p.key, backbone=entry.record, params=entry.params, train=mspec.train, seed=p.seed,
+            name=mspec.name, key=p.key, backbone=bound.record, params=bound.params, train=mspec.train, seed=p.seed,
             num_classes=num_classes, image_size=self.spec.data.image_size,
-            input=input_config(entry, num_classes=num_classes, image_size=self.spec.data.image_size, seed=p.seed,
+            input=input_config(bound, num_classes=num_classes, image_size=self.spec.data.image_size, seed=p.seed,
                                data_spec=self.spec.data),
             device=self.device, resources=mspec.resources, label=f"member {p.index + 1}/{len(self.spec.members)}",
         )
@@ -309,7 +309,7 @@ class MemberStage:
         from .provenance import library_versions
 
         data = self.data
-        entry = self.resolved.members[p.index]
+        bound = self.resolved.members[p.index]
         mspec = self.spec.members[p.index]
         cfg = job.input
         logits = fitted.logits
@@ -317,9 +317,9 @@ class MemberStage:
         best = next((h for h in fitted.history if h.get("epoch") == fitted.best_epoch), {})
         card = MemberCard(
             format=p.material["format"], name=mspec.name, experiment=self.spec.name, run_id=self.run_id,
-            spec={"name": mspec.name, "backbone": mspec.backbone, "params": entry.params.model_dump(mode="json"),
+            spec={"name": mspec.name, "backbone": mspec.backbone, "params": bound.params.model_dump(mode="json"),
                   "train": mspec.train.model_dump(mode="json"), "seed": job.seed},
-            backbone=entry.record.name, plugin=entry.provided.plugin, key_material=p.material,
+            backbone=bound.record.name, plugin=bound.provided.plugin, key_material=p.material,
             data={"dataset": self.spec.data.dataset, "params": self.resolved.dataset.params.model_dump(mode="json"),
                   "fingerprint": data.fingerprint, "split_sha256": data.split, "classes": data.class_names,
                   "split_sizes": data.split_sizes},

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .files import from_jsonable, write_atomic
+from .records import SPLITS
 from .runfolder import RunFolder
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,7 +37,7 @@ def write_report(run_dir: str | Path, plots: list["Plot"]) -> Path:
 
 def render_report(run: RunFolder, plots: list["Plot"]) -> str:
     board = run.leaderboard
-    title = board.get("experiment") or run.record.get("experiment") or run.path.name
+    title = board.get("experiment") or run.summary.get("experiment") or run.path.name
     sections = [
         ("summary", "Summary", _summary(run)),
         ("leaderboard", "Leaderboard", _leaderboard(run)),
@@ -80,8 +81,8 @@ def render_report(run: RunFolder, plots: list["Plot"]) -> str:
     nav = " · ".join(f"<a href='#{sid}'>{escape(label)}</a>" for sid, label, _ in sections)
     body = "\n".join(f"<section id='{sid}'><h2>{escape(label)}</h2>\n{content}\n</section>" for sid, label, content in sections)
     sub = " · ".join(escape(str(x)) for x in (
-        board.get("run_id") or run.path.name, run.record.get("status"), run.record.get("started"),
-        f"{run.record['seconds']:.0f} s" if isinstance(run.record.get("seconds"), (int, float)) else None,
+        board.get("run_id") or run.path.name, run.summary.get("status"), run.summary.get("started"),
+        f"{run.summary['seconds']:.0f} s" if isinstance(run.summary.get("seconds"), (int, float)) else None,
     ) if x)
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -275,7 +276,7 @@ def _data(run: RunFolder) -> str:
     classes = run.classes
     body = [[s, str(n)] for s, n in sizes.items()]
     html = _table(["split", "samples"], body, numeric={1})
-    counts = {s: np.bincount(run.labels(s), minlength=len(classes)) for s in ("train", "val", "test") if s in run.split}
+    counts = {s: np.bincount(run.labels(s), minlength=len(classes)) for s in SPLITS if s in run.split}
     if counts and len(classes) <= 60:
         head = ["class", *counts]
         rows = [[c, *(str(int(counts[s][i])) for s in counts)] for i, c in enumerate(classes)]
@@ -369,7 +370,7 @@ def _short_value(value: Any) -> str:
 
 
 def _run_info(run: RunFolder) -> str:
-    rec = run.record
+    rec = run.summary
     rows = [[k, str(rec[k])] for k in ("run_id", "experiment", "status", "started", "seconds", "device", "spec_file") if k in rec]
     fingerprint = rec.get("data", {}).get("fingerprint")
     if fingerprint:

@@ -33,17 +33,15 @@ import numpy as np
 
 from .errors import FusionEngineError
 from .files import atomic_path, read_json, write_atomic, write_json
+from .records import SCORED_SPLITS, SPLITS
 
 if TYPE_CHECKING:  # pragma: no cover
     from .leaderboard import Row
     from .members import MemberResult
 
-#: the splits a run scores and stores outputs for (train is only trained on)
-SCORED_SPLITS = ("val", "test")
-SPLITS = ("train", "val", "test")
 
 SPEC_YAML, SPEC_JSON = "spec.yaml", "spec.json"
-RECORD = "run.json"
+SUMMARY = "run.json"
 LOG = "run.log"
 SPLIT = "split.json"
 LEADERBOARD = ("leaderboard.csv", "leaderboard.md", "leaderboard.json")
@@ -73,7 +71,7 @@ class RunFolder:
         """A finished run's folder, for reading; an error when it has no leaderboard."""
         folder = cls(path)
         if not (folder.path / LEADERBOARD[2]).is_file():
-            status = folder.record.get("status")
+            status = folder.summary.get("status")
             why = f" (its status is {status!r}; see run.log)" if status else ""
             raise FusionEngineError(f"{folder.path}: no leaderboard.json, so nothing to report{why}")
         return folder
@@ -99,9 +97,9 @@ class RunFolder:
         write_json(self.path / SPEC_JSON, resolved)
         write_atomic(self.path / SPEC_YAML, yaml.safe_dump(resolved, sort_keys=False))
 
-    def write_record(self, record: dict) -> None:
-        write_json(self.path / RECORD, record)
-        self.__dict__.pop("record", None)
+    def write_summary(self, summary: dict) -> None:
+        write_json(self.path / SUMMARY, summary)
+        self.__dict__.pop("summary", None)
 
     def write_split(self, classes: list[str], ids: dict[str, list], labels: dict[str, np.ndarray]) -> None:
         write_json(self.path / SPLIT, {"classes": list(classes),
@@ -167,9 +165,9 @@ class RunFolder:
 
     # -- reading -----------------------------------------------------------------------------------
     @cached_property
-    def record(self) -> dict:
+    def summary(self) -> dict:
         """``run.json``: status, timings, split sizes, versions."""
-        return read_json(self.path / RECORD, {})
+        return read_json(self.path / SUMMARY, {})
 
     @cached_property
     def leaderboard(self) -> dict:
@@ -243,7 +241,7 @@ class RunFolder:
 
     @property
     def split_sizes(self) -> dict[str, int]:
-        sizes = self.leaderboard.get("split_sizes") or self.record.get("data", {}).get("split_sizes")
+        sizes = self.leaderboard.get("split_sizes") or self.summary.get("data", {}).get("split_sizes")
         if sizes:
             return {k: int(v) for k, v in sizes.items()}
         return {s: len(self.split[s]["ids"]) for s in SPLITS if s in self.split}

@@ -6,7 +6,7 @@ Each arrow is one stage with typed inputs and outputs: :func:`fusion_engine.spec
 :func:`fusion_engine.data.load_data`, :class:`fusion_engine.members.MemberStage`,
 :func:`fusion_engine.calibration.calibrate_members`, :func:`fusion_engine.fusion.fit_fusers`,
 :func:`fusion_engine.leaderboard.build_leaderboard`, and :class:`fusion_engine.runfolder.RunFolder`,
-which writes everything. This module only strings them together and keeps the run's record.
+which writes everything. This module only strings them together and keeps the run's summary (``run.json``).
 
 The evaluation protocol: the data are split once; members train on train, choose their best
 epoch on val, and predict val and test once; fusers see member logits only, are fitted on val
@@ -88,7 +88,7 @@ def run_experiment(spec_path: str | os.PathLike, *, registry: str | os.PathLike 
 
 
 class _Run:
-    """One run's stages, its record (``run.json``) and its log."""
+    """One run's stages, its summary (``run.json``) and its log."""
 
     def __init__(self, ctx: RunContext, reg: Registry, folder: RunFolder, spec_path: Path, device: str, quiet: bool,
                  executor: LazyExecutor):
@@ -98,7 +98,7 @@ class _Run:
         self.resolved = ctx.spec
         self.console = Console(stderr=True, quiet=quiet)
         self.warnings = _WarningList()
-        self.record: dict[str, Any] = {
+        self.summary: dict[str, Any] = {
             "run_id": ctx.run_id, "experiment": self.resolved.spec.name, "spec_file": str(spec_path.resolve()),
             "status": "running", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device": device, "executor": executor.name, "registry": str(reg.root.resolve()),
@@ -116,7 +116,7 @@ class _Run:
                 stack.callback(log.removeHandler, h)
             stack.callback(log.setLevel, log.level)
             log.setLevel(logging.INFO)
-            self.reg.run_started(self.ctx.run_id, experiment=spec.name, spec_file=self.record["spec_file"],
+            self.reg.run_started(self.ctx.run_id, experiment=spec.name, spec_file=self.summary["spec_file"],
                                  n_members=len(spec.members), n_fusers=len(spec.fusers))
             try:
                 result = self._stages()
@@ -124,8 +124,8 @@ class _Run:
                 self._failed(exc, round(time.perf_counter() - started, 3))
                 raise
             seconds = round(time.perf_counter() - started, 3)
-            self.record.update(status="complete", seconds=seconds, fusers=[f.name for f in spec.fusers])
-            self.folder.write_record(self.record)
+            self.summary.update(status="complete", seconds=seconds, fusers=[f.name for f in spec.fusers])
+            self.folder.write_summary(self.summary)
             self.reg.run_finished(self.ctx.run_id, status="complete", seconds=seconds)
             log.info("run %s complete in %.1fs", self.ctx.run_id, seconds)
             self._plots_and_report()
@@ -138,13 +138,13 @@ class _Run:
         ctx, resolved, folder = self.ctx, self.resolved, self.folder
         spec = resolved.spec
         folder.write_spec(resolved.resolved_dict())
-        folder.write_record(self.record)
+        folder.write_summary(self.summary)
         ctx.plugins.hook.on_run_start(run=ctx)
 
         self.console.log(f"loading dataset [bold]{spec.data.dataset}[/]")
         data = load_data(resolved, cache_dir=self.reg.image_cache_dir)
         ctx.class_names, ctx.split_sizes = data.class_names, data.split_sizes
-        self.record["data"] = {"split_sizes": data.split_sizes, "classes": data.class_names,
+        self.summary["data"] = {"split_sizes": data.split_sizes, "classes": data.class_names,
                                "fingerprint": data.fingerprint, "split_sha256": data.split}
         folder.write_split(data.class_names, data.ids, data.labels)
         self.y_val = data.labels["val"]
@@ -182,7 +182,7 @@ class _Run:
         ctx.plugins.hook.on_run_end(run=ctx, leaderboard=leaderboard)
         return RunResult(ctx.run_id, folder.path, leaderboard, members)
 
-    # -- the record ---------------------------------------------------------------------------------
+    # -- the summary --------------------------------------------------------------------------------
     def _member_ready(self, index: int, member: MemberResult) -> None:
         entry = {"key": member.key, "action": member.action,
                  "source": "zoo" if self.resolved.spec.members[index].zoo is not None else "spec"}
@@ -190,32 +190,32 @@ class _Run:
             entry["resumed_from_epoch"] = member.resumed_from_epoch
         if member.action == "trained":
             entry["executor"] = self.executor.name
-        self._record_member(member.name, entry)
+        self._note_member(member.name, entry)
         self.reg.run_member(self.ctx.run_id, member.name, member.key, member.action)
         log.info("member %s: %s, key %s, best epoch %s, val accuracy %.4f", member.name, member.action, member.key,
                  member.best_epoch, float(np.mean(np.argmax(member.logits["val"], 1) == self.y_val)))
         self.ctx.plugins.hook.on_member_ready(run=self.ctx, member=member)
 
     def _member_failed(self, name: str, key: str, error: str) -> None:
-        self._record_member(name, {"key": key, "action": "failed", "error": error, "executor": self.executor.name})
+        self._note_member(name, {"key": key, "action": "failed", "error": error, "executor": self.executor.name})
 
-    def _record_member(self, name: str, entry: dict) -> None:
-        members = self.record["members"]
+    def _note_member(self, name: str, entry: dict) -> None:
+        members = self.summary["members"]
         members[name] = entry
         actions = {action: [n for n, m in members.items() if m["action"] == action]
                    for action in ("trained", "reused", "failed")}
-        self.record.update(trained=actions["trained"], predicted=list(actions["trained"]), reused=actions["reused"],
+        self.summary.update(trained=actions["trained"], predicted=list(actions["trained"]), reused=actions["reused"],
                            failed=actions["failed"])
-        self.folder.write_record(self.record)
+        self.folder.write_summary(self.summary)
 
     def _failed(self, exc: BaseException, seconds: float) -> None:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-        self.record.update(status=status, error=f"{type(exc).__name__}: {exc}", seconds=seconds)
-        self.folder.write_record(self.record)
+        self.summary.update(status=status, error=f"{type(exc).__name__}: {exc}", seconds=seconds)
+        self.folder.write_summary(self.summary)
         # The CLI reports the error itself, once; this line is for run.log.
-        log.error("run %s %s: %s", self.ctx.run_id, status, self.record["error"], extra={RUN_LOG_ONLY: True})
+        log.error("run %s %s: %s", self.ctx.run_id, status, self.summary["error"], extra={RUN_LOG_ONLY: True})
         try:
-            self.reg.run_finished(self.ctx.run_id, status=status, seconds=seconds, error=self.record["error"])
+            self.reg.run_finished(self.ctx.run_id, status=status, seconds=seconds, error=self.summary["error"])
         except Exception as index_exc:  # the run's own error is the one to report
             log.error("could not record the run's end in the registry index: %s", index_exc)
 

@@ -304,8 +304,9 @@ def _unwrap(tp: Any) -> Any:
 # -- resolving plugin names and parameters ---------------------------------------------------------
 
 @dataclass
-class Resolved:
-    """A spec entry bound to its plugin record and validated parameters."""
+class Bound:
+    """A spec item (a dataset, member, fuser or executor) bound to the plugin record that provides
+    its name, with its ``params`` validated by that record's model."""
 
     provided: Provided
     params: Params
@@ -323,13 +324,13 @@ class ResolvedSpec:
     spec: ExperimentSpec
     file: str | None
     base_dir: Path
-    dataset: Resolved
-    members: list[Resolved | None]
-    fusers: list[Resolved]
-    executor: Resolved | None = None
+    dataset: Bound
+    members: list[Bound | None]
+    fusers: list[Bound]
+    executor: Bound | None = None
 
     @property
-    def fuser_entries(self) -> list[tuple["FuserSpec", Resolved]]:
+    def fuser_entries(self) -> list[tuple["FuserSpec", Bound]]:
         return list(zip(self.spec.fusers, self.fusers))
 
     def resolved_dict(self) -> dict:
@@ -368,7 +369,7 @@ def resolve_spec(spec: ExperimentSpec, catalog, *, file: str | None = None, base
     """Bind each dataset, backbone and fuser name to a plugin and validate its ``params``."""
     base_dir = Path(base_dir) if base_dir is not None else (Path(file).resolve().parent if file else Path.cwd())
 
-    def bind(kind: str, name: str, params: dict, loc: tuple, field: str | None = None) -> Resolved:
+    def bind(kind: str, name: str, params: dict, loc: tuple, field: str | None = None) -> Bound:
         try:
             provided = catalog.get(kind, name)
         except SpecError as exc:
@@ -378,7 +379,7 @@ def resolve_spec(spec: ExperimentSpec, catalog, *, file: str | None = None, base
             value = model.model_validate(params, context={"base_dir": base_dir})
         except ValidationError as exc:
             raise validation_error(exc, model, file=file, prefix=loc + ("params",)) from None
-        return Resolved(provided, value)
+        return Bound(provided, value)
 
     dataset = bind("dataset", spec.data.dataset, spec.data.params, ("data",))
     members = [None if m.backbone is None else bind("backbone", m.backbone, m.params, ("members", i))

@@ -1,11 +1,127 @@
-"""Shared fixtures. Tests make their own data; nothing is downloaded."""
+"""Shared fixtures and helpers. Tests make their own data; nothing is downloaded.
+
+- ``TOY_PLUGIN``: the plugin file a user would write (a tiny backbone, a dataset, a fuser);
+- :func:`toy_spec_data` / the ``toy_spec`` fixture: the toy experiment (two members on the toy
+  dataset), as data or written to a file, with any top-level field replaced;
+- :func:`cli` (a subprocess, as a user runs it) and :func:`cli_json` (in-process, ``--json``);
+- ``toy_run``: the toy experiment run once per session; ``toy_registry``: a copy of its registry
+  that a test may change, whose members are all stored (a run of the toy spec trains nothing);
+- ``make_image_folder``: tiny image folders.
+"""
 
 from __future__ import annotations
 
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+TOY_PLUGIN = TESTS / "plugins" / "toy_plugin.py"
+EXPERIMENTS = REPO / "experiments"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+#: the toy experiment: two small members trained for two epochs, and two fusers
+TOY = {
+    "name": "toy",
+    "seed": 3,
+    "device": "cpu",
+    "plugins": [str(TOY_PLUGIN)],
+    "data": {"dataset": "toy-data", "params": {"n_per_class": 20}, "split": {"val": 0.25, "test": 0.25}},
+    "members": [
+        {"name": "net-a", "backbone": "toy-net", "train": {"epochs": 2, "batch_size": 16}},
+        {"name": "net-b", "backbone": "toy-net", "params": {"width": 6}, "seed": 7,
+         "train": {"epochs": 2, "batch_size": 16, "optimizer": "sgd"}},
+    ],
+    "fusers": [{"name": "avg", "fuser": "toy-mean"}, {"name": "avg-a", "fuser": "toy-mean", "members": ["net-a"]}],
+}
+
+
+def toy_spec_data(**fields) -> dict:
+    """The toy spec with top-level ``fields`` replaced (``members=[...]``, ``data={...}``)."""
+    return {**copy.deepcopy(TOY), **copy.deepcopy(fields)}
+
+
+def write_spec(path: Path, spec: dict | str) -> Path:
+    """``spec`` (data, or YAML text) written to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(spec if isinstance(spec, str) else yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def toy_spec(tmp_path):
+    """``toy_spec(**fields)`` writes the toy spec, fields replaced, to ``tmp_path/spec.yaml``
+    (``filename=`` and ``folder=`` choose another place) and returns its path."""
+
+    def make(*, filename: str = "spec.yaml", folder: Path | None = None, **fields) -> Path:
+        return write_spec((folder or tmp_path) / filename, toy_spec_data(**fields))
+
+    return make
+
+
+def cli(*args, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m fusion_engine ARGS`` in a fresh process, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "fusion_engine", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def cli_json(capsys, *args) -> object:
+    """``fusion-engine ARGS --json`` in this process; its output, parsed (exit status 0 asserted)."""
+    from fusion_engine.cli import main
+
+    capsys.readouterr()
+    assert main([*map(str, args), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def summary(run_dir: Path) -> dict:
+    """A run's ``run.json``."""
+    return json.loads((Path(run_dir) / "run.json").read_text())
+
+
+def latest_run(registry: Path) -> Path:
+    return max((registry / "runs").iterdir(), key=lambda p: p.stat().st_mtime_ns)
+
+
+@dataclass
+class ToyRun:
+    spec: Path
+    registry: Path
+    run_dir: Path
+    summary: dict
+
+    @property
+    def keys(self) -> dict[str, str]:
+        return {name: m["key"] for name, m in self.summary["members"].items()}
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory) -> ToyRun:
+    """The toy spec, run once for the session in this process. Read it; copy before changing it."""
+    from fusion_engine.runner import run_experiment
+
+    root = tmp_path_factory.mktemp("toy")
+    spec = write_spec(root / "spec.yaml", toy_spec_data())
+    result = run_experiment(spec, registry=root / "registry", quiet=True)
+    return ToyRun(spec, root / "registry", result.run_dir, summary(result.run_dir))
+
+
+@pytest.fixture
+def toy_registry(toy_run, tmp_path) -> Path:
+    """A copy of the toy run's registry, every toy member stored, for a test to change."""
+    return Path(shutil.copytree(toy_run.registry, tmp_path / "registry", ignore=shutil.ignore_patterns("locks")))
 
 
 def square_colour(class_index: int, image_index: int) -> tuple[int, int, int]:

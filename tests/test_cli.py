@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -14,44 +13,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import EXPERIMENTS, TOY_PLUGIN, cli, summary, toy_spec_data, write_spec
 from fusion_engine.cli import main
-
-TOY_PLUGIN = Path(__file__).parent / "plugins" / "toy_plugin.py"
-EXPERIMENTS = Path(__file__).parent.parent / "experiments"
-
-TOY_SPEC = f"""
-name: toy
-seed: 3
-device: cpu
-plugins: [{TOY_PLUGIN}]
-data:
-  dataset: toy-data
-  params: {{n_per_class: 20}}
-  split: {{val: 0.25, test: 0.25}}
-members:
-  - name: net-a
-    backbone: toy-net
-    train: {{epochs: 2, batch_size: 16}}
-  - name: net-b
-    backbone: toy-net
-    params: {{width: 6}}
-    seed: 7
-    train: {{epochs: 2, batch_size: 16, optimizer: sgd}}
-fusers:
-  - {{name: avg, fuser: toy-mean}}
-  - {{name: avg-a, fuser: toy-mean, members: [net-a]}}
-"""
-
-
-def write_spec(tmp_path, text=TOY_SPEC, name="spec.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def cli(*args, env=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "fusion_engine", *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, cwd=cwd)
 
 
 def test_help_and_version():
@@ -60,8 +23,8 @@ def test_help_and_version():
     assert out.returncode == 0 and out.stdout.startswith("fusion-engine ")
 
 
-def test_validate_accepts_a_good_spec_without_importing_torch(tmp_path):
-    spec = write_spec(tmp_path)
+def test_validate_accepts_a_good_spec_without_importing_torch(toy_spec):
+    spec = toy_spec()
     code = f"import sys; from fusion_engine.cli import main; rc = main(['validate', {str(spec)!r}]); " \
            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -76,19 +39,35 @@ def test_shipped_experiments_validate():
         assert main(["validate", str(spec)]) == 0, spec
 
 
+def _set(path: tuple, value):
+    """A change to the toy spec: the field at ``path`` set to ``value``."""
+    def change(data: dict) -> dict:
+        *parents, last = path
+        target = data
+        for part in parents:
+            target = target[part]
+        if isinstance(last, tuple):  # rename a key
+            target[last[1]] = target.pop(last[0])
+        else:
+            target[last] = value
+        return data
+    return change
+
+
 @pytest.mark.parametrize(
     "change, expected",
     [
-        (("backbone: toy-net\n    params: {width: 6}", "backbone: toy-nett\n    params: {width: 6}"),
+        (_set(("members", 1, "backbone"), "toy-nett"),
          "members.1.backbone: unknown backbone 'toy-nett' (did you mean 'toy-net'?); installed: "),
-        (("epochs: 2, batch_size: 16}", "epochs: 0, batch_size: 16}"),
+        (_set(("members", 0, "train", "epochs"), 0),
          "members.0.train.epochs: Input should be greater than or equal to 1 (got 0)"),
-        (("n_per_class: 20", "n_per_klass: 20"), "data.params.n_per_klass: unknown field (did you mean 'n_per_class'?)"),
-        (("fuser: toy-mean}", "fuser: nope}"), "fusers.0.fuser: unknown fuser 'nope'"),
+        (_set(("data", "params", ("n_per_class", "n_per_klass")), None),
+         "data.params.n_per_klass: unknown field (did you mean 'n_per_class'?)"),
+        (_set(("fusers", 0, "fuser"), "nope"), "fusers.0.fuser: unknown fuser 'nope'"),
     ],
 )
 def test_bad_specs_exit_2_with_one_line(tmp_path, change, expected):
-    spec = write_spec(tmp_path, TOY_SPEC.replace(*change, 1))
+    spec = write_spec(tmp_path / "spec.yaml", change(toy_spec_data()))
     for args in (["validate", spec], ["run", spec, "--registry", tmp_path / "reg"]):
         out = cli(*args)
         assert out.returncode == 2
@@ -102,8 +81,8 @@ def test_missing_spec_file(tmp_path):
     assert (out.returncode, out.stderr) == (2, f"{tmp_path / 'nope.yaml'}: no such file\n")
 
 
-def test_run_writes_a_complete_run_folder(tmp_path):
-    spec = write_spec(tmp_path)
+def test_run_writes_a_complete_run_folder(tmp_path, toy_spec):
+    spec = toy_spec()
     out = cli("run", spec, "--registry", tmp_path / "reg")
     assert out.returncode == 0, out.stderr
     run_dir = Path(out.stdout.strip().splitlines()[-1])
@@ -163,30 +142,28 @@ def test_run_writes_a_complete_run_folder(tmp_path):
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
 
 
-def test_run_is_reproducible_on_cpu(tmp_path):
-    """Two registries, so both runs train from scratch; everything but the timings must agree."""
-    spec = write_spec(tmp_path)
-    boards = []
-    for registry in ("reg-1", "reg-2"):
-        out = cli("run", spec, "--registry", tmp_path / registry, "--quiet")
-        assert out.returncode == 0, out.stderr
-        run_dir = Path(out.stdout.strip())
-        assert json.loads((run_dir / "run.json").read_text())["trained"] == ["net-a", "net-b"]
-        boards.append(pd.read_csv(run_dir / "leaderboard.csv"))
+def test_run_is_reproducible_on_cpu(toy_run, tmp_path):
+    """Another registry, so the members train from scratch again, in another process; everything
+    but the timings must agree with the session's toy run."""
+    out = cli("run", toy_run.spec, "--registry", tmp_path / "reg", "--quiet")
+    assert out.returncode == 0, out.stderr
+    run_dir = Path(out.stdout.strip())
+    assert summary(run_dir)["trained"] == ["net-a", "net-b"]
     timings = ["train_seconds", "fit_seconds", "infer_ms_per_image", "pareto"]
-    pd.testing.assert_frame_equal(*(b.drop(columns=timings) for b in boards))
+    boards = [pd.read_csv(d / "leaderboard.csv").drop(columns=timings) for d in (toy_run.run_dir, run_dir)]
+    pd.testing.assert_frame_equal(*boards)
 
 
-def test_quiet_prints_only_the_run_folder_and_env_sets_the_registry(tmp_path):
-    spec = write_spec(tmp_path)
-    out = cli("run", spec, "--quiet", env={"FUSION_ENGINE_REGISTRY": str(tmp_path / "envreg")})
+def test_quiet_prints_only_the_run_folder_and_env_sets_the_registry(toy_run, toy_registry):
+    out = cli("run", toy_run.spec, "--quiet", env={"FUSION_ENGINE_REGISTRY": str(toy_registry)})
     assert out.returncode == 0, out.stderr
     assert out.stderr == ""
     lines = out.stdout.splitlines()
-    assert len(lines) == 1 and Path(lines[0]).parent == tmp_path / "envreg" / "runs"
+    assert len(lines) == 1 and Path(lines[0]).parent == toy_registry / "runs"
+    assert summary(lines[0])["reused"] == ["net-a", "net-b"]
 
 
-def test_lifecycle_hooks_are_called_in_order(tmp_path):
+def test_lifecycle_hooks_are_called_in_order(tmp_path, toy_spec, toy_registry):
     tracker = tmp_path / "tracker.py"
     log = tmp_path / "events.txt"
     tracker.write_text(textwrap.dedent(f"""
@@ -208,16 +185,17 @@ def test_lifecycle_hooks_are_called_in_order(tmp_path):
         def on_run_end(run, leaderboard):
             note("end " + str(len(leaderboard)))
     """))
-    spec = write_spec(tmp_path, TOY_SPEC.replace(f"plugins: [{TOY_PLUGIN}]", f"plugins: [{TOY_PLUGIN}, tracker.py]"))
-    out = cli("run", spec, "--registry", tmp_path / "reg", "--quiet")
+    spec = toy_spec(plugins=[str(TOY_PLUGIN), "tracker.py"])
+    out = cli("run", spec, "--registry", toy_registry, "--quiet")
     assert out.returncode == 0, out.stderr
     assert log.read_text().splitlines() == ["start toy True", "member net-a (15, 3)", "member net-b (15, 3)", "end 4"]
 
 
-def test_temperature_options_keep_predictions_and_record_the_temperature(tmp_path):
-    spec_text = TOY_SPEC.replace("    seed: 7\n", "    seed: 7\n    calibrate: temperature\n") + \
-        "  - {name: avg-t, fuser: toy-mean, temperature: true}\n"
-    out = cli("run", write_spec(tmp_path, spec_text), "--registry", tmp_path / "reg", "--quiet")
+def test_temperature_options_keep_predictions_and_record_the_temperature(tmp_path, toy_registry):
+    data = toy_spec_data()
+    data["members"][1]["calibrate"] = "temperature"
+    data["fusers"].append({"name": "avg-t", "fuser": "toy-mean", "temperature": True})
+    out = cli("run", write_spec(tmp_path / "spec.yaml", data), "--registry", toy_registry, "--quiet")
     assert out.returncode == 0, out.stderr
     run_dir = Path(out.stdout.strip())
     card = json.loads((run_dir / "members" / "net-b" / "card.json").read_text())
@@ -235,8 +213,8 @@ def test_bad_data_fails_the_run_with_one_line_and_records_it(tmp_path):
         for i in range(6):
             Image.new("RGB", (12, 12), colour).save(root / label / f"{i}.png")
     (root / "b" / "broken.png").write_bytes(b"not a png")
-    spec = write_spec(tmp_path, "name: bad\ndevice: cpu\ndata: {dataset: imagefolder, params: {root: imgs}, image_size: 8}\n"
-                                "members:\n  - {name: r, backbone: resnet18, train: {epochs: 1}}\n")
+    spec = write_spec(tmp_path / "spec.yaml", "name: bad\ndevice: cpu\ndata: {dataset: imagefolder, params: {root: imgs}, "
+                                              "image_size: 8}\nmembers:\n  - {name: r, backbone: resnet18, train: {epochs: 1}}\n")
     out = cli("run", spec, "--registry", tmp_path / "reg", "--quiet")
     assert (out.returncode, out.stderr) == (2, f"cannot read image {root / 'b' / 'broken.png'}: "
                                                "not an image format Pillow can decode\n")
@@ -246,8 +224,8 @@ def test_bad_data_fails_the_run_with_one_line_and_records_it(tmp_path):
     assert "broken.png" in (run_dir / "run.log").read_text()
 
 
-def test_cuda_without_cuda_is_bad_input_before_anything_is_written(tmp_path):
-    out = cli("run", write_spec(tmp_path), "--registry", tmp_path / "reg", "--device", "cuda")
+def test_cuda_without_cuda_is_bad_input_before_anything_is_written(tmp_path, toy_spec):
+    out = cli("run", toy_spec(), "--registry", tmp_path / "reg", "--device", "cuda")
     assert (out.returncode, out.stderr) == (2, "device 'cuda' was asked for but CUDA is not available; "
                                                "use device: auto or cpu\n")
     assert not (tmp_path / "reg" / "runs").exists()

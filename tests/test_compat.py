@@ -2,8 +2,8 @@
 package) opens with this version: its members are listed, verified, reused and referenced, its
 run is read, and its index can be rebuilt from its version-1 cards.
 
-``tests/data/registry-0.1`` was made by the 0.1 code with ``tests/plugins/toy_plugin.py`` and the
-spec in ``OLD_SPEC`` below (run folders' plots and report left out: they are drawn again here).
+``tests/data/registry-0.1`` was made by the 0.1 code (commit b3de2a0) with
+``tests/plugins/toy_plugin.py`` and the spec ``OLD_SPEC`` below (run folders' plots and report left out: they are drawn again here).
 """
 
 from __future__ import annotations
@@ -14,47 +14,21 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cli_json, toy_spec_data, write_spec
 from fusion_engine.cli import main
 from fusion_engine.runner import run_experiment
 from fusion_engine.zoo import Registry
 
 OLD_REGISTRY = Path(__file__).parent / "data" / "registry-0.1"
 OLD_RUN = "20261130-063007-toy-0.1-9208"
-TOY_PLUGIN = Path(__file__).parent / "plugins" / "toy_plugin.py"
-OLD_SPEC = f"""
-name: toy-0.1
-seed: 3
-device: cpu
-plugins: [{TOY_PLUGIN}]
-data:
-  dataset: toy-data
-  params: {{n_per_class: 20}}
-  split: {{val: 0.25, test: 0.25}}
-members:
-  - name: net-a
-    backbone: toy-net
-    train: {{epochs: 2, batch_size: 16}}
-  - name: net-b
-    backbone: toy-net
-    params: {{width: 6}}
-    seed: 7
-    calibrate: temperature
-    train: {{epochs: 2, batch_size: 16, optimizer: sgd}}
-fusers:
-  - {{name: avg, fuser: toy-mean}}
-  - {{name: stack, fuser: logistic-stacking}}
-"""
+OLD_SPEC = toy_spec_data(name="toy-0.1", fusers=[{"name": "avg", "fuser": "toy-mean"},
+                                                {"name": "stack", "fuser": "logistic-stacking"}])
+OLD_SPEC["members"][1]["calibrate"] = "temperature"
 
 
 @pytest.fixture
 def old_registry(tmp_path) -> Path:
     return Path(shutil.copytree(OLD_REGISTRY, tmp_path / "registry"))
-
-
-def cli_json(capsys, *args) -> object:
-    capsys.readouterr()
-    assert main([*map(str, args), "--json"]) == 0
-    return json.loads(capsys.readouterr().out)
 
 
 def test_its_members_list_and_verify(old_registry, capsys):
@@ -78,8 +52,7 @@ def test_its_run_reads_and_redraws(old_registry, capsys):
 
 
 def test_its_members_are_reused_and_referenced(old_registry, tmp_path):
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(OLD_SPEC)
+    spec = write_spec(tmp_path / "spec.yaml", OLD_SPEC)
     result = run_experiment(spec, registry=old_registry, quiet=True)
     record = json.loads((result.run_dir / "run.json").read_text())
     assert record["trained"] == [] and record["reused"] == ["net-a", "net-b"]
@@ -89,8 +62,8 @@ def test_its_members_are_reused_and_referenced(old_registry, tmp_path):
     for before, after in zip(old["rows"], new["rows"]):
         assert {k: v for k, v in before.items() if k not in timing} == {k: v for k, v in after.items() if k not in timing}
 
-    by_ref = tmp_path / "by-reference.yaml"
-    by_ref.write_text(OLD_SPEC.split("members:")[0] + "members:\n  - {name: a, zoo: net-a}\n  - {name: b, zoo: net-b}\n")
+    by_ref = write_spec(tmp_path / "by-reference.yaml", {**OLD_SPEC, "fusers": [],
+                                                        "members": [{"name": "a", "zoo": "net-a"}, {"name": "b", "zoo": "net-b"}]})
     record = json.loads((run_experiment(by_ref, registry=old_registry, quiet=True).run_dir / "run.json").read_text())
     assert record["reused"] == ["a", "b"]
 

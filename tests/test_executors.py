@@ -5,41 +5,30 @@ re-run trains only what failed."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-TOY_PLUGIN = Path(__file__).parent / "plugins" / "toy_plugin.py"
+from conftest import TOY_PLUGIN, cli, toy_spec_data, write_spec
 
 
-def spec_text(flag: Path) -> str:
-    return textwrap.dedent(f"""
-        name: local-failure
-        seed: 1
-        device: cpu
-        plugins: [{TOY_PLUGIN}]
-        data: {{dataset: toy-data, split: {{val: 0.25, test: 0.25}}}}
-        members:
-          - {{name: flaky, backbone: flaky-net, params: {{fail_while: {flag}}}, train: {{epochs: 1, batch_size: 16}}}}
-          - {{name: steady, backbone: toy-net, train: {{epochs: 1, batch_size: 16}}}}
-        fusers:
-          - {{name: avg, fuser: toy-mean}}
-        """)
+def flaky_spec(path: Path, flag: Path, **fields) -> Path:
+    """A member that fails while ``flag`` exists, and one that trains."""
+    return write_spec(path, toy_spec_data(
+        name="local-failure", seed=1, data={"dataset": "toy-data", "split": {"val": 0.25, "test": 0.25}},
+        members=[{"name": "flaky", "backbone": "flaky-net", "params": {"fail_while": str(flag)},
+                  "train": {"epochs": 1, "batch_size": 16}},
+                 {"name": "steady", "backbone": "toy-net", "train": {"epochs": 1, "batch_size": 16}}],
+        fusers=[{"name": "avg", "fuser": "toy-mean"}], **fields))
 
 
-def run_cli(spec: Path, registry: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "fusion_engine", "run", str(spec), "--registry", str(registry), "--quiet"],
-                          capture_output=True, text=True, env=env)
+def run_cli(spec: Path, registry: Path):
+    return cli("run", spec, "--registry", registry, "--quiet")
 
 
 def test_a_failing_member_does_not_stop_the_others_and_a_rerun_trains_only_it(tmp_path):
     flag = tmp_path / "flag"
     flag.touch()
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(spec_text(flag))
+    spec = flaky_spec(tmp_path / "spec.yaml", flag)
     registry = tmp_path / "reg"
 
     out = run_cli(spec, registry)
@@ -78,9 +67,8 @@ def test_a_job_an_executor_never_reports_fails_by_name_and_a_repeat_report_is_ig
         def register_executors():
             return [ExecutorRecord("sloppy", lambda params: Sloppy())]
     """))
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(spec_text(tmp_path / "absent").replace(f"plugins: [{TOY_PLUGIN}]",
-                                                            f"plugins: [{TOY_PLUGIN}, {plugin}]\nexecutor: sloppy"))
+    spec = flaky_spec(tmp_path / "spec.yaml", tmp_path / "absent", plugins=[str(TOY_PLUGIN), str(plugin)],
+                      executor="sloppy")
     out = run_cli(spec, tmp_path / "reg")
     assert out.returncode == 1
     assert "executor sloppy reported flaky again, or a job it was not given; ignored" in out.stderr
@@ -89,10 +77,7 @@ def test_a_job_an_executor_never_reports_fails_by_name_and_a_repeat_report_is_ig
 
 
 def test_a_malformed_executor_entry_is_one_line_even_with_executor_on_the_command_line(tmp_path):
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(spec_text(tmp_path / "absent").replace("members:", "executor: [ray]\nmembers:"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "fusion_engine", "run", str(spec), "--executor", "local"],
-                         capture_output=True, text=True, env=env)
+    spec = flaky_spec(tmp_path / "spec.yaml", tmp_path / "absent", executor=["ray"])
+    out = cli("run", spec, "--executor", "local")
     assert (out.returncode, out.stderr) == (
         2, f"{spec}: executor: Input should be a valid dictionary or instance of ExecutorSpec\n")

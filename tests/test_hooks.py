@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -13,12 +14,12 @@ import numpy as np
 import pytest
 
 import fusion_engine
+from conftest import TOY_PLUGIN, toy_spec_data, write_spec
 from fusion_engine import hookspecs
 from fusion_engine.plugins import get_plugins
 from fusion_engine.runner import run_experiment
 
 ROOT = Path(__file__).parent.parent
-TOY_PLUGIN = Path(__file__).parent / "plugins" / "toy_plugin.py"
 HOOKS = sorted(name for name, fn in vars(hookspecs).items()
                if callable(fn) and hasattr(fn, "fusion_engine_spec"))
 
@@ -95,17 +96,11 @@ def test_hook_register_executors(tmp_path):
         def register_executors():
             return [ExecutorRecord("threads", Threads, ThreadParams)]
     """)
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(textwrap.dedent(f"""
-        name: threads
-        device: cpu
-        plugins: [{TOY_PLUGIN}, {plugin}]
-        executor: {{name: threads, params: {{threads: 2}}}}
-        data: {{dataset: toy-data}}
-        members:
-          - {{name: a, backbone: toy-net, train: {{epochs: 1}}}}
-          - {{name: b, backbone: toy-net, seed: 5, train: {{epochs: 1}}}}
-    """))
+    spec = write_spec(tmp_path / "spec.yaml", toy_spec_data(
+        name="threads", plugins=[str(TOY_PLUGIN), str(plugin)], executor={"name": "threads", "params": {"threads": 2}},
+        data={"dataset": "toy-data"}, fusers=[],
+        members=[{"name": "a", "backbone": "toy-net", "train": {"epochs": 1}},
+                 {"name": "b", "backbone": "toy-net", "seed": 5, "train": {"epochs": 1}}]))
     result = run_experiment(spec, registry=tmp_path / "reg", quiet=True)
     record = __import__("json").loads((result.run_dir / "run.json").read_text())
     assert record["executor"] == "threads" and sorted(record["trained"]) == ["a", "b"]
@@ -146,21 +141,13 @@ LIFECYCLE = """
 
 
 @pytest.fixture(scope="module")
-def lifecycle_run(tmp_path_factory):
+def lifecycle_run(toy_run, tmp_path_factory):
+    """The toy spec with a tracker plugin, on a copy of the toy registry (its members are reused)."""
     tmp = tmp_path_factory.mktemp("lifecycle")
     (tmp / "tracker.py").write_text(textwrap.dedent(LIFECYCLE))
-    spec = tmp / "spec.yaml"
-    spec.write_text(textwrap.dedent(f"""
-        name: hooks
-        device: cpu
-        plugins: [{TOY_PLUGIN}, tracker.py]
-        data: {{dataset: toy-data, params: {{n_per_class: 10}}}}
-        members:
-          - {{name: a, backbone: toy-net, train: {{epochs: 2, batch_size: 8}}}}
-        fusers:
-          - {{name: avg, fuser: toy-mean}}
-    """))
-    result = run_experiment(spec, registry=tmp / "reg", quiet=True)
+    spec = write_spec(tmp / "spec.yaml", toy_spec_data(name="hooks", plugins=[str(TOY_PLUGIN), "tracker.py"]))
+    registry = shutil.copytree(toy_run.registry, tmp / "reg")
+    result = run_experiment(spec, registry=registry, quiet=True)
     tracker = next(m for name, m in sys.modules.items() if name.startswith("fusion_engine_local_tracker"))
     return result, tracker.EVENTS
 
@@ -174,14 +161,15 @@ def test_hook_on_run_start(lifecycle_run):
 
 def test_hook_on_member_ready(lifecycle_run):
     _, events = lifecycle_run
-    assert events[1][:2] == ("member", "a") and events[1][2] in (1, 2) and events[1][3] == (6, 3)
+    assert [e[:2] for e in events[1:3]] == [("member", "net-a"), ("member", "net-b")]
+    assert all(e[2] in (1, 2) and e[3] == (15, 3) for e in events[1:3])
 
 
 def test_hook_on_run_end(lifecycle_run):
     _, events = lifecycle_run
-    kind, names, split_sizes = events[2]
-    assert kind == "end" and sorted(names) == ["a", "avg"]
-    assert split_sizes == {"train": 18, "val": 6, "test": 6}
+    kind, names, split_sizes = events[3]
+    assert kind == "end" and sorted(names) == ["avg", "avg-a", "net-a", "net-b"]
+    assert split_sizes == {"train": 30, "val": 15, "test": 15}
 
 
 def test_public_api_exports_resolve():

@@ -3,36 +3,23 @@
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import toy_spec_data, write_spec
 from fusion_engine.cli import main
 from fusion_engine.data import cached_images, load_images
 from fusion_engine.runner import run_experiment
 
-TOY_PLUGIN = Path(__file__).parent / "plugins" / "toy_plugin.py"
-
-
-def spec_text(member: str, seed: int) -> str:
-    return textwrap.dedent(f"""
-        name: cached
-        seed: {seed}
-        device: cpu
-        plugins: [{TOY_PLUGIN}]
-        data: {{dataset: imagefolder, params: {{root: images}}, image_size: 8, split: {{val: 0.25, test: 0.25}}}}
-        members:
-          - {{name: {member}, backbone: toy-net, train: {{epochs: 1, batch_size: 8}}}}
-        fusers:
-          - {{name: avg, fuser: toy-mean}}
-        """)
-
 
 def run(tmp_path: Path, member: str, seed: int) -> tuple[dict, str]:
-    spec = tmp_path / f"{member}.yaml"
-    spec.write_text(spec_text(member, seed))
+    spec = write_spec(tmp_path / f"{member}.yaml", toy_spec_data(
+        name="cached", seed=seed,
+        data={"dataset": "imagefolder", "params": {"root": "images"}, "image_size": 8, "split": {"val": 0.25, "test": 0.25}},
+        members=[{"name": member, "backbone": "toy-net", "train": {"epochs": 1, "batch_size": 8}}],
+        fusers=[{"name": "avg", "fuser": "toy-mean"}]))
     result = run_experiment(spec, registry=tmp_path / "reg", quiet=True)
     return json.loads((result.run_dir / "run.json").read_text()), (result.run_dir / "run.log").read_text()
 

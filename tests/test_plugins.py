@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TOY_PLUGIN
 from fusion_engine import PluginError, SpecError
 from fusion_engine.plugins import DISABLE_ENV, get_plugins
 
-TOY_PLUGIN = Path(__file__).parent / "plugins" / "toy_plugin.py"
 FIRST_PARTY = {"fusion_engine_datasets", "fusion_engine_executors", "fusion_engine_fusers", "fusion_engine_metrics", "fusion_engine_timm"}
 
 

@@ -4,44 +4,30 @@ the object store into the zoo, failures isolated, and the leaderboard equal to a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
+from conftest import TOY, TOY_PLUGIN, cli, latest_run, toy_spec_data, write_spec
 from fusion_engine import FusionEngineError
 from fusion_engine.members import MembersFailed
 from fusion_engine.runner import run_experiment
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'fusion-engine[ray]'")
 
-TOY_PLUGIN = Path(__file__).parent / "plugins" / "toy_plugin.py"
 TIMING_COLUMNS = {"train_seconds", "infer_ms_per_image", "fit_seconds", "predict_ms_per_image", "pareto"}
 
 
-def spec_text(flag: Path, executor: str = "ray") -> str:
-    return textwrap.dedent(f"""
-        name: raytoy
-        seed: 3
-        device: cpu
-        plugins: [{TOY_PLUGIN}]
-        executor: {executor}
-        data:
-          dataset: toy-data
-          params: {{n_per_class: 20}}
-          split: {{val: 0.25, test: 0.25}}
-        members:
-          - {{name: net-a, backbone: toy-net, train: {{epochs: 2, batch_size: 16}}}}
-          - {{name: net-b, backbone: toy-net, params: {{width: 6}}, seed: 7, train: {{epochs: 2, batch_size: 16, optimizer: sgd}}}}
-          - {{name: net-c, backbone: flaky-net, params: {{fail_while: {flag}}}, train: {{epochs: 2, batch_size: 16}}}}
-        fusers:
-          - {{name: avg, fuser: toy-mean}}
-        """)
+def ray_spec(path: Path, flag: Path, executor: str | list = "ray", members: list | None = None) -> Path:
+    """The toy members and a third, flaky one (it fails while ``flag`` exists), run by ``executor``."""
+    flaky = {"name": "net-c", "backbone": "flaky-net", "params": {"fail_while": str(flag)},
+             "train": {"epochs": 2, "batch_size": 16}}
+    return write_spec(path, toy_spec_data(name="raytoy", executor=executor, members=members or [*TOY["members"], flaky],
+                                          fusers=[{"name": "avg", "fuser": "toy-mean"}]))
 
 
 @pytest.fixture(scope="module")
@@ -56,18 +42,12 @@ def record_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "run.json").read_text())
 
 
-def latest_run(registry: Path) -> Path:
-    return max((registry / "runs").iterdir(), key=lambda p: p.stat().st_mtime_ns)
-
-
 def test_a_ray_run_equals_the_local_run_of_the_same_spec(local_ray, tmp_path):
     import torch
 
     flag = tmp_path / "absent-flag"
-    spec_ray = tmp_path / "ray.yaml"
-    spec_ray.write_text(spec_text(flag, "ray"))
-    spec_local = tmp_path / "local.yaml"
-    spec_local.write_text(spec_text(flag, "local"))
+    spec_ray = ray_spec(tmp_path / "ray.yaml", flag, "ray")
+    spec_local = ray_spec(tmp_path / "local.yaml", flag, "local")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each 1-CPU Ray task runs, so both compute the same floats
     try:
@@ -101,8 +81,7 @@ def test_a_ray_run_equals_the_local_run_of_the_same_spec(local_ray, tmp_path):
 def test_a_failing_member_fails_alone_and_a_rerun_trains_only_it(local_ray, tmp_path):
     flag = tmp_path / "flag"
     flag.touch()
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(spec_text(flag))
+    spec = ray_spec(tmp_path / "spec.yaml", flag)
     registry = tmp_path / "reg"
     with pytest.raises(MembersFailed) as info:
         run_experiment(spec, registry=registry, quiet=True)
@@ -123,10 +102,10 @@ def test_a_failing_member_fails_alone_and_a_rerun_trains_only_it(local_ray, tmp_
 
 
 def test_a_member_asking_for_more_than_any_node_has_fails_at_once(local_ray, tmp_path):
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(spec_text(tmp_path / "absent").replace(
-        "train: {epochs: 2, batch_size: 16, optimizer: sgd}}", "train: {epochs: 2, batch_size: 16, optimizer: sgd}, "
-        "resources: {cpus: 1, gpus: 1}}"))
+    spec = ray_spec(tmp_path / "spec.yaml", tmp_path / "absent")
+    data = yaml.safe_load(spec.read_text())
+    data["members"][1]["resources"] = {"cpus": 1, "gpus": 1}
+    write_spec(spec, data)
     with pytest.raises(MembersFailed) as info:
         run_experiment(spec, registry=tmp_path / "reg", quiet=True)
     assert str(info.value).startswith(
@@ -159,18 +138,19 @@ def test_a_file_a_member_params_name_travels_with_its_task(tmp_path):
     job_bytes = _dumps(job)
     weights.unlink()  # as on a worker node
     images = {s: np.zeros((6, 1, 8, 8), dtype=np.uint8) for s in ("train", "val", "test")}
-    fitted = _fit_on_worker({}, job_bytes, images, {"train": np.arange(6) % 3, "val": np.arange(6) % 3}, files)
+    threads = torch.get_num_threads()
+    try:  # a worker sets its thread count to its task's CPUs; this process's must not change
+        fitted = _fit_on_worker({}, job_bytes, images, {"train": np.arange(6) % 3, "val": np.arange(6) % 3}, files)
+    finally:
+        torch.set_num_threads(threads)
     np.testing.assert_array_equal(fitted.state_dict["marker"], np.arange(5.0))
 
 
 def test_the_command_line_picks_the_executor_and_its_params(tmp_path):
     """`--executor ray -E num_cpus=2` on a spec that says local: a Ray instance of its own."""
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(spec_text(tmp_path / "absent", "local").replace(
-        "  - {name: net-c", "  # - {name: net-c"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
-    out = subprocess.run([sys.executable, "-m", "fusion_engine", "run", str(spec), "--registry", str(tmp_path / "reg"),
-                          "--executor", "ray", "-E", "num_cpus=2"], capture_output=True, text=True, env=env)
+    spec = ray_spec(tmp_path / "spec.yaml", tmp_path / "absent", "local", members=TOY["members"])
+    out = cli("run", spec, "--registry", tmp_path / "reg", "--executor", "ray", "-E", "num_cpus=2",
+              env={"RAY_AUTH_MODE": "disabled"})
     assert out.returncode == 0, out.stderr
     assert "net-a submitted to Ray (1 CPU, 0 GPU)" in out.stderr
     rec = record_of(Path(out.stdout.strip().splitlines()[-1]))
@@ -182,21 +162,17 @@ def test_the_command_line_picks_the_executor_and_its_params(tmp_path):
 
 
 def test_bad_executor_input_is_one_line_and_exit_2(tmp_path):
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(spec_text(tmp_path / "absent", "rai"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "fusion_engine", "validate", str(spec)], capture_output=True, text=True, env=env)
+    spec = ray_spec(tmp_path / "spec.yaml", tmp_path / "absent", "rai")
+    out = cli("validate", spec)
     assert (out.returncode, out.stderr) == (2, f"{spec}: executor.name: unknown executor 'rai' (did you mean 'ray'?); "
                                                "installed: local, ray\n")
-    out = subprocess.run([sys.executable, "-m", "fusion_engine", "run", str(spec), "--executor", "ray", "-E", "num_cpu=2"],
-                         capture_output=True, text=True, env=env)
+    out = cli("run", spec, "--executor", "ray", "-E", "num_cpu=2")
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert out.stderr.startswith(f"{spec} (with --executor): executor.params.num_cpu: unknown field (did you mean 'num_cpus'?)")
 
 
 def test_without_ray_installed_the_ray_executor_says_how_to_install_it(tmp_path, monkeypatch):
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(spec_text(tmp_path / "absent", "ray"))
+    spec = ray_spec(tmp_path / "spec.yaml", tmp_path / "absent", "ray")
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
     with pytest.raises(FusionEngineError, match=r"the ray executor needs Ray, which is not installed; "
                                                 r"pip install 'fusion-engine\[ray\]'"):
@@ -206,10 +182,9 @@ def test_without_ray_installed_the_ray_executor_says_how_to_install_it(tmp_path,
 
 def test_a_run_whose_members_are_all_stored_never_starts_ray(tmp_path, monkeypatch):
     """The executor is made when a member first needs training: a cached run needs no cluster."""
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(spec_text(tmp_path / "absent", "local"))
+    spec = ray_spec(tmp_path / "spec.yaml", tmp_path / "absent", "local")
     run_experiment(spec, registry=tmp_path / "reg", quiet=True)
-    spec.write_text(spec_text(tmp_path / "absent", "ray"))
+    ray_spec(spec, tmp_path / "absent", "ray")
     monkeypatch.setitem(sys.modules, "ray", None)  # asking Ray for anything would fail
     rec = record_of(run_experiment(spec, registry=tmp_path / "reg", quiet=True).run_dir)
     assert rec["status"] == "complete" and sorted(rec["reused"]) == ["net-a", "net-b", "net-c"]

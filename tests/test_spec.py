@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TOY_PLUGIN
 from fusion_engine import SpecError, load_spec, resolve_spec
 from fusion_engine.plugins import get_plugins
 
-TOY_PLUGIN = Path(__file__).parent / "plugins" / "toy_plugin.py"
 
 GOOD = """
 name: tiny

@@ -12,53 +12,22 @@ import re
 import pickle
 import shutil
 import sqlite3
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
+from conftest import cli_json, latest_run, summary, toy_spec_data, write_spec
 from fusion_engine import FusionEngineError
 from fusion_engine.cli import main
 from fusion_engine.runner import run_experiment
 from fusion_engine.zoo import Registry, ZooError, check_key, key_material, member_key, tree_bytes
 
-TOY_PLUGIN = Path(__file__).parent / "plugins" / "toy_plugin.py"
-
-BASE_SPEC = f"""
-name: zootoy
-seed: 3
-device: cpu
-plugins: [{TOY_PLUGIN}]
-data:
-  dataset: toy-data
-  params: {{n_per_class: 20}}
-  split: {{val: 0.25, test: 0.25}}
-members:
-  - name: net-a
-    backbone: toy-net
-    train: {{epochs: 2, batch_size: 16}}
-  - name: net-b
-    backbone: toy-net
-    params: {{width: 6}}
-    seed: 7
-    train: {{epochs: 2, batch_size: 16, optimizer: sgd}}
-fusers:
-  - {{name: avg, fuser: toy-mean}}
-"""
-
-
-def write_spec(folder: Path, text: str = BASE_SPEC, name: str = "spec.yaml") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(textwrap.dedent(text))
-    return path
-
 
 def run(spec: Path, registry: Path) -> dict:
-    """Run in-process; the run record (run.json)."""
-    result = run_experiment(spec, registry=registry, quiet=True)
-    return json.loads((result.run_dir / "run.json").read_text())
+    """Run in-process; the run's summary (run.json)."""
+    return summary(run_experiment(spec, registry=registry, quiet=True).run_dir)
 
 
 def integrity(registry: Path) -> str:
@@ -67,31 +36,39 @@ def integrity(registry: Path) -> str:
         return reg.index.integrity_check()
 
 
-def cli_json(capsys, *args) -> object:
-    capsys.readouterr()
-    assert main([*map(str, args), "--json"]) == 0
-    return json.loads(capsys.readouterr().out)
+def keys(record: dict) -> dict[str, str]:
+    return {name: m["key"] for name, m in record["members"].items()}
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A registry in which BASE_SPEC has run once, and that run's record."""
-    root = tmp_path_factory.mktemp("trained")
-    spec = write_spec(root)
-    record = run(spec, root / "reg")
-    return root / "reg", record
+def toy(folder: Path, **fields) -> Path:
+    """The toy spec, ``fields`` replaced, written into ``folder``."""
+    return write_spec(folder / "spec.yaml", toy_spec_data(**fields))
+
+
+def toy_with(folder: Path, change) -> Path:
+    """The toy spec after ``change(data)`` edits it in place, written into ``folder``."""
+    data = toy_spec_data()
+    change(data)
+    return write_spec(folder / "spec.yaml", data)
+
+
+def referencing(folder: Path, a: str = "net-a", b: str = "net-b", **data) -> Path:
+    """A spec whose members are taken from the zoo: ``a`` by name, ``b`` calibrated."""
+    return toy(folder, name="zooref", members=[{"name": "a-by-name", "zoo": a},
+                                              {"name": "b-by-prefix", "zoo": b, "calibrate": "temperature"}],
+               fusers=[{"name": "both", "fuser": "toy-mean"}], **data)
 
 
 @pytest.fixture
-def registry(trained, tmp_path) -> Path:
+def trained(toy_run):
+    """The session's toy run: its registry (read only) and its summary."""
+    return toy_run.registry, toy_run.summary
+
+
+@pytest.fixture
+def registry(toy_registry) -> Path:
     """A private copy of the trained registry."""
-    copy = tmp_path / "reg"
-    shutil.copytree(trained[0], copy)
-    return copy
-
-
-def keys(record: dict) -> dict[str, str]:
-    return {name: m["key"] for name, m in record["members"].items()}
+    return toy_registry
 
 
 # -- reuse -----------------------------------------------------------------------------------------
@@ -118,7 +95,7 @@ def test_a_first_run_trains_predicts_and_stores_every_member(trained):
 
 def test_a_second_run_of_the_same_spec_trains_nothing_and_predicts_nothing(trained, registry, tmp_path):
     _, first = trained
-    spec = write_spec(tmp_path)
+    spec = toy(tmp_path)
     second = run(spec, registry)
     assert second["status"] == "complete"
     assert second["trained"] == [] and second["predicted"] == []
@@ -136,25 +113,26 @@ def test_a_second_run_of_the_same_spec_trains_nothing_and_predicts_nothing(train
 
 
 def test_adding_a_fuser_trains_nothing(registry, tmp_path):
-    spec = write_spec(tmp_path, BASE_SPEC + "  - {name: only-b, fuser: toy-mean, members: [net-b]}\n")
+    spec = toy_with(tmp_path, lambda d: d["fusers"].append({"name": "only-b", "fuser": "toy-mean", "members": ["net-b"]}))
     record = run(spec, registry)
-    assert record["trained"] == [] and record["fusers"] == ["avg", "only-b"]
+    assert record["trained"] == [] and record["fusers"] == ["avg", "avg-a", "only-b"]
 
 
 def test_changing_one_member_retrains_only_that_member(trained, registry, tmp_path):
     _, first = trained
-    text = BASE_SPEC.replace("train: {epochs: 2, batch_size: 16, optimizer: sgd}",
-                             "train: {epochs: 3, batch_size: 16, optimizer: sgd}")
-    record = run(write_spec(tmp_path, text), registry)
+    record = run(toy_with(tmp_path, lambda d: d["members"][1]["train"].update(epochs=3)), registry)
     assert record["trained"] == ["net-b"] and record["reused"] == ["net-a"]
     assert keys(record)["net-a"] == keys(first)["net-a"] and keys(record)["net-b"] != keys(first)["net-b"]
 
 
 def test_renaming_a_member_or_calibrating_it_reuses_it(trained, registry, tmp_path):
     _, first = trained
-    text = BASE_SPEC.replace("name: net-a", "name: renamed").replace(
-        "    seed: 7\n", "    seed: 7\n    calibrate: temperature\n")
-    record = run(write_spec(tmp_path, text), registry)
+    def rename_and_calibrate(data):
+        data["members"][0]["name"] = "renamed"
+        data["members"][1]["calibrate"] = "temperature"
+        data["fusers"] = [{"name": "avg", "fuser": "toy-mean"}]
+
+    record = run(toy_with(tmp_path, rename_and_calibrate), registry)
     assert record["trained"] == []
     assert keys(record) == {"renamed": keys(first)["net-a"], "net-b": keys(first)["net-b"]}
     card = json.loads((registry / "runs" / record["run_id"] / "members" / "net-b" / "card.json").read_text())
@@ -169,33 +147,16 @@ def test_the_key_covers_what_decides_a_member_and_resolves_defaults(tmp_path, re
                    {"split": "t" * 64}, {"image_size": 16}, {"mean": [0.5]}, {"backbone": "other"}):
         assert member_key(key_material(**{**base, **change})) != key, change
     # writing out the default lr and weight decay is the same member as leaving them out
-    text = BASE_SPEC.replace("train: {epochs: 2, batch_size: 16}", "train: {epochs: 2, batch_size: 16, lr: 0.002, weight_decay: 0.05}")
-    assert run(write_spec(tmp_path, text), registry)["trained"] == []
+    spec = toy_with(tmp_path, lambda d: d["members"][0]["train"].update(lr=0.002, weight_decay=0.05))
+    assert run(spec, registry)["trained"] == []
 
 
 # -- members by reference --------------------------------------------------------------------------
 
-REF_SPEC = f"""
-name: zooref
-seed: 3
-device: cpu
-plugins: [{TOY_PLUGIN}]
-data:
-  dataset: toy-data
-  params: {{n_per_class: 20}}
-  split: {{val: 0.25, test: 0.25}}
-members:
-  - {{name: a-by-name, zoo: net-a}}
-  - {{name: b-by-prefix, zoo: PREFIX, calibrate: temperature}}
-fusers:
-  - {{name: both, fuser: toy-mean}}
-"""
-
-
 def test_members_from_the_zoo_by_name_and_key_prefix(trained, registry, tmp_path):
     _, first = trained
     key_b = keys(first)["net-b"]
-    spec = write_spec(tmp_path, REF_SPEC.replace("PREFIX", key_b[:10]))
+    spec = referencing(tmp_path, b=key_b[:10])
     record = run(spec, registry)
     assert record["trained"] == [] and record["predicted"] == []
     assert record["members"] == {
@@ -214,7 +175,8 @@ def test_members_from_the_zoo_by_name_and_key_prefix(trained, registry, tmp_path
 
 
 def test_a_reference_trained_on_other_data_is_an_error_naming_both(trained, registry, tmp_path):
-    spec = write_spec(tmp_path, REF_SPEC.replace("n_per_class: 20", "n_per_class: 24").replace("PREFIX", "net-b"))
+    spec = referencing(tmp_path, data={"dataset": "toy-data", "params": {"n_per_class": 24},
+                                       "split": {"val": 0.25, "test": 0.25}})
     with pytest.raises(FusionEngineError) as err:
         run(spec, registry)
     message = str(err.value)
@@ -225,11 +187,9 @@ def test_a_reference_trained_on_other_data_is_an_error_naming_both(trained, regi
 
 
 def test_an_ambiguous_reference_lists_the_candidates(registry, tmp_path):
-    other_seed = BASE_SPEC.replace("  - name: net-a\n    backbone: toy-net\n",
-                                   "  - name: net-a\n    backbone: toy-net\n    seed: 11\n")
-    second = run(write_spec(tmp_path / "b", other_seed), registry)
+    second = run(toy_with(tmp_path / "b", lambda d: d["members"][0].update(seed=11)), registry)
     assert second["trained"] == ["net-a"]
-    spec = write_spec(tmp_path, REF_SPEC.replace("PREFIX", "net-b"))
+    spec = referencing(tmp_path)
     with pytest.raises(FusionEngineError, match=r"members\.0\.zoo: 'net-a' is ambiguous: 2 zoo members match") as err:
         run(spec, registry)
     with Registry(registry) as reg:
@@ -238,7 +198,7 @@ def test_an_ambiguous_reference_lists_the_candidates(registry, tmp_path):
 
 
 def test_a_missing_reference_fails_before_making_a_run(tmp_path):
-    spec = write_spec(tmp_path, REF_SPEC.replace("PREFIX", "deadbeef00"))
+    spec = referencing(tmp_path, b="deadbeef00")
     with pytest.raises(FusionEngineError, match=r"members\.0\.zoo: no zoo member matches 'net-a'"):
         run(spec, tmp_path / "empty-reg")
     assert not (tmp_path / "empty-reg").exists()
@@ -252,8 +212,9 @@ def test_a_missing_reference_fails_before_making_a_run(tmp_path):
     ("{name: ../x, backbone: toy-net}", "members.0.name: String should match pattern"),
 ])
 def test_spec_errors_for_zoo_members(tmp_path, capsys, member, message):
-    text = BASE_SPEC.split("members:")[0] + f"members:\n  - {member}\n"
-    spec = write_spec(tmp_path, text)
+    data = toy_spec_data(members=[yaml.safe_load(member)])
+    del data["fusers"]
+    spec = write_spec(tmp_path / "spec.yaml", data)
     assert main(["validate", str(spec)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"{spec}: {message}") and err.count("\n") == 1
@@ -266,7 +227,7 @@ def test_a_truncated_weights_file_is_detected_and_the_member_retrained(trained, 
     weights = registry / "zoo" / key / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    record = run(write_spec(tmp_path), registry)
+    record = run(toy(tmp_path), registry)
     assert record["trained"] == ["net-a"] and record["reused"] == ["net-b"]
     assert keys(record)["net-a"] == key
     assert any("damaged: model.safetensors" in w and "truncated" in w for w in record["warnings"]), record["warnings"]
@@ -280,7 +241,7 @@ def test_truncated_logits_of_a_referenced_member_are_reported_not_used(trained, 
     key = keys(trained[1])["net-b"]
     outputs = registry / "zoo" / key / "outputs.safetensors"
     outputs.write_bytes(outputs.read_bytes()[:-10])
-    spec = write_spec(tmp_path, REF_SPEC.replace("PREFIX", key[:12]))
+    spec = referencing(tmp_path, b=key[:12])
     with pytest.raises(FusionEngineError, match=rf"members\.1\.zoo: zoo member {key[:12]}… is damaged: outputs.safetensors"):
         run(spec, registry)
 
@@ -313,7 +274,7 @@ def test_a_planted_pickle_is_refused_and_never_loaded(trained, registry, tmp_pat
         torch.save({"w": torch.zeros(2)}, folder / "weights.pt")
         expected = "weights.pt is not one of the files"
     with pytest.raises(FusionEngineError) as err:
-        run(write_spec(tmp_path), registry)
+        run(toy(tmp_path), registry)
     assert expected in str(err.value) and "refuses this member" in str(err.value)
     assert f"fusion-engine zoo rm {key[:16]}" in str(err.value)
     assert main(["zoo", "show", key[:12], "--registry", str(registry)]) == 1
@@ -321,7 +282,7 @@ def test_a_planted_pickle_is_refused_and_never_loaded(trained, registry, tmp_pat
     assert not marker.exists()
     # the user removes it as told; the next run trains it again
     assert main(["zoo", "rm", key[:16], "--registry", str(registry)]) == 0
-    assert run(write_spec(tmp_path), registry)["trained"] == ["net-a"]
+    assert run(toy(tmp_path), registry)["trained"] == ["net-a"]
 
 
 def test_the_engine_never_unpickles():
@@ -361,7 +322,7 @@ def test_keys_run_ids_and_links_cannot_reach_outside_the_registry(trained, regis
     shutil.move(registry / "zoo" / key, outside)
     (registry / "zoo" / key).symlink_to(outside, target_is_directory=True)
     with pytest.raises(FusionEngineError, match="leads outside"):
-        run(write_spec(tmp_path), registry)
+        run(toy(tmp_path), registry)
 
 
 def test_a_newer_index_schema_is_refused(registry):
@@ -378,7 +339,7 @@ def test_zoo_list_show_and_rm(trained, registry, capsys):
     listed = cli_json(capsys, "zoo", "list", "--registry", registry)
     assert sorted(e["name"] for e in listed) == ["net-a", "net-b"]
     entry = next(e for e in listed if e["name"] == "net-a")
-    assert entry["key"] == keys(first)["net-a"] and entry["runs"] == 1 and entry["experiment"] == "zootoy"
+    assert entry["key"] == keys(first)["net-a"] and entry["runs"] == 1 and entry["experiment"] == "toy"
     assert entry["bytes"] == tree_bytes(registry / "zoo" / entry["key"])
 
     shown = cli_json(capsys, "zoo", "show", entry["key"][:8], "--registry", registry)
@@ -462,12 +423,12 @@ def test_zoo_gc_dry_run_removes_nothing(registry, capsys):
 
 
 def test_runs_list(trained, registry, tmp_path, capsys):
-    second = run(write_spec(tmp_path), registry)
+    second = run(toy(tmp_path), registry)
     runs = cli_json(capsys, "runs", "list", "--registry", registry)
     assert [r["run_id"] for r in runs] == [trained[1]["run_id"], second["run_id"]]
     assert [(r["status"], r["n_members"], r["n_trained"], r["n_reused"], r["n_fusers"]) for r in runs] == [
-        ("complete", 2, 2, 0, 1), ("complete", 2, 0, 2, 1)]
-    assert all(r["experiment"] == "zootoy" and r["created"] for r in runs)
+        ("complete", 2, 2, 0, 2), ("complete", 2, 0, 2, 2)]
+    assert all(r["experiment"] == "toy" and r["created"] for r in runs)
     assert main(["runs", "list", "--registry", str(registry)]) == 0
     assert second["run_id"] in capsys.readouterr().out
     assert cli_json(capsys, "runs", "list", "--registry", tmp_path / "nothing-here") == []
@@ -481,7 +442,7 @@ def test_leaderboard_command_reads_the_registry_in_every_format(trained, registr
         capsys.readouterr()
         assert main(["leaderboard", run_id[:17], "--format", fmt, "--registry", str(registry)]) == 0
         assert capsys.readouterr().out == (run_dir / name).read_text()
-    assert main(["leaderboard", "--experiment", "zootoy", "--registry", str(registry)]) == 0
+    assert main(["leaderboard", "--experiment", "toy", "--registry", str(registry)]) == 0
     table = capsys.readouterr().out
     assert run_id in table and "net-a" in table and "avg" in table
     assert main(["leaderboard", "--registry", str(registry), "--format", "json"]) == 0
@@ -500,8 +461,10 @@ def test_an_interrupted_member_resumes_from_its_checkpoint_and_ends_as_if_never_
     import fusion_engine.training as training
     from safetensors.numpy import load_file
 
-    text = BASE_SPEC.replace("train: {epochs: 2, batch_size: 16}", "train: {epochs: 4, batch_size: 16}")
-    reference = run(write_spec(tmp_path / "ref", text), tmp_path / "ref-reg")
+    def four_epochs(data):
+        data["members"][0]["train"]["epochs"] = 4
+
+    reference = run(toy_with(tmp_path / "ref", four_epochs), tmp_path / "ref-reg")
     key = keys(reference)["net-a"]
 
     evaluate, calls = training._evaluate, []
@@ -514,7 +477,7 @@ def test_an_interrupted_member_resumes_from_its_checkpoint_and_ends_as_if_never_
 
     monkeypatch.setattr(training, "_evaluate", stop_in_epoch_3)
     reg = tmp_path / "reg"
-    spec = write_spec(tmp_path, text)
+    spec = toy_with(tmp_path, four_epochs)
     with pytest.raises(Interrupt):
         run(spec, reg)
     state = json.loads((reg / "checkpoints" / key / "state.json").read_text())

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_zoo import BASE_SPEC, integrity, keys, run, write_spec
+from conftest import latest_run, toy_spec_data, write_spec
+from test_zoo import integrity, keys, run
 
 # Every run here is a process of its own, killed with SIGKILL where a test says. They are forked
 # from a forkserver that has imported torch, timm and scikit-learn once (it computes nothing, so
@@ -25,7 +26,8 @@ PRELOAD = ["torch", "timm.optim", "sklearn.model_selection", "safetensors.torch"
            "fusion_engine.runner", "fusion_engine.training", "fusion_engine.zoo", "fusion_engine_timm",
            "fusion_engine_fusers", "fusion_engine_metrics", "fusion_engine_datasets", "test_zoo_crash"]
 
-SPEC = BASE_SPEC.replace("train: {epochs: 2, batch_size: 16}\n", "train: {epochs: 3, batch_size: 16}\n", 1)
+SPEC = toy_spec_data(fusers=[{"name": "avg", "fuser": "toy-mean"}])
+SPEC["members"][0]["train"]["epochs"] = 3
 
 
 def _child(argv: list[str], kill_at: str | None, output: str, kill_after: float | None = None) -> None:
@@ -100,10 +102,6 @@ def cli(registry: Path, *args: str) -> object:
     return json.loads(out)
 
 
-def latest_run(registry: Path) -> Path:
-    return max((registry / "runs").iterdir(), key=lambda p: p.stat().st_mtime_ns)
-
-
 def indexed(registry: Path) -> set[str]:
     with sqlite3.connect(registry / "index.sqlite") as con:
         return {row[0] for row in con.execute("SELECT key FROM members")}
@@ -116,11 +114,11 @@ def test_a_run_killed_at_each_stage_is_rerun_to_completion(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        reference = run(write_spec(tmp_path / "ref", SPEC), tmp_path / "ref-reg")
+        reference = run(write_spec(tmp_path / "ref" / "spec.yaml", SPEC), tmp_path / "ref-reg")
     finally:
         torch.set_num_threads(threads)
     key_a, key_b = keys(reference)["net-a"], keys(reference)["net-b"]
-    spec = write_spec(tmp_path, SPEC)
+    spec = write_spec(tmp_path / "spec.yaml", SPEC)
     reg = tmp_path / "reg"
     checkpoint = reg / "checkpoints" / key_a / "state.json"
 
@@ -185,10 +183,11 @@ def test_two_runs_at_once_on_one_registry_train_a_shared_member_once(tmp_path):
     from fusion_engine.zoo import Registry
 
     # spec A: net-a and net-b; spec B: the same net-a and a net-c of its own
-    spec_a = write_spec(tmp_path / "a", SPEC)
-    spec_b = write_spec(tmp_path / "b", SPEC.replace("name: zootoy", "name: zootoy-b").replace("name: net-b", "name: net-c")
-                        .replace("seed: 7", "seed: 8"))
-    key_a = keys(run(write_spec(tmp_path / "probe", SPEC), tmp_path / "probe-reg"))["net-a"]
+    spec_a = write_spec(tmp_path / "a" / "spec.yaml", SPEC)
+    other = toy_spec_data(name="toy-b", members=[SPEC["members"][0], {**SPEC["members"][1], "name": "net-c", "seed": 8}],
+                          fusers=SPEC["fusers"])
+    spec_b = write_spec(tmp_path / "b" / "spec.yaml", other)
+    key_a = keys(run(write_spec(tmp_path / "probe" / "spec.yaml", SPEC), tmp_path / "probe-reg"))["net-a"]
     reg = tmp_path / "reg"
 
     # hold net-a's lock, as a third run training it would, until both runs wait for it
@@ -225,10 +224,10 @@ def test_runs_killed_at_random_moments_leave_a_registry_that_completes_the_same(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        reference = run(write_spec(tmp_path / "ref", SPEC), tmp_path / "ref-reg")
+        reference = run(write_spec(tmp_path / "ref" / "spec.yaml", SPEC), tmp_path / "ref-reg")
     finally:
         torch.set_num_threads(threads)
-    spec = write_spec(tmp_path, SPEC)
+    spec = write_spec(tmp_path / "spec.yaml", SPEC)
     reg = tmp_path / "reg"
     rng = random.Random(20240611)
     for _ in range(6):

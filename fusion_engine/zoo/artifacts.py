@@ -1,7 +1,8 @@
 """A stored member's files: sealed when written, checked before they are read.
 
-Every file of a member is recorded with its size and sha256 when it is written (:func:`seal`),
-and checked against that record before it is used (:func:`check_file`, :func:`read_checked`).
+Every file of a member has its size and sha256 taken when it is written
+(:func:`fusion_engine.files.seal`), and is checked against them before it is used
+(:func:`check_file`, :func:`read_checked`).
 A file that fails is damage (:class:`CorruptArtifact`), unless it is a pickle or a zip archive
 (torch.save's format), which the zoo never writes and refuses outright (:class:`PlantedFile`).
 """
@@ -62,34 +63,34 @@ def _lstat_regular(key: str, path: Path):
     return st
 
 
-def _verdict(key: str, path: Path, record: dict, size: int, head: bytes) -> None:
+def _verdict(key: str, path: Path, expected: dict, size: int, head: bytes) -> None:
     """Why a file fails its checksum: a pickle or an archive is refused, anything else is damage."""
     if head.startswith(_PICKLE_MAGIC):
         raise PlantedFile(key, path, "holds a pickle")
     if head.startswith(_ZIP_MAGIC):
         raise PlantedFile(key, path, "holds a zip archive (torch.save's pickle format)")
-    if size != record["bytes"]:
-        raise CorruptArtifact(key, path.name, f"{size} bytes where {record['bytes']} were written (truncated or overwritten)")
+    if size != expected["bytes"]:
+        raise CorruptArtifact(key, path.name, f"{size} bytes where {expected['bytes']} were written (truncated or overwritten)")
     raise CorruptArtifact(key, path.name, "its sha256 differs from the one recorded when it was written")
 
 
-def check_file(key: str, path: Path, record: dict) -> None:
-    """Raise unless the file at ``path`` is the one ``record`` describes."""
+def check_file(key: str, path: Path, expected: dict) -> None:
+    """Raise unless the file at ``path`` is the one ``expected`` describes."""
     st = _lstat_regular(key, path)
     with open(path, "rb") as handle:
         head = handle.read(8)
         handle.seek(0)
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
-    if st.st_size != record["bytes"] or digest != record["sha256"]:
-        _verdict(key, path, record, st.st_size, head)
+    if st.st_size != expected["bytes"] or digest != expected["sha256"]:
+        _verdict(key, path, expected, st.st_size, head)
 
 
-def read_checked(key: str, path: Path, record: dict) -> bytes:
-    """A file's bytes, read once and checked against its record (no window to swap it)."""
+def read_checked(key: str, path: Path, expected: dict) -> bytes:
+    """A file's bytes, read once and checked against its checksum (no window to swap it)."""
     _lstat_regular(key, path)
     data = path.read_bytes()
-    if len(data) != record["bytes"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
-        _verdict(key, path, record, len(data), data[:8])
+    if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        _verdict(key, path, expected, len(data), data[:8])
     return data
 
 

@@ -65,7 +65,7 @@ class CardTimings(_Part):
     images_per_second: float = 0.0
 
 
-class FileRecord(_Part):
+class Checksum(_Part):
     sha256: str
     bytes: int
 
@@ -94,7 +94,7 @@ class MemberCard(_Part):
     timings: CardTimings = Field(default_factory=CardTimings)
     device: Optional[str] = None
     versions: dict[str, str] = Field(default_factory=dict)
-    files: dict[str, FileRecord] = Field(default_factory=dict)
+    files: dict[str, Checksum] = Field(default_factory=dict)
 
     def index_fields(self) -> dict[str, Any]:
         """The registry index's columns for this member (besides key, files, size and date)."""

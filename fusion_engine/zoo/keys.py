@@ -12,6 +12,7 @@ import json
 import re
 from typing import Any
 
+from ..records import SPLITS
 from .errors import ZooError
 
 #: part of every key: bump it when what a stored member means changes
@@ -34,7 +35,7 @@ def sha256_json(value: Any) -> str:
 
 def split_digest(ids: dict[str, list[str]]) -> str:
     """The sha256 of the sample ids of train, val and test, in order."""
-    return sha256_json({s: [str(i) for i in ids[s]] for s in ("train", "val", "test")})
+    return sha256_json({s: [str(i) for i in ids[s]] for s in SPLITS})
 
 
 def key_material(*, backbone: str, params: dict, train: dict, seed: int, image_size: int | None,

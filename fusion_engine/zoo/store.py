@@ -39,7 +39,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from ..checkpoint import Checkpoint
-from ..files import file_record, fsync_dir, seal, write_atomic
+from ..files import checksum, fsync_dir, seal, write_atomic
 from ..records import SCORED_SPLITS as SPLITS
 from .artifacts import CARD_FILE, PAYLOAD_FILES, check_file, read_checked, read_json_object, tree_bytes
 from .card import CARD_VERSION, MemberCard
@@ -191,8 +191,8 @@ class Registry:
         for name in sorted(os.listdir(folder)):
             if name not in entry.files:
                 raise PlantedFile(entry.key, folder / name, "is not one of the files this member was stored with")
-        for name, record in entry.files.items():
-            check_file(entry.key, folder / name, record)
+        for name, expected in entry.files.items():
+            check_file(entry.key, folder / name, expected)
         card = read_card(folder, entry.key)
         if card.key != entry.key or member_key(card.key_material) != entry.key:
             raise CorruptArtifact(entry.key, CARD_FILE, "it does not describe this key")
@@ -272,9 +272,9 @@ class Registry:
         card = read_card(folder, key)
         missing = [name for name in PAYLOAD_FILES if name not in card.files]
         if missing:
-            raise CorruptArtifact(key, CARD_FILE, f"incomplete (no record of {', '.join(missing)})")
+            raise CorruptArtifact(key, CARD_FILE, f"incomplete (no checksum of {', '.join(missing)})")
         files = {name: card.files[name].model_dump(include={"sha256", "bytes"}) for name in PAYLOAD_FILES}
-        files[CARD_FILE] = file_record(folder / CARD_FILE)
+        files[CARD_FILE] = checksum(folder / CARD_FILE)
         row = ZooEntry(key=key, bytes=sum(f["bytes"] for f in files.values()), files=files,
                        created=str(card.created or now()), **card.index_fields())
         self.verify(row)
@@ -375,12 +375,6 @@ class Registry:
             where = f" of experiment {experiment!r}" if experiment else ""
             raise ZooError(f"no complete run{where} in {self.root}")
         return done[-1]
-
-    def gc(self, *, dry_run: bool = False, checkpoints: bool = False, cache: bool = False):
-        """See :func:`fusion_engine.zoo.gc.collect`."""
-        from .gc import collect
-
-        return collect(self, dry_run=dry_run, checkpoints=checkpoints, cache=cache)
 
 
 def read_card(folder: Path, key: str) -> MemberCard:

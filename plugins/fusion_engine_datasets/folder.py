@@ -21,13 +21,12 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
 
-from fusion_engine import FusionEngineError, ImageDataset, Params
+from fusion_engine import SPLITS, FusionEngineError, ImageDataset, Params
 
 from .paths import check_at_validation, missing_directory, resolve_path
 
 # torchvision.datasets.folder.IMG_EXTENSIONS, without importing torchvision (it imports torch).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-SPLITS = ("train", "val", "test")
 
 
 class ImageFolderParams(Params):

@@ -14,11 +14,10 @@ from typing import Optional
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
 
-from fusion_engine import FusionEngineError, ImageDataset, Params
+from fusion_engine import SPLITS, FusionEngineError, ImageDataset, Params
 
 from .paths import check_at_validation, missing_file, resolve_path
 
-SPLITS = ("train", "val", "test")
 
 
 class CsvParams(Params):
