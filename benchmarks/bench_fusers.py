@@ -2,7 +2,7 @@
 
 A run fits each fuser on the members' val logits (plus the out-of-fold scoring of val that the
 leaderboard shows) and applies it to test. This script times exactly that code
-(``fusion_engine.runner.fit_fusers``, every first-party fuser of the quickstart) on simulated
+(``fusion_engine.fusion.fit_fusers``, every first-party fuser of the quickstart) on simulated
 member logits with N val and N test samples, K members and C classes, and sets it against the
 time the members themselves take to predict those 2N samples: ResNet-18 and MobileNetV2 with
 small-input stems, alternating, K in all, at ``--size`` pixels (32: CIFAR-10's size; the
@@ -19,7 +19,6 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -39,7 +38,8 @@ fusers:
 
 
 def simulate(n: int, k: int, c: int, seed: int = 0) -> tuple[dict, dict]:
-    """K members of varied skill (about 60-95% accuracy) on N val and N test samples."""
+    """K members of varied skill (about 60-95% accuracy) on N val and N test samples: their logits
+    by member and split, and the labels by split."""
     rng = np.random.default_rng(seed)
     y = {s: rng.integers(0, c, n) for s in ("val", "test")}
     members = {}
@@ -50,20 +50,17 @@ def simulate(n: int, k: int, c: int, seed: int = 0) -> tuple[dict, dict]:
             z = rng.normal(size=(n, c)).astype(np.float32)
             z[np.arange(n), y[s]] += signal
             logits[s] = z
-        members[f"m{j}"] = SimpleNamespace(logits=logits)
+        members[f"m{j}"] = logits
     return members, y
 
 
-def fuser_seconds(resolved, members, y, workdir: Path) -> tuple[float, dict]:
-    from rich.console import Console
+def fuser_seconds(resolved, logits, y) -> tuple[float, dict]:
+    from fusion_engine.fusion import fit_fusers
 
-    from fusion_engine.runner import fit_fusers
-
-    ctx = SimpleNamespace(run_dir=workdir)
     t0 = time.perf_counter()
-    rows = fit_fusers(resolved, ctx, members, y, Console(quiet=True))
+    fitted = fit_fusers(resolved.fuser_entries, logits, y, resolved.spec.seed)
     total = time.perf_counter() - t0
-    return total, {r.name: r.extra["fit_seconds"] for r in rows}
+    return total, {f.name: f.fit_seconds for f in fitted}
 
 
 def member_predict_seconds(n_images: int, k: int, size: int, repeats: int) -> tuple[float, dict]:
@@ -103,7 +100,7 @@ def main() -> None:
     args = p.parse_args()
     report = Report("fusers", args)
 
-    from fusion_engine.runner import prepare
+    from fusion_engine.spec import prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -113,9 +110,9 @@ def main() -> None:
         resolved, _ = prepare(spec)
 
         n, k, c = 10_000, 5, 10
-        fuser_seconds(resolved, *simulate(1_000, 2, c), tmp)  # untimed: imports scikit-learn and XGBoost
+        fuser_seconds(resolved, *simulate(1_000, 2, c))  # untimed: imports scikit-learn and XGBoost
         members, y = simulate(n, k, c)
-        fuser_times = [fuser_seconds(resolved, members, y, tmp) for _ in range(max(1, args.repeats // 2))]
+        fuser_times = [fuser_seconds(resolved, members, y) for _ in range(max(1, args.repeats // 2))]
         fusers = median([t for t, _ in fuser_times])
         members_s, per_arch = member_predict_seconds(2 * n, k, args.size, repeats=1)
         ratio = fusers / members_s
@@ -133,14 +130,14 @@ def main() -> None:
             return
 
         ks = [2, 4, 8] if args.quick else [2, 4, 8, 16]
-        k_times = [fuser_seconds(resolved, *simulate(n, kk, c), tmp)[0] for kk in ks]
+        k_times = [fuser_seconds(resolved, *simulate(n, kk, c))[0] for kk in ks]
         for kk, s in zip(ks, k_times):
             report.add(f"fusers at K={kk}, N={n}", f"{s:8.2f} s", k=kk, n=n, seconds=s)
         b_k = slope(ks, k_times)
         report.add("  exponent in K", f"{b_k:8.2f}", exponent_k=b_k)
 
         ns = [1_000, 3_000, 10_000, 30_000] if args.quick else [1_000, 3_000, 10_000, 30_000, 100_000]
-        n_times = [fuser_seconds(resolved, *simulate(nn, k, c), tmp)[0] for nn in ns]
+        n_times = [fuser_seconds(resolved, *simulate(nn, k, c))[0] for nn in ns]
         for nn, s in zip(ns, n_times):
             report.add(f"fusers at N={nn}, K={k}", f"{s:8.2f} s", k=k, n=nn, seconds=s)
         b_n = slope(ns[1:], n_times[1:])  # the smallest size is dominated by fixed costs

@@ -92,8 +92,9 @@ def on_member_ready(run, member):
     reused from the zoo.
 
     ``member`` is a :class:`~fusion_engine.MemberResult` with ``name``, ``key`` (its zoo key),
-    ``action`` (``"trained"`` or ``"reused"``), ``logits`` per split, ``history`` (per-epoch loss
-    and val accuracy) and ``best_epoch``. Return value ignored.
+    ``action`` (``"trained"`` or ``"reused"``), ``logits`` per split (as the zoo stores them,
+    before any ``calibrate: temperature``), ``history`` (per-epoch loss and val accuracy),
+    ``best_epoch`` and ``card`` (its :class:`~fusion_engine.MemberCard`). Return value ignored.
     """
 
 
