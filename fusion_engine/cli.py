@@ -7,22 +7,44 @@ import torch.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
 from .errors import RUN_LOG_ONLY, FusionEngineError
 
 
+class UsageError(FusionEngineError):
+    """A command line argparse refused: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (what is wrong, then where ``--help`` is) instead of
+    the usage block and the error on two."""
+
+    def error(self, message: str):
+        import re
+
+        bad = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if bad:
+            choices = re.findall(r"'([^']*)'", bad.group(2))
+            close = difflib.get_close_matches(bad.group(1), choices, n=1)
+            if close:
+                message += f"; did you mean '{close[0]}'?"
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fusion-engine",
         description="Train a zoo of image classifiers, fuse them, and score every fusion honestly on one untouched test split.",
     )
     parser.add_argument("--version", action="version", version=f"fusion-engine {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="train the members, fit the fusers, write the leaderboard",
                          description="Run an experiment spec: train what is missing, fit every fuser, write a leaderboard.")
@@ -41,10 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list installed plugins and what they register")
     plugins.add_argument("--json", action="store_true", help="print JSON")
     plugins.add_argument("--spec", metavar="SPEC", help="also load the plugin files this spec lists")
+    plugins.add_argument("--params", metavar="NAME",
+                         help="the parameters of the backbone, fuser, dataset or executor NAME, with defaults")
 
     zoo = sub.add_parser("zoo", help="list, show, remove and clean up stored members",
                          description="The model zoo: every trained member, stored once under its key.")
-    zoo_sub = zoo.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND", required=True)
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND", required=True, parser_class=_Parser)
     zoo_list = zoo_sub.add_parser("list", help="every stored member")
     _registry_option(zoo_list, json_option=True)
     zoo_show = zoo_sub.add_parser("show", help="one member's card, files and checks",
@@ -66,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     _registry_option(zoo_gc, json_option=True)
 
     runs = sub.add_parser("runs", help="list recorded runs", description="Runs recorded in the registry index.")
-    runs_sub = runs.add_subparsers(dest="runs_command", metavar="RUNS_COMMAND", required=True)
+    runs_sub = runs.add_subparsers(dest="runs_command", metavar="RUNS_COMMAND", required=True, parser_class=_Parser)
     runs_list = runs_sub.add_parser("list", help="every recorded run, oldest first")
     runs_list.add_argument("--experiment", metavar="NAME", help="only the runs of this experiment")
     _registry_option(runs_list, json_option=True)
@@ -100,16 +124,24 @@ def _registry_option(parser: argparse.ArgumentParser, *, json_option: bool = Fal
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Run one command. Bad input is one line on stderr and exit status 2; library warnings
+    raised while a command fails are dropped (the one line says what is wrong), and those of a
+    command that succeeds are shown after it, once each."""
     _log_warnings_to_stderr()
-    try:
-        return _COMMANDS[args.command](args)
-    except FusionEngineError as exc:
-        print(_one_line(str(exc)), file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            args = _parser().parse_args(argv)
+            code = _COMMANDS[args.command](args)
+        except FusionEngineError as exc:
+            print(_one_line(str(exc)), file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+    for warning in caught:
+        warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    return code
 
 
 def _log_warnings_to_stderr() -> None:
@@ -159,7 +191,7 @@ def cmd_validate(args) -> int:
     for path in args.specs:
         resolved, _ = prepare(path)
         spec = resolved.spec
-        print(f"{path}: ok ({len(spec.members)} members, {len(spec.fusers)} fusers, dataset {spec.data.dataset})")
+        print(f"{path}: ok ({_count(len(spec.members), 'member')}, {_count(len(spec.fusers), 'fuser')}, dataset {spec.data.dataset})")
     return 0
 
 
@@ -172,21 +204,47 @@ def cmd_plugins(args) -> int:
         _, plugins = prepare(args.spec)
     else:
         plugins = get_plugins()
+    if args.params:
+        return _plugin_params(plugins, args.params, as_json=args.json)
     rows = plugins.describe()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("plugin", "version", "hooks", "registers")
-    for row in rows:
-        provides = "; ".join(f"{k}: {', '.join(row[k])}" for k in ("backbones", "fusers", "datasets", "metrics", "executors") if k in row)
-        version = row["version"] or (Path(row["path"]).name if row["path"] else "")
-        table.add_row(row["name"], version, ", ".join(row["hooks"]), provides)
-    Console().print(table)
+    _table(["plugin", "version", "source", "hooks"],
+           [[row["name"], row["version"] or "", row["distribution"] or row["path"] or "", ", ".join(row["hooks"])]
+            for row in rows], title="plugins")
+    _table(["kind", "name", "plugin", "description"],
+           [[r["kind"], r["name"], row["name"], r["description"]] for row in rows for r in row["records"]],
+           title="what they register (fusion-engine plugins --params NAME: a record's parameters)")
     for name, why in plugins.skipped.items():
         print(f"skipped {name}: {why}", file=sys.stderr)
+    return 0
+
+
+def _plugin_params(plugins, name: str, *, as_json: bool) -> int:
+    from .plugins import describe_params
+
+    catalog = plugins.catalog()
+    found = catalog.named(name)
+    if not found:
+        every = sorted({r.record.name for kind in catalog.records.values() for r in kind.values()})
+        close = difflib.get_close_matches(name, every, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise FusionEngineError(f"no plugin registers '{name}'{hint}; `fusion-engine plugins` lists them")
+    described = [{"kind": kind, "name": p.record.name, "plugin": p.plugin, "description": p.record.description,
+                  "params": describe_params(p.record.params) if getattr(p.record, "params", None) else []}
+                 for kind, p in found]
+    if as_json:
+        print(json.dumps(described, indent=2, default=str))
+        return 0
+    for item in described:
+        title = f"{item['kind']} {item['name']} ({item['plugin']}): {item['description']}"
+        if not item["params"]:
+            print(f"{title}\n  no parameters")
+            continue
+        _table(["param", "type", "default", "constraints", "description"],
+               [[f["name"], f["type"], json.dumps(f["default"], default=str), ", ".join(f["constraints"]),
+                 f["description"]] for f in item["params"]], title=title)
     return 0
 
 
@@ -210,13 +268,17 @@ def _size(n: int) -> str:
 
 
 def _table(columns: list[str], rows: list[list], *, title: str | None = None) -> None:
+    """A table on stdout. On a terminal long cells wrap; in a pipe or a file nothing is cut or
+    wrapped, whatever the width."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    if not console.is_terminal:  # a pipe or a file: don't fold columns to 80 characters
-        console = Console(width=max(console.width, 200))
-    table = Table(*columns, title=title, title_justify="left")
+    if not console.is_terminal:
+        console = Console(width=100_000)
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*("" if v is None else str(v) for v in row))
     console.print(table)
@@ -393,3 +455,7 @@ def _unindexed_run(reg, run_id: str) -> dict | None:
 _ZOO_COMMANDS = {"list": zoo_list, "show": zoo_show, "rm": zoo_rm, "gc": zoo_gc}
 _COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "zoo": cmd_zoo, "runs": cmd_runs,
              "leaderboard": cmd_leaderboard, "report": cmd_report}
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -156,6 +156,8 @@ class Plugins:
                     "first_party": info.first_party,
                     "hooks": info.hooks,
                     **{k: v for k, v in provides.items() if v},
+                    "records": [{"kind": kind, "name": p.record.name, "description": p.record.description}
+                                for kind in RECORD_KINDS for p in cat.records[kind].values() if p.plugin == name],
                 }
             )
         return rows
@@ -196,6 +198,11 @@ class Catalog:
                     found[key] = Provided(record=record, plugin=plugin)
             records[kind] = found
         return cls(records)
+
+    def named(self, name: str) -> list[tuple[str, Provided]]:
+        """``(kind, provided)`` for every record called ``name``, of any kind."""
+        key = normalize_name(str(name))
+        return [(kind, found[key]) for kind, found in self.records.items() if key in found]
 
     def names(self, kind: str) -> list[str]:
         return sorted(p.record.name for p in self.records[kind].values())
@@ -271,3 +278,50 @@ def _blocked_from_env() -> set[str]:
 
 def _hook_names(pm: pluggy.PluginManager, module: object) -> list[str]:
     return [caller.name for caller in pm.get_hookcallers(module) or ()]
+
+
+def describe_params(model: type) -> list[dict]:
+    """One entry per field of a ``Params`` model: name, type, default (``required`` when it has
+    none), its constraints and description; what ``fusion-engine plugins --params`` prints."""
+    from pydantic_core import PydanticUndefined
+
+    out = []
+    for name, field in model.model_fields.items():
+        if field.default_factory is not None:
+            default = field.default_factory()
+        else:
+            default = "required" if field.default is PydanticUndefined else field.default
+        constraints = [c for c in map(_constraint, field.metadata) if c]
+        out.append({"name": name, "type": _type_name(field.annotation), "default": default,
+                    "constraints": constraints, "description": field.description or ""})
+    return out
+
+
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "min_length": "length >=", "max_length": "length <=",
+           "multiple_of": "multiple of", "pattern": "matches"}
+
+
+def _constraint(meta) -> str:
+    """``Gt(gt=0)`` -> ``> 0``, a pattern -> ``matches ^...$``; empty for anything else."""
+    return ", ".join(f"{word} {getattr(meta, attr)}" for attr, word in _BOUNDS.items()
+                     if getattr(meta, attr, None) is not None)
+
+
+def _type_name(annotation) -> str:
+    """A type as a person reads it: ``float``, ``Path | None``, ``list[float]``, ``'prob' | 'logprob'``."""
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _type_name(typing.get_args(annotation)[0])
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is not None:
+        args = ", ".join("..." if a is Ellipsis else _type_name(a) for a in typing.get_args(annotation))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))

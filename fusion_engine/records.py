@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import inspect
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, ConfigDict, ValidationInfo, create_model, field_validator
 
 from .errors import PluginError
 
@@ -23,10 +24,66 @@ SPLITS = ("train", "val", "test")
 SCORED_SPLITS = ("val", "test")
 
 
-class Params(BaseModel):
-    """Base for plugin parameter models: unknown keys are errors, as everywhere in a spec."""
+class StrictModel(BaseModel):
+    """Base for every model a spec is validated with: unknown keys are errors, and ``true`` or
+    ``false`` is never read as a number (pydantic would take ``lr: true`` as 1.0). Numbers written
+    as strings (YAML reads ``1e-3`` as one) are still read as numbers."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if field is not None and bool_as_number(field.annotation, value):
+            raise ValueError("expected a number, not true or false")
+        return value
+
+
+def bool_as_number(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` puts a boolean where ``annotation`` expects a number (and no boolean)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return bool_as_number(typing.get_args(annotation)[0], value)
+    if origin in (typing.Union, types.UnionType):
+        arms = typing.get_args(annotation)
+        if isinstance(value, bool):
+            return any(_numeric(a) for a in arms) and not any(_admits_bool(a) for a in arms)
+        return any(bool_as_number(a, value) for a in arms if _container_for(a, value))
+    if isinstance(value, bool):
+        return _numeric(annotation)
+    if origin in (list, tuple, set, frozenset, Sequence) and isinstance(value, (list, tuple)):
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        return any(bool_as_number(args[min(i, len(args) - 1)], v) for i, v in enumerate(value)) if args else False
+    if origin is dict and isinstance(value, dict):
+        args = typing.get_args(annotation)
+        return bool(args) and any(bool_as_number(args[1], v) for v in value.values())
+    return False
+
+
+def _numeric(annotation: Any) -> bool:
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _numeric(typing.get_args(annotation)[0])
+    return isinstance(annotation, type) and issubclass(annotation, (int, float)) and not issubclass(annotation, bool)
+
+
+def _admits_bool(annotation: Any) -> bool:
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _admits_bool(typing.get_args(annotation)[0])
+    return annotation is Any or annotation is bool
+
+
+def _container_for(annotation: Any, value: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _container_for(typing.get_args(annotation)[0], value)
+    return (origin in (list, tuple, set, frozenset, Sequence) and isinstance(value, (list, tuple))) or \
+        (origin is dict and isinstance(value, dict))
+
+
+class Params(StrictModel):
+    """Base for plugin parameter models: unknown keys are errors, as everywhere in a spec, and
+    booleans are not numbers."""
 
 
 class NoParams(Params):

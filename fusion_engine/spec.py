@@ -19,13 +19,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import FusionEngineError, SpecError, format_loc
-from .records import Params, Provided, normalize_name
+from .records import Params, Provided, StrictModel, normalize_name
 
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$"
 RANK_BY_DELTA = "delta_vs_best_member"
 
 
-class _Strict(BaseModel):
+class _Strict(StrictModel):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -195,7 +195,9 @@ def read_spec_file(path: str | Path) -> dict:
         raise SpecError(f"cannot read: {exc}", file=str(path)) from None
     if suffix in (".yaml", ".yml"):
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        except _DuplicateKey as exc:
+            raise SpecError(str(exc), file=str(path)) from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -213,6 +215,28 @@ def read_spec_file(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise SpecError(f"the spec must be a mapping of fields, got a {type(data).__name__}", file=str(path))
     return data
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base loader reports it
+                break
+            if first is not None:
+                raise _DuplicateKey(f"line {key_node.start_mark.line + 1}: key '{key}' is given twice "
+                                    f"(first on line {first}); give it once")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_spec(data: dict, *, file: str | None = None) -> ExperimentSpec:
