@@ -55,10 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--executor", metavar="NAME", help="what trains the members: local or ray (default: the spec's, else local)")
     run.add_argument("--executor-param", "-E", metavar="KEY=VALUE", action="append", default=[], dest="executor_params",
                      help="an executor parameter, e.g. -E address=auto or -E num_cpus=8 (repeatable)")
+    run.add_argument("--retrain", metavar="NAME", action="append", default=[],
+                     help="train this member again though the zoo has it, replacing the stored one; 'all' for every "
+                          "member (repeatable, or NAME,NAME)")
 
     validate = sub.add_parser("validate", help="check specs without running them",
-                              description="Check specs: fields, plugin names and plugin parameters. Imports no torch.")
+                              description="Check specs as a run would before training: fields, plugin names and "
+                                          "params, the dataset's files and split, each member's backbone and weight "
+                                          "files, zoo references. Nothing is trained, decoded or written.")
     validate.add_argument("specs", nargs="+", metavar="SPEC")
+    validate.add_argument("--registry", metavar="DIR", help="where zoo: members are looked up (default: "
+                                                            "$FUSION_ENGINE_REGISTRY or ./registry)")
 
     plugins = sub.add_parser("plugins", help="list installed plugins and what they register")
     plugins.add_argument("--json", action="store_true", help="print JSON")
@@ -167,7 +174,9 @@ def cmd_run(args) -> int:
     executor = None
     if args.executor or args.executor_params:
         executor = {"name": args.executor, "params": dict(_key_value(item) for item in args.executor_params)}
-    result = run_experiment(args.spec, registry=args.registry, device=args.device, quiet=args.quiet, executor=executor)
+    retrain = tuple(name.strip() for item in args.retrain for name in item.split(",") if name.strip())
+    result = run_experiment(args.spec, registry=args.registry, device=args.device, quiet=args.quiet, executor=executor,
+                            retrain=retrain)
     print(result.run_dir)
     return 0
 
@@ -186,10 +195,12 @@ def _key_value(item: str) -> tuple[str, object]:
 
 
 def cmd_validate(args) -> int:
+    from .preflight import preflight
     from .spec import prepare
 
     for path in args.specs:
         resolved, _ = prepare(path)
+        preflight(resolved, registry=args.registry)
         spec = resolved.spec
         print(f"{path}: ok ({_count(len(spec.members), 'member')}, {_count(len(spec.fusers), 'fuser')}, dataset {spec.data.dataset})")
     return 0

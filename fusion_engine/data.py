@@ -1,5 +1,5 @@
-"""The data stage of a run: a loaded :class:`ImageDataset` becomes a split, a fingerprint and
-pixels (:class:`RunData`, made by :func:`load_data`).
+"""The data stage of a run: a dataset is loaded and split (:func:`load_dataset`), then
+fingerprinted, with its pixels decoded on demand (:class:`RunData`, made by :func:`run_data`).
 
 torch and scikit-learn load inside the functions that use them, so importing this module (as
 ``validate`` and ``plugins`` may) stays fast.
@@ -73,22 +73,37 @@ class RunData:
         return self._images[key]
 
 
-def load_data(resolved: "ResolvedSpec", *, cache_dir: Path | None = None) -> RunData:
-    """Load the spec's dataset through its plugin, split it once, and fingerprint both."""
-    from .zoo.keys import split_digest
+def load_dataset(resolved: "ResolvedSpec") -> tuple[ImageDataset, dict[str, np.ndarray]]:
+    """The spec's dataset through its plugin, checked (two classes at least) and split once.
 
+    Cheap for datasets of files (their plugins list and check files, nothing is decoded), so it
+    runs before anything else: in ``validate``, and in ``run`` before a run folder is made.
+    """
     bound = resolved.dataset
     data_spec = resolved.spec.data
     dataset = bound.record.load(bound.params, base_dir=resolved.base_dir)
     if not isinstance(dataset, ImageDataset):
         raise FusionEngineError(f"dataset plugin {bound.provided.plugin} returned {type(dataset).__name__}, expected ImageDataset")
+    present = np.unique(dataset.labels)
+    if len(present) < 2:
+        what = f"only class '{_class_name(dataset, present[0])}'" if len(present) else "no samples"
+        raise FusionEngineError(f"data: dataset '{data_spec.dataset}' has {what}; a classifier needs samples of at "
+                                f"least 2 classes")
     if dataset.split is not None and "split" in data_spec.model_fields_set:
         log.warning("dataset '%s' brings its own train/val/test split; data.split is ignored", data_spec.dataset)
-    indices = split_indices(dataset, data_spec.split, resolved.spec.seed)
+    return dataset, split_indices(dataset, data_spec.split, resolved.spec.seed)
+
+
+def run_data(dataset: ImageDataset, indices: dict[str, np.ndarray], *, cache_dir: Path | None = None,
+             fingerprint: str | None = None) -> RunData:
+    """The data stage of a run: a split dataset, fingerprinted (file contents included; pass the
+    ``fingerprint`` when it is known already), with its images decoded on demand."""
+    from .zoo.keys import split_digest
+
     ids = {s: [str(dataset.ids[i]) for i in idx] for s, idx in indices.items()}
     data = RunData(dataset, indices, {s: dataset.labels[idx] for s, idx in indices.items()}, ids,
-                   dataset_fingerprint(dataset), split_digest(ids), cache_dir=cache_dir)
-    log.info("dataset %s: %s, %d classes", data_spec.dataset, data.split_sizes, len(data.class_names))
+                   fingerprint or dataset_fingerprint(dataset), split_digest(ids), cache_dir=cache_dir)
+    log.info("dataset: %s, %d classes", data.split_sizes, len(data.class_names))
     return data
 
 

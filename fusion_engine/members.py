@@ -11,7 +11,8 @@ runs never wait for each other in a cycle.
 
 A member that fails does not stop the others; the stage then raises :class:`MembersFailed`
 naming it, and a re-run trains only what failed. A member named by ``zoo:`` is read from the
-zoo and must have been trained on this run's data and split.
+zoo (the preflight checks chose it, trained on this run's data and split). ``--retrain`` names
+members trained again even when the zoo has them; the new ones replace the stored ones.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from .data import RunData
 from .errors import RUN_LOG_ONLY, FusionEngineError, SpecError
 from .executors import FittedMember, JobOutcome, LazyExecutor, MemberJob
 from .records import SCORED_SPLITS, InputConfig
+from .preflight import Preflight
 from .spec import ResolvedSpec
-from .zoo import (Busy, CorruptArtifact, MemberCard, Registry, StoredMember, ZooError, describe_candidates,
-                  key_material, member_key, short)
+from .zoo import Busy, CorruptArtifact, MemberCard, Registry, StoredMember, ZooError, key_material, member_key, short
 
 log = logging.getLogger("fusion_engine")
 
@@ -138,28 +139,6 @@ def train_config(train) -> dict:
     return data
 
 
-def input_config(bound, *, num_classes: int, image_size: int | None, seed: int, data_spec) -> InputConfig:
-    """What a member's network takes, with the spec's ``data.mean``/``data.std`` applied.
-
-    Read from the backbone record's ``input_config`` when it has one; otherwise the network is
-    built once to ask it.
-    """
-    record = bound.record
-    if record.input_config is not None:
-        cfg = record.input_config(bound.params, image_size=image_size)
-    else:
-        import torch
-
-        torch.manual_seed(seed)
-        cfg = record.build(bound.params, num_classes=num_classes, image_size=image_size).input
-    mean = tuple(data_spec.mean) if data_spec.mean is not None else tuple(cfg.mean)
-    std = tuple(data_spec.std) if data_spec.std is not None else tuple(cfg.std)
-    for label, values in (("mean", mean), ("std", std)):
-        if len(values) != cfg.in_chans:
-            raise FusionEngineError(f"data.{label} has {len(values)} values but the backbone takes {cfg.in_chans} channels")
-    return InputConfig(size=data_spec.image_size or cfg.size, mean=mean, std=std, in_chans=cfg.in_chans)
-
-
 class MemberStage:
     """Settles every member of a spec (see the module docstring).
 
@@ -167,12 +146,13 @@ class MemberStage:
     they become ready; ``on_failed(name, key, error)`` for each one that fails.
     """
 
-    def __init__(self, resolved: ResolvedSpec, reg: Registry, data: RunData, executor: LazyExecutor, *,
-                 run_id: str, device: str, quiet: bool, console,
+    def __init__(self, resolved: ResolvedSpec, checked: Preflight, reg: Registry, data: RunData,
+                 executor: LazyExecutor, *, run_id: str, device: str, quiet: bool, console, retrain: tuple[str, ...] = (),
                  on_ready: Callable[[int, MemberResult], None],
                  on_failed: Callable[[str, str, str], None]):
-        self.resolved, self.spec = resolved, resolved.spec
+        self.resolved, self.spec, self.checked = resolved, resolved.spec, checked
         self.reg, self.data, self.executor = reg, data, executor
+        self.retrain = set(retrain)
         self.run_id, self.device, self.quiet, self.console = run_id, device, quiet, console
         self._on_ready, self._on_failed = on_ready, on_failed
         self.results: dict[str, MemberResult] = {}
@@ -180,9 +160,8 @@ class MemberStage:
 
     def run(self) -> dict[str, MemberResult]:
         """Every member's result, in the spec's order; :class:`MembersFailed` when any failed."""
-        for i, mspec in enumerate(self.spec.members):
-            if mspec.zoo is not None:
-                self._ready(i, referenced_member(self.resolved, i, self.reg, self.data, self.console))
+        for i, entry in self.checked.references.items():
+            self._ready(i, referenced_member(self.resolved, i, entry, self.reg, self.data, self.console))
         planned = plan(self.resolved, self.data)
         by_key: dict[str, list[PlannedMember]] = {}
         for p in planned:
@@ -222,7 +201,12 @@ class MemberStage:
         """Reuse or train ``members``; the run holds their keys' locks in ``held``."""
         jobs: list[tuple[PlannedMember, MemberJob]] = []
         for p in members:
-            stored = stored_member(self.reg, p.key, p.name, self.data)
+            if "all" in self.retrain or p.name in self.retrain:
+                self.reg.checkpoint(p.key).clear()  # retrained from scratch, as asked
+                log.info("retraining %s, as --retrain asks", p.name)
+                stored = None
+            else:
+                stored = stored_member(self.reg, p.key, p.name, self.data)
             if stored is not None:
                 self.console.log(f"reused [bold]{p.name}[/] from the zoo (key {short(p.key)})")
                 self._ready(p.index, from_stored(p.name, stored, action="reused"))
@@ -284,9 +268,7 @@ class MemberStage:
         num_classes = len(self.data.class_names)
         return MemberJob(
             name=mspec.name, key=p.key, backbone=bound.record, params=bound.params, train=mspec.train, seed=p.seed,
-            num_classes=num_classes, image_size=self.spec.data.image_size,
-            input=input_config(bound, num_classes=num_classes, image_size=self.spec.data.image_size, seed=p.seed,
-                               data_spec=self.spec.data),
+            num_classes=num_classes, image_size=self.spec.data.image_size, input=self.checked.inputs[p.index],
             device=self.device, resources=mspec.resources, label=f"member {p.index + 1}/{len(self.spec.members)}",
         )
 
@@ -406,51 +388,17 @@ class _Held:
 
 # -- members by reference ---------------------------------------------------------------------------
 
-def check_references_exist(resolved: ResolvedSpec, registry_dir: Path) -> None:
-    """Fail before a run is made when a ``zoo:`` member names nothing in the registry."""
-    refs = [(i, m.zoo) for i, m in enumerate(resolved.spec.members) if m.zoo is not None]
-    if not refs:
-        return
-    with Registry(registry_dir, create=False) as reg:
-        for i, ref in refs:
-            if not reg.find(ref):
-                raise SpecError(f"no zoo member matches '{ref}' (a key, key prefix or member name) in registry "
-                                f"{registry_dir}; `fusion-engine zoo list --registry {registry_dir}` shows them",
-                                file=resolved.file, loc=("members", i, "zoo"))
-
-
-def referenced_member(resolved: ResolvedSpec, i: int, reg: Registry, data: RunData, console) -> MemberResult:
-    """A member named by ``zoo:``: it must have been trained on this run's data and split."""
+def referenced_member(resolved: ResolvedSpec, i: int, entry, reg: Registry, data: RunData, console) -> MemberResult:
+    """A member named by ``zoo:`` (``entry``, chosen by the preflight checks), read from the zoo."""
     mspec = resolved.spec.members[i]
-    loc = ("members", i, "zoo")
-    found = reg.find(mspec.zoo)
-    fitting = [e for e in found if e.fingerprint == data.fingerprint and e.split == data.split]
-    if len(found) == 1:
-        chosen = found[0]
-    elif len(fitting) == 1:
-        chosen = fitting[0]
-    elif not found:
-        raise SpecError(f"no zoo member matches '{mspec.zoo}' in registry {reg.root}", file=resolved.file, loc=loc)
-    else:
-        shown = fitting or found
-        raise SpecError(f"'{mspec.zoo}' is ambiguous: {len(shown)} zoo members match"
-                        f"{' and were trained on this data' if fitting else ''}; give a longer key prefix. "
-                        f"Candidates: {describe_candidates(shown)}", file=resolved.file, loc=loc)
-    if chosen.fingerprint != data.fingerprint or chosen.split != data.split:
-        what = [f"data fingerprint {chosen.fingerprint[:16]} (this run: {data.fingerprint[:16]})"
-                if chosen.fingerprint != data.fingerprint else "",
-                f"split {chosen.split[:16]} (this run: {data.split[:16]})" if chosen.split != data.split else ""]
-        raise SpecError(f"zoo member {short(chosen.key)} ({chosen.name}, experiment {chosen.experiment}) was trained on "
-                        f"other data: {' and '.join(w for w in what if w)}; fusers may only combine members scored on "
-                        f"the same samples", file=resolved.file, loc=loc)
-    with reg.lock(chosen.key):
+    with reg.lock(entry.key):
         try:
-            stored = reg.open_member(chosen.key)
+            stored = reg.open_member(entry.key)
             if stored is None:
-                raise ZooError(f"zoo member {short(chosen.key)} was removed while this run started")
+                raise ZooError(f"zoo member {short(entry.key)} was removed while this run started")
             check_outputs(stored, data)
         except ZooError as exc:
-            raise SpecError(f"{exc}", file=resolved.file, loc=loc) from None
-    console.log(f"reused [bold]{mspec.name}[/] from the zoo (key {short(chosen.key)}, "
-                f"'{chosen.name}' of experiment {chosen.experiment})")
+            raise SpecError(f"{exc}", file=resolved.file, loc=("members", i, "zoo")) from None
+    console.log(f"reused [bold]{mspec.name}[/] from the zoo (key {short(entry.key)}, "
+                f"'{entry.name}' of experiment {entry.experiment})")
     return from_stored(mspec.name, stored, action="reused")

@@ -146,6 +146,11 @@ class BackboneRecord:
     ``input_config(params, image_size=...)``, optional, returns the :class:`InputConfig` that
     ``build`` would report, without building the network (timm reads it from the model's
     pretrained config). Without it, the engine builds the network once to ask.
+
+    ``check(params, num_classes=..., image_size=...)``, optional, checks what can be checked
+    without training (weight files against the architecture, say) before a run starts and in
+    ``validate``: it raises :class:`~fusion_engine.FusionEngineError` naming the problem, and
+    logs warnings on the ``fusion_engine`` logger.
     """
 
     name: str
@@ -153,6 +158,7 @@ class BackboneRecord:
     params: type[Params] = NoParams
     description: str = ""
     input_config: Callable[..., InputConfig] | None = None
+    check: Callable[..., None] | None = None
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
     spec -> data -> members -> calibrate -> fusers -> leaderboard -> run folder
 
-Each arrow is one stage with typed inputs and outputs: :func:`fusion_engine.spec.prepare`,
-:func:`fusion_engine.data.load_data`, :class:`fusion_engine.members.MemberStage`,
+Each arrow is one stage with typed inputs and outputs: :func:`fusion_engine.spec.prepare` and
+:func:`fusion_engine.preflight.preflight` (before any run folder exists), :func:`fusion_engine.data.run_data`, :class:`fusion_engine.members.MemberStage`,
 :func:`fusion_engine.calibration.calibrate_members`, :func:`fusion_engine.fusion.fit_fusers`,
 :func:`fusion_engine.leaderboard.build_leaderboard`, and :class:`fusion_engine.runfolder.RunFolder`,
 which writes everything. This module only strings them together and keeps the run's summary (``run.json``).
@@ -32,7 +32,8 @@ from .errors import RUN_LOG_ONLY, FusionEngineError
 from .executors import LazyExecutor
 from .fusion import fit_fusers
 from .leaderboard import Row, build_leaderboard, print_leaderboard
-from .members import MemberResult, MemberStage, check_references_exist
+from .members import MemberResult, MemberStage
+from .preflight import Preflight, preflight
 from .plugins import Plugins
 from .provenance import library_versions
 from .records import SCORED_SPLITS
@@ -64,16 +65,24 @@ class RunResult:
 
 
 def run_experiment(spec_path: str | os.PathLike, *, registry: str | os.PathLike | None = None,
-                   device: str | None = None, quiet: bool = False, executor: dict | None = None) -> RunResult:
+                   device: str | None = None, quiet: bool = False, executor: dict | None = None,
+                   retrain: tuple[str, ...] = ()) -> RunResult:
     """Run the experiment a spec file describes and write its run folder.
 
-    ``executor`` (``{"name": "ray", "params": {"address": "auto"}}``) overrides the spec's.
+    ``executor`` (``{"name": "ray", "params": {"address": "auto"}}``) overrides the spec's;
+    ``retrain`` names members to train again though the zoo has them (``("all",)``: every one).
+    Everything that can be checked without training is checked before the run folder is made
+    (:func:`fusion_engine.preflight.preflight`).
     """
+    from rich.console import Console
+
     resolved, plugins = prepare(spec_path, executor=executor)
     spec = resolved.spec
     device = device or spec.device
     registry_dir = resolve_registry(registry)
-    check_references_exist(resolved, registry_dir)
+    console = Console(stderr=True, quiet=quiet)
+    console.log(f"checking [bold]{spec.name}[/]: dataset {spec.data.dataset}, {len(spec.members)} members")
+    checked = preflight(resolved, registry=registry_dir, retrain=tuple(retrain))
     with LazyExecutor(resolved.executor) as lazy_executor:
         if device == "cuda" and lazy_executor.local:
             from .training import resolve_device
@@ -84,19 +93,18 @@ def run_experiment(spec_path: str | os.PathLike, *, registry: str | os.PathLike 
             folder = RunFolder.create(reg.run_dir(run_id))
             with reg.run_lock(run_id):
                 ctx = RunContext(resolved, run_id, folder.path, reg.root, plugins)
-                return _Run(ctx, reg, folder, Path(spec_path), device, quiet, lazy_executor).execute()
+                run = _Run(ctx, reg, folder, Path(spec_path), device, quiet, lazy_executor, console)
+                return run.execute(checked, tuple(retrain))
 
 
 class _Run:
     """One run's stages, its summary (``run.json``) and its log."""
 
     def __init__(self, ctx: RunContext, reg: Registry, folder: RunFolder, spec_path: Path, device: str, quiet: bool,
-                 executor: LazyExecutor):
-        from rich.console import Console
-
+                 executor: LazyExecutor, console):
         self.ctx, self.reg, self.folder, self.device, self.quiet, self.executor = ctx, reg, folder, device, quiet, executor
         self.resolved = ctx.spec
-        self.console = Console(stderr=True, quiet=quiet)
+        self.console = console
         self.warnings = _WarningList()
         self.summary: dict[str, Any] = {
             "run_id": ctx.run_id, "experiment": self.resolved.spec.name, "spec_file": str(spec_path.resolve()),
@@ -105,13 +113,15 @@ class _Run:
             "versions": library_versions(), "members": {}, "warnings": self.warnings.messages,
         }
 
-    def execute(self) -> RunResult:
+    def execute(self, checked: Preflight, retrain: tuple[str, ...]) -> RunResult:
         spec = self.resolved.spec
         started = time.perf_counter()
         with ExitStack() as stack:
             handler = self.folder.log_handler()
             stack.callback(handler.close)
             for h in (handler, self.warnings):
+                for record in checked.warnings:  # found before the folder existed; stderr has them already
+                    h.handle(record)
                 log.addHandler(h)
                 stack.callback(log.removeHandler, h)
             stack.callback(log.setLevel, log.level)
@@ -119,7 +129,7 @@ class _Run:
             self.reg.run_started(self.ctx.run_id, experiment=spec.name, spec_file=self.summary["spec_file"],
                                  n_members=len(spec.members), n_fusers=len(spec.fusers))
             try:
-                result = self._stages()
+                result = self._stages(checked, retrain)
             except BaseException as exc:
                 self._failed(exc, round(time.perf_counter() - started, 3))
                 raise
@@ -131,9 +141,9 @@ class _Run:
             self._plots_and_report()
             return result
 
-    def _stages(self) -> RunResult:
+    def _stages(self, checked: Preflight, retrain: tuple[str, ...]) -> RunResult:
         from .calibration import calibrate_members
-        from .data import load_data
+        from .data import run_data
 
         ctx, resolved, folder = self.ctx, self.resolved, self.folder
         spec = resolved.spec
@@ -141,16 +151,17 @@ class _Run:
         folder.write_summary(self.summary)
         ctx.plugins.hook.on_run_start(run=ctx)
 
-        self.console.log(f"loading dataset [bold]{spec.data.dataset}[/]")
-        data = load_data(resolved, cache_dir=self.reg.image_cache_dir)
+        self.console.log(f"fingerprinting dataset [bold]{spec.data.dataset}[/]")
+        data = run_data(checked.dataset, checked.indices, cache_dir=self.reg.image_cache_dir,
+                        fingerprint=checked.fingerprint)
         ctx.class_names, ctx.split_sizes = data.class_names, data.split_sizes
         self.summary["data"] = {"split_sizes": data.split_sizes, "classes": data.class_names,
                                "fingerprint": data.fingerprint, "split_sha256": data.split}
         folder.write_split(data.class_names, data.ids, data.labels)
         self.y_val = data.labels["val"]
 
-        members = MemberStage(resolved, self.reg, data, self.executor, run_id=ctx.run_id, device=self.device,
-                              quiet=self.quiet, console=self.console, on_ready=self._member_ready,
+        members = MemberStage(resolved, checked, self.reg, data, self.executor, run_id=ctx.run_id, device=self.device,
+                              quiet=self.quiet, console=self.console, retrain=retrain, on_ready=self._member_ready,
                               on_failed=self._member_failed).run()
         self.executor.close()  # a Ray instance it started is stopped before anything forks to draw plots
 

@@ -22,6 +22,8 @@ from .errors import FusionEngineError, SpecError, format_loc
 from .records import Params, Provided, StrictModel, normalize_name
 
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$"
+#: seeds are NumPy's and scikit-learn's: 0 .. 2**32 - 1
+MAX_SEED = 2**32 - 1
 RANK_BY_DELTA = "delta_vs_best_member"
 
 
@@ -113,7 +115,7 @@ class MemberSpec(_Strict):
     backbone: Optional[str] = Field(None, description="a registered backbone to train")
     params: dict[str, Any] = Field(default_factory=dict)
     train: TrainSpec = Field(default_factory=TrainSpec)
-    seed: Optional[int] = Field(None, description="default: the experiment's seed")
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="default: the experiment's seed")
     calibrate: Literal["none", "temperature"] = Field(
         "none", description="temperature-scale this member's logits (fitted on val) before fusion")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec,
@@ -145,7 +147,7 @@ class FuserSpec(_Strict):
 
 class ExperimentSpec(_Strict):
     name: str = Field(pattern=SAFE_NAME)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED, description=f"seeds the split, every member and every fuser; 0 to {MAX_SEED}")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     rank_by: str = Field("accuracy", description="the metric (or delta_vs_best_member) that orders the leaderboard")
     plugins: list[str] = Field(default_factory=list, description="plugin .py files, relative to the spec file")

@@ -388,6 +388,35 @@ def read_card(folder: Path, key: str) -> MemberCard:
         raise CorruptArtifact(key, CARD_FILE, f"not a member card ({where}: {err['msg']})") from None
 
 
+def choose_reference(reg: Registry, ref: str, *, fingerprint: Callable[[], str], split: str) -> ZooEntry:
+    """The stored member a spec's ``zoo: REF`` names (a key, a key prefix or a member name). It must
+    have been trained on this data (``fingerprint()``, computed only when needed) and ``split``;
+    when several match, the one trained on this data is taken, and more than one is an error
+    listing them."""
+    found = reg.find(ref)
+    if not found:
+        raise ZooError(f"no zoo member matches '{ref}' (a key, key prefix or member name) in registry {reg.root}; "
+                       f"`fusion-engine zoo list --registry {reg.root}` shows them")
+    if len(found) == 1:
+        chosen = found[0]
+    else:
+        fitting = [e for e in found if e.fingerprint == fingerprint() and e.split == split]
+        if len(fitting) != 1:
+            shown = fitting or found
+            raise ZooError(f"'{ref}' is ambiguous: {len(shown)} zoo members match"
+                           f"{' and were trained on this data' if fitting else ''}; give a longer key prefix. "
+                           f"Candidates: {describe_candidates(shown)}")
+        chosen = fitting[0]
+    if chosen.split != split or chosen.fingerprint != fingerprint():
+        this = fingerprint()
+        what = [f"data fingerprint {chosen.fingerprint[:16]} (this run: {this[:16]})" if chosen.fingerprint != this else "",
+                f"split {chosen.split[:16]} (this run: {split[:16]})" if chosen.split != split else ""]
+        raise ZooError(f"zoo member {short(chosen.key)} ({chosen.name}, experiment {chosen.experiment}) was trained on "
+                       f"other data: {' and '.join(w for w in what if w)}; fusers may only combine members scored on "
+                       f"the same samples")
+    return chosen
+
+
 def describe_candidates(entries: list[ZooEntry]) -> str:
     return "; ".join(f"{e.key[:16]} ({e.name}, {e.backbone}, experiment {e.experiment}, {e.created[:19]})"
                      for e in entries)

@@ -25,12 +25,16 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import logging
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from fusion_engine import BackboneRecord, BuiltBackbone, FusionEngineError, InputConfig, Params, hookimpl
+
+log = logging.getLogger("fusion_engine")
 
 SMALL_INPUT_MAX = 64
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -94,17 +98,66 @@ def timm_input_config(params: TimmParams, image_size: int | None = None) -> Inpu
     return model_input_config(params.model, params, image_size=image_size)
 
 
+def check_timm(params: TimmParams, *, num_classes: int, image_size: int | None = None) -> None:
+    check_model(params.model, params, num_classes=num_classes, image_size=image_size)
+
+
 def _ready(model_name: str) -> dict[str, Any]:
-    """``build`` and ``input_config`` of a ready-made name for one timm architecture."""
+    """``build``, ``input_config`` and ``check`` of a ready-made name for one timm architecture."""
     def build(params: BackboneParams, num_classes: int, image_size: int | None = None) -> BuiltBackbone:
         return build_model(model_name, params, num_classes=num_classes, image_size=image_size)
 
     def input_config(params: BackboneParams, image_size: int | None = None) -> InputConfig:
         return model_input_config(model_name, params, image_size=image_size)
 
-    build.__name__, input_config.__name__ = f"build_{model_name}", f"input_config_{model_name}"
+    def check(params: BackboneParams, *, num_classes: int, image_size: int | None = None) -> None:
+        check_model(model_name, params, num_classes=num_classes, image_size=image_size)
+
+    for fn, what in ((build, "build"), (input_config, "input_config"), (check, "check")):
+        fn.__name__ = f"{what}_{model_name}"
     build.__doc__ = f"timm ``{model_name}``."
-    return {"build": build, "input_config": input_config}
+    return {"build": build, "input_config": input_config, "check": check}
+
+
+def check_model(name: str, params: BackboneParams, *, num_classes: int, image_size: int | None = None) -> None:
+    """What can be known about a member's network without training it: the architecture exists,
+    a ``pretrained_file`` matches its checksum and fits the architecture (tensor names and
+    shapes, read from the file's header for safetensors), and small images keep a feature map
+    (a warning otherwise). The network is built on the ``meta`` device: nothing is allocated."""
+    import torch
+
+    _check_model_name(name)
+    if params.pretrained_file is not None:
+        if params.pretrained_sha256:
+            verify_sha256(params.pretrained_file, params.pretrained_sha256)
+        _check_weights_fit(name, params)
+    size = image_size or model_input_config(name, params).size
+    small = _small(params, image_size)
+    with torch.device("meta"):
+        model = _bare_model(name, params, num_classes)
+        adapted = small and adapt_small_input(model, size=size)
+    if small and not adapted and params.small_input is True:
+        raise FusionEngineError(_cannot_adapt(name, model))
+    try:
+        final = _final_map(model, params.in_chans, size)
+    except Exception:  # an operation the meta device lacks, or a size the network refuses: ask it for real
+        model = _bare_model(name, params, num_classes)
+        if small:
+            adapt_small_input(model, size=size)
+        try:
+            final = _final_map(model, params.in_chans, size)
+        except Exception as exc:
+            raise FusionEngineError(f"timm model '{name}' cannot take {size} px images ({_first_line(exc)}); "
+                                    f"change data.image_size") from None
+    if final is not None and min(final) < 2:
+        smallest = _smallest_size_for(model, params.in_chans, size)
+        stem = ("even with small_input's stem" if adapted else
+                "small_input could not adapt its stem" if small else "small_input is off")
+        hint = f"use data.image_size >= {smallest}" if smallest else "use a larger data.image_size"
+        if not _small(params, image_size) and params.small_input is not True:
+            hint += " or small_input: true"
+        log.warning("timm model '%s' at %d px ends in a %dx%d feature map (%s), which leaves little to classify; %s "
+                    "to keep a 2x2 map", name, size, final[0], final[1], stem, hint)
 
 
 def model_input_config(name: str, params: BackboneParams, *, image_size: int | None = None) -> InputConfig:
@@ -145,21 +198,85 @@ def build_model(name: str, params: BackboneParams, *, num_classes: int, image_si
     except (RuntimeError, TypeError, ValueError, KeyError) as exc:
         raise FusionEngineError(f"cannot build timm model '{name}': {_first_line(exc)}") from None
 
-    small = params.small_input if params.small_input != "auto" else (image_size is not None and image_size <= SMALL_INPUT_MAX)
-    if small:
-        adapted = adapt_small_input(model, resample=params.pretrained_file is not None)
+    if _small(params, image_size):
+        adapted = adapt_small_input(model, resample=params.pretrained_file is not None, size=image_size or 32)
         if not adapted and params.small_input is True:
-            raise FusionEngineError(
-                f"small_input is not supported for timm model '{name}' ({type(model).__name__}); it supports the "
-                "ResNet family and models with a conv_stem (MobileNet, EfficientNet, ...). Set small_input: false")
+            raise FusionEngineError(_cannot_adapt(name, model))
 
     return BuiltBackbone(model, _input(resolve_data_config(model=model), params, image_size))
 
 
-def adapt_small_input(model: Any, *, resample: bool = False) -> bool:
-    """Make ``model``'s stem keep the resolution of a small image; False if its family is unknown.
+def _cannot_adapt(name: str, model: Any) -> str:
+    return (f"small_input cannot adapt timm model '{name}' ({type(model).__name__}): running its first "
+            "downsampling steps at stride 1 does not give a network that runs (a vision transformer's patch grid is "
+            "fixed; some families' shortcuts do not follow); set small_input: false and a larger data.image_size")
 
-    ``resample`` resizes a pretrained ResNet 7x7 kernel to 3x3 instead of initialising it afresh.
+
+def _small(params: BackboneParams, image_size: int | None) -> bool:
+    """Whether the member's stem is adapted to small images."""
+    if params.small_input == "auto":
+        return image_size is not None and image_size <= SMALL_INPUT_MAX
+    return bool(params.small_input)
+
+
+def _bare_model(name: str, params: BackboneParams, num_classes: int) -> Any:
+    """The architecture as the member builds it, without weights (build it on the meta device)."""
+    import timm
+
+    try:
+        return timm.create_model(name, num_classes=num_classes, **dict(params.kwargs, in_chans=params.in_chans,
+                                                                          drop_rate=params.drop_rate))
+    except (RuntimeError, TypeError, ValueError, KeyError) as exc:
+        raise FusionEngineError(f"cannot build timm model '{name}': {_first_line(exc)}") from None
+
+
+def _final_map(model: Any, in_chans: int, size: int) -> tuple[int, int] | None:
+    """The spatial size of the model's last feature map for ``size`` px input, found by a pass on
+    the model's device (on the meta device: shapes only); None for a model without spatial
+    features (a transformer's tokens). Raises what the pass raises."""
+    import torch
+
+    training = model.training
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model.eval()  # batch norm in training refuses a 1x1 map of one sample: the size is the question here
+            out = model.forward_features(torch.zeros(1, in_chans, size, size, device=device))
+    finally:
+        model.train(training)
+    return tuple(out.shape[-2:]) if out.ndim == 4 else None
+
+
+def _smallest_size_for(model: Any, in_chans: int, size: int, limit: int = 1024) -> int | None:
+    """The smallest multiple of 8 above ``size`` whose final feature map is at least 2x2."""
+    def fits(width: int) -> bool:
+        try:
+            final = _final_map(model, in_chans, width)
+        except Exception:
+            return False
+        return final is not None and min(final) >= 2
+
+    lo, hi = size, limit
+    if not fits(hi):
+        return None
+    while hi - lo > 8:
+        mid = (lo + hi) // 16 * 8
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def adapt_small_input(model: Any, *, resample: bool = False, size: int = 32) -> bool:
+    """Make ``model``'s stem keep the resolution of a small image, 4x as CIFAR-style networks do;
+    False if it cannot (a vision transformer, whose patch grid is fixed).
+
+    ResNets get a 3x3 stride-1 first convolution and no max-pool (``resample`` resizes a
+    pretrained 7x7 kernel to 3x3 instead of initialising it afresh); every other family with a
+    strided convolution or pooling has its first two downsampling steps run at stride 1 (see
+    :func:`_unstride_first_steps`), checked to run on ``size`` px images: for MobileNet and
+    EfficientNet that is the stem and the first strided block, as kuangliu's CIFAR MobileNetV2.
     """
     import torch
     from timm.models.resnet import ResNet
@@ -183,14 +300,70 @@ def adapt_small_input(model: Any, *, resample: bool = False) -> bool:
             _first_strided_conv(model.conv1).stride = (1, 1)
         model.maxpool = nn.Identity()
         return True
-    stem = getattr(model, "conv_stem", None)
-    if isinstance(stem, nn.Conv2d) and hasattr(model, "blocks"):
-        stem.stride = (1, 1)
-        block_conv = _first_strided_conv(model.blocks)
-        if block_conv is not None:
-            block_conv.stride = (1, 1)
-        return True
-    return False
+    if hasattr(model, "pos_embed"):  # a transformer: its patch grid and position embeddings are fixed
+        return False
+    return _unstride_first_steps(model, steps=2, size=size)
+
+
+def _unstride_first_steps(model: Any, steps: int, size: int) -> bool:
+    """Run the first ``steps`` downsampling steps at stride 1. A step is every strided
+    convolution or pooling that takes the network's full-resolution input: found by a pass on the
+    meta device that records each layer's input size, so a block's main path and its shortcut
+    change together. False when the model has no strided layer to change."""
+    import torch
+    from torch import nn
+
+    kinds = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+    device = next(model.parameters()).device
+    training = model.training
+    original = {m: m.stride for m in model.modules() if isinstance(m, kinds)}
+
+    def probe(hooked: bool, width: int = 64) -> list[tuple[Any, int]] | None:
+        """A pass at ``width`` px recording each strided layer's input width; None when it fails."""
+        seen: list[tuple[Any, int]] = []
+        hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append((mod, inp[0].shape[-1])))
+                 for m in original] if hooked else []
+        try:
+            with torch.no_grad():
+                model.eval()
+                model.forward_features(torch.zeros(1, _in_chans(model), width, width, device=device))
+        except Exception:
+            return None
+        finally:
+            model.train(training)
+            for hook in hooks:
+                hook.remove()
+        return seen
+
+    changed = False
+    for _ in range(steps):
+        seen = probe(hooked=True)
+        if not seen:
+            break
+        strided = [m for m, width in seen if width == seen[0][1] and _stride(m) > 1]
+        if not strided:
+            break
+        for m in strided:
+            m.stride = (1, 1) if isinstance(m, nn.Conv2d) else 1
+        changed = True
+    if changed and (probe(hooked=False) is None or probe(hooked=False, width=size) is None):
+        # a shortcut that did not follow the main path: leave the model as it was
+        for m, stride in original.items():
+            m.stride = stride
+        return False
+    return changed
+
+
+def _stride(module: Any) -> int:
+    stride = module.stride
+    return max(stride) if isinstance(stride, tuple) else int(stride)
+
+
+def _in_chans(model: Any) -> int:
+    from torch import nn
+
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return first.in_channels if first is not None else 3
 
 
 def _zero_init_residual_branches(model: Any) -> None:
@@ -295,6 +468,40 @@ def verify_sha256(path: str | Path, expected: str) -> None:
         raise FusionEngineError(f"checksum mismatch for {path}: expected sha256 {expected.lower()}, got {actual}")
 
 
+def _check_weights_fit(name: str, params: BackboneParams) -> None:
+    """A ``pretrained_file``'s tensors against the architecture's: names and shapes, the
+    classifier aside (it is replaced for another class count), and the first convolution's input
+    channels aside (timm adapts them to ``in_chans``). One line naming the file and the first
+    missing, unexpected and mis-shaped tensors, with their counts."""
+    import torch
+    from timm.models import get_pretrained_cfg
+
+    path = str(params.pretrained_file)
+    shapes = _tensor_shapes(path)
+    cfg = get_pretrained_cfg(name)
+    head = _names(cfg.classifier) if cfg else ()
+    stem = _names(cfg.first_conv) if cfg else ()
+    file_classes = next((shapes[f"{c}.weight"][0] for c in head if f"{c}.weight" in shapes), 1000)
+    with torch.device("meta"):
+        model = _bare_model(name, params.model_copy(update={"in_chans": 3}), file_classes)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    got = {k: v for k, v in shapes.items() if not k.endswith("num_batches_tracked")}
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    misshaped = [f"{k}: file {_dims(got[k])}, model {_dims(expected[k])}" for k in expected
+                 if k in got and got[k] != expected[k] and not any(k.startswith(f"{c}.") for c in (*head, *stem))]
+    problems = [f"{len(items)} {what} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})"
+                for what, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+                if items]
+    if problems:
+        raise FusionEngineError(f"pretrained_file {path} does not fit timm model '{name}': {'; '.join(problems)} "
+                                f"(of {len(expected)} tensors the model has); is it the weights of another architecture?")
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
 def _tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes in a weights file, as timm names them after loading."""
     try:
@@ -306,9 +513,16 @@ def _tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
         else:
             from timm.models import load_state_dict
 
-            shapes = {k: tuple(v.shape) for k, v in load_state_dict(path).items() if hasattr(v, "shape")}
+            with warnings.catch_warnings():  # torch warns before refusing a pickle: the error says it all
+                warnings.simplefilter("ignore")
+                shapes = {k: tuple(v.shape) for k, v in load_state_dict(path, weights_only=True).items()
+                          if hasattr(v, "shape")}
     except Exception as exc:  # any reader error means the same thing to the user
-        raise FusionEngineError(f"cannot read weights file {path}: {_first_line(exc)}") from None
+        why = _first_line(exc)
+        if "weights_only" in why or "Unpickl" in type(exc).__name__:
+            why = ("it holds pickled Python objects, which are never loaded (torch.load with weights_only=True "
+                   "refused it); save the state dict with safetensors or torch.save(model.state_dict())")
+        raise FusionEngineError(f"cannot read weights file {path}: {why}") from None
     return {k.removeprefix("module."): v for k, v in shapes.items()}
 
 
@@ -334,7 +548,7 @@ def _first_line(exc: BaseException) -> str:
 @hookimpl
 def register_backbones():
     return [
-        BackboneRecord("timm", build_timm, TimmParams, input_config=timm_input_config,
+        BackboneRecord("timm", build_timm, TimmParams, input_config=timm_input_config, check=check_timm,
                        description="any timm architecture by name (model: resnet50, convnext_tiny, ...)"),
         BackboneRecord("resnet18", params=BackboneParams, description="timm resnet18", **_ready("resnet18")),
         BackboneRecord("mobilenetv2", params=BackboneParams, description="timm mobilenetv2_100",
