@@ -22,7 +22,7 @@ from scipy.special import log_softmax, softmax
 
 from .fuser import Fuser, check_logits
 
-__all__ = ["TemperatureScaled", "apply_temperature", "calibrate_members", "fit_temperature", "log_proba"]
+__all__ = ["TemperatureScaled", "apply_temperature", "calibrate_member", "fit_temperature", "log_proba"]
 
 BOUNDS = (0.05, 20.0)
 PROBA_FLOOR = 1e-12
@@ -113,11 +113,9 @@ class TemperatureScaled(Fuser):
         return super().set_state(state)
 
 
-def calibrate_members(members: dict, specs: list, y_val: np.ndarray) -> None:
-    """The calibrate stage of a run: each member whose spec asks ``calibrate: temperature`` gets a
-    temperature fitted on its val logits, and its logits on every split are divided by it."""
-    for mspec in specs:
-        if mspec.calibrate == "temperature":
-            member = members[mspec.name]
-            member.temperature = fit_temperature(member.logits["val"], y_val)
-            member.logits = {s: (v / member.temperature).astype(np.float32) for s, v in member.logits.items()}
+def calibrate_member(member, spec, y_val: np.ndarray) -> None:
+    """The calibrate stage of a run, for one member: when its spec asks ``calibrate: temperature``,
+    a temperature is fitted on its val logits, and its logits on every split are divided by it."""
+    if spec.calibrate == "temperature":
+        member.temperature = fit_temperature(member.logits["val"], y_val)
+        member.logits = {s: (v / member.temperature).astype(np.float32) for s, v in member.logits.items()}

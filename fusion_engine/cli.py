@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import RUN_LOG_ONLY, FusionEngineError
+from .errors import RUN_LOG_ONLY, RUN_STARTED, FusionEngineError
 
 
 class UsageError(FusionEngineError):
@@ -134,34 +134,63 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. Bad input is one line on stderr and exit status 2; library warnings
     raised while a command fails are dropped (the one line says what is wrong), and those of a
     command that succeeds are shown after it, once each."""
-    _log_warnings_to_stderr()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("default")
-        try:
-            args = _parser().parse_args(argv)
-            code = _COMMANDS[args.command](args)
-        except FusionEngineError as exc:
-            print(_one_line(str(exc)), file=sys.stderr)
-            return exc.exit_code
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 130
-    for warning in caught:
-        warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
-    return code
-
-
-def _log_warnings_to_stderr() -> None:
-    """Warnings (a skipped plugin, an ignored field) on stderr; the run's INFO log goes to its run.log."""
     logger = logging.getLogger("fusion_engine")
-    if not any(getattr(h, "_fusion_engine_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setLevel(logging.WARNING)
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        handler.addFilter(lambda record: not getattr(record, RUN_LOG_ONLY, False))
-        handler._fusion_engine_cli = True
-        logger.addHandler(handler)
-        logger.propagate = False
+    stderr = _StderrWarnings()
+    logger.addHandler(stderr)
+    logger.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            try:
+                args = _parser().parse_args(argv)
+                code = _COMMANDS[args.command](args)
+            except FusionEngineError as exc:
+                print(_one_line(str(exc)), file=sys.stderr)
+                return exc.exit_code
+            except KeyboardInterrupt:
+                print("interrupted", file=sys.stderr)
+                return 130
+        stderr.release()
+        for warning in caught:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+        return code
+    finally:
+        logger.removeHandler(stderr)
+
+
+class _StderrWarnings(logging.Handler):
+    """The engine's warnings on stderr (a skipped plugin or file, an ignored field); its INFO log
+    goes to run.log. Warnings are held until the input is known good (a run's folder exists, or
+    the command succeeded) and then shown; a command that fails on bad input shows only its one
+    line of error."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.held: list[logging.LogRecord] = []
+        self.live = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, RUN_LOG_ONLY, False):
+            return
+        if record.levelno < logging.WARNING:
+            if getattr(record, RUN_STARTED, False):
+                self.release()
+            return
+        if self.live:
+            self._show(record)
+        else:
+            self.held.append(record)
+
+    def release(self) -> None:
+        """Show the warnings held so far, and later ones as they come."""
+        self.live = True
+        held, self.held = self.held, []
+        for record in held:
+            self._show(record)
+
+    @staticmethod
+    def _show(record: logging.LogRecord) -> None:
+        print(f"{record.levelname}: {record.getMessage()}", file=sys.stderr, flush=True)
 
 
 def _one_line(message: str) -> str:
@@ -376,6 +405,8 @@ def zoo_gc(args, reg) -> int:
         print(f"{verb} {item['path']} ({item['what']}, {_size(item['bytes'])})")
     for path in report.kept_in_use:
         print(f"kept {path} (in use by a running run)")
+    for path in report.unreadable:
+        print(f"kept {path} (its card is of a version this fusion-engine does not read)")
     for key in report.recovered:
         print(f"{'would index' if report.dry_run else 'indexed'} zoo/{key} again (intact, but missing from the index)")
     if report.index_rows_removed:
@@ -455,12 +486,15 @@ def _unindexed_run(reg, run_id: str) -> dict | None:
     """A run folder the index does not list (written before the index existed), by its exact id."""
     from .zoo import ZooError
 
+    from .runfolder import RunFolder
+
     try:
-        run_dir = reg.run_dir(run_id)
-        record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        summary = RunFolder(reg.run_dir(run_id)).summary
     except (ZooError, OSError, ValueError):
         return None
-    return {"run_id": run_id, "experiment": record.get("experiment", "?"), "status": record.get("status", "?")}
+    if not summary:
+        return None
+    return {"run_id": run_id, "experiment": summary.get("experiment", "?"), "status": summary.get("status", "?")}
 
 
 _ZOO_COMMANDS = {"list": zoo_list, "show": zoo_show, "rm": zoo_rm, "gc": zoo_gc}

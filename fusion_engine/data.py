@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import FusionEngineError
+from .files import atomic_path
 from .records import SPLITS, ImageDataset, InputConfig
 from .spec import SplitSpec
 
@@ -302,18 +303,11 @@ def cached_images(images: Sequence[Any] | np.ndarray, fingerprint: str, size: in
         if log is not None:
             log.warning("image cache %s is unreadable (%s); decoding again", path, reason)
     x = load_images(images, np.arange(n), size, in_chans)
-    tmp = None
     try:
-        import tempfile
-
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f"{path.stem}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        save_file({"images": x.contiguous()}, tmp, metadata={"fingerprint": fingerprint})
-        os.replace(tmp, path)  # whole or not at all: a reader never sees half a file
+        with atomic_path(path) as tmp:  # whole or not at all: a reader never sees half a file
+            save_file({"images": x.contiguous()}, str(tmp), metadata={"fingerprint": fingerprint})
     except OSError as exc:  # a cache that cannot be written costs speed, not the run
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
         if log is not None:
             log.warning("could not write the image cache %s: %s", path, exc.strerror or exc)
     return x

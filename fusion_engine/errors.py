@@ -5,6 +5,9 @@ from __future__ import annotations
 
 # A log record's flag: the error is the CLI's to report (once, on one line); the record is for run.log.
 RUN_LOG_ONLY = "fusion_engine_run_log_only"
+# A log record's flag: the run's input passed every check and its folder exists; warnings held until
+# then (a skipped file, a small feature map) are shown now, and later ones as they come.
+RUN_STARTED = "fusion_engine_run_started"
 
 
 class FusionEngineError(Exception):

@@ -142,12 +142,18 @@ class LocalExecutor(Executor):
                 yield JobOutcome(job, result=result, seconds=time.perf_counter() - t0)
 
 
-def build_member(job: MemberJob):
-    """The job's network, freshly initialised from its seed (the same weights on every machine)."""
+def build_network(record: BackboneRecord, params: Params, *, num_classes: int, image_size: int | None, seed: int):
+    """A backbone's network, freshly initialised from ``seed`` (the same weights on every machine)."""
     import torch
 
-    torch.manual_seed(job.seed)
-    return job.backbone.build(job.params, num_classes=job.num_classes, image_size=job.image_size)
+    torch.manual_seed(seed)
+    return record.build(params, num_classes=num_classes, image_size=image_size)
+
+
+def build_member(job: MemberJob):
+    """The job's network (:func:`build_network`)."""
+    return build_network(job.backbone, job.params, num_classes=job.num_classes, image_size=job.image_size,
+                         seed=job.seed)
 
 
 def fit_member(job: MemberJob, images: dict[str, "torch.Tensor"], labels: dict[str, "np.ndarray"], *,

@@ -131,7 +131,11 @@ def from_jsonable(value: Any) -> Any:
 
 
 def _default(value: Any) -> Any:
-    """``json.dumps``' fallback: what plain JSON cannot hold, through :func:`to_jsonable`."""
-    if isinstance(value, (np.ndarray, np.generic, os.PathLike)):
+    """``json.dumps``' fallback in :func:`write_json`: numpy scalars as numbers, arrays as plain
+    lists, paths as strings (a value that must come back as an array is tagged by
+    :func:`to_jsonable` first, as fusers' states are)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.generic, os.PathLike)):
         return to_jsonable(value)
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")

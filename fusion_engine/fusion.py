@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -61,8 +61,9 @@ def make_fuser(spec: "FuserSpec", bound: "Bound", *, seed: int) -> "Fuser":
 
 
 def fit_fusers(fusers: list[tuple["FuserSpec", "Bound"]], logits: dict[str, dict[str, np.ndarray]],
-               y: dict[str, np.ndarray], seed: int) -> list[FittedFuser]:
+               y: dict[str, np.ndarray], seed: int) -> Iterator[FittedFuser]:
     """Fit each ``(spec, bound plugin)`` fuser on val; score it there out-of-fold; apply it to test.
+    Yields each fitted fuser as it is done.
 
     ``logits`` maps each member's name to its ``"val"`` and ``"test"`` logits ``(N, C)``; a fuser
     combines the members its spec names (default: every member, in ``logits``' order).
@@ -71,7 +72,6 @@ def fit_fusers(fusers: list[tuple["FuserSpec", "Bound"]], logits: dict[str, dict
 
     from .crossfit import cross_fit
 
-    fitted = []
     with threadpool_limits(1):
         for spec, bound in fusers:
             names = spec.members or list(logits)
@@ -82,6 +82,4 @@ def fit_fusers(fusers: list[tuple["FuserSpec", "Bound"]], logits: dict[str, dict
             t0 = time.perf_counter()
             test_proba = model.predict_proba(stacked["test"])
             predict_ms = 1000.0 * (time.perf_counter() - t0) / max(1, len(y["test"]))
-            fitted.append(FittedFuser(spec, bound, names, model, {"val": val_proba, "test": test_proba},
-                                      fit_seconds, predict_ms))
-    return fitted
+            yield FittedFuser(spec, bound, names, model, {"val": val_proba, "test": test_proba}, fit_seconds, predict_ms)

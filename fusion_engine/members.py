@@ -28,9 +28,11 @@ import numpy as np
 
 from .data import RunData
 from .errors import RUN_LOG_ONLY, FusionEngineError, SpecError
+from .evaluation import accuracy
 from .executors import FittedMember, JobOutcome, LazyExecutor, MemberJob
 from .records import SCORED_SPLITS, InputConfig
 from .preflight import Preflight
+from .provenance import member_code, params_for_key
 from .spec import ResolvedSpec
 from .zoo import Busy, CorruptArtifact, MemberCard, Registry, StoredMember, ZooError, key_material, member_key, short
 
@@ -122,9 +124,9 @@ def plan(resolved: ResolvedSpec, data: RunData) -> list[PlannedMember]:
             continue
         seed = spec.seed if mspec.seed is None else mspec.seed
         material = key_material(
-            backbone=bound.record.name, params=bound.params.model_dump(mode="json"), train=train_config(mspec.train),
-            seed=seed, image_size=spec.data.image_size, mean=spec.data.mean, std=spec.data.std,
-            fingerprint=data.fingerprint, split=data.split,
+            backbone=bound.record.name, params=params_for_key(bound.params.model_dump(mode="json")),
+            train=train_config(mspec.train), seed=seed, image_size=spec.data.image_size, mean=spec.data.mean,
+            std=spec.data.std, fingerprint=data.fingerprint, split=data.split, code=member_code(bound.provided),
         )
         planned.append(PlannedMember(i, mspec.name, member_key(material), material, seed))
     return planned
@@ -260,6 +262,7 @@ class MemberStage:
             for p, job in same_key[key]:
                 self._fail(p.name, p.key, JobOutcome.failure(job, FusionEngineError(
                     f"member {job.name}: the {self.executor.name} executor never reported it")))
+            held[key].release()
 
     def _job(self, p: PlannedMember) -> MemberJob:
         """A member to train, as an executor gets it."""
@@ -295,7 +298,7 @@ class MemberStage:
         mspec = self.spec.members[p.index]
         cfg = job.input
         logits = fitted.logits
-        val_accuracy = float(np.mean(np.argmax(logits["val"], 1) == data.labels["val"]))
+        val_accuracy = accuracy(data.labels["val"], logits["val"])
         best = next((h for h in fitted.history if h.get("epoch") == fitted.best_epoch), {})
         card = MemberCard(
             format=p.material["format"], name=mspec.name, experiment=self.spec.name, run_id=self.run_id,

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .evaluation import DEFAULT_BINS, reliability_bins
+from .files import atomic_path
 from .runfolder import RunFolder
 
 DPI = 100
@@ -121,7 +122,8 @@ def safe_filename(name: str) -> str:
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
     return path
 
 

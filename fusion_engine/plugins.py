@@ -46,6 +46,14 @@ class PluginInfo:
     path: str | None = None
     first_party: bool = False
     hooks: list[str] = field(default_factory=list)
+    sha256: str | None = None  # of a plugin file's source
+
+    @property
+    def code(self) -> dict:
+        """What identifies this plugin's code: its distribution and version, or its file's sha256."""
+        if self.source == "file":
+            return {"file": Path(self.path).name if self.path else self.name, "sha256": self.sha256}
+        return {"distribution": self.distribution, "version": self.version}
 
 
 class Plugins:
@@ -114,6 +122,7 @@ class Plugins:
         mod_name = f"{FILE_PLUGIN_PREFIX}{path.stem}_{digest}"
         if mod_name in self.info:
             return
+        sha256 = hashlib.sha256(path.read_bytes()).hexdigest()  # what is imported next, for the zoo key
         spec = importlib.util.spec_from_file_location(mod_name, path)
         if spec is None or spec.loader is None:
             raise SpecError(f"not a Python module: {path}")
@@ -124,7 +133,8 @@ class Plugins:
         except Exception as exc:
             sys.modules.pop(mod_name, None)
             raise SpecError(f"plugin file {path} failed to import: {type(exc).__name__}: {exc}") from None
-        if not self.register(module, PluginInfo(name=mod_name, source="file", path=str(path))):
+        info = PluginInfo(name=mod_name, source="file", path=str(path), sha256=sha256)
+        if not self.register(module, info):
             raise SpecError(f"plugin file {path}: {self.skipped[mod_name]}")
 
     # -- using -----------------------------------------------------------------------------
@@ -134,7 +144,8 @@ class Plugins:
 
     def catalog(self) -> "Catalog":
         if self._catalog is None:
-            self._catalog = Catalog.collect(self.pm, first_party={n for n, i in self.info.items() if i.first_party})
+            self._catalog = Catalog.collect(self.pm, first_party={n for n, i in self.info.items() if i.first_party},
+                                            code={n: i.code for n, i in self.info.items()})
         return self._catalog
 
     def describe(self) -> list[dict]:
@@ -171,7 +182,8 @@ class Catalog:
         self.records = records
 
     @classmethod
-    def collect(cls, pm: pluggy.PluginManager, first_party: frozenset[str] | set[str] = frozenset()) -> "Catalog":
+    def collect(cls, pm: pluggy.PluginManager, first_party: frozenset[str] | set[str] = frozenset(),
+                code: dict[str, dict] | None = None) -> "Catalog":
         records: dict[str, dict[str, Provided]] = {}
         for kind, record_type in RECORD_KINDS.items():
             found: dict[str, Provided] = {}
@@ -195,7 +207,7 @@ class Catalog:
                             f"{kind} '{key}' is registered by both {a} and {b}; "
                             f"uninstall one or block it with {DISABLE_ENV}={b}"
                         )
-                    found[key] = Provided(record=record, plugin=plugin)
+                    found[key] = Provided(record=record, plugin=plugin, code=(code or {}).get(plugin, {}))
             records[kind] = found
         return cls(records)
 

@@ -91,14 +91,14 @@ def member_input(bound, *, num_classes: int, data_spec, seed: int) -> InputConfi
     Read from the backbone record's ``input_config`` when it has one; otherwise the network is
     built once to ask it.
     """
+    from .executors import build_network
+
     record = bound.record
     if record.input_config is not None:
         cfg = record.input_config(bound.params, image_size=data_spec.image_size)
     else:
-        import torch
-
-        torch.manual_seed(seed)
-        cfg = record.build(bound.params, num_classes=num_classes, image_size=data_spec.image_size).input
+        cfg = build_network(record, bound.params, num_classes=num_classes, image_size=data_spec.image_size,
+                            seed=seed).input
     mean = tuple(data_spec.mean) if data_spec.mean is not None else tuple(cfg.mean)
     std = tuple(data_spec.std) if data_spec.std is not None else tuple(cfg.std)
     for label, values in (("mean", mean), ("std", std)):

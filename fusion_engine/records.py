@@ -196,6 +196,7 @@ class ImageDataset:
     description: str = ""
 
     def __post_init__(self) -> None:
+        self.class_names = [str(name) for name in self.class_names]
         self.labels = np.asarray(self.labels, dtype=np.int64)
         n = len(self.labels)
         if len(self.images) != n or len(self.ids) != n:
@@ -246,11 +247,13 @@ class ExecutorRecord:
 
 @dataclass(frozen=True)
 class Provided:
-    """A record and the plugin it came from."""
+    """A record and the plugin it came from. ``code`` identifies that plugin's code: its
+    distribution and version for an installed plugin, the sha256 of the file for a plugin file a
+    spec lists (what a member's zoo key records of the code that made it)."""
 
     record: Any
     plugin: str
-    extra: dict = field(default_factory=dict)
+    code: dict = field(default_factory=dict)
 
 
 RECORD_KINDS: dict[str, type] = {

@@ -316,12 +316,34 @@ def _fusers(run: RunFolder) -> str:
         if info.get("temperature"):
             rows.append(["temperature option", "on"])
         html = f"<h3>{escape(name)}</h3>" + _table(None, rows)
-        html += _state_summary(info.get("state") or {}, members)
+        html += _state_summary(_with_importance(info), members)
         parts.append(f"<div>{html}</div>")
     return "<div class='cards'>" + "".join(parts) + "</div>"
 
 
 _BOOKKEEPING = {"n_members_", "n_classes_", "classes_"}
+
+
+def _with_importance(info: dict) -> dict:
+    """A stacker's state with ``importance_``: run folders written before stackers stored it get
+    it from the fuser rebuilt through its plugin (``member_importance``), when that plugin is
+    installed; otherwise the state as it is."""
+    state = info.get("state") or {}
+    inner = state.get("fuser_") if isinstance(state.get("fuser_"), dict) else state
+    if "importance_" in inner or not isinstance(inner.get("final_estimator_"), dict):
+        return state
+    try:
+        from .plugins import get_plugins
+
+        record = get_plugins().catalog().get("fuser", info["fuser"]).record
+        fuser = record.cls(**record.params.model_validate(info.get("params") or {}).model_dump()).set_state(inner)
+        importance = fuser.member_importance()
+    except Exception:  # a plugin gone or changed since: show what the folder holds
+        return state
+    if importance is None:
+        return state
+    return {**state, "fuser_": {**inner, "importance_": importance}} if inner is not state else \
+        {**state, "importance_": importance}
 
 
 def _state_summary(state: dict, members: list[str]) -> str:

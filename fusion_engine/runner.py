@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import RUN_LOG_ONLY, FusionEngineError
+from .errors import RUN_LOG_ONLY, RUN_STARTED, FusionEngineError
 from .executors import LazyExecutor
 from .fusion import fit_fusers
 from .leaderboard import Row, build_leaderboard, print_leaderboard
@@ -80,9 +80,8 @@ def run_experiment(spec_path: str | os.PathLike, *, registry: str | os.PathLike 
     spec = resolved.spec
     device = device or spec.device
     registry_dir = resolve_registry(registry)
-    console = Console(stderr=True, quiet=quiet)
-    console.log(f"checking [bold]{spec.name}[/]: dataset {spec.data.dataset}, {len(spec.members)} members")
     checked = preflight(resolved, registry=registry_dir, retrain=tuple(retrain))
+    console = Console(stderr=True, quiet=quiet)
     with LazyExecutor(resolved.executor) as lazy_executor:
         if device == "cuda" and lazy_executor.local:
             from .training import resolve_device
@@ -126,23 +125,23 @@ class _Run:
                 stack.callback(log.removeHandler, h)
             stack.callback(log.setLevel, log.level)
             log.setLevel(logging.INFO)
+            log.info("run %s: %s", self.ctx.run_id, self.folder.path, extra={RUN_STARTED: True})
             self.reg.run_started(self.ctx.run_id, experiment=spec.name, spec_file=self.summary["spec_file"],
                                  n_members=len(spec.members), n_fusers=len(spec.fusers))
             try:
                 result = self._stages(checked, retrain)
+                seconds = round(time.perf_counter() - started, 3)
+                self.summary.update(status="complete", seconds=seconds, fusers=[f.name for f in spec.fusers])
+                self.folder.write_summary(self.summary)
+                self.reg.run_finished(self.ctx.run_id, status="complete", seconds=seconds)
             except BaseException as exc:
                 self._failed(exc, round(time.perf_counter() - started, 3))
                 raise
-            seconds = round(time.perf_counter() - started, 3)
-            self.summary.update(status="complete", seconds=seconds, fusers=[f.name for f in spec.fusers])
-            self.folder.write_summary(self.summary)
-            self.reg.run_finished(self.ctx.run_id, status="complete", seconds=seconds)
             log.info("run %s complete in %.1fs", self.ctx.run_id, seconds)
             self._plots_and_report()
             return result
 
     def _stages(self, checked: Preflight, retrain: tuple[str, ...]) -> RunResult:
-        from .calibration import calibrate_members
         from .data import run_data
 
         ctx, resolved, folder = self.ctx, self.resolved, self.folder
@@ -158,21 +157,19 @@ class _Run:
         self.summary["data"] = {"split_sizes": data.split_sizes, "classes": data.class_names,
                                "fingerprint": data.fingerprint, "split_sha256": data.split}
         folder.write_split(data.class_names, data.ids, data.labels)
-        self.y_val = data.labels["val"]
+        self.data = data
 
         members = MemberStage(resolved, checked, self.reg, data, self.executor, run_id=ctx.run_id, device=self.device,
                               quiet=self.quiet, console=self.console, retrain=retrain, on_ready=self._member_ready,
                               on_failed=self._member_failed).run()
         self.executor.close()  # a Ray instance it started is stopped before anything forks to draw plots
 
-        calibrate_members(members, spec.members, data.labels["val"])
-        for member in members.values():
-            folder.write_member(member, str(self.reg.member_dir(member.key).relative_to(self.reg.root)))
-
         self.console.log(f"fitting {len(spec.fusers)} fusers on val")
-        fitted = fit_fusers(resolved.fuser_entries, {n: m.logits for n, m in members.items()}, data.labels, spec.seed)
-        for fuser in fitted:
+        fitted = []
+        for fuser in fit_fusers(resolved.fuser_entries, {n: m.logits for n, m in members.items()}, data.labels,
+                                spec.seed):
             folder.write_fuser(fuser.name, fuser.description())
+            fitted.append(fuser)
 
         n_scored = sum(len(data.labels[s]) for s in SCORED_SPLITS)
         rows = [Row(name=m.name, kind="member", members=[m.name], proba={s: _softmax(m.logits[s]) for s in SCORED_SPLITS},
@@ -195,6 +192,13 @@ class _Run:
 
     # -- the summary --------------------------------------------------------------------------------
     def _member_ready(self, index: int, member: MemberResult) -> None:
+        """A member's outputs are ready: the calibrate stage for it, its run-folder files, the
+        summary, the index, and the hook (which sees the logits the fusers will)."""
+        from .calibration import calibrate_member
+        from .evaluation import accuracy
+
+        calibrate_member(member, self.resolved.spec.members[index], self.data.labels["val"])
+        self.folder.write_member(member, str(self.reg.member_dir(member.key).relative_to(self.reg.root)))
         entry = {"key": member.key, "action": member.action,
                  "source": "zoo" if self.resolved.spec.members[index].zoo is not None else "spec"}
         if member.resumed_from_epoch:
@@ -204,7 +208,7 @@ class _Run:
         self._note_member(member.name, entry)
         self.reg.run_member(self.ctx.run_id, member.name, member.key, member.action)
         log.info("member %s: %s, key %s, best epoch %s, val accuracy %.4f", member.name, member.action, member.key,
-                 member.best_epoch, float(np.mean(np.argmax(member.logits["val"], 1) == self.y_val)))
+                 member.best_epoch, accuracy(self.data.labels["val"], member.logits["val"]))
         self.ctx.plugins.hook.on_member_ready(run=self.ctx, member=member)
 
     def _member_failed(self, name: str, key: str, error: str) -> None:

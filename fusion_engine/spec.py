@@ -24,7 +24,6 @@ from .records import Params, Provided, StrictModel, normalize_name
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$"
 #: seeds are NumPy's and scikit-learn's: 0 .. 2**32 - 1
 MAX_SEED = 2**32 - 1
-RANK_BY_DELTA = "delta_vs_best_member"
 
 
 class _Strict(StrictModel):
@@ -414,8 +413,9 @@ def resolve_spec(spec: ExperimentSpec, catalog, *, file: str | None = None, base
     # bound when the spec names one; else the run uses the built-in local executor
     executor = (bind("executor", spec.executor.name, spec.executor.params, ("executor",), field="name")
                 if "executor" in spec.model_fields_set else None)
-    always = ("accuracy", "nll", RANK_BY_DELTA)  # the core computes these whatever plugins are installed
-    names = sorted({*catalog.names("metric"), *always})
+    from .leaderboard import CORE_RANKABLE  # the core computes these whatever plugins are installed
+
+    names = sorted({*catalog.names("metric"), *CORE_RANKABLE})
     if "rank_by" in spec.model_fields_set and normalize_name(spec.rank_by) not in {normalize_name(n) for n in names}:
         choices = ", ".join(names)
         raise SpecError(f"cannot rank by '{spec.rank_by}'; choose one of: {choices}", file=file, loc="rank_by")

@@ -21,8 +21,9 @@ from pydantic import Field
 from scipy.special import log_softmax
 
 from .fuser import Fuser, check_logits
+from .records import params_from_signature
 
-__all__ = ["StackingFuser", "member_totals", "stack_features"]
+__all__ = ["StackingFuser", "StackingParams", "member_totals", "stack_features"]
 
 def stack_features(logits: np.ndarray, append_logits: bool = False) -> np.ndarray:
     """The ``(N, M*C)`` design matrix: member by member, its ``C`` log-probabilities, then, with
@@ -113,11 +114,21 @@ class StackingFuser(Fuser):
         estimator = self.make_estimator()
         estimator.fit(self.features(logits), np.searchsorted(self.classes_, y))
         self.final_estimator_ = self.load_estimator(self.save_estimator(estimator))
-        per_feature = self.feature_importances(self.final_estimator_)
-        if per_feature is not None:
-            per_member = member_totals(per_feature, self.n_members_, self.n_classes_)
-            self.importance_ = per_member / max(per_member.sum(), 1e-300)
+        importance = self.member_importance()
+        if importance is not None:
+            self.importance_ = importance
         return self
+
+    def member_importance(self) -> np.ndarray | None:
+        """Each member's share of the fitted estimator's feature importance (summing to 1), or
+        None when there is no estimator or it reports no importance."""
+        if getattr(self, "final_estimator_", None) is None:
+            return None
+        per_feature = self.feature_importances(self.final_estimator_)
+        if per_feature is None:
+            return None
+        per_member = member_totals(per_feature, self.n_members_, self.n_classes_)
+        return per_member / max(per_member.sum(), 1e-300)
 
     def predict_proba(self, logits: np.ndarray) -> np.ndarray:
         logits = check_logits(logits)
@@ -144,3 +155,9 @@ class StackingFuser(Fuser):
         super().set_state(state)
         self.final_estimator_ = None if estimator is None else self.load_estimator(estimator)
         return self
+
+
+#: The parameters every stacker shares, as a ``Params`` model: kept for stacking plugins written
+#: against fusion-engine 0.1, whose ``Params`` subclass it. New stackers need no ``Params`` model:
+#: ``FuserRecord`` reads one off ``__init__``.
+StackingParams = params_from_signature(StackingFuser)

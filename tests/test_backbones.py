@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 
@@ -102,8 +103,33 @@ def test_small_input_resnet_stem_is_a_3x3_stride_1_conv_without_maxpool():
 
 
 def test_small_input_true_on_an_unsupported_family_is_an_error():
-    with pytest.raises(FusionEngineError, match="small_input is not supported.*test_vit"):
+    with pytest.raises(FusionEngineError, match="small_input cannot adapt timm model 'test_vit'"):
         build("timm", model="test_vit", small_input=True, image_size=None)
+
+
+# One of each convolutional family whose stem small_input reaches by running the first two
+# downsampling steps at stride 1, shortcuts included (the smallest member of each family).
+FAMILIES = ["regnetx_002", "convnext_atto", "ghostnet_050", "repvgg_a0", "mobilenetv3_small_050", "densenet121"]
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_small_input_keeps_a_feature_map_in_every_convolutional_family(model):
+    """At 28 px every family ends in 1x1 or less with its ImageNet stem; with small_input it keeps at
+    least 2x2, trains (a backward pass) and gives logits for every class."""
+    x = torch.zeros(2, 3, 28, 28)
+    plain = build("timm", model=model, small_input=False, image_size=28).module.eval()
+    with torch.no_grad():
+        try:
+            collapsed = min(plain.forward_features(x).shape[-2:]) <= 1
+        except RuntimeError:  # smaller than the network can take at all
+            collapsed = True
+    assert collapsed
+    small = build("timm", model=model, small_input=True, image_size=28).module
+    with torch.no_grad():
+        assert min(small.eval().forward_features(x).shape[-2:]) >= 2
+    out = small.train()(torch.rand(2, 3, 28, 28))
+    out.sum().backward()
+    assert out.shape == (2, 7)
 
 
 def test_small_input_auto_leaves_an_unsupported_family_as_it_is():
@@ -200,6 +226,16 @@ def test_pretrained_file_of_another_architecture_is_an_error(tmp_path):
     save_file(timm.create_model("mobilenetv2_100", num_classes=10).state_dict(), str(path))
     with pytest.raises(FusionEngineError, match="cannot build timm model 'resnet18'"):
         build("resnet18", num_classes=3, pretrained_file=str(path))
+    # the check before a run says which tensors and how many, from the file's header
+    from fusion_engine_timm import BackboneParams, check_model
+
+    with pytest.raises(FusionEngineError) as err:
+        check_model("resnet18", BackboneParams(pretrained_file=path), num_classes=3, image_size=16)
+    message = str(err.value)
+    assert message.startswith(f"pretrained_file {path} does not fit timm model 'resnet18': ")
+    assert re.search(r": 98 missing \(conv1\.weight, layer1\.0\.conv1\.weight, .*; 258 unexpected \(blocks\.0\.0\.bn1\.bias, "
+                     r".*; 4 mis-shaped \(bn1\.weight \(file 32, model 64\), ", message), message
+    assert "\n" not in message
 
 
 def test_matching_checksum_loads(resnet_file):

@@ -214,7 +214,7 @@ def test_bad_data_fails_the_run_with_one_line_and_records_it(tmp_path):
             Image.new("RGB", (12, 12), colour).save(root / label / f"{i}.png")
     (root / "b" / "broken.png").write_bytes(b"not a png")
     spec = write_spec(tmp_path / "spec.yaml", "name: bad\ndevice: cpu\ndata: {dataset: imagefolder, params: {root: imgs}, "
-                                              "image_size: 8}\nmembers:\n  - {name: r, backbone: resnet18, train: {epochs: 1}}\n")
+                                              "image_size: 32}\nmembers:\n  - {name: r, backbone: resnet18, train: {epochs: 1}}\n")
     out = cli("run", spec, "--registry", tmp_path / "reg", "--quiet")
     assert (out.returncode, out.stderr) == (2, f"cannot read image {root / 'b' / 'broken.png'}: "
                                                "not an image format Pillow can decode\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_json, toy_spec_data, write_spec
+from conftest import cli_json, summary, toy_spec_data, write_spec
 from fusion_engine.cli import main
 from fusion_engine.runner import run_experiment
 from fusion_engine.zoo import Registry
@@ -49,23 +49,36 @@ def test_its_run_reads_and_redraws(old_registry, capsys):
     assert report == old_registry / "runs" / OLD_RUN / "report.html"
     html = report.read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") == 4 + 3  # a confusion matrix per row, reliability, Pareto, curves
+    # 0.1 stored no importance_: it comes from the stacker rebuilt through its plugin
+    assert "share of the meta-learner's feature importance" in html
 
 
-def test_its_members_are_reused_and_referenced(old_registry, tmp_path):
-    spec = write_spec(tmp_path / "spec.yaml", OLD_SPEC)
-    result = run_experiment(spec, registry=old_registry, quiet=True)
-    record = json.loads((result.run_dir / "run.json").read_text())
-    assert record["trained"] == [] and record["reused"] == ["net-a", "net-b"]
-    old = json.loads((old_registry / "runs" / OLD_RUN / "leaderboard.json").read_text())
-    new = json.loads((result.run_dir / "leaderboard.json").read_text())
-    timing = {"infer_ms_per_image", "train_seconds", "fit_seconds"}
-    for before, after in zip(old["rows"], new["rows"]):
-        assert {k: v for k, v in before.items() if k not in timing} == {k: v for k, v in after.items() if k not in timing}
+def test_its_members_are_referenced_and_score_as_they_did(old_registry, tmp_path):
+    """Referenced by name, the 0.1 members give the 0.1 run's leaderboard again (every column but
+    timings and names)."""
+    by_ref = {**OLD_SPEC, "members": [{"name": "a", "zoo": "net-a"},
+                                      {"name": "b", "zoo": "net-b", "calibrate": "temperature"}]}
+    result = run_experiment(write_spec(tmp_path / "by-reference.yaml", by_ref), registry=old_registry, quiet=True)
+    assert summary(result.run_dir)["reused"] == ["a", "b"]
+    renamed = {"net-a": "a", "net-b": "b"}
+    old = json.loads((old_registry / "runs" / OLD_RUN / "leaderboard.json").read_text())["rows"]
+    new = {row["name"]: row for row in json.loads((result.run_dir / "leaderboard.json").read_text())["rows"]}
+    skip = {"rank", "name", "members", "infer_ms_per_image", "train_seconds", "fit_seconds", "pareto"}
+    for before in old:
+        after = new[renamed.get(before["name"], before["name"])]
+        assert {k: v for k, v in before.items() if k not in skip} == {k: v for k, v in after.items() if k not in skip}
 
-    by_ref = write_spec(tmp_path / "by-reference.yaml", {**OLD_SPEC, "fusers": [],
-                                                        "members": [{"name": "a", "zoo": "net-a"}, {"name": "b", "zoo": "net-b"}]})
-    record = json.loads((run_experiment(by_ref, registry=old_registry, quiet=True).run_dir / "run.json").read_text())
-    assert record["reused"] == ["a", "b"]
+
+def test_the_same_spec_trains_anew_under_this_versions_keys(old_registry, tmp_path):
+    """Keys now include the code that trains a member (format 2), so 0.1's members are not
+    served for them; they stay in the zoo, intact, beside the new ones."""
+    result = run_experiment(write_spec(tmp_path / "spec.yaml", OLD_SPEC), registry=old_registry, quiet=True)
+    assert summary(result.run_dir)["trained"] == ["net-a", "net-b"]
+    with Registry(old_registry) as reg:
+        cards = {e.key: reg.verify(e) for e in reg.entries()}
+    assert sorted(c.version for c in cards.values()) == [1, 1, 2, 2]
+    assert all(c.key_material["format"] == 2 and c.key_material["code"]["plugin"]["sha256"]
+               for c in cards.values() if c.version == 2)
 
 
 def test_its_index_is_rebuilt_from_version_1_cards(old_registry, capsys):

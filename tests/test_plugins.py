@@ -166,3 +166,33 @@ def test_plugins_command_json_lists_versions_hooks_and_records():
     assert "nll" in rows["fusion_engine_metrics"]["metrics"]
     assert rows["fusion_engine_metrics"]["version"]
     assert rows["fusion_engine_executors"]["executors"] == ["local", "ray"]
+
+
+def test_plugins_in_a_pipe_cut_nothing_and_list_every_record_with_its_description():
+    from conftest import cli
+
+    out = cli("plugins", env={"COLUMNS": "60"})
+    assert out.returncode == 0, out.stderr
+    assert "…" not in out.stdout
+    for name in sorted(FIRST_PARTY):
+        assert name in out.stdout
+    assert "greedy ensemble selection with replacement (Caruana 2004)" in out.stdout
+    assert "any timm architecture by name (model: resnet50, convnext_tiny, ...)" in out.stdout
+
+
+def test_plugins_params_shows_a_records_parameters_with_defaults_and_constraints(capsys):
+    from fusion_engine.cli import main
+
+    assert main(["plugins", "--params", "caruana", "--json"]) == 0
+    [caruana] = json.loads(capsys.readouterr().out)
+    fields = {f["name"]: f for f in caruana["params"]}
+    assert caruana["kind"] == "fuser" and caruana["plugin"] == "fusion_engine_fusers"
+    assert fields["ensemble_size"] == {"name": "ensemble_size", "type": "int", "default": 25, "constraints": ["> 0"],
+                                       "description": ""}
+    assert fields["bag_fraction"]["constraints"] == ["> 0", "<= 1"] and fields["metric"]["type"] == "'nll' | 'accuracy'"
+    assert main(["plugins", "--params", "resnet18"]) == 0
+    table = capsys.readouterr().out
+    assert "pretrained_file" in table and "CIFAR-style stem for small images" in table
+    assert main(["plugins", "--params", "carauna"]) == 2
+    assert capsys.readouterr().err == ("no plugin registers 'carauna' (did you mean 'caruana'?); "
+                                       "`fusion-engine plugins` lists them\n")

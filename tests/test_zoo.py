@@ -140,11 +140,14 @@ def test_renaming_a_member_or_calibrating_it_reuses_it(trained, registry, tmp_pa
 
 
 def test_the_key_covers_what_decides_a_member_and_resolves_defaults(tmp_path, registry):
+    code = {"engine": "0.1.0", "plugin": {"distribution": "p", "version": "1"}, "torch": "2.14", "timm": "1.0.31"}
     base = dict(backbone="toy-net", params={"width": 4}, train={"epochs": 2}, seed=0, image_size=None, mean=None,
-                std=None, fingerprint="f" * 64, split="s" * 64)
+                std=None, fingerprint="f" * 64, split="s" * 64, code=code)
     key = member_key(key_material(**base))
     for change in ({"seed": 1}, {"params": {"width": 5}}, {"train": {"epochs": 3}}, {"fingerprint": "e" * 64},
-                   {"split": "t" * 64}, {"image_size": 16}, {"mean": [0.5]}, {"backbone": "other"}):
+                   {"split": "t" * 64}, {"image_size": 16}, {"mean": [0.5]}, {"backbone": "other"},
+                   {"code": {**code, "plugin": {"distribution": "p", "version": "2"}}}, {"code": {**code, "torch": "2.15"}},
+                   {"code": {**code, "engine": "0.2.0"}}, {"code": {**code, "timm": "1.0.32"}}):
         assert member_key(key_material(**{**base, **change})) != key, change
     # writing out the default lr and weight decay is the same member as leaving them out
     spec = toy_with(tmp_path, lambda d: d["members"][0]["train"].update(lr=0.002, weight_decay=0.05))
@@ -170,8 +173,9 @@ def test_members_from_the_zoo_by_name_and_key_prefix(trained, registry, tmp_path
     np.testing.assert_array_equal(stored["test_logits"], used["test_logits"])
     spec_json = json.loads((registry / "runs" / record["run_id"] / "spec.json").read_text())
     assert spec_json["members"][0]["zoo"] == "net-a" and spec_json["members"][0]["backbone"] is None
-    # validate accepts it too, without a registry
-    assert main(["validate", str(spec)]) == 0
+    # validate checks it against the registry it is given
+    assert main(["validate", str(spec), "--registry", str(registry)]) == 0
+    assert main(["validate", str(spec), "--registry", str(tmp_path / "elsewhere")]) == 2
 
 
 def test_a_reference_trained_on_other_data_is_an_error_naming_both(trained, registry, tmp_path):

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from .card import CARD_VERSION, MemberCard
-from .errors import Busy, CorruptArtifact, PlantedFile, ZooError, short
+from .errors import Busy, CorruptArtifact, PlantedFile, UnreadableCard, ZooError, short
 from .gc import GcReport
 from .index import ZooEntry
 from .keys import ZOO_FORMAT, check_key, check_run_id, key_material, member_key, split_digest
@@ -19,6 +19,6 @@ from .artifacts import tree_bytes
 from .store import REGISTRY_ENV, MemberOutputs, Registry, StoredMember, describe_candidates, resolve_registry
 
 __all__ = ["CARD_VERSION", "Busy", "CorruptArtifact", "GcReport", "MemberCard", "MemberOutputs", "PlantedFile",
-           "Registry", "StoredMember", "ZOO_FORMAT", "ZooEntry", "ZooError", "check_key", "check_run_id",
+           "Registry", "StoredMember", "UnreadableCard", "ZOO_FORMAT", "ZooEntry", "ZooError", "check_key", "check_run_id",
            "describe_candidates", "key_material", "member_key", "resolve_registry", "short", "split_digest", "tree_bytes",
            "REGISTRY_ENV"]

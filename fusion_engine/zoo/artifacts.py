@@ -20,7 +20,6 @@ from .errors import CorruptArtifact, PlantedFile
 #: what a member's folder holds besides its card
 PAYLOAD_FILES = ("model.safetensors", "outputs.safetensors", "ids.json")
 CARD_FILE = "card.json"
-ARTIFACT_FILES = (*PAYLOAD_FILES, CARD_FILE)
 
 _PICKLE_MAGIC = tuple(bytes([0x80, p]) for p in range(2, 6))
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format: a zip of pickles

@@ -6,15 +6,17 @@ index lost. It says what the member is (its spec, key material, data and input c
 was made (history, timings, device, library versions) and which files hold it (with checksums).
 
 Versions: cards without a ``version`` field were written by fusion-engine 0.1 before cards were
-typed (version 1); they read unchanged. Version 2 cards drop the copy of the index row that
-version 1 carried (it is derived from the card's own fields).
+typed (version 1); they read unchanged. Version 2 derives the index row from the card's own
+fields; it still writes the copy under ``index`` that version 1 carried, so that 0.1 can rebuild
+its index from cards this version wrote. A card of a version newer than this code is refused,
+never guessed at.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CARD_VERSION = 2
 
@@ -73,7 +75,7 @@ class Checksum(_Part):
 class MemberCard(_Part):
     """``zoo/<key>/card.json``. ``key``, ``created`` and ``files`` are set when it is published."""
 
-    version: int = 1
+    version: int = CARD_VERSION
     format: int = 1  # the key format (:data:`fusion_engine.zoo.keys.ZOO_FORMAT`) the member was keyed with
     key: Optional[str] = None
     created: Optional[str] = None
@@ -95,6 +97,14 @@ class MemberCard(_Part):
     device: Optional[str] = None
     versions: dict[str, str] = Field(default_factory=dict)
     files: dict[str, Checksum] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unversioned_is_version_1(cls, data: Any) -> Any:
+        """A card read without a ``version`` was written by fusion-engine 0.1."""
+        if isinstance(data, dict) and "version" not in data:
+            return {**data, "version": 1}
+        return data
 
     def index_fields(self) -> dict[str, Any]:
         """The registry index's columns for this member (besides key, files, size and date)."""

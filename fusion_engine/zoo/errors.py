@@ -35,5 +35,16 @@ class PlantedFile(ZooError):
             f"the member with: fusion-engine zoo rm {key[:16]}")
 
 
+class UnreadableCard(ZooError):
+    """A member whose card checks out (its bytes are as written) but that this version cannot
+    read: written by a newer fusion-engine, or by code that wrote other fields. Kept, never
+    deleted: it is not damage."""
+
+    def __init__(self, key: str, reason: str):
+        self.key = key
+        super().__init__(f"zoo member {short(key)}: card.json {reason}; the member is left as it is "
+                         f"(inspect it with fusion-engine zoo show {key[:16]})")
+
+
 class Busy(ZooError):
     """A lock another process holds, asked for without waiting."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .artifacts import children, tree_bytes
-from .errors import Busy, ZooError
+from .errors import Busy, UnreadableCard, ZooError
 from .keys import KEY_RE
 from .locks import is_held
 
@@ -29,6 +29,7 @@ class GcReport:
     removed: list[dict] = field(default_factory=list)  # {"path", "what", "bytes"}
     kept_in_use: list[str] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)  # intact members the index lacked, indexed again
+    unreadable: list[str] = field(default_factory=list)  # unindexed members whose card this version cannot read
     index_rows_removed: int = 0
     runs_marked_interrupted: int = 0
     dry_run: bool = False
@@ -39,7 +40,7 @@ class GcReport:
 
     def as_dict(self) -> dict:
         return {"bytes_freed": self.bytes_freed, "dry_run": self.dry_run, "removed": self.removed,
-                "kept_in_use": self.kept_in_use, "recovered": self.recovered,
+                "kept_in_use": self.kept_in_use, "recovered": self.recovered, "unreadable": self.unreadable,
                 "index_rows_removed": self.index_rows_removed,
                 "runs_marked_interrupted": self.runs_marked_interrupted}
 
@@ -78,6 +79,9 @@ def collect(reg: "Registry", *, dry_run: bool = False, checkpoints: bool = False
                     continue
             except Busy:
                 report.kept_in_use.append(str(path.relative_to(reg.root)))
+                continue
+            except UnreadableCard:  # a newer version's member: not this version's to delete
+                report.unreadable.append(str(path.relative_to(reg.root)))
                 continue
             except (ZooError, OSError):
                 pass

@@ -15,8 +15,8 @@ from typing import Any
 from ..records import SPLITS
 from .errors import ZooError
 
-#: part of every key: bump it when what a stored member means changes
-ZOO_FORMAT = 1
+#: part of every key: bump it when what a stored member means changes (2: the code that made it is in the key)
+ZOO_FORMAT = 2
 
 KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 PREFIX_RE = re.compile(r"^[0-9a-f]{8,64}$")
@@ -39,9 +39,11 @@ def split_digest(ids: dict[str, list[str]]) -> str:
 
 
 def key_material(*, backbone: str, params: dict, train: dict, seed: int, image_size: int | None,
-                 mean: list | None, std: list | None, fingerprint: str, split: str) -> dict:
+                 mean: list | None, std: list | None, fingerprint: str, split: str, code: dict) -> dict:
     """What a member's key hashes: everything that decides its weights and its outputs.
 
+    ``params`` with every file a parameter names given by its content's sha256 (not its path);
+    ``code`` identifies the code that trains it (:func:`fusion_engine.provenance.member_code`).
     Not in it: the member's name, the device (CPU and CUDA runs of one member are the same
     member), ``calibrate`` (applied to the stored logits at load time) and the fusers.
     """
@@ -53,6 +55,7 @@ def key_material(*, backbone: str, params: dict, train: dict, seed: int, image_s
         "seed": int(seed),
         "data": {"image_size": image_size, "mean": None if mean is None else list(mean),
                  "std": None if std is None else list(std), "fingerprint": fingerprint, "split": split},
+        "code": code,
     }
 
 

@@ -11,24 +11,22 @@ from .errors import Busy
 
 
 @contextmanager
-def file_lock(path: Path, *, wait: bool = True, on_wait: Callable[[], None] | None = None,
-              shared: bool = False) -> Iterator[None]:
+def file_lock(path: Path, *, wait: bool = True, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
     """Hold ``path`` locked (created if missing); :class:`Busy` without ``wait`` when another
     process holds it, else ``on_wait()`` is called once before blocking."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     try:
         try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if not wait:
                 raise Busy(f"{path.name} is held by another process") from None
             if on_wait is not None:
                 on_wait()
-            fcntl.flock(fd, mode)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock

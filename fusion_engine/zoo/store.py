@@ -40,10 +40,10 @@ from pydantic import ValidationError
 
 from ..checkpoint import Checkpoint
 from ..files import checksum, fsync_dir, seal, write_atomic
-from ..records import SCORED_SPLITS as SPLITS
+from ..records import SCORED_SPLITS
 from .artifacts import CARD_FILE, PAYLOAD_FILES, check_file, read_checked, read_json_object, tree_bytes
 from .card import CARD_VERSION, MemberCard
-from .errors import Busy, CorruptArtifact, PlantedFile, ZooError, short
+from .errors import Busy, CorruptArtifact, PlantedFile, UnreadableCard, ZooError, short
 from .index import Index, ZooEntry, now
 from .keys import MIN_PREFIX, PREFIX_RE, check_key, check_run_id, member_key
 from .locks import file_lock, is_held
@@ -172,10 +172,9 @@ class Registry:
             raise ZooError(f"{ref!r} is not a zoo key or key prefix (at least {MIN_PREFIX} hex characters)")
         found = self.find(ref, names=names)
         if not found:
-            what = "key, key prefix or member name" if names else "key or key prefix"
-            raise ZooError(f"no zoo member matches {ref!r} (a {what}) in {self.root}; `fusion-engine zoo list` shows them")
+            raise _no_match(ref, self.root, names=names)
         if len(found) > 1:
-            raise ZooError(f"{ref!r} is ambiguous in {self.root}; candidates: {describe_candidates(found)}")
+            raise _ambiguous(ref, found)
         return found[0]
 
     def verify(self, entry: ZooEntry) -> MemberCard:
@@ -211,12 +210,12 @@ class Registry:
             raise CorruptArtifact(entry.key, "outputs.safetensors", f"not a safetensors file ({exc})") from None
         ids = json.loads(read_checked(entry.key, folder / "ids.json", entry.files["ids.json"]))
         try:
-            logits = {s: arrays[f"{s}_logits"].astype(np.float32, copy=False) for s in SPLITS}
-            labels = {s: arrays[f"{s}_labels"].astype(np.int64, copy=False) for s in SPLITS}
-            ids = {s: [str(i) for i in ids[s]] for s in SPLITS}
+            logits = {s: arrays[f"{s}_logits"].astype(np.float32, copy=False) for s in SCORED_SPLITS}
+            labels = {s: arrays[f"{s}_labels"].astype(np.int64, copy=False) for s in SCORED_SPLITS}
+            ids = {s: [str(i) for i in ids[s]] for s in SCORED_SPLITS}
         except (KeyError, TypeError) as exc:
             raise CorruptArtifact(entry.key, "outputs.safetensors", f"missing {exc}") from None
-        for s in SPLITS:
+        for s in SCORED_SPLITS:
             if logits[s].ndim != 2 or len(logits[s]) != len(labels[s]) or len(ids[s]) != len(labels[s]):
                 raise CorruptArtifact(entry.key, "outputs.safetensors", f"{s} logits, labels and ids disagree in shape")
         return MemberOutputs(logits, labels, ids)
@@ -250,6 +249,8 @@ class Registry:
             files = {name: seal(tmp / name) for name in PAYLOAD_FILES}
             card = MemberCard.model_validate({**card.to_json(), "version": CARD_VERSION, "key": key, "created": now(),
                                               "files": files})
+            # the index row again, as fusion-engine 0.1 rebuilds its index from cards
+            card = card.model_copy(update={"index": card.index_fields()})
             write_atomic(tmp / CARD_FILE, json.dumps(card.to_json(), indent=2, allow_nan=False) + "\n", fsync=True)
             files = {**files, CARD_FILE: seal(tmp / CARD_FILE)}
             fsync_dir(tmp)
@@ -288,7 +289,7 @@ class Registry:
             return None
         try:
             row = self.orphan_entry(key)
-        except PlantedFile:
+        except (PlantedFile, UnreadableCard):
             raise
         except (ZooError, OSError) as exc:
             log.warning("removing an unindexed zoo folder that fails its checks, %s (%s)", folder, exc)
@@ -378,14 +379,20 @@ class Registry:
 
 
 def read_card(folder: Path, key: str) -> MemberCard:
-    """``card.json`` of a member folder, typed; damage reported as :class:`CorruptArtifact`."""
+    """``card.json`` of a member folder, typed. Unreadable JSON is damage (:class:`CorruptArtifact`);
+    a card of a newer version, or one that does not fit this version's model, is
+    :class:`UnreadableCard`."""
     data = read_json_object(folder / CARD_FILE, key)
+    version = data.get("version", 1)
+    if not isinstance(version, int) or version > CARD_VERSION:
+        raise UnreadableCard(key, f"is version {version!r}, newer than this fusion-engine reads ({CARD_VERSION}); "
+                                  f"upgrade fusion-engine")
     try:
         return MemberCard.model_validate(data)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         where = ".".join(str(p) for p in err["loc"])
-        raise CorruptArtifact(key, CARD_FILE, f"not a member card ({where}: {err['msg']})") from None
+        raise UnreadableCard(key, f"does not read as a member card ({where}: {err['msg']})") from None
 
 
 def choose_reference(reg: Registry, ref: str, *, fingerprint: Callable[[], str], split: str) -> ZooEntry:
@@ -395,17 +402,13 @@ def choose_reference(reg: Registry, ref: str, *, fingerprint: Callable[[], str],
     listing them."""
     found = reg.find(ref)
     if not found:
-        raise ZooError(f"no zoo member matches '{ref}' (a key, key prefix or member name) in registry {reg.root}; "
-                       f"`fusion-engine zoo list --registry {reg.root}` shows them")
+        raise _no_match(ref, reg.root)
     if len(found) == 1:
         chosen = found[0]
     else:
         fitting = [e for e in found if e.fingerprint == fingerprint() and e.split == split]
         if len(fitting) != 1:
-            shown = fitting or found
-            raise ZooError(f"'{ref}' is ambiguous: {len(shown)} zoo members match"
-                           f"{' and were trained on this data' if fitting else ''}; give a longer key prefix. "
-                           f"Candidates: {describe_candidates(shown)}")
+            raise _ambiguous(ref, fitting or found, " and were trained on this data" if fitting else "")
         chosen = fitting[0]
     if chosen.split != split or chosen.fingerprint != fingerprint():
         this = fingerprint()
@@ -415,6 +418,17 @@ def choose_reference(reg: Registry, ref: str, *, fingerprint: Callable[[], str],
                        f"other data: {' and '.join(w for w in what if w)}; fusers may only combine members scored on "
                        f"the same samples")
     return chosen
+
+
+def _no_match(ref: str, root: Path, *, names: bool = True) -> ZooError:
+    what = "key, key prefix or member name" if names else "key or key prefix"
+    return ZooError(f"no zoo member matches '{ref}' (a {what}) in registry {root}; "
+                    f"`fusion-engine zoo list --registry {root}` shows them")
+
+
+def _ambiguous(ref: str, candidates: list[ZooEntry], why: str = "") -> ZooError:
+    return ZooError(f"'{ref}' is ambiguous: {len(candidates)} zoo members match{why}; give a longer key prefix. "
+                    f"Candidates: {describe_candidates(candidates)}")
 
 
 def describe_candidates(entries: list[ZooEntry]) -> str:

@@ -8,13 +8,15 @@ Two layouts:
   (to score), and each must hold the same classes.
 
 ``layout: auto`` (the default) picks split when ``root/train`` exists. Images may sit in
-subfolders of a class folder; hidden files and folders are skipped. Sample ids are paths relative
-to ``root``.
+subfolders of a class folder; hidden files and folders are skipped, and so are files that are not
+images (by extension), with one warning counting them. Sample ids are paths relative to ``root``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +26,8 @@ from pydantic import Field, ValidationInfo, field_validator
 from fusion_engine import SPLITS, FusionEngineError, ImageDataset, Params
 
 from .paths import check_at_validation, missing_directory, resolve_path
+
+log = logging.getLogger("fusion_engine")
 
 # torchvision.datasets.folder.IMG_EXTENSIONS, without importing torchvision (it imports torch).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -45,6 +49,7 @@ def load_image_folder(params: ImageFolderParams, base_dir: Path | str = ".") -> 
     root = resolve_path(params.root, base_dir)
     if problem := missing_directory(root):
         raise FusionEngineError(f"imagefolder: {problem}")
+    skipped: Counter = Counter()
     folders = visible_subfolders(root)
     layout = params.layout
     if layout == "auto":
@@ -53,10 +58,15 @@ def load_image_folder(params: ImageFolderParams, base_dir: Path | str = ".") -> 
         class_names = folders
         if not class_names:
             raise FusionEngineError(f"imagefolder: no class folders in {root}; expected {root}/<class>/<image>")
-        paths, labels = _scan_classes(root, class_names)
+        paths, labels = _scan_classes(root, class_names, skipped)
         split = None
     else:
-        class_names, paths, labels, split = _scan_split_layout(root, folders)
+        class_names, paths, labels, split = _scan_split_layout(root, folders, skipped)
+    if skipped:
+        kinds = ", ".join(f"{n} {ext or 'without an extension'}"
+                          for ext, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0] or "~")))
+        log.warning("imagefolder: skipped %d files under %s that are not images (%s); images end in %s",
+                    sum(skipped.values()), root, kinds, " ".join(IMG_EXTENSIONS))
     return ImageDataset(
         images=paths,
         labels=np.asarray(labels, dtype=np.int64),
@@ -72,7 +82,7 @@ def visible_subfolders(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
 
 
-def _scan_split_layout(root: Path, folders: list[str]):
+def _scan_split_layout(root: Path, folders: list[str], skipped: Counter):
     missing = [s for s in SPLITS if s not in folders]
     if missing:
         raise FusionEngineError(
@@ -103,18 +113,18 @@ def _scan_split_layout(root: Path, folders: list[str]):
             raise FusionEngineError(
                 f"imagefolder: class folders differ between {root / 'train'} and {part_dir}: {'; '.join(why)}"
             )
-        part_paths, part_labels = _scan_classes(part_dir, class_names)
+        part_paths, part_labels = _scan_classes(part_dir, class_names, skipped)
         paths += part_paths
         labels += part_labels
         split += [part] * len(part_paths)
     return class_names, paths, labels, np.asarray(split, dtype=object)
 
 
-def _scan_classes(folder: Path, class_names: list[str]) -> tuple[list[Path], list[int]]:
+def _scan_classes(folder: Path, class_names: list[str], skipped: Counter) -> tuple[list[Path], list[int]]:
     paths: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(class_names):
-        images = image_files(folder / name)
+        images = image_files(folder / name, skipped)
         if not images:
             raise FusionEngineError(
                 f"imagefolder: class '{name}' has no images in {folder / name} (looked for {' '.join(IMG_EXTENSIONS)})"
@@ -124,13 +134,18 @@ def _scan_classes(folder: Path, class_names: list[str]) -> tuple[list[Path], lis
     return paths, labels
 
 
-def image_files(folder: Path) -> list[Path]:
-    """Every image under ``folder``, in a stable order, skipping hidden files and folders."""
+def image_files(folder: Path, skipped: Counter | None = None) -> list[Path]:
+    """Every image under ``folder``, in a stable order, skipping hidden files and folders; the
+    other files skipped are counted by extension in ``skipped``."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [
-            Path(dirpath, f) for f in sorted(filenames) if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)
-        ]
+        for f in sorted(filenames):
+            if f.startswith("."):
+                continue
+            if f.lower().endswith(IMG_EXTENSIONS):
+                found.append(Path(dirpath, f))
+            elif skipped is not None:
+                skipped[os.path.splitext(f)[1].lower()] += 1
     return found
 

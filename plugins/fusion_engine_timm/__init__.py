@@ -488,7 +488,7 @@ def _check_weights_fit(name: str, params: BackboneParams) -> None:
     got = {k: v for k, v in shapes.items() if not k.endswith("num_batches_tracked")}
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]
-    misshaped = [f"{k}: file {_dims(got[k])}, model {_dims(expected[k])}" for k in expected
+    misshaped = [f"{k} (file {_dims(got[k])}, model {_dims(expected[k])})" for k in expected
                  if k in got and got[k] != expected[k] and not any(k.startswith(f"{c}.") for c in (*head, *stem))]
     problems = [f"{len(items)} {what} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})"
                 for what, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))

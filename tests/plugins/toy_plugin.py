@@ -15,6 +15,11 @@ class ToyNetParams(Params):
     width: int = Field(4, gt=0)
 
 
+def toy_input(params, image_size: int | None = None) -> InputConfig:
+    """What a toy net takes, known without building it (or importing torch)."""
+    return InputConfig(size=image_size or 8, mean=(0.5,), std=(0.5,), in_chans=1)
+
+
 def build_toy_net(params: ToyNetParams, num_classes: int, image_size: int | None = None) -> BuiltBackbone:
     import torch.nn as nn
 
@@ -22,7 +27,7 @@ def build_toy_net(params: ToyNetParams, num_classes: int, image_size: int | None
         nn.Conv2d(1, params.width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
         nn.Linear(4 * params.width, num_classes),
     )
-    return BuiltBackbone(module, InputConfig(size=image_size or 8, mean=(0.5,), std=(0.5,), in_chans=1))
+    return BuiltBackbone(module, toy_input(params, image_size))
 
 
 class FlakyNetParams(ToyNetParams):
@@ -93,9 +98,9 @@ class ToyMean(Fuser):
 
 @hookimpl
 def register_backbones():
-    return [BackboneRecord("toy-net", build_toy_net, ToyNetParams),
-            BackboneRecord("flaky-net", build_flaky_net, FlakyNetParams),
-            BackboneRecord("file-net", build_file_net, FileNetParams)]
+    return [BackboneRecord("toy-net", build_toy_net, ToyNetParams, input_config=toy_input),
+            BackboneRecord("flaky-net", build_flaky_net, FlakyNetParams, input_config=toy_input),
+            BackboneRecord("file-net", build_file_net, FileNetParams, input_config=toy_input)]
 
 
 @hookimpl

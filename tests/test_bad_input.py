@@ -1,0 +1,197 @@
+"""A catalogue of bad input, as users and plugin authors make it: each is refused by ``validate``
+and by ``run`` with exit status 2 and one line naming the problem, before anything is trained,
+and the registry is left exactly as it was (no run folder, no index row, no file changed)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import cli, toy_spec_data, write_spec
+from fusion_engine.cli import main
+
+TINY_TIMM = "test_resnet"  # timm's smallest ResNet: building it costs nothing
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file under ``root`` and its sha256: what "untouched" is checked against."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.parent.name != "locks"}
+
+
+def images(root: Path, classes: dict[str, int], size: int = 12) -> Path:
+    for c, (name, count) in enumerate(classes.items()):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            Image.new("RGB", (size, size), (40 * c, 7 * i, 90)).save(root / name / f"{i}.png")
+    return root
+
+
+def folder_spec(tmp: Path, **data) -> dict:
+    return toy_spec_data(data={"dataset": "imagefolder", "params": {"root": "imgs"}, "image_size": 8, **data})
+
+
+def only(*members: dict, **fields) -> dict:
+    """The toy spec with these members, fused by one mean."""
+    return toy_spec_data(members=list(members), fusers=[{"name": "avg", "fuser": "toy-mean"}], **fields)
+
+
+def timm_spec(**params) -> dict:
+    return only({"name": "r", "backbone": "timm", "params": {"model": TINY_TIMM, **params}})
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def pickle_weights(tmp: Path) -> dict:
+    path = tmp / "weights.pth"
+    path.write_bytes(pickle.dumps({"conv1.weight": Exploit()}))
+    return timm_spec(pretrained_file=str(path))
+
+
+def other_architecture(tmp: Path) -> dict:
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    with torch.device("cpu"):
+        state = timm.create_model("mobilenetv2_050", num_classes=3).state_dict()
+    save_file(state, str(tmp / "mobilenet.safetensors"))
+    return timm_spec(pretrained_file=str(tmp / "mobilenet.safetensors"))
+
+
+def wrong_checksum(tmp: Path) -> dict:
+    import timm
+    from safetensors.torch import save_file
+
+    save_file(timm.create_model(TINY_TIMM, num_classes=3).state_dict(), str(tmp / "w.safetensors"))
+    return timm_spec(pretrained_file=str(tmp / "w.safetensors"), pretrained_sha256="0" * 64)
+
+
+def ambiguous_reference(tmp: Path, registry: Path) -> dict:
+    """A second stored member called net-a, trained on this data with another seed."""
+    from fusion_engine.runner import run_experiment
+
+    other = toy_spec_data()
+    other["members"][0]["seed"] = 11
+    run_experiment(write_spec(tmp / "other.yaml", other), registry=registry, quiet=True)
+    return only({"name": "a", "zoo": "net-a"})
+
+
+def csv_manifest(tmp: Path, text: str) -> dict:
+    images(tmp / "imgs", {"cat": 4, "dog": 4})
+    (tmp / "m.csv").write_text(text)
+    return toy_spec_data(data={"dataset": "csv", "params": {"path": "m.csv"}, "image_size": 8})
+
+
+GOOD_CSV = "path,label\n" + "".join(f"imgs/{c}/{i}.png,{c}\n" for c in ("cat", "dog") for i in range(4))
+
+# (id, how to make the spec and its files, a fragment of the one-line error)
+CASES = [
+    ("single-class", lambda t, r: (images(t / "imgs", {"cat": 9}), folder_spec(t))[1],
+     "data: dataset 'imagefolder' has only class 'cat'; a classifier needs samples of at least 2 classes"),
+    ("no-class-folders", lambda t, r: ((t / "imgs").mkdir(), folder_spec(t))[1], "no class folders in"),
+    ("empty-class", lambda t, r: (images(t / "imgs", {"cat": 5, "dog": 0}), (t / "imgs/dog/notes.txt").write_text("x"),
+                                   folder_spec(t))[2], "class 'dog' has no images in"),
+    ("too-few-per-class", lambda t, r: (images(t / "imgs", {"cat": 5, "dog": 2}), folder_spec(t))[1],
+     "class 'dog' has only 2 samples; a stratified train/val/test split needs at least 3 per class"),
+    ("csv-missing-column", lambda t, r: csv_manifest(t, GOOD_CSV.replace("label", "class", 1)),
+     "missing columns: label"),
+    ("csv-missing-image", lambda t, r: csv_manifest(t, GOOD_CSV + "imgs/cat/99.png,cat\n"), "no such image"),
+    ("csv-empty-label", lambda t, r: csv_manifest(t, GOOD_CSV.replace("imgs/dog/3.png,dog", "imgs/dog/3.png,")),
+     "empty label"),
+    ("weights-of-another-architecture", lambda t, r: other_architecture(t),
+     f"members.0.params: pretrained_file {{tmp}}/mobilenet.safetensors does not fit timm model '{TINY_TIMM}': "),
+    ("weights-checksum", lambda t, r: wrong_checksum(t), "checksum mismatch for"),
+    ("weights-pickle", lambda t, r: pickle_weights(t), "holds pickled Python objects, which are never loaded"),
+    ("unknown-timm-model", lambda t, r: timm_spec(model="resnet19"), "unknown timm model 'resnet19'; did you mean"),
+    ("small-input-transformer", lambda t, r: only({"name": "v", "backbone": "timm", "params": {
+        "model": "test_vit", "small_input": True}}), "small_input cannot adapt timm model 'test_vit'"),
+    ("mean-length", lambda t, r: {**toy_spec_data(), "data": {**toy_spec_data()["data"], "mean": [0.5, 0.5]}},
+     "data.mean has 2 values but the backbone takes 1 channels; give 1"),
+    ("seed-range", lambda t, r: toy_spec_data(seed=10**23), "seed: Input should be less than or equal to 4294967295"),
+    ("boolean-as-number", lambda t, r: only({"name": "a", "backbone": "toy-net", "train": {"lr": True}}),
+     "members.0.train.lr: expected a number, not true or false"),
+    ("duplicate-key", lambda t, r: "name: a\n" + yaml.safe_dump({k: v for k, v in toy_spec_data().items() if k != "name"})
+     + "name: b\n", "key 'name' is given twice (first on line 1); give it once"),
+    ("ambiguous-reference", lambda t, r: ambiguous_reference(t, r), "members.0.zoo: 'net-a' is ambiguous: 2 zoo members"),
+]
+
+
+@pytest.mark.parametrize("make, fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_leaves_the_registry_as_it_was(tmp_path, toy_registry, capsys, make,
+                                                                           fragment):
+    made = make(tmp_path, toy_registry)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(made) if isinstance(made, str) else write_spec(spec, made)
+    before = tree(toy_registry)
+    fragment = fragment.replace("{tmp}", str(tmp_path))
+    for args in (["validate", str(spec), "--registry", str(toy_registry)],
+                 ["run", str(spec), "--registry", str(toy_registry), "--quiet"]):
+        capsys.readouterr()
+        assert main(args) == 2, args
+        out = capsys.readouterr()
+        assert out.err.count("\n") == 1 and fragment in out.err, (args[0], out.err)
+        assert out.out == ""
+    assert tree(toy_registry) == before
+
+
+def test_an_unknown_member_for_retrain_is_refused_before_the_run(toy_spec, toy_registry, capsys):
+    before = tree(toy_registry)
+    assert main(["run", str(toy_spec()), "--registry", str(toy_registry), "--retrain", "net-z", "--quiet"]) == 2
+    assert capsys.readouterr().err == "--retrain: no member of toy is called 'net-z'; members it trains: net-a, net-b\n"
+    assert tree(toy_registry) == before
+
+
+@pytest.mark.parametrize("args, line", [
+    (["run"], "fusion-engine run: the following arguments are required: SPEC (see fusion-engine run --help)"),
+    (["zoo", "lst"], "fusion-engine zoo: argument ZOO_COMMAND: invalid choice: 'lst' (choose from 'list', 'show', "
+                     "'rm', 'gc'); did you mean 'list'? (see fusion-engine zoo --help)"),
+    (["run", "spec.yaml", "--device", "gpu"], "fusion-engine run: argument --device: invalid choice: 'gpu' (choose "
+                                              "from 'auto', 'cpu', 'cuda'); did you mean 'cpu'? (see fusion-engine run "
+                                              "--help)"),
+])
+def test_command_line_errors_are_one_line(args, line):
+    out = cli(*args)
+    assert (out.returncode, out.stderr, out.stdout) == (2, line + "\n", "")
+
+
+def test_a_pickled_weights_file_prints_no_library_warning(tmp_path):
+    """torch warns before it refuses a pickle; the user sees one line, in a fresh process."""
+    spec = write_spec(tmp_path / "spec.yaml", pickle_weights(tmp_path))
+    out = cli("validate", spec)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert "unpickled!" not in out.stdout + out.stderr
+
+
+def test_skipped_files_are_counted_once_in_validate_and_in_the_run(tmp_path, capsys):
+    root = images(tmp_path / "imgs", {"cat": 6, "dog": 6})
+    for name in ("notes.txt", "labels.json", "README"):
+        (root / "cat" / name).write_text("x")
+    (root / "dog" / "more.txt").write_text("x")
+    spec = write_spec(tmp_path / "spec.yaml", folder_spec(tmp_path))
+    warning = (f"imagefolder: skipped 4 files under {root} that are not images (2 .txt, 1 .json, 1 without an "
+               f"extension)")
+    assert main(["validate", str(spec)]) == 0
+    err = capsys.readouterr().err
+    assert err.count(warning) == 1
+    assert main(["run", str(spec), "--registry", str(tmp_path / "reg"), "--quiet"]) == 0
+    run_dir = Path(capsys.readouterr().out.strip())
+    summary = json.loads((run_dir / "run.json").read_text())
+    assert [w for w in summary["warnings"] if w.startswith(warning)] and warning in (run_dir / "run.log").read_text()
+
+
+def test_a_collapsing_feature_map_is_a_warning_naming_the_size_that_keeps_one(tmp_path, capsys):
+    spec = write_spec(tmp_path / "spec.yaml", only({"name": "r", "backbone": "resnet18", "params": {
+        "small_input": False, "in_chans": 1}}, data={"dataset": "toy-data", "image_size": 28}))
+    assert main(["validate", str(spec)]) == 0
+    assert ("timm model 'resnet18' at 28 px ends in a 1x1 feature map (small_input is off), which leaves little to "
+            "classify; use data.image_size >= 40 or small_input: true to keep a 2x2 map") in capsys.readouterr().err
