@@ -1,16 +1,18 @@
 """The data stage of a run: a dataset is loaded and split (:func:`load_dataset`), then
-fingerprinted, with its pixels decoded on demand (:class:`RunData`, made by :func:`run_data`).
+fingerprinted, with its images prepared on demand for each input config, held within the
+memory budget (:class:`RunData`, made by :func:`run_data`; :mod:`fusion_engine.imagesets`).
 
-torch and scikit-learn load inside the functions that use them, so importing this module (as
-``validate`` and ``plugins`` may) stays fast.
+How one image is prepared is :mod:`fusion_engine.preprocess` (``load_images`` is re-exported
+here). torch and scikit-learn load inside the functions that use them, so importing this module
+(as ``validate`` and ``plugins`` may) stays fast.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import logging
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,10 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .errors import FusionEngineError
-from .files import atomic_path
+from .imagesets import ImageSet, decoded_cache, decodes_items, memory_budget, open_images, open_store
+from .preprocess import DECODE_THREADS, load_images, squash_config
 from .records import SPLITS, ImageDataset, InputConfig
 from .spec import SplitSpec
 
@@ -35,10 +38,9 @@ log = logging.getLogger("fusion_engine")
 
 MIN_PER_CLASS = len(SPLITS)
 FINGERPRINT_FORMAT = 1
-DECODE_THREADS = min(8, os.cpu_count() or 1)
-RESIZE_CHUNK_FLOATS = 2**26  # bounds the float32 copy interpolate makes: 256 MiB
-IMAGE_CACHE_FORMAT = 1
-IMAGE_CACHE_MAX_BYTES = 8 << 30  # decoded datasets larger than this are decoded again each run
+
+__all__ = ["RunData", "cached_images", "dataset_fingerprint", "load_dataset", "load_images", "run_data",
+           "split_indices"]
 
 
 # -- the stage -------------------------------------------------------------------------------------
@@ -54,6 +56,9 @@ class RunData:
     fingerprint: str  # :func:`dataset_fingerprint`
     split: str  # the sha256 of the split's sample ids
     cache_dir: Path | None = None
+    memory_budget: float | str | None = None  # ``data.memory_budget``: a fraction of available memory, or a size
+    storage: str = "auto"  # ``data.storage``: auto, memory, disk or stream
+    workers: int | None = None  # ``data.workers``: DataLoader worker processes (None: one per core, at most 8)
     _images: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -64,14 +69,32 @@ class RunData:
     def split_sizes(self) -> dict[str, int]:
         return {s: int(len(idx)) for s, idx in self.indices.items()}
 
-    def pixels(self, cfg: InputConfig) -> dict:
-        """train/val/test images at the size and channels ``cfg`` asks for: decoded once a run,
-        and for datasets of files once a machine (:func:`cached_images`)."""
-        key = (cfg.size, cfg.in_chans)
-        if key not in self._images:
-            images = cached_images(self.dataset.images, self.fingerprint, cfg.size, cfg.in_chans, self.cache_dir, log=log)
-            self._images[key] = {s: images[self.indices[s]] for s in SPLITS}
-        return self._images[key]
+    def pixels(self, cfg: InputConfig) -> dict[str, ImageSet]:
+        """The train/val/test :class:`~fusion_engine.imagesets.ImageSet` of ``cfg``, each opened
+        when first read: held in memory when it fits the memory budget (decoded once a run, and
+        for datasets of files once a machine), else read per batch from the decoded-image cache
+        or decoded per batch (the choice is logged)."""
+        if cfg not in self._images:
+            self._images[cfg] = open_images(self.dataset.images, self.indices, cfg, fingerprint=self.fingerprint,
+                                            cache_dir=self.cache_dir, storage=self.storage, workers=self.workers,
+                                            budget=partial(self._budget_for, cfg))
+        return self._images[cfg]
+
+    def _budget_for(self, cfg: InputConfig, nbytes: int) -> tuple[int, str]:
+        """The memory budget left for ``nbytes`` more pixels of ``cfg``: what sets already held
+        in memory leave of it, after letting go of those of other input configs when it would
+        not fit beside them (they read back from the cache when asked again)."""
+        budget, why = memory_budget(self.memory_budget)
+
+        def held() -> int:
+            return sum(s.store.nbytes for sets in self._images.values() for s in sets.values() if s.opened)
+
+        if held() + nbytes > budget:
+            for other, sets in self._images.items():
+                if other != cfg:
+                    for image_set in sets.values():
+                        image_set.release()
+        return max(0, budget - held()), why
 
 
 def load_dataset(resolved: "ResolvedSpec") -> tuple[ImageDataset, dict[str, np.ndarray]]:
@@ -91,19 +114,26 @@ def load_dataset(resolved: "ResolvedSpec") -> tuple[ImageDataset, dict[str, np.n
         raise FusionEngineError(f"data: dataset '{data_spec.dataset}' has {what}; a classifier needs samples of at "
                                 f"least 2 classes")
     if dataset.split is not None and "split" in data_spec.model_fields_set:
-        log.warning("dataset '%s' brings its own train/val/test split; data.split is ignored", data_spec.dataset)
+        if np.any(dataset.split == "val"):
+            log.warning("dataset '%s' brings its own train/val/test split; data.split is ignored", data_spec.dataset)
+        elif "test" in data_spec.split.model_fields_set:
+            log.warning("dataset '%s' brings its own train and test split; data.split.test is ignored (val is "
+                        "data.split.val of its train split)", data_spec.dataset)
     return dataset, split_indices(dataset, data_spec.split, resolved.spec.seed)
 
 
 def run_data(dataset: ImageDataset, indices: dict[str, np.ndarray], *, cache_dir: Path | None = None,
-             fingerprint: str | None = None) -> RunData:
+             fingerprint: str | None = None, data_spec=None) -> RunData:
     """The data stage of a run: a split dataset, fingerprinted (file contents included; pass the
-    ``fingerprint`` when it is known already), with its images decoded on demand."""
+    ``fingerprint`` when it is known already), with its images prepared on demand, within the
+    memory budget and storage ``data_spec`` (the spec's ``data``) asks for."""
     from .zoo.keys import split_digest
 
     ids = {s: [str(dataset.ids[i]) for i in idx] for s, idx in indices.items()}
+    loading = {} if data_spec is None else {"memory_budget": data_spec.memory_budget, "storage": data_spec.storage,
+                                            "workers": data_spec.workers}
     data = RunData(dataset, indices, {s: dataset.labels[idx] for s, idx in indices.items()}, ids,
-                   fingerprint or dataset_fingerprint(dataset), split_digest(ids), cache_dir=cache_dir)
+                   fingerprint or dataset_fingerprint(dataset), split_digest(ids), cache_dir=cache_dir, **loading)
     log.info("dataset: %s, %d classes", data.split_sizes, len(data.class_names))
     return data
 
@@ -113,12 +143,17 @@ def run_data(dataset: ImageDataset, indices: dict[str, np.ndarray], *, cache_dir
 def split_indices(dataset: ImageDataset, split: SplitSpec, seed: int) -> dict[str, np.ndarray]:
     """Sorted sample indices for ``train``, ``val`` and ``test``.
 
-    The dataset's own split wins where it has one (``split`` is then unused). Otherwise the split
-    is stratified and seeded: test is drawn first, then val from the rest, so both fractions are
-    of the whole dataset.
+    The dataset's own split wins where it has one (``split`` is then unused). A dataset that
+    brings train and test but no val (CIFAR-10, most Hugging Face datasets) has its val drawn
+    from its train split: ``split.val`` of it, stratified and seeded. Otherwise the split is
+    stratified and seeded: test is drawn first, then val from the rest, so both fractions are of
+    the whole dataset.
     """
     if dataset.split is not None:
-        return _given_split(dataset.split)
+        parts = _given_split(dataset.split)
+        if len(parts["val"]) == 0:
+            parts["train"], parts["val"] = (np.sort(p) for p in _hold_out(parts["train"], dataset, split.val, seed, "val"))
+        return parts
     labels = dataset.labels
     if len(labels) == 0:
         raise FusionEngineError("the dataset has no samples")
@@ -143,7 +178,7 @@ def _given_split(split: np.ndarray) -> dict[str, np.ndarray]:
             f"the dataset's own split holds {', '.join(repr(u) for u in unknown)}; expected {', '.join(SPLITS)}"
         )
     parts = {name: np.flatnonzero(split == name) for name in SPLITS}
-    empty = [name for name, idx in parts.items() if len(idx) == 0]
+    empty = [name for name, idx in parts.items() if len(idx) == 0 and name != "val"]  # val may come from train
     if empty:
         raise FusionEngineError(f"the dataset's own split has no {' and no '.join(empty)} samples")
     return parts
@@ -219,11 +254,16 @@ def _item_digest(item: Any) -> bytes:
             raise FusionEngineError(f"cannot read image {os.fspath(item)}: {exc.strerror or exc}") from None
     if isinstance(item, np.ndarray):
         return _array_digest(item)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return hashlib.sha256(item).digest()
+    if isinstance(item, dict) and ("bytes" in item or "path" in item):  # a Hugging Face Image() value
+        return _item_digest(item["bytes"] if item.get("bytes") is not None else item.get("path"))
     if isinstance(item, Image.Image):
         digest = hashlib.sha256(f"{item.mode}{item.size}".encode())
         digest.update(item.tobytes())
         return digest.digest()
-    raise FusionEngineError(f"unsupported image type {type(item).__name__}; expected a path, a PIL image or a uint8 array")
+    raise FusionEngineError(f"unsupported image type {type(item).__name__}; expected a path, encoded bytes, a PIL "
+                            f"image or a uint8 array")
 
 
 def _array_digest(array: np.ndarray) -> bytes:
@@ -234,145 +274,24 @@ def _array_digest(array: np.ndarray) -> bytes:
 
 # -- pixels ----------------------------------------------------------------------------------------
 
-def load_images(images: Sequence[Any] | np.ndarray, indices: Sequence[int] | np.ndarray, size: int, in_chans: int) -> "torch.Tensor":
-    """The images at ``indices`` as one ``uint8`` tensor ``(n, in_chans, size, size)``, decoded once.
-
-    Each image is converted to RGB or grayscale (grayscale repeated to 3 channels, RGB to luma
-    as PIL does it) and resized, not cropped, to ``size x size`` with bilinear, antialiased
-    resampling. Arrays of one shape are resized in one batched call; files and PIL images are
-    decoded and resized by PIL in a thread pool.
-    """
-    import torch
-
-    if in_chans not in (1, 3):
-        raise FusionEngineError(f"in_chans must be 1 or 3, got {in_chans}")
-    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-    if isinstance(images, np.ndarray) and images.dtype != object:
-        return _resize_batch(_to_channels(images[indices], in_chans), size)
-    items = [images[i] for i in indices]
-    if items and all(isinstance(x, np.ndarray) for x in items) and len({x.shape for x in items}) == 1:
-        return _resize_batch(_to_channels(np.stack(items), in_chans), size)
-    with ThreadPoolExecutor(DECODE_THREADS) as pool:
-        decoded = list(pool.map(partial(_decode, size=size, mode="L" if in_chans == 1 else "RGB"), items))
-    if not decoded:
-        return torch.empty((0, in_chans, size, size), dtype=torch.uint8)
-    batch = np.stack(decoded)
-    batch = batch[:, None] if in_chans == 1 else batch.transpose(0, 3, 1, 2)
-    return torch.from_numpy(np.ascontiguousarray(batch))
-
-
 def decodes_files(images: Sequence[Any] | np.ndarray) -> bool:
-    """Whether loading ``images`` means decoding files or PIL images (worth caching), rather
-    than resizing arrays already in memory."""
-    return not (isinstance(images, np.ndarray) and images.dtype != object) and any(
-        not isinstance(item, np.ndarray) for item in images)
+    """Whether loading ``images`` means decoding files, bytes or PIL images (worth caching),
+    rather than resizing arrays already in memory."""
+    return decodes_items(images)
 
 
 def cached_images(images: Sequence[Any] | np.ndarray, fingerprint: str, size: int, in_chans: int,
-                  cache_dir: os.PathLike | str | None, log=None) -> "torch.Tensor":
-    """Every image of a dataset, as :func:`load_images` returns them, decoded once per machine.
+                  cache_dir: os.PathLike | str | None) -> "torch.Tensor":
+    """Every image of a dataset, as :func:`load_images` prepares them for the small-image path,
+    in one tensor, decoded once per machine.
 
     Datasets of files are decoded and resized once and kept in ``cache_dir`` as one safetensors
-    file per (data fingerprint, size, channels): a later run that trains a member on the same
-    data reads it back at disk speed instead of decoding every file again (a few ms against a
-    millisecond or more per JPEG). The fingerprint covers the file contents, so changed data never
-    reads a stale cache. A cache file that cannot be read is decoded again and rewritten; arrays
-    already in memory, and datasets over ``IMAGE_CACHE_MAX_BYTES`` decoded, are not cached.
+    file per (data fingerprint, preparation): a later run reads it back at disk speed instead of
+    decoding every file again. The fingerprint covers the file contents, so changed data never
+    reads a stale cache. A cache file that cannot be read is decoded again (with a warning) and
+    rewritten; arrays already in memory are not cached. Runs go through :meth:`RunData.pixels`,
+    which also keeps to the memory budget.
     """
-    from pathlib import Path
-
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
-
-    n = len(images)
-    expected = (n, in_chans, size, size)
-    if cache_dir is None or not decodes_files(images) or math.prod(expected) > IMAGE_CACHE_MAX_BYTES:
-        return load_images(images, np.arange(n), size, in_chans)
-    key = hashlib.sha256(f"{IMAGE_CACHE_FORMAT}:{fingerprint}:{size}:{in_chans}".encode()).hexdigest()
-    path = Path(cache_dir) / f"{key}.safetensors"
-    if path.is_file():
-        try:
-            x = load_file(path)["images"]
-            if tuple(x.shape) == expected and str(x.dtype) == "torch.uint8":
-                if log is not None:
-                    log.info("decoded images read from the cache %s", path)
-                return x
-            reason = f"holds {tuple(x.shape)} {x.dtype}, expected {expected} uint8"
-        except (SafetensorError, OSError, KeyError, ValueError) as exc:
-            reason = str(exc) or type(exc).__name__
-        if log is not None:
-            log.warning("image cache %s is unreadable (%s); decoding again", path, reason)
-    x = load_images(images, np.arange(n), size, in_chans)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:  # whole or not at all: a reader never sees half a file
-            save_file({"images": x.contiguous()}, str(tmp), metadata={"fingerprint": fingerprint})
-    except OSError as exc:  # a cache that cannot be written costs speed, not the run
-        if log is not None:
-            log.warning("could not write the image cache %s: %s", path, exc.strerror or exc)
-    return x
-
-
-def _to_channels(batch: np.ndarray, in_chans: int) -> "torch.Tensor":
-    """``(n, H, W[, C])`` uint8 -> ``(n, in_chans, H, W)``, converting as PIL's ``convert`` does."""
-    import torch
-
-    if batch.dtype != np.uint8:
-        raise FusionEngineError(f"image arrays must be uint8, got {batch.dtype}")
-    if batch.ndim == 3:
-        batch = batch[..., None]
-    if batch.ndim != 4 or batch.shape[-1] not in (1, 2, 3, 4):
-        raise FusionEngineError(f"image arrays must be (H, W) or (H, W, 1|3|4) per image, got {batch.shape[1:]}")
-    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
-    gray = x.shape[1] <= 2
-    x = x[:, :1] if gray else x[:, :3]  # alpha dropped, as PIL's convert("RGB") and ("L") do
-    if in_chans == 3 and gray:
-        return x.expand(-1, 3, -1, -1)
-    if in_chans == 1 and not gray:
-        weights = torch.tensor([19595, 38470, 7471], dtype=torch.int32).view(1, 3, 1, 1)  # PIL's ITU-R 601-2 luma
-        return ((x.to(torch.int32) * weights).sum(1, keepdim=True) + 0x8000).bitwise_right_shift(16).to(torch.uint8)
-    return x
-
-
-def _resize_batch(x: "torch.Tensor", size: int) -> "torch.Tensor":
-    import torch
-    import torch.nn.functional as F
-
-    n, channels, height, width = x.shape
-    if (height, width) == (size, size):
-        return x.contiguous()
-    out = torch.empty((n, channels, size, size), dtype=torch.uint8)
-    chunk = max(1, RESIZE_CHUNK_FLOATS // (channels * max(height * width, size * size)))
-    for start in range(0, n, chunk):
-        resized = F.interpolate(
-            x[start : start + chunk].float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True
-        )
-        out[start : start + chunk] = resized.round_().clamp_(0, 255).to(torch.uint8)
-    return out
-
-
-def _decode(item: Any, *, size: int, mode: str) -> np.ndarray:
-    if isinstance(item, (str, os.PathLike)):
-        path = os.fspath(item)
-        try:
-            with Image.open(path) as image:
-                image.draft(mode, (size, size))  # JPEG decodes straight to a smaller scale: much faster
-                return _converted(image, size, mode)
-        except UnidentifiedImageError:
-            raise FusionEngineError(f"cannot read image {path}: not an image format Pillow can decode") from None
-        except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
-            raise FusionEngineError(f"cannot read image {path}: {str(exc) or type(exc).__name__}") from None
-    if isinstance(item, np.ndarray):
-        if item.dtype != np.uint8:
-            raise FusionEngineError(f"image arrays must be uint8, got {item.dtype}")
-        return _converted(Image.fromarray(item.squeeze(-1) if item.ndim == 3 and item.shape[-1] == 1 else item), size, mode)
-    if isinstance(item, Image.Image):
-        return _converted(item, size, mode)
-    raise FusionEngineError(f"unsupported image type {type(item).__name__}; expected a path, a PIL image or a uint8 array")
-
-
-def _converted(image: Image.Image, size: int, mode: str) -> np.ndarray:
-    image = image.convert(mode)
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image)
+    cfg = squash_config(size, in_chans)
+    cache = None if cache_dir is None else decoded_cache(cache_dir, fingerprint, cfg, len(images))
+    return open_store(images, cfg, cache=cache, budget=1 << 62, budget_text="no budget", storage="memory").pixels

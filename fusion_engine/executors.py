@@ -28,10 +28,13 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from .checkpoint import Checkpoint
+    from .imagesets import ImageSet
     from .spec import Bound, ResourcesSpec, TrainSpec
 
-#: what an executor is given to find a job's images: the train/val/test ``uint8`` tensors at an input config
-Pixels = Callable[[InputConfig], "dict[str, torch.Tensor]"]
+#: what an executor is given to find a job's images: the train/val/test image sets at an input config
+#: (:class:`fusion_engine.imagesets.ImageSet`: opened when first read, and, pickled to another
+#: process, what reopens them there rather than their pixels)
+Pixels = Callable[[InputConfig], "dict[str, ImageSet]"]
 
 
 @dataclass
@@ -39,8 +42,8 @@ class MemberJob:
     """One member to train on train, select on val, and predict on val and test.
 
     Everything a worker needs travels in the job, except the images and labels, which an
-    executor gets once per run and shares between jobs (the ``ray`` executor puts them in the
-    object store once). ``checkpoint`` is the zoo's per-epoch checkpoint on this machine; an
+    executor gets once per run and shares between jobs (the ``ray`` executor puts what opens the
+    images in the object store once). ``checkpoint`` is the zoo's per-epoch checkpoint on this machine; an
     executor that runs jobs elsewhere leaves it out, and the job starts from epoch 1.
     """
 
@@ -57,6 +60,7 @@ class MemberJob:
     resources: "ResourcesSpec | None" = None
     label: str = ""  # "member 2/3", for progress lines
     checkpoint: "Checkpoint | None" = None
+    weights: dict | None = None  # the identity of its pretrained weights from a hub, as its key has it
 
 
 @dataclass
@@ -74,6 +78,7 @@ class FittedMember:
     device: str
     resumed_from_epoch: int = 0
     host: str = field(default_factory=platform.node)
+    pipeline: str = "batch"  # the augmentation pipeline it trained with
 
 
 @dataclass
@@ -110,7 +115,7 @@ class Executor:
     def run(self, jobs: list[MemberJob], pixels: Pixels, labels: dict[str, "np.ndarray"], *,
             quiet: bool = False, console=None) -> Iterator[JobOutcome]:
         """Yield one :class:`JobOutcome` per job, in the order they finish. ``pixels(cfg)`` gives
-        the images at a job's input config; ``labels`` the ``train`` and ``val`` labels."""
+        the image sets at a job's input config; ``labels`` the ``train`` and ``val`` labels."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -156,22 +161,24 @@ def build_member(job: MemberJob):
                          seed=job.seed)
 
 
-def fit_member(job: MemberJob, images: dict[str, "torch.Tensor"], labels: dict[str, "np.ndarray"], *,
+def fit_member(job: MemberJob, images: dict[str, "ImageSet | torch.Tensor"], labels: dict[str, "np.ndarray"], *,
                quiet: bool = True, checkpoint: "Checkpoint | None" = None) -> FittedMember:
     """Build, train and predict one member: the whole of a member's compute, run by executors.
 
-    ``images`` holds ``uint8`` tensors for ``train``, ``val`` and ``test`` at ``job.input``;
-    ``labels`` the ``train`` and ``val`` labels. Deterministic on CPU for a given job.
+    ``images`` holds the ``train``, ``val`` and ``test`` image sets at ``job.input`` (or ``uint8``
+    tensors); ``labels`` the ``train`` and ``val`` labels. Deterministic on CPU for a given job.
     """
     import torch
 
     from .training import predict_logits, resolve_device, train_member
 
+    check_weights(job)
     built = build_member(job)
     y = {s: torch.tensor(labels[s]) for s in ("train", "val")}
     result = train_member(
         built.module, job.input, job.train, images["train"], y["train"], images["val"], y["val"],
         seed=job.seed, device=job.device, label=job.name, quiet=quiet, checkpoint=checkpoint,
+        num_classes=job.num_classes,
     )  # leaves the module holding the best epoch's weights
     t0 = time.perf_counter()
     logits = {s: predict_logits(built.module, job.input, images[s], batch_size=job.train.eval_batch_size,
@@ -182,7 +189,26 @@ def fit_member(job: MemberJob, images: dict[str, "torch.Tensor"], labels: dict[s
         train_seconds=result.train_seconds, predict_seconds=predict_seconds,
         images_per_second=result.images_per_second, n_params=sum(p.numel() for p in built.module.parameters()),
         device=str(resolve_device(job.device)), resumed_from_epoch=result.resumed_from_epoch,
+        pipeline=result.pipeline,
     )
+
+
+def check_weights(job: MemberJob) -> None:
+    """The pretrained weights this machine would load are the ones the member's key names (a
+    Ray worker's Hugging Face cache may hold another revision than the driver's)."""
+    if job.weights is None or job.backbone.weights is None:
+        return
+    found = job.backbone.weights(job.params)
+    if found != job.weights:
+        raise FusionEngineError(
+            f"member {job.name}: the pretrained weights here ({_describe(found)}) are not the ones its zoo key names "
+            f"({_describe(job.weights)}); give every machine the same Hugging Face cache")
+
+
+def _describe(weights: dict | None) -> str:
+    if not weights:
+        return "none"
+    return f"{weights.get('repo', '?')}@{str(weights.get('revision', '?'))[:12]}/{weights.get('file', '?')}"
 
 
 class LazyExecutor:

@@ -65,7 +65,8 @@ class MemberResult:
     @property
     def input(self) -> InputConfig:
         inp = self.card.input
-        return InputConfig(size=inp.size, mean=tuple(inp.mean), std=tuple(inp.std), in_chans=inp.in_chans)
+        return InputConfig(size=inp.size, mean=tuple(inp.mean), std=tuple(inp.std), in_chans=inp.in_chans,
+                           interpolation=inp.interpolation, crop_pct=inp.crop_pct, crop_mode=inp.crop_mode)
 
     @property
     def history(self) -> list[dict]:
@@ -115,8 +116,9 @@ class PlannedMember:
     seed: int
 
 
-def plan(resolved: ResolvedSpec, data: RunData) -> list[PlannedMember]:
-    """The zoo key of every member the spec trains (members given by ``zoo:`` have one already)."""
+def plan(resolved: ResolvedSpec, data: RunData, weights: dict[int, dict] | None = None) -> list[PlannedMember]:
+    """The zoo key of every member the spec trains (members given by ``zoo:`` have one already);
+    ``weights`` the identity of each member's pretrained weights from a hub (by spec index)."""
     spec = resolved.spec
     planned = []
     for i, (mspec, bound) in enumerate(zip(spec.members, resolved.members)):
@@ -127,6 +129,7 @@ def plan(resolved: ResolvedSpec, data: RunData) -> list[PlannedMember]:
             backbone=bound.record.name, params=params_for_key(bound.params.model_dump(mode="json")),
             train=train_config(mspec.train), seed=seed, image_size=spec.data.image_size, mean=spec.data.mean,
             std=spec.data.std, fingerprint=data.fingerprint, split=data.split, code=member_code(bound.provided),
+            weights=(weights or {}).get(i),
         )
         planned.append(PlannedMember(i, mspec.name, member_key(material), material, seed))
     return planned
@@ -164,7 +167,7 @@ class MemberStage:
         """Every member's result, in the spec's order; :class:`MembersFailed` when any failed."""
         for i, entry in self.checked.references.items():
             self._ready(i, referenced_member(self.resolved, i, entry, self.reg, self.data, self.console))
-        planned = plan(self.resolved, self.data)
+        planned = plan(self.resolved, self.data, self.checked.weights)
         by_key: dict[str, list[PlannedMember]] = {}
         for p in planned:
             by_key.setdefault(p.key, []).append(p)
@@ -273,6 +276,7 @@ class MemberStage:
             name=mspec.name, key=p.key, backbone=bound.record, params=bound.params, train=mspec.train, seed=p.seed,
             num_classes=num_classes, image_size=self.spec.data.image_size, input=self.checked.inputs[p.index],
             device=self.device, resources=mspec.resources, label=f"member {p.index + 1}/{len(self.spec.members)}",
+            weights=self.checked.weights.get(p.index),
         )
 
     def _announce(self, job: MemberJob, in_process: bool) -> None:
@@ -308,7 +312,9 @@ class MemberStage:
             data={"dataset": self.spec.data.dataset, "params": self.resolved.dataset.params.model_dump(mode="json"),
                   "fingerprint": data.fingerprint, "split_sha256": data.split, "classes": data.class_names,
                   "split_sizes": data.split_sizes},
-            input={"size": cfg.size, "mean": list(cfg.mean), "std": list(cfg.std), "in_chans": cfg.in_chans},
+            input={"size": cfg.size, "mean": list(cfg.mean), "std": list(cfg.std), "in_chans": cfg.in_chans,
+                   "interpolation": cfg.interpolation, "crop_pct": cfg.crop_pct, "crop_mode": cfg.crop_mode,
+                   "pipeline": fitted.pipeline},
             metrics={"val_accuracy": val_accuracy, "val_loss": best.get("val_loss")},
             best_epoch=fitted.best_epoch, history=fitted.history, resumed_from_epoch=fitted.resumed_from_epoch or None,
             n_params=fitted.n_params,

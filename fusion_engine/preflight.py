@@ -8,9 +8,11 @@ checks, beyond the spec's fields and plugin names (:func:`fusion_engine.spec.pre
   manifest's columns, missing image files, empty labels; nothing is decoded), two classes at
   least, and a split that can be made (enough samples per class);
 - each member to train: its network's input config (``data.mean``/``data.std`` of the right
-  length) and whatever its backbone plugin checks without training (``BackboneRecord.check``:
+  length), whatever its backbone plugin checks without training (``BackboneRecord.check``:
   for timm, the architecture's name, a ``pretrained_file``'s checksum and its tensors' names
-  and shapes against the architecture, a feature map that small images shrink to nothing);
+  and shapes against the architecture, a feature map that small images shrink to nothing), its
+  pretrained weights found (``BackboneRecord.weights``: timm's in the Hugging Face cache), and
+  augmentation settings its pipeline uses (and a timm transform that builds);
 - each ``zoo:`` member: one stored member matches it (several are told apart by the data they
   were trained on);
 - ``--retrain`` names members of the spec.
@@ -29,6 +31,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .augment import AugmentError, check_augment
 from .errors import FusionEngineError, SpecError
 from .records import ImageDataset, InputConfig
 from .spec import ResolvedSpec
@@ -45,6 +48,7 @@ class Preflight:
     indices: dict[str, np.ndarray]
     fingerprint: str | None = None  # the dataset's, when a check needed it
     inputs: dict[int, InputConfig] = field(default_factory=dict)
+    weights: dict[int, dict] = field(default_factory=dict)  # spec index -> pretrained weights' identity
     references: dict[int, object] = field(default_factory=dict)  # spec index -> ZooEntry
     warnings: list[logging.LogRecord] = field(default_factory=list)
 
@@ -72,26 +76,37 @@ def preflight(resolved: ResolvedSpec, *, registry: Path | None = None, retrain: 
             loc = ("members", i, "params")
             try:
                 checked.inputs[i] = member_input(bound, num_classes=checked.num_classes, data_spec=spec.data,
-                                                 seed=spec.seed if mspec.seed is None else mspec.seed)
+                                                 seed=spec.seed if mspec.seed is None else mspec.seed,
+                                                 train=mspec.train)
                 if bound.record.check is not None:
                     bound.record.check(bound.params, num_classes=checked.num_classes,
                                        image_size=checked.inputs[i].size)
+                if bound.record.weights is not None:
+                    checked.weights[i] = bound.record.weights(bound.params)
             except SpecError:
                 raise
             except FusionEngineError as exc:
                 raise SpecError(str(exc), file=resolved.file, loc=loc) from None
+            try:
+                check_augment(mspec.train.augment, checked.inputs[i])
+            except AugmentError as exc:
+                raise SpecError(str(exc), file=resolved.file, loc=("members", i, "train", "augment", exc.field)) from None
         if any(m.zoo is not None for m in spec.members):
             checked.references, checked.fingerprint = resolve_references(resolved, registry, dataset, indices)
     return checked
 
 
-def member_input(bound, *, num_classes: int, data_spec, seed: int) -> InputConfig:
-    """What a member's network takes, with the spec's ``data.mean``/``data.std`` applied.
+def member_input(bound, *, num_classes: int, data_spec, seed: int, train=None) -> InputConfig:
+    """What a member's network takes, with the spec's ``data.mean``/``data.std`` applied, and
+    how its images are prepared for evaluation: the backbone's resize and crop on the timm
+    pipeline, a plain resize to a square on the batch pipeline (:mod:`fusion_engine.augment`).
 
     Read from the backbone record's ``input_config`` when it has one; otherwise the network is
     built once to ask it.
     """
+    from .augment import resolve_pipeline
     from .executors import build_network
+    from .spec import TrainSpec
 
     record = bound.record
     if record.input_config is not None:
@@ -105,7 +120,11 @@ def member_input(bound, *, num_classes: int, data_spec, seed: int) -> InputConfi
         if len(values) != cfg.in_chans:
             raise FusionEngineError(f"data.{label} has {len(values)} values but the backbone takes {cfg.in_chans} "
                                     f"channels; give {cfg.in_chans}")
-    return InputConfig(size=data_spec.image_size or cfg.size, mean=mean, std=std, in_chans=cfg.in_chans)
+    size = data_spec.image_size or cfg.size
+    if resolve_pipeline((train or TrainSpec()).augment, size) == "batch":
+        return InputConfig(size=size, mean=mean, std=std, in_chans=cfg.in_chans)
+    return InputConfig(size=size, mean=mean, std=std, in_chans=cfg.in_chans, interpolation=cfg.interpolation,
+                       crop_pct=cfg.crop_pct, crop_mode=cfg.crop_mode)
 
 
 def check_retrain(resolved: ResolvedSpec, retrain: tuple[str, ...]) -> None:

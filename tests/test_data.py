@@ -64,9 +64,20 @@ def test_a_dataset_split_is_kept_and_the_fractions_ignored(make_image_folder):
 
 
 def test_a_dataset_split_with_an_empty_part_is_an_error():
-    ds = toy_dataset([3, 3], split=["train"] * 4 + ["test"] * 2)
-    with pytest.raises(FusionEngineError, match="the dataset's own split has no val samples"):
+    ds = toy_dataset([3, 3], split=["train"] * 4 + ["val"] * 2)
+    with pytest.raises(FusionEngineError, match="the dataset's own split has no test samples"):
         split_indices(ds, SplitSpec(), seed=0)
+
+
+def test_a_dataset_split_without_val_draws_val_from_its_train_split():
+    # 2 classes x 10 train samples, then 2 x 3 test samples
+    ds = toy_dataset([13, 13], split=(["train"] * 10 + ["test"] * 3) * 2)
+    parts = split_indices(ds, SplitSpec(val=0.2), seed=0)
+    assert parts["test"].tolist() == [10, 11, 12, 23, 24, 25]  # the dataset's test split, untouched
+    assert len(parts["val"]) == 4 and np.bincount(ds.labels[parts["val"]]).tolist() == [2, 2]  # 20% of train, stratified
+    assert sorted([*parts["train"], *parts["val"]]) == [*range(10), *range(13, 23)]
+    assert split_indices(ds, SplitSpec(val=0.2), seed=0)["val"].tolist() == parts["val"].tolist()  # seeded
+    assert split_indices(ds, SplitSpec(val=0.2), seed=1)["val"].tolist() != parts["val"].tolist()
 
 
 def test_a_dataset_split_with_an_unknown_part_is_an_error():

@@ -39,15 +39,20 @@ def split_digest(ids: dict[str, list[str]]) -> str:
 
 
 def key_material(*, backbone: str, params: dict, train: dict, seed: int, image_size: int | None,
-                 mean: list | None, std: list | None, fingerprint: str, split: str, code: dict) -> dict:
+                 mean: list | None, std: list | None, fingerprint: str, split: str, code: dict,
+                 weights: dict | None = None) -> dict:
     """What a member's key hashes: everything that decides its weights and its outputs.
 
     ``params`` with every file a parameter names given by its content's sha256 (not its path);
-    ``code`` identifies the code that trains it (:func:`fusion_engine.provenance.member_code`).
+    ``code`` identifies the code that trains it (:func:`fusion_engine.provenance.member_code`);
+    ``weights`` the pretrained weights it starts from when they come from elsewhere than a
+    file its params name (a hub's cache: repository, commit, file and sha256; left out when
+    ``None``, so members without such weights keep their keys).
     Not in it: the member's name, the device (CPU and CUDA runs of one member are the same
-    member), ``calibrate`` (applied to the stored logits at load time) and the fusers.
+    member), ``calibrate`` (applied to the stored logits at load time), the fusers, and where
+    the images were held (memory, disk or streamed: the same pixels either way).
     """
-    return {
+    material = {
         "format": ZOO_FORMAT,
         "backbone": backbone,
         "params": params,
@@ -57,6 +62,9 @@ def key_material(*, backbone: str, params: dict, train: dict, seed: int, image_s
                  "std": None if std is None else list(std), "fingerprint": fingerprint, "split": split},
         "code": code,
     }
+    if weights is not None:
+        material["weights"] = weights
+    return material
 
 
 def member_key(material: dict) -> str:
