@@ -116,7 +116,7 @@ def _cgroup_headroom() -> int | None:
     return None
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.I)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.I)
 
 
 def parse_budget(value: float | str | None) -> tuple[float | None, int | None]:
@@ -133,8 +133,8 @@ def parse_budget(value: float | str | None) -> tuple[float | None, int | None]:
     match = _SIZE.match(str(value))
     if not match:
         raise ValueError(f"'{value}' is not a size; write e.g. '8GB', '512MB', '2.5GiB', or a fraction such as 0.5")
-    number, unit, binary = match.groups()
-    if not unit and not binary:  # a number written as a string: a fraction, as numbers are
+    number, unit, binary, byte = match.groups()
+    if not (unit or binary or byte):  # a number written as a string: a fraction, as numbers are
         return parse_budget(float(number))
     scale = (1024 if binary or not unit else 1000) ** " kmgt".index((unit or " ").lower())
     size = int(float(number) * scale)
@@ -388,16 +388,18 @@ class Opener:
     cache: DecodedCache | None = None
     storage: str = "auto"
     budget: Callable[[int], tuple[int, str]] | None = None
-    writable: bool = True
+    writable: bool | None = True  # None: where the cache's folder exists
 
     def __call__(self, workers: int) -> Store:
         needed = len(self.items) * self.cfg.in_chans * self.cfg.size * self.cfg.size
         budget, why = self.budget(needed) if self.budget is not None else memory_budget(None)
+        writable = self.writable if self.writable is not None else (
+            self.cache is not None and self.cache.path.parent.is_dir())
         return open_store(self.items, self.cfg, cache=self.cache, budget=budget, budget_text=why, storage=self.storage,
-                          workers=workers, writable=self.writable)
+                          workers=workers, writable=writable)
 
     def __reduce__(self):
-        return Opener, (self.items, self.cfg, self.cache, self.storage if self.storage != "disk" else "auto", None, False)
+        return Opener, (self.items, self.cfg, self.cache, self.storage, None, None)
 
 
 def decodes_items(items) -> bool:
@@ -458,7 +460,7 @@ def open_store(items, cfg: InputConfig, *, cache: DecodedCache | None, budget: i
     if not usable:
         room = cache is not None and writable and _room_for(cache)
         if not room:
-            why = ("no cache folder" if cache is None else "this machine does not write caches" if not writable
+            why = ("no cache folder" if cache is None else "its folder is not on this machine" if not writable
                    else f"{cache.path.parent} lacks {_gb(cache.nbytes + DISK_MARGIN_BYTES)} free")
             if storage == "disk" and cache is None:
                 raise FusionEngineError("data.storage is disk but there is no cache folder to write decoded images to")
@@ -467,7 +469,12 @@ def open_store(items, cfg: InputConfig, *, cache: DecodedCache | None, budget: i
             return StreamStore(items, cfg, None, workers)
         log.info("%s: decoding them once into the decoded-image cache %s", over, cache.path)
         started = time.perf_counter()
-        cache.write(items, cfg, progress=_progress_logger(n, started))
+        try:
+            cache.write(items, cfg, progress=_progress_logger(n, started))
+        except OSError as exc:  # a cache that cannot be written costs speed, not the run
+            log.warning("could not write the image cache %s (%s): decoding the images per batch instead", cache.path,
+                        exc.strerror or exc)
+            return StreamStore(items, cfg, None, workers)
         log.info("wrote the decoded-image cache in %.1fs", time.perf_counter() - started)
     if storage == "disk":
         log.info("%s: reading them from the decoded-image cache %s (data.storage is disk)", over, cache.path)
