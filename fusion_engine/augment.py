@@ -115,6 +115,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextmanager
+def kept_random_state(keep: bool = True) -> Iterator[None]:
+    """Python's, NumPy's and torch's global generators as they were before the block (when ``keep``)."""
+    if not keep:
+        yield
+        return
+    import numpy as np
+    import torch
+
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+
+
 def shift_flip(x: "torch.Tensor", shift_px: int, hflip: bool, generator: "torch.Generator") -> "torch.Tensor":
     """Random translation by up to ``shift_px`` pixels (zero padding) and optional flips, per image.
 
@@ -159,7 +177,7 @@ class BatchAugment:
         self.draws_from_host = augment.re_prob > 0 or augment.mixup > 0 or augment.cutmix > 0
         self.erase = self.mix = None
         if augment.re_prob > 0:
-            from timm.data import RandomErasing
+            from timm.data.random_erasing import RandomErasing
 
             self.erase = RandomErasing(augment.re_prob, mode="pixel", device=dev)
         if augment.mixup > 0 or augment.cutmix > 0:

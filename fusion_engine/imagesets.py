@@ -706,14 +706,17 @@ class Transformed:
     in_chans: int
 
     def __getitem__(self, key: tuple[int, int]):
-        from .augment import seed_everything
+        from torch.utils.data import get_worker_info
+
+        from .augment import kept_random_state, seed_everything
         from .preprocess import open_image
 
         row, seed = key
-        seed_everything(seed)
-        with open_image(self.items[row]) as image:
-            mode = "L" if self.in_chans == 1 else "RGB"
-            return self.transform(image.convert(mode) if image.mode != mode else image)
+        with kept_random_state(get_worker_info() is None):  # in the training process: leave its generators be
+            seed_everything(seed)
+            with open_image(self.items[row]) as image:
+                mode = "L" if self.in_chans == 1 else "RGB"
+                return self.transform(image.convert(mode) if image.mode != mode else image)
 
     def __len__(self) -> int:
         return len(self.items)
