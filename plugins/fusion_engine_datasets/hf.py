@@ -90,7 +90,8 @@ def load_hf_dataset(params: HFParams, base_dir: Path | str = ".") -> ImageDatase
             from None
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    where = f"hf {params.path}"
+    local = _local_files(params.path, Path(base_dir))
+    where = f"hf {params.path if local is None else (local[1][0] if local[1] and len(local[1]) == 1 else local[0])}"
     parts = _load_parts(params, Path(base_dir), where)
     names = [name for name, _ in parts]
     table = datasets.concatenate_datasets([ds for _, ds in parts]) if len(parts) > 1 else parts[0][1]
