@@ -20,7 +20,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .errors import FusionEngineError
+from .errors import FusionEngineError, UnreadableImage
 from .records import SCORED_SPLITS, BackboneRecord, InputConfig, Params
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -137,10 +137,12 @@ class LocalExecutor(Executor):
 
     def run(self, jobs, pixels, labels, *, quiet=False, console=None):
         for job in jobs:
-            images = pixels(job.input)  # unreadable data fails the run, not the member
+            images = pixels(job.input)
             t0 = time.perf_counter()
             try:
                 result = fit_member(job, images, labels, quiet=quiet, checkpoint=job.checkpoint)
+            except UnreadableImage:  # bad data fails the run, not the member (every member would meet it)
+                raise
             except Exception as exc:  # the member fails alone; KeyboardInterrupt stops the run
                 yield JobOutcome.failure(job, exc, time.perf_counter() - t0)
             else:

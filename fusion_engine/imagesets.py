@@ -13,7 +13,7 @@ A dataset's images, prepared for one :class:`~fusion_engine.records.InputConfig`
 - ``stream``: each batch decoded from the dataset's own storage (files, a Hugging Face cache)
   in DataLoader worker processes.
 
-The **memory budget** (``data.memory_budget``) defaults to :data:`DEFAULT_BUDGET_FRACTION` of the
+The **memory budget** (``data.memory_budget``) defaults to half (:mod:`fusion_engine.memory`) of the
 memory available to this process (the smaller of the system's available memory and a cgroup's
 limit, as in a container). Data that fits takes ``memory``; data that does not takes ``disk`` or
 ``stream``, whichever measures faster here: the time to decode a sample of its images (shared
@@ -47,8 +47,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import FusionEngineError
+from .errors import FusionEngineError, UnreadableImage
 from .files import atomic_path
+from .memory import available_memory, default_workers, gb, memory_budget, parse_budget, usable_cpus  # noqa: F401
 from .preprocess import is_squash, load_images, prepare_image, preparation
 from .records import InputConfig
 
@@ -58,107 +59,12 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("fusion_engine")
 
 STORAGES = ("memory", "disk", "stream")
-DEFAULT_BUDGET_FRACTION = 0.5
 IMAGE_CACHE_FORMAT = 1
 #: images decoded per chunk while a cache file is written: bounds the memory decoding takes
 DECODE_CHUNK_BYTES = 64 << 20
 #: room left free on the cache's disk beyond the file itself
 DISK_MARGIN_BYTES = 1 << 30
 PROBE_IMAGES = 32
-
-
-# -- the memory budget -------------------------------------------------------------------------------
-
-def available_memory() -> int:
-    """Bytes this process can still use: the system's available memory, or less where a cgroup
-    (a container, a systemd unit) limits it."""
-    candidates = []
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                candidates.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError):
-        pass
-    if not candidates:
-        try:
-            candidates.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-        except (ValueError, OSError, AttributeError):
-            candidates.append(8 << 30)
-    cgroup = _cgroup_headroom()
-    if cgroup is not None:
-        candidates.append(cgroup)
-    return max(0, min(candidates))
-
-
-def _cgroup_headroom() -> int | None:
-    """The memory limit minus the usage of this process's cgroup (v2, else v1), if it has one."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":  # cgroup v2
-            folder = Path("/sys/fs/cgroup") / path.lstrip("/")
-            limit, usage = folder / "memory.max", folder / "memory.current"
-        elif "memory" in controllers.split(","):
-            folder = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
-            limit, usage = folder / "memory.limit_in_bytes", folder / "memory.usage_in_bytes"
-        else:
-            continue
-        try:
-            text = limit.read_text().strip()
-            if text == "max" or int(text) >= 1 << 60:
-                return None
-            return int(text) - int(usage.read_text().strip())
-        except (OSError, ValueError):
-            return None
-    return None
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.I)
-
-
-def parse_budget(value: float | str | None) -> tuple[float | None, int | None]:
-    """``(fraction, bytes)`` of a ``memory_budget``: a fraction of available memory (a number in
-    (0, 1]) or a size (``"8GB"``, ``"512MiB"``, ``"2.5G"``); ``None`` is the default fraction.
-    Raises ``ValueError`` with what is allowed."""
-    if value is None:
-        return DEFAULT_BUDGET_FRACTION, None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if 0 < value <= 1:
-            return float(value), None
-        raise ValueError(f"a number is a fraction of the available memory, in (0, 1]; got {value}; write a size "
-                         f"with its unit, e.g. '8GB'")
-    match = _SIZE.match(str(value))
-    if not match:
-        raise ValueError(f"'{value}' is not a size; write e.g. '8GB', '512MB', '2.5GiB', or a fraction such as 0.5")
-    number, unit, binary, byte = match.groups()
-    if not (unit or binary or byte):  # a number written as a string: a fraction, as numbers are
-        return parse_budget(float(number))
-    scale = (1024 if binary or not unit else 1000) ** " kmgt".index((unit or " ").lower())
-    size = int(float(number) * scale)
-    if size <= 0:
-        raise ValueError(f"the memory budget must be above zero, got '{value}'")
-    return None, size
-
-
-def memory_budget(value: float | str | None = None) -> tuple[int, str]:
-    """The budget in bytes for a ``data.memory_budget`` value, and how it was reached (for the log)."""
-    fraction, size = parse_budget(value)
-    if size is not None:
-        return size, f"data.memory_budget {_gb(size)}"
-    available = available_memory()
-    return int(fraction * available), f"{fraction:.0%} of {_gb(available)} available"
-
-
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def default_workers() -> int:
-    """DataLoader workers when ``data.workers`` is not given: one per usable core, at most 8."""
-    return min(8, usable_cpus())
 
 
 # -- the decoded-image cache file ------------------------------------------------------------------------
@@ -422,14 +328,14 @@ def open_store(items, cfg: InputConfig, *, cache: DecodedCache | None, budget: i
     shape = (n, cfg.in_chans, cfg.size, cfg.size)
     nbytes = math.prod(shape)
     decodes = decodes_items(items)
-    size = f"{n:,} {what} at {cfg.size} px ({_gb(nbytes)} decoded)"
+    size = f"{n:,} {what} at {cfg.size} px ({gb(nbytes)} decoded)"
     usable = cache is not None and cache.check() is None
     if storage == "memory" or (storage == "auto" and nbytes <= budget):
         if storage == "memory" and nbytes > budget:
             log.warning("%s exceed the memory budget (%s, %s) but data.storage is memory: holding them in memory",
-                        size, _gb(budget), budget_text)
+                        size, gb(budget), budget_text)
         else:
-            log.info("%s: held in memory (%s)", size, f"within the memory budget, {_gb(budget)} of {budget_text}"
+            log.info("%s: held in memory (%s)", size, f"within the memory budget, {gb(budget)} of {budget_text}"
                      if storage == "auto" else "data.storage is memory")
         if usable:
             log.info("decoded images read from the cache %s", cache.path)
@@ -451,7 +357,7 @@ def open_store(items, cfg: InputConfig, *, cache: DecodedCache | None, budget: i
             pixels[start:start + chunk] = load_images(items, np.arange(start, min(n, start + chunk)), cfg)
         return MemoryStore(pixels, items, cfg, None, workers)
 
-    over = (f"{size} exceed the memory budget ({_gb(budget)}, {budget_text})" if nbytes > budget
+    over = (f"{size} exceed the memory budget ({gb(budget)}, {budget_text})" if nbytes > budget
             else f"{size}, data.storage: {storage}")
     if storage == "stream" or (storage == "auto" and not decodes):
         why = "data.storage is stream" if storage == "stream" else "they are arrays in memory, resized per batch"
@@ -461,7 +367,7 @@ def open_store(items, cfg: InputConfig, *, cache: DecodedCache | None, budget: i
         room = cache is not None and writable and _room_for(cache)
         if not room:
             why = ("no cache folder" if cache is None else "its folder is not on this machine" if not writable
-                   else f"{cache.path.parent} lacks {_gb(cache.nbytes + DISK_MARGIN_BYTES)} free")
+                   else f"{cache.path.parent} lacks {gb(cache.nbytes + DISK_MARGIN_BYTES)} free")
             if storage == "disk" and cache is None:
                 raise FusionEngineError("data.storage is disk but there is no cache folder to write decoded images to")
             log.info("%s: decoding them per batch in %d worker processes (the decoded-image cache cannot be "
@@ -525,10 +431,6 @@ def _progress_logger(total: int, started: float) -> Callable[[int], None]:
             log.info("decoded %d of %d images (%.0f/s)", done, total, done / (now - started))
 
     return progress
-
-
-def _gb(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
 
 
 # -- image sets --------------------------------------------------------------------------------------------
@@ -737,9 +639,10 @@ def worker_batches(dataset, batches: list[list], workers: int, *, pin_memory: bo
         except StopIteration:
             return
         except Exception as exc:  # a worker's exception comes back with its traceback as the message
-            found = re.findall(r"FusionEngineError: (.+)", str(exc)) if "\n" in str(exc) else []
+            found = re.findall(r"(UnreadableImage|FusionEngineError): (.+)", str(exc)) if "\n" in str(exc) else []
             if found:
-                raise FusionEngineError(found[-1].strip()) from None
+                kind, message = found[-1]
+                raise (UnreadableImage if kind == "UnreadableImage" else FusionEngineError)(message.strip()) from None
             raise
         yield batch
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import FusionEngineError
+from .errors import FusionEngineError, UnreadableImage
 from .records import InputConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -126,9 +126,9 @@ def open_image(item: Any) -> Image.Image:
         image.load()
         return image
     except UnidentifiedImageError:
-        raise FusionEngineError(f"cannot read image {name}: not an image format Pillow can decode") from None
+        raise UnreadableImage(f"cannot read image {name}: not an image format Pillow can decode") from None
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
-        raise FusionEngineError(f"cannot read image {name}: {str(exc) or type(exc).__name__}") from None
+        raise UnreadableImage(f"cannot read image {name}: {str(exc) or type(exc).__name__}") from None
 
 
 def _source(item: Any) -> tuple[Any, str]:
@@ -159,11 +159,11 @@ def _squashed(item: Any, size: int, mode: str) -> np.ndarray:
             image.draft(mode, (size, size))  # JPEG decodes straight to a smaller scale: much faster
             return _resized(image, size, mode)
     except UnidentifiedImageError:
-        raise FusionEngineError(f"cannot read image {name}: not an image format Pillow can decode") from None
+        raise UnreadableImage(f"cannot read image {name}: not an image format Pillow can decode") from None
     except FusionEngineError:
         raise
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
-        raise FusionEngineError(f"cannot read image {name}: {str(exc) or type(exc).__name__}") from None
+        raise UnreadableImage(f"cannot read image {name}: {str(exc) or type(exc).__name__}") from None
 
 
 def _resized(image: Image.Image, size: int, mode: str) -> np.ndarray:

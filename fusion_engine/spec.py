@@ -71,7 +71,7 @@ class DataSpec(_Strict):
     @field_validator("memory_budget")
     @classmethod
     def _budget(cls, v):
-        from .imagesets import parse_budget
+        from .memory import parse_budget
 
         parse_budget(v)  # raises ValueError saying what is allowed
         return v
