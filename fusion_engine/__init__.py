@@ -62,6 +62,7 @@ _EXPORTS = {
     "FittedMember": "executors",
     "JobOutcome": "executors",
     "fit_member": "executors",
+    "ImageSet": "imagesets",
     # what a run leaves: the zoo and the run folder
     "Registry": "zoo",
     "MemberCard": "zoo",

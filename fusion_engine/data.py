@@ -17,6 +17,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -38,6 +39,7 @@ log = logging.getLogger("fusion_engine")
 
 MIN_PER_CLASS = len(SPLITS)
 FINGERPRINT_FORMAT = 1
+DIGEST_CHUNK = 1024
 
 __all__ = ["RunData", "cached_images", "dataset_fingerprint", "load_dataset", "load_images", "run_data",
            "split_indices"]
@@ -241,8 +243,10 @@ def _image_digests(images: Sequence[Any] | np.ndarray) -> Iterator[bytes]:
     if isinstance(images, np.ndarray) and images.dtype != object:
         yield _array_digest(images)
         return
+    items = iter(images)
     with ThreadPoolExecutor(DECODE_THREADS) as pool:  # hashlib releases the GIL on large buffers
-        yield from pool.map(_item_digest, images)
+        while chunk := list(islice(items, DIGEST_CHUNK)):  # a chunk at a time: map would hold every item at once
+            yield from pool.map(_item_digest, chunk)
 
 
 def _item_digest(item: Any) -> bytes:

@@ -276,7 +276,7 @@ class StreamStore(Store):
     def batches(self, rows):
         if self.workers <= 0 or not decodes_items(self.items):  # arrays resize fast in this process
             return prefetched(load_images(self.items, np.asarray(r), self.cfg) for r in rows)
-        return worker_batches(_Prepared(self.items, self.cfg), [np.asarray(r).tolist() for r in rows], self.workers)
+        return worker_batches(_Prepared(self.items, self.cfg), (np.asarray(r).tolist() for r in rows), self.workers)
 
 
 @dataclass
@@ -624,7 +624,7 @@ class Transformed:
         return len(self.items)
 
 
-def worker_batches(dataset, batches: list[list], workers: int, *, pin_memory: bool = False) -> Iterator["torch.Tensor"]:
+def worker_batches(dataset, batches: Iterable[list], workers: int, *, pin_memory: bool = False) -> Iterator["torch.Tensor"]:
     """``dataset[key]`` for every key of each batch, stacked, made by ``workers`` DataLoader
     processes (in this process when 0), in order. An image that cannot be read stops the
     iteration with the one-line error naming it."""

@@ -248,7 +248,7 @@ def _train_images(x_train: "ImageSet", train: "TrainSpec", cfg: InputConfig, pip
 
     def images(positions):
         seeds = torch.randint(0, 2**62, (n,), generator=order_gen, device=order_gen.device)
-        keys = [list(zip(idx.tolist(), seeds[idx].tolist())) for idx in positions]
+        keys = (list(zip(idx.tolist(), seeds[idx].tolist())) for idx in positions)  # made as the workers ask
         return worker_batches(dataset, keys, x_train.workers, pin_memory=pin)
 
     return images

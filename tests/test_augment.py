@@ -142,3 +142,21 @@ def test_a_photo_member_runs_end_to_end_on_the_timm_pipeline(make_image_folder, 
     import json
 
     assert json.loads(card)["input"]["pipeline"] == "timm"
+
+
+def test_a_photo_member_is_evaluated_with_its_backbones_resize_and_crop_a_small_one_with_a_plain_resize():
+    from fusion_engine.plugins import get_plugins
+    from fusion_engine.preflight import member_input
+    from fusion_engine.spec import Bound, DataSpec
+
+    provided = get_plugins().catalog().get("backbone", "timm")
+    bound = Bound(provided, provided.record.params(model="test_resnet.r160_in1k", pretrained=False))
+    photo = member_input(bound, num_classes=3, data_spec=DataSpec(dataset="x", image_size=96), seed=0,
+                         train=TrainSpec())
+    assert (photo.size, photo.interpolation, photo.crop_pct, photo.crop_mode) == (96, "bilinear", 0.95, "center")
+    small = member_input(bound, num_classes=3, data_spec=DataSpec(dataset="x", image_size=32), seed=0,
+                         train=TrainSpec())
+    assert (small.size, small.interpolation, small.crop_pct, small.crop_mode) == (32, "bilinear", 1.0, "squash")
+    forced = member_input(bound, num_classes=3, data_spec=DataSpec(dataset="x", image_size=96), seed=0,
+                          train=TrainSpec(augment={"pipeline": "batch"}))
+    assert forced.crop_mode == "squash"
