@@ -41,6 +41,11 @@ _EXPORTS = {
     "accuracy": "evaluation",
     "nll": "evaluation",
     "expected_calibration_error": "evaluation",
+    # weights files trained elsewhere
+    "read_state_dict": "weights",
+    "read_weight_shapes": "weights",
+    "weights_mismatch": "weights",
+    "WEIGHT_SUFFIXES": "weights",
     # errors
     "FusionEngineError": "errors",
     "PluginError": "errors",

@@ -95,6 +95,28 @@ def _parser() -> argparse.ArgumentParser:
     zoo_gc.add_argument("--cache", action="store_true",
                         help="also remove the decoded-image cache (the next run that trains a member decodes again)")
     _registry_option(zoo_gc, json_option=True)
+    zoo_export = zoo_sub.add_parser("export", help="write a member as plain files another registry can import",
+                                    description="Write a stored member (weights, outputs, ids and card, each checked) "
+                                                "into DIR/<key>/, for `fusion-engine zoo import` elsewhere.")
+    zoo_export.add_argument("ref", metavar="KEY", help="a key, a key prefix (8+ hex characters) or a member name")
+    zoo_export.add_argument("out", metavar="DIR", help="the folder to write into")
+    _registry_option(zoo_export, json_option=True)
+    zoo_import = zoo_sub.add_parser(
+        "import", help="store members from exported folders, or a spec's weights and predictions members",
+        description="Store members in the zoo without a run: from folders `zoo export` wrote (every file checked, "
+                    "the same key), or a spec's members that come from weights: or predictions: files (checked, "
+                    "run or read as a run would; --member picks them).")
+    zoo_import.add_argument("sources", nargs="+", metavar="FOLDER|SPEC",
+                            help="folders written by zoo export, or one spec (.yaml, .yml, .toml)")
+    zoo_import.add_argument("--member", action="append", default=[], metavar="NAME",
+                            help="with a spec: import only this member (repeatable)")
+    _registry_option(zoo_import, json_option=True)
+
+    split = sub.add_parser("split", help="write the sample ids of train, val and test",
+                           description="Write the sample ids of a spec's split (what a predictions: file must hold for "
+                                       "val and test), with each sample's split, label and, for image files, path.")
+    split.add_argument("spec", metavar="SPEC")
+    split.add_argument("--out", metavar="FILE", required=True, help="a .csv, .parquet or .json file to write")
 
     runs = sub.add_parser("runs", help="list recorded runs", description="Runs recorded in the registry index.")
     runs_sub = runs.add_subparsers(dest="runs_command", metavar="RUNS_COMMAND", required=True, parser_class=_Parser)
@@ -325,13 +347,12 @@ def _table(columns: list[str], rows: list[list], *, title: str | None = None) ->
 
 
 def cmd_zoo(args) -> int:
-    from .zoo import resolve_registry
-    from .zoo import ZooError
+    from .zoo import ZooError, resolve_registry
 
-    writes = args.zoo_command in ("rm", "gc")
-    if writes and not resolve_registry(args.registry).is_dir():
+    changes = args.zoo_command in ("rm", "gc")  # a registry that is not there has nothing to remove
+    if changes and not resolve_registry(args.registry).is_dir():
         raise ZooError(f"no registry at {resolve_registry(args.registry)}")
-    reg = _open_registry(args, create=writes)
+    reg = _open_registry(args, create=changes or args.zoo_command == "import")
     with reg:
         return _ZOO_COMMANDS[args.zoo_command](args, reg)
 
@@ -381,6 +402,57 @@ def zoo_show(args, reg) -> int:
     print(f"{'used by runs':>13}: {', '.join(runs) or 'none'}")
     print(f"{'check':>13}: {check}")
     return 0 if check == "ok" else 1
+
+
+def zoo_export(args, reg) -> int:
+    from .zoo.exchange import export_member
+
+    entry, folder = export_member(reg, args.ref, Path(args.out))
+    if args.json:
+        _print_json({"key": entry.key, "name": entry.name, "folder": str(folder)})
+    else:
+        print(f"exported {entry.name} ({entry.key}) to {folder}")
+    return 0
+
+
+def zoo_import(args, reg) -> int:
+    from .zoo.exchange import import_member
+
+    specs = [s for s in args.sources if Path(s).suffix.lower() in (".yaml", ".yml", ".toml")]
+    if specs and len(args.sources) > 1:
+        raise FusionEngineError("zoo import: give one spec, or folders written by zoo export, not both")
+    if args.member and not specs:
+        raise FusionEngineError("zoo import: --member picks members of a spec; the sources are exported folders")
+    done = []
+    if specs:
+        from .members import import_members
+        from .spec import prepare
+
+        resolved, _ = prepare(specs[0])
+        for name, member in import_members(resolved, reg, args.member).items():
+            done.append({"key": member.key, "name": name, "source": member.source, "new": member.action != "reused"})
+    else:
+        for folder in args.sources:
+            entry, new = import_member(reg, Path(folder))
+            done.append({"key": entry.key, "name": entry.name, "source": "export", "new": new})
+    if args.json:
+        _print_json(done)
+    else:
+        for item in done:
+            print(f"{'imported' if item['new'] else 'already in the zoo:'} {item['name']} ({item['key']})")
+    return 0
+
+
+def cmd_split(args) -> int:
+    from .data import load_dataset, write_split_ids
+    from .spec import prepare
+
+    resolved, _ = prepare(args.spec)
+    dataset, indices = load_dataset(resolved)
+    path = write_split_ids(dataset, indices, Path(args.out))
+    sizes = ", ".join(f"{len(idx)} {s}" for s, idx in indices.items())
+    print(f"{path}: {sizes}")
+    return 0
 
 
 def zoo_rm(args, reg) -> int:
@@ -497,8 +569,9 @@ def _unindexed_run(reg, run_id: str) -> dict | None:
     return {"run_id": run_id, "experiment": summary.get("experiment", "?"), "status": summary.get("status", "?")}
 
 
-_ZOO_COMMANDS = {"list": zoo_list, "show": zoo_show, "rm": zoo_rm, "gc": zoo_gc}
-_COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "zoo": cmd_zoo, "runs": cmd_runs,
+_ZOO_COMMANDS = {"list": zoo_list, "show": zoo_show, "rm": zoo_rm, "gc": zoo_gc, "export": zoo_export,
+                 "import": zoo_import}
+_COMMANDS = {"run": cmd_run, "split": cmd_split, "validate": cmd_validate, "plugins": cmd_plugins, "zoo": cmd_zoo, "runs": cmd_runs,
              "leaderboard": cmd_leaderboard, "report": cmd_report}
 
 

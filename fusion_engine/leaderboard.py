@@ -20,6 +20,12 @@ from . import evaluation
 #: the cost keys :class:`Row.extra` may carry; each becomes a leaderboard column
 COST_KEYS = ("n_params", "infer_ms_per_image", "train_seconds", "fit_seconds")
 
+#: the columns that hold words, not numbers
+TEXT_COLUMNS = ("name", "kind", "source", "members")
+
+#: cost columns a row may lack because the engine never saw the cost (shown as "unknown", never made up)
+UNKNOWABLE = ("n_params", "infer_ms_per_image", "train_seconds")
+
 #: columns the core adds after the metrics, in order (``pareto`` comes last, after the costs)
 STAT_COLUMNS = ("accuracy_lo", "accuracy_hi", "delta_vs_best_member", "delta_vs_best_member_lo",
                 "delta_vs_best_member_hi", "mcnemar_p")
@@ -47,8 +53,11 @@ class Row:
       ``n_params``, ``infer_ms_per_image`` and ``train_seconds`` are the sums over its members
       (plus its own prediction time), computed here; a fuser may override any of them.
 
-    A missing cost is NaN on the leaderboard (``fit_seconds`` of a member always is). Any other
-    key in ``extra`` is appended as a column of its own.
+    A missing cost is NaN on the leaderboard (``fit_seconds`` of a member always is), and tables
+    show the unknowable ones as "unknown": a member trained elsewhere has no ``train_seconds``, one
+    read from predictions made elsewhere no ``n_params`` or ``infer_ms_per_image`` either, and a
+    fuser over such a member none of its sums. Any other key in ``extra`` is appended as a column
+    of its own.
     """
 
     name: str
@@ -57,6 +66,7 @@ class Row:
     proba: dict[str, np.ndarray]
     weights: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # a member's: "trained", "weights", "predictions" or "zoo"; empty for a fuser
 
 
 def build_leaderboard(
@@ -107,7 +117,7 @@ def build_leaderboard(
     metric_names = [m.name for m in metrics]
     records = []
     for i, row in enumerate(rows):
-        rec: dict[str, Any] = {"name": row.name, "kind": row.kind, "members": _members_cell(row)}
+        rec: dict[str, Any] = {"name": row.name, "kind": row.kind, "source": row.source, "members": _members_cell(row)}
         for m in metrics:
             rec[m.name] = m.fn(y_test, row.proba["test"])
         for col in STAT_COLUMNS:
@@ -271,7 +281,7 @@ def summary_table(df, columns: tuple[str, ...] | None = None) -> tuple[list[str]
     level = int(round(100 * df.attrs.get("confidence", 0.95)))
     best = df.attrs.get("best_member")
     hidden = {c for pair in _MERGED.values() for c in pair}
-    head = ["rank", "name", "kind", "members", "accuracy", "delta_vs_best_member"]
+    head = ["rank", "name", "kind", "source", "members", "accuracy", "delta_vs_best_member"]
     ranked = df.attrs.get("ranked_by")
     if ranked and ranked not in head:
         head.append(ranked)
@@ -290,6 +300,8 @@ def summary_table(df, columns: tuple[str, ...] | None = None) -> tuple[list[str]
             elif col in _MERGED:
                 lo, hi = _MERGED[col]
                 cells.append(with_interval(rec.get(col), rec.get(lo), rec.get(hi), col))
+            elif col in UNKNOWABLE and not format_value(rec.get(col), col):
+                cells.append("unknown")  # a cost this engine did not see: training or a network run elsewhere
             else:
                 cells.append(format_value(rec.get(col), col))
         body.append(cells)
@@ -309,7 +321,7 @@ def print_leaderboard(df, *, title: str, console=None, full: bool = False) -> No
     header, body = summary_table(df, None if full else TERMINAL_COLUMNS)
     table = Table(title=title, title_justify="left")
     for col in header:
-        text = col in ("name", "kind", "members")
+        text = col in TEXT_COLUMNS
         table.add_column(col, justify="left" if text else "right", no_wrap=col != "members", overflow="fold")
     for cells in body:
         table.add_row(*cells)

@@ -256,10 +256,10 @@ def _leaderboard(run: RunFolder) -> str:
 
 
 def _board_table(df, columns, rows: list[dict]) -> str:
-    from .leaderboard import summary_table
+    from .leaderboard import TEXT_COLUMNS, summary_table
 
     header, body = summary_table(df, columns)
-    numeric = {i for i, h in enumerate(header) if h not in ("name", "kind", "members")}
+    numeric = {i for i, h in enumerate(header) if h not in TEXT_COLUMNS}
     delta_col = next((i for i, h in enumerate(header) if h.startswith("Δ")), None)
     best = df.attrs.get("best_member")
     classes = []

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from .errors import CorruptArtifact, PlantedFile
 
-#: what a member's folder holds besides its card
+#: what a member's folder holds besides its card (a member read from predictions has no weights)
 PAYLOAD_FILES = ("model.safetensors", "outputs.safetensors", "ids.json")
+REQUIRED_FILES = ("outputs.safetensors", "ids.json")
 CARD_FILE = "card.json"
 
 _PICKLE_MAGIC = tuple(bytes([0x80, p]) for p in range(2, 6))
