@@ -129,14 +129,33 @@ def _parser() -> argparse.ArgumentParser:
                                        "complete run of --experiment, or the latest complete run.")
     _run_selector(board)
     board.add_argument("--format", choices=["table", "md", "csv", "json"], default="table", help="output format (default: table)")
+    board.add_argument("--budget", type=_milliseconds, metavar="MS",
+                       help="also name the best row (chosen on val) whose inference cost fits MS milliseconds per "
+                            "image, with its test accuracy and interval (--format table or json)")
     _registry_option(board)
 
     report = sub.add_parser("report", help="draw a run's plots and report.html again from the registry",
                             description="Re-render plots/ and report.html of a run from its run folder; prints the "
                                         "report's path.")
     _run_selector(report)
+    report.add_argument("--budget", type=_milliseconds, metavar="MS",
+                        help="name the best row within MS milliseconds per image in the report (default: the spec's "
+                             "budget_ms)")
     _registry_option(report)
     return parser
+
+
+def _milliseconds(text: str) -> float:
+    """An argparse type: a positive, finite number of milliseconds."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of milliseconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"'{text}': give a positive number of milliseconds")
+    return value
 
 
 def _run_selector(parser: argparse.ArgumentParser) -> None:
@@ -352,7 +371,9 @@ def cmd_zoo(args) -> int:
     changes = args.zoo_command in ("rm", "gc")  # a registry that is not there has nothing to remove
     if changes and not resolve_registry(args.registry).is_dir():
         raise ZooError(f"no registry at {resolve_registry(args.registry)}")
-    reg = _open_registry(args, create=changes or args.zoo_command == "import")
+    if args.zoo_command == "import":
+        return zoo_import(args)  # checks everything before it creates a registry
+    reg = _open_registry(args, create=changes)
     with reg:
         return _ZOO_COMMANDS[args.zoo_command](args, reg)
 
@@ -394,11 +415,20 @@ def zoo_show(args, reg) -> int:
         print(f"{field:>13}: {data[field]}")
     print(f"{'size':>13}: {_size(entry.bytes)} in {len(entry.files)} files")
     if card is not None:
-        print(f"{'params':>13}: {json.dumps(card.spec.params)}")
-        print(f"{'train':>13}: {json.dumps(card.spec.train)}")
-        print(f"{'seed':>13}: {card.spec.seed}")
-        print(f"{'best epoch':>13}: {card.best_epoch} of {len(card.history)}")
-        print(f"{'trained in':>13}: {card.timings.train_seconds} s on {card.device}")
+        print(f"{'source':>13}: {card.source}")
+        if card.origin is not None:
+            origin = card.origin
+            print(f"{'from file':>13}: {origin.get('file')} (sha256 {str(origin.get('sha256'))[:16]}...)"
+                  + (f", classes {', '.join(origin['class_names'])}" if origin.get("class_names") else ""))
+        if card.source != "predictions":
+            print(f"{'params':>13}: {json.dumps(card.spec.params)}")
+        if card.source == "trained":
+            print(f"{'train':>13}: {json.dumps(card.spec.train)}")
+            print(f"{'seed':>13}: {card.spec.seed}")
+            print(f"{'best epoch':>13}: {card.best_epoch} of {len(card.history)}")
+            print(f"{'trained in':>13}: {card.timings.train_seconds} s on {card.device}")
+        elif card.source == "weights":
+            print(f"{'predicted in':>13}: {card.timings.predict_seconds} s on {card.device}")
     print(f"{'used by runs':>13}: {', '.join(runs) or 'none'}")
     print(f"{'check':>13}: {check}")
     return 0 if check == "ok" else 1
@@ -415,8 +445,11 @@ def zoo_export(args, reg) -> int:
     return 0
 
 
-def zoo_import(args, reg) -> int:
-    from .zoo.exchange import import_member
+def zoo_import(args) -> int:
+    """``zoo import``: a spec's weights/predictions members, or exported folders. Everything is
+    checked before the registry is created or written."""
+    from .zoo import resolve_registry
+    from .zoo.exchange import import_member, read_export
 
     specs = [s for s in args.sources if Path(s).suffix.lower() in (".yaml", ".yml", ".toml")]
     if specs and len(args.sources) > 1:
@@ -425,16 +458,24 @@ def zoo_import(args, reg) -> int:
         raise FusionEngineError("zoo import: --member picks members of a spec; the sources are exported folders")
     done = []
     if specs:
-        from .members import import_members
+        from .members import import_members, importable
+        from .preflight import preflight
         from .spec import prepare
 
         resolved, _ = prepare(specs[0])
-        for name, member in import_members(resolved, reg, args.member).items():
-            done.append({"key": member.key, "name": name, "source": member.source, "new": member.action != "reused"})
+        importable(resolved, args.member)
+        checked = preflight(resolved, registry=resolve_registry(args.registry))
+        with _open_registry(args, create=True) as reg:
+            for name, member in import_members(resolved, reg, args.member, checked=checked).items():
+                done.append({"key": member.key, "name": name, "source": member.source,
+                             "new": member.action != "reused"})
     else:
         for folder in args.sources:
-            entry, new = import_member(reg, Path(folder))
-            done.append({"key": entry.key, "name": entry.name, "source": "export", "new": new})
+            read_export(Path(folder))
+        with _open_registry(args, create=True) as reg:
+            for folder in args.sources:
+                entry, new = import_member(reg, Path(folder))
+                done.append({"key": entry.key, "name": entry.name, "source": "export", "new": new})
     if args.json:
         _print_json(done)
     else:
@@ -444,9 +485,10 @@ def zoo_import(args, reg) -> int:
 
 
 def cmd_split(args) -> int:
-    from .data import load_dataset, write_split_ids
+    from .data import check_split_path, load_dataset, write_split_ids
     from .spec import prepare
 
+    check_split_path(Path(args.out))
     resolved, _ = prepare(args.spec)
     dataset, indices = load_dataset(resolved)
     path = write_split_ids(dataset, indices, Path(args.out))
@@ -529,14 +571,24 @@ def cmd_report(args) -> int:
     from .report import write_report
 
     _, run_dir = _complete_run(args)
-    print(write_report(run_dir, write_plots(run_dir)))
+    print(write_report(run_dir, write_plots(run_dir), budget_ms=args.budget))
     return 0
 
 
 def cmd_leaderboard(args) -> int:
     from .runfolder import LEADERBOARD, RunFolder
 
+    if args.budget is not None and args.format not in ("table", "json"):
+        raise FusionEngineError(f"leaderboard: --budget prints with --format table or json, not {args.format}")
     run, run_dir = _complete_run(args)
+    if args.budget is not None:
+        from .leaderboard import best_within_budget
+
+        folder = RunFolder.complete(run_dir)
+        choice = best_within_budget(folder.rows, args.budget, ranked_by=folder.leaderboard.get("ranked_by", "accuracy"))
+        if args.format == "json":
+            _print_json(choice.as_dict())
+            return 0
     if args.format != "table":
         path = run_dir / {"csv": LEADERBOARD[0], "md": LEADERBOARD[1], "json": LEADERBOARD[2]}[args.format]
         try:
@@ -551,6 +603,8 @@ def cmd_leaderboard(args) -> int:
     sizes = board.attrs.get("split_sizes") or {}
     print_leaderboard(board, title=f"{board.attrs.get('experiment', run['experiment'])} ({run['run_id']}): "
                                    f"scored on {sizes.get('test', '?')} test samples")
+    if args.budget is not None:
+        print(choice.sentence(int(round(100 * board.attrs.get("confidence", 0.95)))))
     return 0
 
 
@@ -569,8 +623,7 @@ def _unindexed_run(reg, run_id: str) -> dict | None:
     return {"run_id": run_id, "experiment": summary.get("experiment", "?"), "status": summary.get("status", "?")}
 
 
-_ZOO_COMMANDS = {"list": zoo_list, "show": zoo_show, "rm": zoo_rm, "gc": zoo_gc, "export": zoo_export,
-                 "import": zoo_import}
+_ZOO_COMMANDS = {"list": zoo_list, "show": zoo_show, "rm": zoo_rm, "gc": zoo_gc, "export": zoo_export}
 _COMMANDS = {"run": cmd_run, "split": cmd_split, "validate": cmd_validate, "plugins": cmd_plugins, "zoo": cmd_zoo, "runs": cmd_runs,
              "leaderboard": cmd_leaderboard, "report": cmd_report}
 

@@ -108,6 +108,15 @@ def run_data(dataset: ImageDataset, indices: dict[str, np.ndarray], *, cache_dir
     return data
 
 
+#: the formats ``fusion-engine split`` writes
+SPLIT_SUFFIXES = (".csv", ".parquet", ".json")
+
+
+def check_split_path(path: Path) -> None:
+    if path.suffix.lower() not in SPLIT_SUFFIXES:
+        raise FusionEngineError(f"--out {path}: write a .csv, .parquet or .json file")
+
+
 def write_split_ids(dataset: ImageDataset, indices: dict[str, np.ndarray], path: Path) -> Path:
     """``fusion-engine split``: every sample's id, split, label and, for image files, path, as
     CSV, Parquet or JSON (by ``path``'s suffix), written whole or not at all."""
@@ -124,9 +133,8 @@ def write_split_ids(dataset: ImageDataset, indices: dict[str, np.ndarray], path:
     frame = pd.DataFrame(rows)
     if frame["path"].isna().all():
         frame = frame.drop(columns="path")
+    check_split_path(path)
     suffix = path.suffix.lower()
-    if suffix not in (".csv", ".parquet", ".json"):
-        raise FusionEngineError(f"--out {path}: write a .csv, .parquet or .json file")
     try:
         with atomic_path(path) as tmp:
             if suffix == ".csv":

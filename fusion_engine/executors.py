@@ -61,6 +61,7 @@ class MemberJob:
     label: str = ""  # "member 2/3", for progress lines
     checkpoint: "Checkpoint | None" = None
     weights: "Path | None" = None  # a member that is not trained: its weights file
+    weights_sha256: "str | None" = None  # the bytes of that file the run checked (and keyed the member by)
     class_order: "list[int] | None" = None  # columns of its outputs in the dataset's class order
 
     @property
@@ -210,7 +211,7 @@ def _predict_from_weights(job: MemberJob, built, images: dict) -> FittedMember:
     from .training import predict_logits, resolve_device
     from .weights import read_state_dict, weights_mismatch
 
-    state = read_state_dict(job.weights)
+    state = read_state_dict(job.weights, sha256=job.weights_sha256)
     expected = {k: tuple(v.shape) for k, v in built.module.state_dict().items()}
     problems = weights_mismatch(expected, {k: tuple(v.shape) for k, v in state.items()})
     if problems:

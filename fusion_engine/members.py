@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import closing, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -306,6 +306,7 @@ class MemberStage:
             input=self.checked.inputs[p.index], device=self.device, resources=mspec.resources,
             label=f"member {p.index + 1}/{len(self.spec.members)}",
             weights=origin.path if origin is not None else None, class_order=origin.order if origin is not None else None,
+            weights_sha256=origin.sha256 if origin is not None else None,
         )
 
     def _announce(self, job: MemberJob, in_process: bool) -> None:
@@ -463,18 +464,32 @@ def referenced_member(resolved: ResolvedSpec, i: int, entry, reg: Registry, data
     return from_stored(mspec.name, stored, action="reused")
 
 
-def import_members(resolved: ResolvedSpec, reg: Registry, names: list[str], *, device: str = "auto",
+def import_members(resolved: ResolvedSpec, reg: Registry, names: list[str], *, checked: Preflight | None = None,
                    console=None) -> dict[str, MemberResult]:
     """``zoo import SPEC``: store a spec's members that come from ``weights`` or ``predictions``
-    in the zoo without a run (no run folder, no fusers): the preflight checks, then each member
-    run or read as a run would, under the key a run would give it. ``names`` picks members (all
-    such members when empty)."""
+    in the zoo without a run (no run folder, no fusers): the preflight checks (``checked``, when
+    the caller ran them), then each member run or read as a run would, on the spec's device and
+    executor, under the key a run would give it. ``names`` picks members (all such members when
+    empty)."""
     from rich.console import Console
 
     from .data import run_data
     from .preflight import preflight
 
     console = console or Console(stderr=True, quiet=True)
+    wanted = importable(resolved, names)
+    checked = checked or preflight(resolved, registry=reg.root)
+    data = run_data(checked.dataset, checked.indices, cache_dir=reg.image_cache_dir, fingerprint=checked.fingerprint)
+    with LazyExecutor(resolved.executor) as executor:
+        stage = MemberStage(resolved, checked, reg, data, executor, run_id=None, device=resolved.spec.device,
+                            quiet=True, console=console, on_ready=lambda i, m: None,
+                            on_failed=lambda name, key, error: None)
+        return stage.run(only=wanted)
+
+
+def importable(resolved: ResolvedSpec, names: list[str]) -> set[str]:
+    """The members ``zoo import SPEC`` stores: those of ``names`` (all when empty) that come
+    from ``weights`` or ``predictions`` files; an error names any other."""
     eligible = [m.name for m in resolved.spec.members if m.source in ("weights", "predictions")]
     for name in names:
         if name not in eligible:
@@ -485,8 +500,4 @@ def import_members(resolved: ResolvedSpec, reg: Registry, names: list[str], *, d
                                     f"({', '.join(eligible) or 'this spec has none'})")
     if not eligible:
         raise FusionEngineError("zoo import: the spec has no member from a weights: or predictions: file")
-    checked = preflight(resolved, registry=reg.root)
-    data = run_data(checked.dataset, checked.indices, cache_dir=reg.image_cache_dir, fingerprint=checked.fingerprint)
-    stage = MemberStage(resolved, checked, reg, data, LazyExecutor(None), run_id=None, device=device, quiet=True,
-                        console=console, on_ready=lambda i, m: None, on_failed=lambda name, key, error: None)
-    return stage.run(only=set(names or eligible))
+    return set(names or eligible)

@@ -111,7 +111,28 @@ def preflight(resolved: ResolvedSpec, *, registry: Path | None = None, retrain: 
                     checked.origins[i] = check_member_weights(resolved, i, checked)
         if any(m.zoo is not None for m in spec.members):
             checked.references, checked.fingerprint = resolve_references(resolved, registry, dataset, indices)
+        check_fuser_costs(resolved, checked)
     return checked
+
+
+def check_fuser_costs(resolved: ResolvedSpec, checked: Preflight) -> None:
+    """A fuser that needs its members' inference costs (a cascade) has them: a member read from
+    predictions made elsewhere has none unless the spec gives its ``infer_ms_per_image``."""
+    from .fusion import make_fuser
+
+    spec = resolved.spec
+    index = {m.name: i for i, m in enumerate(spec.members)}
+    for j, (fspec, bound) in enumerate(resolved.fuser_entries):
+        if not make_fuser(fspec, bound, seed=spec.seed).needs_costs:
+            continue
+        for name in fspec.members or [m.name for m in spec.members]:
+            i = index[name]
+            mspec, ref = spec.members[i], checked.references.get(i)
+            unmeasured = mspec.predictions is not None or (ref is not None and ref.n_params is None)
+            if unmeasured and mspec.infer_ms_per_image is None:
+                raise SpecError(f"fuser {fspec.name} ({fspec.fuser}) needs each member's inference cost, and member "
+                                f"{name} has none (its predictions were made elsewhere): give that member "
+                                f"infer_ms_per_image", file=resolved.file, loc=("fusers", j, "fuser"))
 
 
 def member_input(bound, *, num_classes: int, data_spec, seed: int) -> InputConfig:
@@ -180,16 +201,21 @@ def check_member_weights(resolved: ResolvedSpec, i: int, checked: Preflight) -> 
 
 def read_member_predictions(resolved: ResolvedSpec, i: int, checked: Preflight) -> tuple[Origin, dict]:
     """A member read from a predictions file: the whole file, checked, as logits per split."""
+    import hashlib
+
     from .predictions import SUFFIXES, read_predictions
-    from .provenance import file_sha256
     from .weights import class_order
 
     mspec = resolved.spec.members[i]
     path = member_file(resolved, mspec.predictions, SUFFIXES)
+    try:
+        data = path.read_bytes()  # read once: the bytes hashed are the bytes read
+    except OSError as exc:
+        raise FusionEngineError(f"cannot read predictions file {path}: {exc.strerror or exc}") from None
     logits, names = read_predictions(path, kind=mspec.kind, class_names=mspec.class_names,
-                                     dataset_classes=checked.dataset.class_names, ids=checked.ids)
+                                     dataset_classes=checked.dataset.class_names, ids=checked.ids, data=data)
     order = class_order(names, checked.dataset.class_names, what=str(path)).tolist()
-    return Origin(path, file_sha256(path), names, order), logits
+    return Origin(path, hashlib.sha256(data).hexdigest(), names, order), logits
 
 
 def check_retrain(resolved: ResolvedSpec, retrain: tuple[str, ...]) -> None:

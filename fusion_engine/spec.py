@@ -135,6 +135,10 @@ class MemberSpec(_Strict):
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="default: the experiment's seed")
     calibrate: Literal["none", "temperature"] = Field(
         "none", description="temperature-scale this member's logits (fitted on val) before fusion")
+    infer_ms_per_image: Optional[float] = Field(
+        None, gt=0, description="its inference cost in milliseconds per image, for the leaderboard and cost-aware "
+                                "fusers (a cascade): replaces the cost measured in the run; needed for a member "
+                                "from predictions: when a cascade uses it")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec,
                                      description="CPUs and GPUs the member's task asks an executor for")
     zoo: Optional[str] = Field(None, pattern=SAFE_NAME,
@@ -214,6 +218,8 @@ class ExperimentSpec(_Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED, description=f"seeds the split, every member and every fuser; 0 to {MAX_SEED}")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     rank_by: str = Field("accuracy", description="the metric (or delta_vs_best_member) that orders the leaderboard")
+    budget_ms: Optional[float] = Field(None, gt=0, description="an inference budget in milliseconds per image: the "
+                                       "report names the best row (chosen on val) that fits it")
     plugins: list[str] = Field(default_factory=list, description="plugin .py files, relative to the spec file")
     executor: ExecutorSpec = Field(default_factory=ExecutorSpec, description="what trains the members: local or ray")
     data: DataSpec

@@ -21,29 +21,46 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .errors import FusionEngineError
+from .errors import FusionEngineError, first_few, first_line
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 #: keys under which training scripts nest a state dict, tried in this order
-CONTAINERS = ("state_dict", "model_state_dict", "model", "module", "net")
+CONTAINERS = ("state_dict", "model_state_dict", "model", "module", "net", "state_dict_ema", "model_ema")
 
 __all__ = ["WEIGHT_SUFFIXES", "class_order", "file_class_names", "read_state_dict", "read_weight_shapes", "weights_mismatch"]
 
 
-def read_state_dict(path: str | Path) -> dict[str, Any]:
-    """The tensors of a weights file by name, unwrapped (see the module docstring)."""
+def read_state_dict(path: str | Path, *, sha256: str | None = None) -> dict[str, Any]:
+    """The tensors of a weights file by name, unwrapped (see the module docstring).
+
+    With ``sha256``, the file's bytes must still be the ones that hash to it (the ones a run
+    checked and keyed the member by): the bytes are read once, compared, and loaded from memory,
+    so a file replaced meanwhile is an error rather than another member under the same key.
+    """
+    import io
+
     path = Path(path)
     try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
+        data = path.read_bytes()
+    except OSError as exc:
+        raise FusionEngineError(f"cannot read weights file {path}: {exc.strerror or exc}") from None
+    if sha256 is not None:
+        import hashlib
 
-            state = load_file(str(path))
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise FusionEngineError(f"weights file {path} changed after the run checked it (its sha256 is no longer "
+                                    f"{sha256[:12]}...); run again to use the new file")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load
+
+            state = load(data)
         else:
             import torch
 
             with warnings.catch_warnings():  # torch warns before it refuses a pickle: our error says it all
                 warnings.simplefilter("ignore")
-                state = torch.load(path, map_location="cpu", weights_only=True)
+                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise FusionEngineError(f"cannot read weights file {path}: {_why(exc)}") from None
     return _unwrap(state, path)
@@ -119,8 +136,8 @@ def class_order(given: list[str] | None, dataset: list[str], *, what: str) -> np
     missing = [c for c in dataset if c not in given]
     extra = [c for c in given if c not in dataset]
     if missing or extra:
-        parts = [f"{len(missing)} of the dataset's classes missing ({_first(missing)})" if missing else "",
-                 f"{len(extra)} classes the dataset does not have ({_first(extra)})" if extra else ""]
+        parts = [f"{len(missing)} of the dataset's classes missing ({first_few(missing, 5)})" if missing else "",
+                 f"{len(extra)} classes the dataset does not have ({first_few(extra, 5)})" if extra else ""]
         raise FusionEngineError(f"{what}: its classes are not the dataset's: {'; '.join(p for p in parts if p)}")
     return np.array([given.index(c) for c in dataset])
 
@@ -152,7 +169,7 @@ def _unprefixed(state: dict) -> dict:
 
 
 def _why(exc: BaseException) -> str:
-    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    text = first_line(exc)
     if "weights_only" in text or "Unpickl" in type(exc).__name__:
         return ("it holds pickled Python objects, which are never loaded (torch.load with weights_only=True refused "
                 "it); save the state dict with safetensors or torch.save(model.state_dict())")
@@ -161,7 +178,3 @@ def _why(exc: BaseException) -> str:
 
 def _dims(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape)) or "scalar"
-
-
-def _first(names: list[str], n: int = 5) -> str:
-    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")

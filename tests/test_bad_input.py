@@ -134,8 +134,32 @@ def toy_predictions(tmp: Path, text: str | None = None, *, suffix: str = ".csv",
     return only({"name": "p", "predictions": path.name, "kind": kind})
 
 
+def npz_predictions(tmp: Path, n_rows: int) -> dict:
+    """60 ids in an .npz with ``n_rows`` rows of probabilities."""
+    np.savez(tmp / "p.npz", ids=np.array(TOY_IDS), probabilities=np.full((n_rows, 3), 1 / 3))
+    return only({"name": "p", "predictions": "p.npz", "kind": "probabilities"})
+
+
+def cascade_over_predictions(tmp: Path) -> dict:
+    spec = toy_predictions(tmp)
+    spec["members"].insert(0, {"name": "net-a", "backbone": "toy-net", "train": {"epochs": 1}})
+    spec["fusers"] = [{"name": "c", "fuser": "cascade"}]
+    return spec
+
+
 # (id, how to make the spec and its files, a fragment of the one-line error)
 CASES = [
+    ("predictions-fewer-rows-than-ids", lambda t, r: npz_predictions(t, 59),
+     "{tmp}/p.npz: 60 ids for 59 rows of probabilities; give one id per row"),
+    ("predictions-more-rows-than-ids", lambda t, r: npz_predictions(t, 61), "60 ids for 61 rows of probabilities"),
+    ("predictions-class-names-conflict", lambda t, r: (lambda spec: (spec["members"][0].update(
+        class_names=["dark", "top", "bottom"]), spec)[1])(toy_predictions(t)),
+     "{tmp}/p.csv names its classes (top, bottom, dark) and the member's class_names (dark, top, bottom) differ"),
+    ("predictions-outside-0-1", lambda t, r: toy_predictions(t, change=lambda f: f.assign(top=-0.2, dark=0.8667)),
+     "60 rows hold probabilities outside [0, 1] (first id toy-0); are they logits? (kind: logits)"),
+    ("cascade-without-cost", lambda t, r: cascade_over_predictions(t),
+     "fusers.0.fuser: fuser c (cascade) needs each member's inference cost, and member p has none (its predictions "
+     "were made elsewhere): give that member infer_ms_per_image"),
     ("weights-class-count", lambda t, r: toy_weights(t, classes=5),
      "members.0.weights: weights {tmp}/w.safetensors do not fit the toy-net network this member builds: 2 mis-shaped "
      "(4.weight (file 5x16, network 3x16), 4.bias (file 5, network 3)) (of the 4 tensors the network has); its "

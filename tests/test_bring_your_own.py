@@ -51,7 +51,7 @@ def engine_pixels(ids: list[str]) -> torch.Tensor:
     import timm
     from timm.data import resolve_data_config
 
-    from fusion_engine.data import load_images
+    from fusion_engine import load_images
 
     config = resolve_data_config(pretrained_cfg=timm.get_pretrained_cfg(TIMM["model"]).to_dict())
     x = load_images(digits_images(ids), np.arange(len(ids)), SIZE, 3).float() / 255
@@ -207,7 +207,8 @@ def test_members_travel_between_registries(made_elsewhere, fused, tmp_path, caps
     target = tmp_path / "shared" / keys["pytorch"] / "outputs.safetensors"
     target.write_bytes(target.read_bytes()[:-1] + b"\0")
     assert main(["zoo", "import", str(target.parent), "--registry", str(tmp_path / "third")]) == 2
-    assert "is damaged: outputs.safetensors" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"{target}: its sha256 differs from the one recorded when it was written; "
+                                       "not imported\n")
     assert Registry(tmp_path / "third", create=False).entries() == []
 
 
@@ -232,3 +233,146 @@ def test_split_writes_paths_for_image_files(make_image_folder, tmp_path):
     frame = pd.read_parquet(tmp_path / "ids.parquet")
     assert list(frame.columns) == ["id", "split", "label", "path"] and len(frame) == 15
     assert all(Path(p).is_file() and Path(p).relative_to(root).as_posix() == i for i, p in zip(frame.id, frame.path))
+
+
+# -- formats, and what a file may hold ---------------------------------------------------------------
+
+CLASSES = ["cat", "dog", "owl"]
+IDS = {"train": [f"t{i}" for i in range(6)], "val": [f"v{i}" for i in range(5)], "test": [f"s{i}" for i in range(4)]}
+
+
+def _probabilities(ids: list[str], seed: int = 0) -> np.ndarray:
+    return softmax(np.random.default_rng(seed).normal(size=(len(ids), 3)), axis=1)
+
+
+def _write(path: Path, ids: list[str], values: np.ndarray, names: list[str] | None, kind: str = "probabilities"):
+    """``values`` (columns in ``names`` order) in the format ``path``'s suffix says."""
+    from safetensors.numpy import save_file as save_arrays
+
+    if path.suffix in (".csv", ".parquet"):
+        frame = pd.DataFrame(values, columns=names)
+        frame.insert(0, "id", ids)
+        frame.to_csv(path, index=False) if path.suffix == ".csv" else frame.to_parquet(path, index=False)
+    elif path.suffix == ".npz":
+        np.savez(path, ids=np.array(ids), **{kind: values}, **({"class_names": np.array(names)} if names else {}))
+    else:
+        meta = {"ids": json.dumps(ids), **({"class_names": json.dumps(names)} if names else {})}
+        save_arrays({kind: np.ascontiguousarray(values)}, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".npz", ".safetensors"])
+def test_every_format_gives_the_same_outputs_in_the_datasets_order(tmp_path, suffix):
+    from fusion_engine.predictions import read_predictions
+
+    ids = IDS["val"] + IDS["test"] + ["stranger"]  # rows in any order, train left out, one id not the dataset's
+    order = [2, 0, 1]  # the file's columns: owl, cat, dog
+    p = _probabilities(ids)
+    path = tmp_path / f"p{suffix}"
+    _write(path, ids[::-1], p[::-1][:, order], [CLASSES[c] for c in order])
+    logits, names = read_predictions(path, kind="probabilities", class_names=None, dataset_classes=CLASSES, ids=IDS)
+    assert sorted(logits) == ["test", "val"] and names == ["owl", "cat", "dog"]  # train is optional
+    np.testing.assert_allclose(softmax(logits["val"].astype(np.float64), axis=1), p[:5], atol=1e-6)
+    np.testing.assert_allclose(softmax(logits["test"].astype(np.float64), axis=1), p[5:9], atol=1e-6)
+
+
+def test_class_names_order_unnamed_columns_and_train_rows_are_read(tmp_path):
+    from fusion_engine.predictions import read_predictions
+
+    ids = IDS["train"] + IDS["val"] + IDS["test"]
+    z = np.random.default_rng(1).normal(size=(len(ids), 3))
+    np.savez(tmp_path / "p.npz", ids=np.array(ids), logits=z[:, [1, 2, 0]])  # no names in the file: dog, owl, cat
+    logits, names = read_predictions(tmp_path / "p.npz", kind="logits", class_names=["dog", "owl", "cat"],
+                                     dataset_classes=CLASSES, ids=IDS)
+    assert names == ["dog", "owl", "cat"] and sorted(logits) == ["test", "train", "val"]
+    np.testing.assert_allclose(logits["train"], z[:6], atol=1e-6)
+
+
+def test_probabilities_written_rounded_are_renormalised_with_a_warning(tmp_path, caplog):
+    from fusion_engine.predictions import read_predictions
+
+    ids = IDS["val"] + IDS["test"]
+    p = np.round(_probabilities(ids, seed=2), 3)
+    assert np.abs(p.sum(axis=1) - 1).max() > 1e-6  # the rounding broke the sums
+    _write(tmp_path / "p.csv", ids, p, CLASSES)
+    with caplog.at_level("WARNING", logger="fusion_engine"):
+        logits, _ = read_predictions(tmp_path / "p.csv", kind="probabilities", class_names=None,
+                                     dataset_classes=CLASSES, ids=IDS)
+    assert "written rounded?); renormalised" in caplog.text
+    np.testing.assert_allclose(softmax(logits["val"].astype(np.float64), axis=1).sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(softmax(logits["val"].astype(np.float64), axis=1),
+                               p[:5] / p[:5].sum(axis=1, keepdims=True), atol=1e-6)
+
+
+def test_ids_that_look_like_numbers_stay_ids(tmp_path):
+    from fusion_engine.predictions import read_predictions
+
+    ids = {"train": [], "val": ["0001", "0002", "NA"], "test": ["0003", "0004", "1e3"]}
+    _write(tmp_path / "p.csv", ids["val"] + ids["test"], _probabilities(ids["val"] + ids["test"]), CLASSES)
+    logits, _ = read_predictions(tmp_path / "p.csv", kind="probabilities", class_names=None,
+                                 dataset_classes=CLASSES, ids=ids)
+    assert logits["val"].shape == (3, 3) and logits["test"].shape == (3, 3)
+
+
+# -- files that change, folders that are not what they claim ----------------------------------------
+
+def test_a_weights_file_replaced_during_the_run_fails_that_member_not_its_key(tmp_path):
+    """The file is checked (and keyed) before the run; a file replaced before the member runs is
+    an error for that member, never a member stored under the old file's key."""
+    from conftest import TOY_PLUGIN, toy_spec_data
+
+    spec_bad = __import__("test_bad_input")
+    spec_bad.toy_weights(tmp_path)
+    (tmp_path / "swap.py").write_text(
+        "import fusion_engine, pathlib\n"
+        "@fusion_engine.hookimpl\n"
+        "def on_member_ready(run, member):\n"
+        "    if member.name == 'net-a':  # after the first member, before the weights member runs\n"
+        f"        pathlib.Path({str(tmp_path / 'w.safetensors')!r}).write_bytes(\n"
+        f"            pathlib.Path({str(tmp_path / 'w.safetensors')!r}).read_bytes()[:-4] + b'    ')\n")
+    spec = write_spec(tmp_path / "spec.yaml", toy_spec_data(
+        plugins=[str(TOY_PLUGIN), "swap.py"],
+        members=[{"name": "net-a", "backbone": "toy-net", "train": {"epochs": 1}},
+                 {"name": "w", "backbone": "toy-net", "train": False, "weights": "w.safetensors"}],
+        fusers=[]))
+    out = cli("run", spec, "--registry", tmp_path / "reg", "--quiet")
+    assert out.returncode == 1, out.stderr
+    assert "w.safetensors changed after the run checked it" in out.stderr
+    assert [e.name for e in Registry(tmp_path / "reg", create=False).entries()] == ["net-a"]
+
+
+def test_zoo_import_refuses_links_and_members_without_their_weights_and_writes_nothing(fused, tmp_path, capsys):
+    folder, result = fused
+    key = summary(result.run_dir)["members"]["pytorch"]["key"]
+    assert main(["zoo", "export", key, str(tmp_path / "out"), "--registry", str(folder / "reg")]) == 0
+    exported = tmp_path / "out" / key
+    linked = tmp_path / "linked" / key
+    linked.mkdir(parents=True)
+    for f in exported.iterdir():
+        (linked / f.name).symlink_to(f) if f.name == "card.json" else shutil.copy(f, linked / f.name)
+    (exported / "model.safetensors").unlink()
+    card = json.loads((exported / "card.json").read_text())
+    del card["files"]["model.safetensors"]
+    (exported / "card.json").write_text(json.dumps(card))
+    capsys.readouterr()
+    for source, error in ((linked, "links are not imported"), (exported, "model.safetensors is missing (a weights "
+                                                                         "member has model.safetensors, ")):
+        assert main(["zoo", "import", str(source), "--registry", str(tmp_path / "target")]) == 2
+        err = capsys.readouterr().err
+        assert error in err and err.count("\n") == 1, err
+    assert not (tmp_path / "target").exists()  # nothing was created
+
+
+def test_zoo_show_says_where_a_member_came_from_and_invents_nothing(fused, capsys):
+    folder, result = fused
+    keys = {n: m["key"] for n, m in summary(result.run_dir)["members"].items()}
+    shown = {}
+    for name in ("pytorch", "sklearn"):
+        capsys.readouterr()
+        assert main(["zoo", "show", keys[name], "--registry", str(folder / "reg")]) == 0
+        shown[name] = dict(line.strip().split(": ", 1) for line in capsys.readouterr().out.splitlines() if ": " in line)
+    assert shown["pytorch"]["source"] == "weights" and shown["pytorch"]["from file"].startswith("net.safetensors")
+    assert "predicted in" in shown["pytorch"] and "trained in" not in shown["pytorch"]
+    assert shown["sklearn"]["source"] == "predictions" and shown["sklearn"]["from file"].startswith("sklearn.csv")
+    assert not {"train", "seed", "best epoch", "trained in", "params"} & set(shown["sklearn"])
+    card = json.loads((folder / "reg" / "zoo" / keys["sklearn"] / "card.json").read_text())
+    assert card["spec"].get("train") is None and card["spec"].get("seed") is None

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import cli_json, latest_run, summary, toy_spec_data, write_spec
+from conftest import cli_json, summary, toy_spec_data, write_spec
 from fusion_engine import FusionEngineError
 from fusion_engine.cli import main
 from fusion_engine.runner import run_experiment

@@ -33,8 +33,8 @@ class CardSpec(_Part):
     name: str
     backbone: Optional[str] = None
     params: dict[str, Any] = Field(default_factory=dict)
-    train: dict[str, Any] | Literal[False] = Field(default_factory=dict)
-    seed: Optional[int] = 0
+    train: dict[str, Any] | Literal[False] | None = None  # None: not given (a predictions member)
+    seed: Optional[int] = None  # None: not trained here
 
 
 class CardData(_Part):
