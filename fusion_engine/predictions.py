@@ -120,7 +120,8 @@ def _read(path: Path, kind: str, data: bytes) -> tuple[list[str], np.ndarray, li
                                         f"({int(bad[column].sum())} rows, first id {frame['id'][bad[column]].iloc[0]})")
             return [str(i) for i in frame["id"]], numeric.to_numpy(np.float64), classes
         if suffix == ".npz":
-            with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            buffer = io.BytesIO(data)
+            with np.load(buffer, allow_pickle=False) as arrays:
                 if "ids" not in arrays or kind not in arrays:
                     raise FusionEngineError(f"{what}: expected arrays 'ids' and '{kind}', found "
                                             f"{', '.join(arrays.files) or 'none'}")
