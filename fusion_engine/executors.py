@@ -18,6 +18,7 @@ import platform
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import FusionEngineError, UnreadableImage
@@ -39,7 +40,9 @@ Pixels = Callable[[InputConfig], "dict[str, ImageSet]"]
 
 @dataclass
 class MemberJob:
-    """One member to train on train, select on val, and predict on val and test.
+    """One member to train on train, select on val, and predict on val and test; or, with
+    ``train`` None, a member trained elsewhere whose ``weights`` file is loaded (its outputs put
+    in the dataset's class order by ``class_order``) and which only predicts.
 
     Everything a worker needs travels in the job, except the images and labels, which an
     executor gets once per run and shares between jobs (the ``ray`` executor puts what opens the
@@ -51,7 +54,7 @@ class MemberJob:
     key: str
     backbone: BackboneRecord
     params: Params
-    train: "TrainSpec"
+    train: "TrainSpec | None"
     seed: int
     num_classes: int
     image_size: int | None
@@ -60,17 +63,29 @@ class MemberJob:
     resources: "ResourcesSpec | None" = None
     label: str = ""  # "member 2/3", for progress lines
     checkpoint: "Checkpoint | None" = None
-    weights: dict | None = None  # the identity of its pretrained weights from a hub, as its key has it
+    pretrained: dict | None = None  # the identity of its pretrained weights from a hub, as its key has it
+    weights: "Path | None" = None  # a member that is not trained: its weights file
+    weights_sha256: "str | None" = None  # the bytes of that file the run checked (and keyed the member by)
+    class_order: "list[int] | None" = None  # columns of its outputs in the dataset's class order
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.train.eval_batch_size if self.train is not None else EVAL_BATCH_SIZE
+
+
+#: the prediction batch of a member that is not trained (a trained one's is its train.eval_batch_size)
+EVAL_BATCH_SIZE = 256
 
 
 @dataclass
 class FittedMember:
-    """What :func:`fit_member` returns: the best epoch's weights and the member's outputs."""
+    """What :func:`fit_member` returns: the best epoch's weights and the member's outputs
+    (a member run from its weights has no history and no best epoch)."""
 
     state_dict: dict[str, Any]  # name -> CPU tensor
     logits: dict[str, "np.ndarray"]  # "val", "test" -> (N, C) float32
     history: list[dict]
-    best_epoch: int
+    best_epoch: int | None
     train_seconds: float
     predict_seconds: float
     images_per_second: float
@@ -78,7 +93,7 @@ class FittedMember:
     device: str
     resumed_from_epoch: int = 0
     host: str = field(default_factory=platform.node)
-    pipeline: str = "batch"  # the augmentation pipeline it trained with
+    pipeline: str | None = "batch"  # the augmentation pipeline it trained with (None: not trained here)
 
 
 @dataclass
@@ -166,6 +181,7 @@ def build_member(job: MemberJob):
 def fit_member(job: MemberJob, images: dict[str, "ImageSet | torch.Tensor"], labels: dict[str, "np.ndarray"], *,
                quiet: bool = True, checkpoint: "Checkpoint | None" = None) -> FittedMember:
     """Build, train and predict one member: the whole of a member's compute, run by executors.
+    A member that is not trained (``job.train`` None) is built, given its weights and predicts.
 
     ``images`` holds the ``train``, ``val`` and ``test`` image sets at ``job.input`` (or ``uint8``
     tensors); ``labels`` the ``train`` and ``val`` labels. Deterministic on CPU for a given job.
@@ -176,6 +192,8 @@ def fit_member(job: MemberJob, images: dict[str, "ImageSet | torch.Tensor"], lab
 
     check_weights(job)
     built = build_member(job)
+    if job.train is None:
+        return _predict_from_weights(job, built, images)
     y = {s: torch.tensor(labels[s]) for s in ("train", "val")}
     result = train_member(
         built.module, job.input, job.train, images["train"], y["train"], images["val"], y["val"],
@@ -183,7 +201,7 @@ def fit_member(job: MemberJob, images: dict[str, "ImageSet | torch.Tensor"], lab
         num_classes=job.num_classes,
     )  # leaves the module holding the best epoch's weights
     t0 = time.perf_counter()
-    logits = {s: predict_logits(built.module, job.input, images[s], batch_size=job.train.eval_batch_size,
+    logits = {s: predict_logits(built.module, job.input, images[s], batch_size=job.eval_batch_size,
                                 device=job.device) for s in SCORED_SPLITS}
     predict_seconds = time.perf_counter() - t0
     return FittedMember(
@@ -198,19 +216,50 @@ def fit_member(job: MemberJob, images: dict[str, "ImageSet | torch.Tensor"], lab
 def check_weights(job: MemberJob) -> None:
     """The pretrained weights this machine would load are the ones the member's key names (a
     Ray worker's Hugging Face cache may hold another revision than the driver's)."""
-    if job.weights is None or job.backbone.weights is None:
+    if job.pretrained is None or job.backbone.weights is None:
         return
     found = job.backbone.weights(job.params)
-    if found != job.weights:
+    if found != job.pretrained:
         raise FusionEngineError(
             f"member {job.name}: the pretrained weights here ({_describe(found)}) are not the ones its zoo key names "
-            f"({_describe(job.weights)}); give every machine the same Hugging Face cache")
+            f"({_describe(job.pretrained)}); give every machine the same Hugging Face cache")
 
 
 def _describe(weights: dict | None) -> str:
     if not weights:
         return "none"
     return f"{weights.get('repo', '?')}@{str(weights.get('revision', '?'))[:12]}/{weights.get('file', '?')}"
+
+
+def _predict_from_weights(job: MemberJob, built, images: dict) -> FittedMember:
+    """A member trained elsewhere: its weights loaded as they are (the classifier kept), its
+    val and test outputs predicted and put in the dataset's class order."""
+    import numpy as np
+
+    from .training import predict_logits, resolve_device
+    from .weights import read_state_dict, weights_mismatch
+
+    state = read_state_dict(job.weights, sha256=job.weights_sha256)
+    expected = {k: tuple(v.shape) for k, v in built.module.state_dict().items()}
+    problems = weights_mismatch(expected, {k: tuple(v.shape) for k, v in state.items()})
+    if problems:
+        raise FusionEngineError(f"weights {job.weights} do not fit member {job.name}'s network: {problems}")
+    built.module.load_state_dict({**{k: v for k, v in built.module.state_dict().items()
+                                     if k.endswith("num_batches_tracked")}, **state})
+    t0 = time.perf_counter()
+    logits = {s: predict_logits(built.module, job.input, images[s], batch_size=job.eval_batch_size,
+                                device=job.device) for s in SCORED_SPLITS}
+    predict_seconds = time.perf_counter() - t0
+    if job.class_order is not None:
+        logits = {s: np.ascontiguousarray(v[:, job.class_order]) for s, v in logits.items()}
+    n_images = sum(len(images[s]) for s in SCORED_SPLITS)
+    return FittedMember(
+        state_dict={k: v.detach().to("cpu") for k, v in built.module.state_dict().items()}, logits=logits,
+        history=[], best_epoch=None, train_seconds=0.0, predict_seconds=predict_seconds,
+        images_per_second=n_images / predict_seconds if predict_seconds else 0.0,
+        n_params=sum(p.numel() for p in built.module.parameters()), device=str(resolve_device(job.device)),
+        pipeline=None,
+    )
 
 
 class LazyExecutor:
