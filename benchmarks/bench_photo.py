@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import Report, best, parser, side_by_side
+from _common import Report, parser, side_by_side
 
 
 def make_folder(root: Path, n: int, size: int = 256) -> None:

@@ -2,9 +2,9 @@
 fingerprinted, with its images prepared on demand for each input config, held within the
 memory budget (:class:`RunData`, made by :func:`run_data`; :mod:`fusion_engine.imagesets`).
 
-How one image is prepared is :mod:`fusion_engine.preprocess` (``load_images`` is re-exported
-here). torch and scikit-learn load inside the functions that use them, so importing this module
-(as ``validate`` and ``plugins`` may) stays fast.
+How one image is prepared is :mod:`fusion_engine.preprocess` (``load_images``, exported as
+``fusion_engine.load_images``). torch and scikit-learn load inside the functions that use them,
+so importing this module (as ``validate`` and ``plugins`` may) stays fast.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from PIL import Image
 
 from .errors import FusionEngineError
 from .imagesets import ImageSet, decoded_cache, decodes_items, memory_budget, open_images, open_store
-from .preprocess import DECODE_THREADS, load_images, squash_config
+from .preprocess import DECODE_THREADS, squash_config
 from .records import SPLITS, ImageDataset, InputConfig
 from .spec import SplitSpec
 

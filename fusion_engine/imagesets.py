@@ -121,11 +121,11 @@ class DecodedCache:
         return None
 
     def write(self, items: Sequence[Any] | np.ndarray, cfg: InputConfig, *, keep: "torch.Tensor | None" = None,
-              progress: Callable[[int], None] | None = None) -> None:
-        """Prepare every item and write the file, a chunk of images at a time; ``keep`` (a tensor
-        of the file's shape) receives the pixels too."""
+              progress: Callable[[int], None] | None = None, chunk_bytes: int = DECODE_CHUNK_BYTES) -> None:
+        """Prepare every item and write the file, ``chunk_bytes`` of images at a time; ``keep``
+        (a tensor of the file's shape) receives the pixels too."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        chunk = max(1, DECODE_CHUNK_BYTES // self.record)
+        chunk = max(1, chunk_bytes // self.record)
         with atomic_path(self.path) as tmp:
             with open(tmp, "wb") as handle:
                 handle.write(self._header())
@@ -376,7 +376,9 @@ def open_store(items, cfg: InputConfig, *, cache: DecodedCache | None, budget: i
         log.info("%s: decoding them once into the decoded-image cache %s", over, cache.path)
         started = time.perf_counter()
         try:
-            cache.write(items, cfg, progress=_progress_logger(n, started))
+            # a quarter of the budget at a time: decoding data that does not fit stays within it
+            cache.write(items, cfg, progress=_progress_logger(n, started),
+                        chunk_bytes=min(DECODE_CHUNK_BYTES, budget // 4))
         except OSError as exc:  # a cache that cannot be written costs speed, not the run
             log.warning("could not write the image cache %s (%s): decoding the images per batch instead", cache.path,
                         exc.strerror or exc)

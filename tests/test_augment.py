@@ -14,7 +14,7 @@ from torch import nn  # noqa: E402
 from conftest import cli, toy_spec_data, write_spec  # noqa: E402
 from fusion_engine import InputConfig  # noqa: E402
 from fusion_engine.augment import hflip_of, resolve_pipeline, train_transform  # noqa: E402
-from fusion_engine.data import load_images  # noqa: E402
+from fusion_engine.preprocess import load_images  # noqa: E402
 from fusion_engine.imagesets import ImageSet  # noqa: E402
 from fusion_engine.spec import AugmentSpec, TrainSpec  # noqa: E402
 from fusion_engine.training import train_member  # noqa: E402

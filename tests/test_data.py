@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from fusion_engine import FusionEngineError, ImageDataset
-from fusion_engine.data import dataset_fingerprint, load_images, split_indices
+from fusion_engine.data import dataset_fingerprint, split_indices
+from fusion_engine.preprocess import load_images
 from fusion_engine.spec import SplitSpec
 from fusion_engine_datasets.digits import DigitsParams, load_digits_dataset
 from fusion_engine_datasets.folder import ImageFolderParams, load_image_folder

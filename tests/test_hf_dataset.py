@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from conftest import cli, summary, toy_spec_data, write_spec
-from fusion_engine import FusionEngineError
 from hub_cache import populate_hub_cache
 
 datasets = pytest.importorskip("datasets", reason="the hf extra is not installed: pip install 'fusion-engine[hf]'")

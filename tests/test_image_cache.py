@@ -10,7 +10,8 @@ import pytest
 
 from conftest import toy_spec_data, write_spec
 from fusion_engine.cli import main
-from fusion_engine.data import cached_images, load_images
+from fusion_engine.data import cached_images
+from fusion_engine.preprocess import load_images
 from fusion_engine.runner import run_experiment
 
 

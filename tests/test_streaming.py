@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 
 from conftest import cli, toy_spec_data, write_spec
 from fusion_engine import FusionEngineError, InputConfig
-from fusion_engine.data import load_images
+from fusion_engine.preprocess import load_images
 from fusion_engine.imagesets import (DecodedCache, ImageSet, available_memory, decoded_cache, memory_budget,
                                      open_images, open_store, parse_budget)
 from fusion_engine.runner import run_experiment
@@ -172,3 +172,68 @@ def test_a_tensor_is_an_image_set_in_memory():
     images = ImageSet.of(x, CFG)
     assert len(images) == 5 and images.storage == "memory" and images.tensor() is x
     assert np.array_equal(images.items[2], x[2, 0].numpy())  # its own images, for a training transform
+
+
+PEAK_RSS = """
+import resource, sys
+from fusion_engine.cli import main
+status = main(sys.argv[1:])
+print("peak_rss_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+sys.exit(status)
+"""
+
+
+def test_a_run_over_its_memory_budget_never_holds_its_images_and_scores_the_same(make_image_folder, tmp_path):
+    import subprocess
+    import sys
+
+    # 1,002 images that decode to 256 x 256 grayscale: 66 MB of pixels, held whole in memory by
+    # the first run, and within a 4 MB budget by the second (nothing but a few batches held)
+    make_image_folder(per_class=334, size=24)
+    peaks, boards = {}, {}
+    for name, data in (("held", {"storage": "memory"}), ("budget", {"memory_budget": "4MB", "workers": 0})):
+        spec = write_spec(tmp_path / f"{name}.yaml", toy_spec_data(
+            name=name, data={"dataset": "imagefolder", "params": {"root": "images"}, "image_size": 256,
+                             "split": {"val": 0.25, "test": 0.25}, **data},
+            members=[{"name": "net", "backbone": "toy-net",
+                      "train": {"epochs": 1, "batch_size": 32, "augment": {"pipeline": "batch"}}}],
+            fusers=[{"name": "avg", "fuser": "toy-mean"}]))
+        out = subprocess.run([sys.executable, "-c", PEAK_RSS, "run", str(spec), "--registry", str(tmp_path / name),
+                              "--quiet"], capture_output=True, text=True, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        peaks[name] = int(out.stdout.split("peak_rss_kb")[-1]) / 1024
+        [run_dir] = (tmp_path / name / "runs").iterdir()
+        boards[name] = json.loads((run_dir / "leaderboard.json").read_text())
+        log = (run_dir / "run.log").read_text()
+    assert "exceed the memory budget (4.0 MB, data.memory_budget 4.0 MB)" in log
+    assert "held in memory" not in log
+    pixels_mb = 1002 * 256 * 256 / 2**20
+    assert peaks["budget"] < peaks["held"] - 0.6 * pixels_mb, peaks
+    scores = {name: [(r["name"], r["accuracy"], r["nll"]) for r in board["rows"]] for name, board in boards.items()}
+    assert scores["held"] == scores["budget"]  # the same member, the same test scores
+
+
+@pytest.mark.parametrize("storage", ["disk", "stream"])
+def test_a_member_from_its_weights_file_predicts_streamed_images_as_from_memory(make_image_folder, tmp_path, storage):
+    import shutil
+
+    make_image_folder(per_class=8, size=20)
+    trained = run_experiment(folder_spec(tmp_path, "trained", storage="memory"), registry=tmp_path / "a", quiet=True)
+    first = json.loads((trained.run_dir / "run.json").read_text())
+    folder = tmp_path / "a" / "zoo" / first["members"]["net-a"]["key"]
+    shutil.copy(folder / "model.safetensors", tmp_path / "net-a.safetensors")
+    spec = write_spec(tmp_path / "byo.yaml", toy_spec_data(
+        name="byo", data={"dataset": "imagefolder", "params": {"root": "images"}, "image_size": 8,
+                          "split": {"val": 0.25, "test": 0.25}, "storage": storage, "memory_budget": "100B",
+                          "workers": 2 if storage == "stream" else 0},
+        members=[{"name": "mine", "backbone": "toy-net", "train": False, "weights": "net-a.safetensors"}],
+        fusers=[{"name": "avg", "fuser": "toy-mean"}]))
+    result = run_experiment(spec, registry=tmp_path / "b", quiet=True)
+    second = json.loads((result.run_dir / "run.json").read_text())
+    assert second["members"]["mine"]["source"] == "weights"
+    mine = load_file(str(tmp_path / "b" / "zoo" / second["members"]["mine"]["key"] / "outputs.safetensors"))
+    net_a = load_file(str(folder / "outputs.safetensors"))
+    for split in ("val", "test"):
+        np.testing.assert_array_equal(mine[f"{split}_logits"], net_a[f"{split}_logits"])
+    log = (result.run_dir / "run.log").read_text()
+    assert "exceed the memory budget" in log and f"data.storage is {storage}" in log
