@@ -63,6 +63,7 @@ def main() -> None:
     from timm.data import create_dataset, create_loader
     from torch import nn
 
+    from fusion_engine.augment import _safe_posterize
     from fusion_engine.imagesets import ImageSet
     from fusion_engine.records import InputConfig
     from fusion_engine.spec import TrainSpec
@@ -87,6 +88,8 @@ def main() -> None:
                                is_training=True, use_prefetcher=False, auto_augment=args.auto_augment,
                                interpolation="bilinear", mean=mean, std=std, num_workers=args.workers,
                                persistent_workers=False, pin_memory=cuda)
+        # the posterize op the engine's pipeline uses too: timm's own fails on Pillow 11+ at magnitude 10
+        loader.dataset.transform = _safe_posterize(loader.dataset.transform)
 
         for name in args.models:
             def network():

@@ -62,13 +62,17 @@ def _make_chunk(job) -> None:
     root, c, start, stop, size = job
     folder = root / f"class{c}"
     folder.mkdir(exist_ok=True)
-    rng = np.random.default_rng(c * 1_000_003 + start)
     yy, xx = np.mgrid[0:size, 0:size] / size
     for i in range(start, stop):
+        path = folder / f"{i:06d}.jpg"
+        if path.exists():  # made by an earlier, interrupted call (written under another name, then renamed)
+            continue
+        rng = np.random.default_rng(c * 1_000_003 + i)
         base = rng.uniform(0, 255, 3) * 0.5 + 25 * c
         field = (base[None, None, :] + 80 * np.sin(6 * xx[..., None] * rng.uniform(0.5, 2, 3) + rng.uniform(0, 6, 3))
                  * np.cos(5 * yy[..., None] * rng.uniform(0.5, 2, 3)) + rng.normal(0, 12, (size, size, 3)))
-        Image.fromarray(np.clip(field, 0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)
+        Image.fromarray(np.clip(field, 0, 255).astype(np.uint8)).save(folder / f"{i:06d}.tmp", format="JPEG", quality=90)
+        (folder / f"{i:06d}.tmp").rename(path)
 
 
 def child(n: int, storage: str, root: Path, epochs: int, workers: int) -> dict:

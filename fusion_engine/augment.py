@@ -98,7 +98,30 @@ def train_transform(augment: "AugmentSpec", cfg: InputConfig):
     if trivial:
         mode = transforms.InterpolationMode.BICUBIC if interpolation == "bicubic" else transforms.InterpolationMode.BILINEAR
         secondary = transforms.Compose([transforms.TrivialAugmentWide(interpolation=mode)])
-    return transforms.Compose([*primary.transforms, *secondary.transforms, *final.transforms])
+    return _safe_posterize(transforms.Compose([*primary.transforms, *secondary.transforms, *final.transforms]))
+
+
+def _safe_posterize(transform):
+    """``transform`` with timm's posterize op replaced by :func:`posterize`: RandAugment's
+    ``inc1`` ops keep 0 bits at magnitude 10, which Pillow 11 and later refuse (a ValueError in a
+    DataLoader worker that would end the run), where Pillow made a black image before."""
+    from timm.data import auto_augment
+
+    for step in transform.transforms:
+        ops = [*getattr(step, "ops", ()), *(op for sub in getattr(step, "policy", ()) for op in sub)]
+        for op in ops:
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = posterize
+    return transform
+
+
+def posterize(img, bits_to_keep, **kwargs):
+    """timm's posterize, with 0 bits kept giving the black image Pillow gave before it refused it."""
+    from timm.data.auto_augment import posterize as timm_posterize
+
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return timm_posterize(img, bits_to_keep, **kwargs)
 
 
 def _three(values: tuple[float, ...]) -> tuple[float, ...]:

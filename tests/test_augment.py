@@ -160,3 +160,19 @@ def test_a_photo_member_is_evaluated_with_its_backbones_resize_and_crop_a_small_
     forced = member_input(bound, num_classes=3, data_spec=DataSpec(dataset="x", image_size=96), seed=0,
                           train=TrainSpec(augment={"pipeline": "batch"}))
     assert forced.crop_mode == "squash"
+
+
+def test_randaugment_at_full_magnitude_posterizes_to_black_instead_of_failing_the_worker():
+    from fusion_engine.augment import posterize
+
+    cfg = InputConfig(size=32, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear", crop_pct=0.875,
+                      crop_mode="center")
+    # magnitude 10, no noise: every PosterizeIncreasing keeps 0 bits, which Pillow 11+ refuses
+    transform = train_transform(AugmentSpec(auto_augment="rand-m10-n4-inc1"), cfg)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    for seed in range(40):
+        torch.manual_seed(seed)
+        out = transform(image)
+        assert out.dtype == torch.uint8 and tuple(out.shape) == (3, 32, 32)
+    assert np.asarray(posterize(image, 0)).max() == 0
+    assert np.array_equal(np.asarray(posterize(image, 4)), np.asarray(image) & 0xF0)
