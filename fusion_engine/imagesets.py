@@ -49,7 +49,8 @@ import numpy as np
 
 from .errors import FusionEngineError, UnreadableImage
 from .files import atomic_path
-from .memory import available_memory, default_workers, gb, memory_budget, parse_budget, usable_cpus  # noqa: F401
+from .memory import (available_memory, default_workers, gb, memory_budget, parse_budget,  # noqa: F401
+                     return_freed_batches, usable_cpus)
 from .preprocess import is_squash, load_images, prepare_image, preparation
 from .records import InputConfig
 
@@ -359,6 +360,7 @@ def open_store(items, cfg: InputConfig, *, cache: DecodedCache | None, budget: i
 
     over = (f"{size} exceed the memory budget ({gb(budget)}, {budget_text})" if nbytes > budget
             else f"{size}, data.storage: {storage}")
+    return_freed_batches()  # batches come and go: keep glibc from growing its heap with them
     if storage == "stream" or (storage == "auto" and not decodes):
         why = "data.storage is stream" if storage == "stream" else "they are arrays in memory, resized per batch"
         log.info("%s: decoding them per batch (%s)", over, why)
