@@ -122,9 +122,9 @@ def test_a_worker_with_other_weights_than_the_key_names_fails_the_member(hub):
     params = record.params(model=MODEL)
     job = MemberJob(name="tiny", key="k" * 64, backbone=record, params=params, train=TrainSpec(), seed=0,
                     num_classes=3, image_size=None, input=InputConfig(size=160, mean=(0.5,) * 3, std=(0.5,) * 3),
-                    weights={**record.weights(params), "sha256": "0" * 64})
+                    pretrained={**record.weights(params), "sha256": "0" * 64})
     with pytest.raises(FusionEngineError, match=r"member tiny: the pretrained weights here \(timm/test_resnet.r160_in1k@"
                                                 r"\w{12}/model.safetensors\) are not the ones its zoo key names"):
         check_weights(job)
-    job.weights = record.weights(params)
+    job.pretrained = record.weights(params)
     check_weights(job)  # the same: no error
