@@ -272,7 +272,9 @@ def cmd_validate(args) -> int:
         resolved, _ = prepare(path)
         preflight(resolved, registry=args.registry)
         spec = resolved.spec
-        print(f"{path}: ok ({_count(len(spec.members), 'member')}, {_count(len(spec.fusers), 'fuser')}, dataset {spec.data.dataset})")
+        students = f", {_count(len(spec.students), 'student')}" if spec.students else ""
+        print(f"{path}: ok ({_count(len(spec.members), 'member')}, {_count(len(spec.fusers), 'fuser')}{students}, "
+              f"dataset {spec.data.dataset})")
     return 0
 
 

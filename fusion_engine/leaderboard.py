@@ -21,7 +21,7 @@ from . import evaluation
 COST_KEYS = ("n_params", "infer_ms_per_image", "train_seconds", "fit_seconds")
 
 #: the columns that hold words, not numbers
-TEXT_COLUMNS = ("name", "kind", "source", "members")
+TEXT_COLUMNS = ("name", "kind", "source", "members", "teacher")
 
 #: cost columns a row may lack because the engine never saw the cost (shown as "unknown", never made up)
 UNKNOWABLE = ("n_params", "infer_ms_per_image", "train_seconds")
@@ -63,7 +63,7 @@ class Row:
     """
 
     name: str
-    kind: str  # "member" or "fuser"
+    kind: str  # "member", "fuser" or "student"
     members: list[str]
     proba: dict[str, np.ndarray]
     weights: list[float] | None = None
@@ -247,6 +247,7 @@ def _statistics(rows, correct, y_val, *, n_bootstrap, seed, confidence) -> dict[
 def _costs(rows: list[Row]) -> list[dict[str, Any]]:
     """Per row: the cost columns; a fuser's are the sums over its members (see :class:`Row`)."""
     member_cost = {r.name: r.extra for r in rows if r.kind == "member"}
+    networks = ("member", "student")  # rows that are one network: their own costs
 
     def total(names: list[str], key: str, shares: list[float] | None = None) -> float:
         values = [member_cost.get(n, {}).get(key) for n in names]
@@ -256,7 +257,7 @@ def _costs(rows: list[Row]) -> list[dict[str, Any]]:
 
     out = []
     for row in rows:
-        if row.kind == "member":
+        if row.kind in networks:
             cost = {k: row.extra.get(k) for k in COST_KEYS}
         else:
             cost = {

@@ -70,6 +70,7 @@ class Preflight:
     origins: dict[int, Origin] = field(default_factory=dict)
     predictions: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     references: dict[int, object] = field(default_factory=dict)  # spec index -> ZooEntry
+    student_inputs: dict[int, InputConfig] = field(default_factory=dict)  # by index in ``students``
     warnings: list[logging.LogRecord] = field(default_factory=list)
 
     @property
@@ -112,6 +113,15 @@ def preflight(resolved: ResolvedSpec, *, registry: Path | None = None, retrain: 
         if any(m.zoo is not None for m in spec.members):
             checked.references, checked.fingerprint = resolve_references(resolved, registry, dataset, indices)
         check_fuser_costs(resolved, checked)
+        for j, (sspec, bound) in enumerate(zip(spec.students, resolved.students)):
+            with _located(resolved, ("students", j, "params")):
+                checked.student_inputs[j] = member_input(bound, num_classes=checked.num_classes, data_spec=spec.data,
+                                                         seed=spec.seed if sspec.seed is None else sspec.seed)
+                if bound.record.check is not None:
+                    bound.record.check(bound.params, num_classes=checked.num_classes,
+                                       image_size=checked.student_inputs[j].size)
+        if spec.students:
+            check_teachers(resolved, checked, registry)
     return checked
 
 
@@ -133,6 +143,39 @@ def check_fuser_costs(resolved: ResolvedSpec, checked: Preflight) -> None:
                 raise SpecError(f"fuser {fspec.name} ({fspec.fuser}) needs each member's inference cost, and member "
                                 f"{name} has none (its predictions were made elsewhere): give that member "
                                 f"infer_ms_per_image", file=resolved.file, loc=("fusers", j, "fuser"))
+
+
+def check_teachers(resolved: ResolvedSpec, checked: Preflight, registry: Path | None) -> None:
+    """Every member a student's teacher uses can have outputs on train: one read from predictions
+    has train rows in its file, one named by ``zoo:`` was stored with them (a member the spec
+    trains or runs from weights predicts train in the run)."""
+    from safetensors import safe_open
+
+    from .zoo import Registry, resolve_registry
+
+    spec = resolved.spec
+    for i, mspec in enumerate(spec.members):
+        taught = [j for j, s in enumerate(spec.students) if mspec.name in spec.teacher_members(s)]
+        if not taught:
+            continue
+        j = taught[0]
+        problem = None
+        if i in checked.predictions and "train" not in checked.predictions[i]:
+            problem = (f"member {mspec.name}'s predictions file {checked.origins[i].path.name} has no rows for the "
+                       f"train split, which the teacher '{spec.students[j].teacher}' needs to teach")
+        elif i in checked.references:
+            entry = checked.references[i]
+            with Registry(resolve_registry(registry), create=False) as reg:
+                path = reg.member_dir(entry.key) / "outputs.safetensors"
+            with safe_open(str(path), "np") as f:
+                has_train = "train_logits" in f.keys()
+            if not has_train:
+                problem = (f"member {mspec.name} (zoo: {mspec.zoo}) was stored without outputs on train, which the "
+                           f"teacher '{spec.students[j].teacher}' needs to teach; list it by its backbone in this "
+                           f"spec (the zoo reuses it and predicts train once)")
+        if problem:
+            raise SpecError(f"student {spec.students[j].name}: {problem}", file=resolved.file,
+                            loc=("students", j, "teacher"))
 
 
 def member_input(bound, *, num_classes: int, data_spec, seed: int) -> InputConfig:
@@ -219,8 +262,8 @@ def read_member_predictions(resolved: ResolvedSpec, i: int, checked: Preflight) 
 
 
 def check_retrain(resolved: ResolvedSpec, retrain: tuple[str, ...]) -> None:
-    """``--retrain`` names members the spec trains (or is ``all``)."""
-    trainable = [m.name for m in resolved.spec.members if m.zoo is None]
+    """``--retrain`` names members (or students) the spec trains, or is ``all``."""
+    trainable = [*(m.name for m in resolved.spec.members if m.zoo is None), *(s.name for s in resolved.spec.students)]
     for name in retrain:
         if name == "all":
             continue

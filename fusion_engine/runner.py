@@ -162,7 +162,6 @@ class _Run:
         members = MemberStage(resolved, checked, self.reg, data, self.executor, run_id=ctx.run_id, device=self.device,
                               quiet=self.quiet, console=self.console, retrain=retrain, on_ready=self._member_ready,
                               on_failed=self._member_failed).run()
-        self.executor.close()  # a Ray instance it started is stopped before anything forks to draw plots
 
         self.console.log(f"fitting {len(spec.fusers)} fuser{'' if len(spec.fusers) == 1 else 's'} on val")
         n_scored = sum(len(data.labels[s]) for s in SCORED_SPLITS)
@@ -173,6 +172,8 @@ class _Run:
                                 spec.seed, costs={n: c["infer_ms_per_image"] for n, c in member_costs.items()}):
             folder.write_fuser(fuser.name, fuser.description())
             fitted.append(fuser)
+        students = self._students(checked, members, fitted, retrain)
+        self.executor.close()  # a Ray instance it started is stopped before anything forks to draw plots
 
         rows = [Row(name=m.name, kind="member", source=m.source, members=[m.name],
                     proba={s: _softmax(m.logits[s]) for s in SCORED_SPLITS}, extra=member_costs[m.name])
@@ -181,6 +182,10 @@ class _Run:
                      consulted=f.consulted,
                      extra={"fit_seconds": f.fit_seconds, "predict_ms_per_image": f.predict_ms_per_image})
                  for f in fitted]
+        rows += [Row(name=s.name, kind="student", source="student", members=[s.name],
+                     proba={sp: _softmax(s.logits[sp]) for sp in SCORED_SPLITS},
+                     extra={**_member_costs(s, n_scored), "teacher": s.card.teacher["name"]})
+                 for s in students.values()]
         metrics = [p.record for p in ctx.plugins.catalog().records["metric"].values()]
         leaderboard = build_leaderboard(rows, data.labels, metrics, rank_by=spec.rank_by, seed=spec.seed)
         folder.write_leaderboard(leaderboard, meta={
@@ -192,7 +197,29 @@ class _Run:
         ctx.plugins.hook.on_run_end(run=ctx, leaderboard=leaderboard)
         return RunResult(ctx.run_id, folder.path, leaderboard, members)
 
+    def _students(self, checked: Preflight, members: dict[str, MemberResult], fitted: list,
+                  retrain: tuple[str, ...]) -> dict[str, MemberResult]:
+        """The student stage: each student distilled from its teacher's probabilities on train."""
+        from .students import StudentStage, teachers
+
+        spec = self.resolved.spec
+        if not spec.students:
+            return {}
+        self.console.log(f"distilling {len(spec.students)} student{'' if len(spec.students) == 1 else 's'}")
+        taught = teachers(spec, members, {f.name: f for f in fitted})
+        return StudentStage(self.resolved, checked, self.reg, self.data, self.executor, taught, run_id=self.ctx.run_id,
+                            device=self.device, quiet=self.quiet, console=self.console, retrain=retrain,
+                            on_ready=self._student_ready, on_failed=self._member_failed).run()
+
     # -- the summary --------------------------------------------------------------------------------
+    def _student_ready(self, index: int, student: MemberResult) -> None:
+        """A student is trained (or reused): its run-folder files, the summary and the index."""
+        self.folder.write_member(student, str(self.reg.member_dir(student.key).relative_to(self.reg.root)))
+        self._note_member(student.name, {"key": student.key, "action": student.action, "source": "student",
+                                         "teacher": student.card.teacher["name"]})
+        self.reg.run_member(self.ctx.run_id, student.name, student.key, student.action)
+        log.info("student %s: %s, key %s, best epoch %s", student.name, student.action, student.key, student.best_epoch)
+
     def _member_ready(self, index: int, member: MemberResult) -> None:
         """A member's outputs are ready: the calibrate stage for it, its run-folder files, the
         summary, the index, and the hook (which sees the logits the fusers will)."""
@@ -269,7 +296,7 @@ def _member_costs(member: MemberResult, n_scored: int, given_ms: float | None = 
     ran = member.source != "predictions"
     measured = 1000.0 * member.predict_seconds / max(1, n_scored) if ran else None
     return {"n_params": member.n_params,
-            "train_seconds": member.train_seconds if member.source == "trained" else None,
+            "train_seconds": member.train_seconds if member.source in ("trained", "student") else None,
             "infer_ms_per_image": given_ms if given_ms is not None else measured}
 
 

@@ -11,7 +11,7 @@ import difflib
 import tomllib
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -205,6 +205,32 @@ class MemberSpec(_Strict):
         return self
 
 
+class DistillSpec(_Strict):
+    """Knowledge distillation (Hinton et al. 2015): the student's loss is ``alpha`` times the
+    KL divergence between the teacher's and its own probabilities, both softened by
+    ``temperature`` (and scaled by its square, so the soft term's gradients keep their size),
+    plus ``1 - alpha`` times the usual cross-entropy with the labels."""
+
+    alpha: float = Field(0.9, ge=0, le=1, description="the weight of the soft (teacher) loss; 1 - alpha goes to the "
+                                                      "labels")
+    temperature: float = Field(4.0, gt=0, le=100, description="softens teacher and student alike; 1: no softening")
+
+
+class StudentSpec(_Strict):
+    """One network trained to imitate a teacher (a fuser's or a member's row) on the train split:
+    ensemble accuracy at one network's inference cost."""
+
+    name: str = Field(pattern=SAFE_NAME)
+    backbone: str = Field(description="a registered backbone, as for a member")
+    params: dict[str, Any] = Field(default_factory=dict)
+    train: TrainSpec = Field(default_factory=TrainSpec, description="how to train it, as for a member")
+    teacher: str = Field(description="the fuser (or member) whose probabilities on train it learns from")
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="default: the experiment's seed")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec,
+                                     description="CPUs and GPUs the student's task asks an executor for")
+
+
 class FuserSpec(_Strict):
     name: str = Field(pattern=SAFE_NAME)
     fuser: str
@@ -225,11 +251,20 @@ class ExperimentSpec(_Strict):
     data: DataSpec
     members: list[MemberSpec] = Field(min_length=1)
     fusers: list[FuserSpec] = Field(default_factory=list)
+    students: list[StudentSpec] = Field(default_factory=list, description="networks distilled from a fuser or member")
+
+    def teacher_members(self, student: StudentSpec) -> list[str]:
+        """The members whose outputs on train ``student``'s teacher needs: the teacher itself when
+        it is a member, else the members its fuser combines."""
+        for f in self.fusers:
+            if f.name == student.teacher:
+                return list(f.members or [m.name for m in self.members])
+        return [student.teacher]
 
     @model_validator(mode="after")
     def _names(self) -> "ExperimentSpec":
         seen: dict[str, str] = {}
-        for section, items in (("members", self.members), ("fusers", self.fusers)):
+        for section, items in (("members", self.members), ("fusers", self.fusers), ("students", self.students)):
             for i, item in enumerate(items):
                 key = item.name.lower()
                 if key in seen:
@@ -240,6 +275,13 @@ class ExperimentSpec(_Strict):
             for j, m in enumerate(f.members or ()):
                 if m not in member_names:
                     raise _LocatedError(("fusers", i, "members", j), f"no member named '{m}'; members: {', '.join(sorted(member_names))}")
+        teachers = [*(m.name for m in self.members), *(f.name for f in self.fusers)]
+        for i, s in enumerate(self.students):
+            if s.teacher not in teachers:
+                close = difflib.get_close_matches(s.teacher, teachers, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise _LocatedError(("students", i, "teacher"), f"no fuser or member named '{s.teacher}'; {hint}a "
+                                                                f"teacher is one of: {', '.join(teachers)}")
         return self
 
 
@@ -424,6 +466,7 @@ class ResolvedSpec:
     members: list[Bound | None]
     fusers: list[Bound]
     executor: Bound | None = None
+    students: list[Bound] = field(default_factory=list)
 
     @property
     def fuser_entries(self) -> list[tuple["FuserSpec", Bound]]:
@@ -437,6 +480,8 @@ class ResolvedSpec:
             if r is not None:
                 entry["params"] = r.params.model_dump(mode="json")
         for entry, r in zip(data["fusers"], self.fusers):
+            entry["params"] = r.params.model_dump(mode="json")
+        for entry, r in zip(data["students"], self.students):
             entry["params"] = r.params.model_dump(mode="json")
         if self.executor is not None:
             data["executor"]["params"] = self.executor.params.model_dump(mode="json")
@@ -481,6 +526,7 @@ def resolve_spec(spec: ExperimentSpec, catalog, *, file: str | None = None, base
     members = [None if m.backbone is None else bind("backbone", m.backbone, m.params, ("members", i))
                for i, m in enumerate(spec.members)]
     fusers = [bind("fuser", f.fuser, f.params, ("fusers", i)) for i, f in enumerate(spec.fusers)]
+    students = [bind("backbone", s.backbone, s.params, ("students", i)) for i, s in enumerate(spec.students)]
     # bound when the spec names one; else the run uses the built-in local executor
     executor = (bind("executor", spec.executor.name, spec.executor.params, ("executor",), field="name")
                 if "executor" in spec.model_fields_set else None)
@@ -490,4 +536,4 @@ def resolve_spec(spec: ExperimentSpec, catalog, *, file: str | None = None, base
     if "rank_by" in spec.model_fields_set and normalize_name(spec.rank_by) not in {normalize_name(n) for n in names}:
         choices = ", ".join(names)
         raise SpecError(f"cannot rank by '{spec.rank_by}'; choose one of: {choices}", file=file, loc="rank_by")
-    return ResolvedSpec(spec, file, base_dir, dataset, members, fusers, executor)
+    return ResolvedSpec(spec, file, base_dir, dataset, members, fusers, executor, students)

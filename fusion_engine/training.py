@@ -75,8 +75,14 @@ def train_member(
     label: str = "",
     quiet: bool = False,
     checkpoint: "Checkpoint | None" = None,
+    soft_targets: "torch.Tensor | None" = None,
+    distill: Any = None,
 ) -> TrainResult:
     """Train ``module`` on uint8 images; keep the weights of the epoch with the lowest val loss.
+
+    With ``soft_targets`` (a teacher's probabilities on the train images, ``(N, C)``) the module
+    is a student: its loss is :class:`DistillationLoss` with ``distill``'s ``alpha`` and
+    ``temperature``; the epoch is still chosen by the cross-entropy on val labels.
 
     The module is left on the device, holding the best weights.
 
@@ -118,6 +124,10 @@ def train_member(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_factor(train, steps_per_epoch * train.epochs, round(train.warmup_epochs * steps_per_epoch)))
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
+    if soft_targets is not None:  # the labels travel with the softened teacher probabilities, batch by batch
+        criterion = DistillationLoss(train.label_smoothing, distill.alpha, distill.temperature)
+        y_train = torch.cat([y_train.to(torch.float32)[:, None],
+                             criterion.soften(soft_targets.to(torch.float32)).to(y_train.device)], dim=1)
     normalise = _Normaliser(input_cfg, dev)
     shift_px = round(train.augment.shift * input_cfg.size)
 
@@ -189,6 +199,32 @@ def train_member(
         train_seconds=elapsed_before + time.perf_counter() - started,
         images_per_second=images / train_time if train_time else 0.0, resumed_from_epoch=resumed_from,
     )
+
+
+class DistillationLoss:
+    """Hinton et al. (2015): ``alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(y, q)``, where
+    ``q_T`` is the student's softmax at temperature ``T`` and ``p_T`` the teacher's
+    probabilities softened the same way (:meth:`soften`: ``softmax(log p / T)``). The ``T^2``
+    keeps the soft term's gradients the size of the hard term's. Targets are ``(B, 1 + C)``: the
+    label, then ``p_T``."""
+
+    def __init__(self, label_smoothing: float, alpha: float, temperature: float):
+        self.label_smoothing, self.alpha, self.temperature = label_smoothing, alpha, temperature
+
+    def soften(self, proba: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        return torch.softmax(torch.log(proba.clamp_min(1e-12)) / self.temperature, dim=1)
+
+    def __call__(self, logits: "torch.Tensor", target: "torch.Tensor") -> "torch.Tensor":
+        import torch.nn.functional as F
+
+        logits = logits.float()
+        labels, teacher = target[:, 0].long(), target[:, 1:]
+        hard = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        t = self.temperature
+        soft = F.kl_div(F.log_softmax(logits / t, dim=1), teacher, reduction="batchmean") * (t * t)
+        return self.alpha * soft + (1.0 - self.alpha) * hard
 
 
 def predict_logits(
