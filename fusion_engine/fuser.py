@@ -60,6 +60,14 @@ class Fuser:
     def predict(self, logits: np.ndarray) -> np.ndarray:
         return np.argmax(self.predict_proba(logits), axis=1)
 
+    def onnx_proba(self, graph: Any, logits: str) -> str:
+        """Optional, for ``fusion-engine export --onnx``: add to ``graph`` (a
+        :class:`fusion_engine.FuserGraph`) the ONNX nodes that compute :meth:`predict_proba` of
+        the fitted fuser from ``logits``, the name of the float64 ``(M, batch, C)`` member logits;
+        return the name of the float64 ``(batch, C)`` probabilities. The engine checks the graph
+        against :meth:`predict_proba` when it exports."""
+        raise NotImplementedError(f"fuser {type(self).__name__} has no ONNX graph (it does not implement onnx_proba)")
+
     # -- parameters, as scikit-learn's BaseEstimator does it ----------------------------------
     @classmethod
     def _param_names(cls) -> list[str]:
