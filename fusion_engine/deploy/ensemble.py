@@ -96,8 +96,8 @@ class Ensemble:
         self._modules: list = []
         self.fuser: Fuser | None = None
         if runtime == "onnx":
-            self.device = device
             self._session = self._onnx_session(device)
+            self.device = "cuda" if self._session.get_providers()[0].startswith("CUDA") else "cpu"
         else:
             from ..training import resolve_device
 

@@ -157,9 +157,9 @@ class _Exporter:
         if row.get("kind") == "fuser" and fuser_desc is None:
             raise FusionEngineError(f"run {self.run_id}: no fusers/{row['name']}.json, so row {row['name']} cannot be exported")
         names = fuser_desc["members"] if fuser_desc else [row["name"]]
-        self.console.log(f"exporting row [bold]{row['name']}[/] of run {self.run_id} ({len(names)} member"
-                         f"{'s' if len(names) != 1 else ''}) to {tmp.name.split('.export-')[0].lstrip('.')}")
         members = [self._member(name, tmp) for name in names]
+        self.console.log(f"exporting row [bold]{row['name']}[/] of run {self.run_id} ({len(names)} member"
+                         f"{'s' if len(names) != 1 else ''})")
         fuser = None
         if fuser_desc is not None:
             fuser = ExportedFuser(name=row["name"], fuser=fuser_desc["fuser"],
