@@ -32,7 +32,7 @@ FUSERS = {
     "stack-xgb": ("xgboost-stacking", {"n_estimators": 30}),
 }
 FUSER_ROWS = [name + t for name in FUSERS for t in ("", "-t")]
-ONNX_ROWS = [row for row in FUSER_ROWS if not row.startswith("stack-xgb")] + ["net-a", "net-b"]
+ONNX_ROWS = [row for row in FUSER_ROWS if not row.startswith("stack-xgb")] + ["net-a"]
 
 onnx_installed = pytest.mark.skipif(
     not all(__import__("importlib").util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript")),
