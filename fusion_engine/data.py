@@ -295,8 +295,11 @@ def decode_images(items: Sequence[Any], size: int, in_chans: int, method: str) -
         work = _native
     else:
         raise ValueError(f"unknown resize method {method!r}; expected {RESIZE_TENSOR!r} or {RESIZE_PIL!r}")
-    with ThreadPoolExecutor(DECODE_THREADS) as pool:
-        decoded = list(pool.map(partial(_or_reason, work), items))
+    if method == RESIZE_TENSOR and all(isinstance(item, np.ndarray) for item in items):
+        decoded = [_or_reason(work, item) for item in items]  # nothing to decode: threads would only cost
+    else:
+        with ThreadPoolExecutor(DECODE_THREADS) as pool:
+            decoded = list(pool.map(partial(_or_reason, work), items))
     errors = {i: d for i, d in enumerate(decoded) if isinstance(d, str)}
     ok = [i for i in range(len(items)) if i not in errors]
     out = torch.empty((len(ok), in_chans, size, size), dtype=torch.uint8)
@@ -309,8 +312,25 @@ def decode_images(items: Sequence[Any], size: int, in_chans: int, method: str) -
     for row, i in enumerate(ok):
         by_shape.setdefault(decoded[i].shape, []).append(row)
     for rows in by_shape.values():  # arrays of one shape resize together, as a dataset's do
-        out[rows] = _resize_batch(_to_channels(np.stack([decoded[ok[r]] for r in rows]), in_chans), size)
+        resized = _resize_batch(_to_channels(np.stack([decoded[ok[r]] for r in rows]), in_chans), size)
+        if len(rows) == len(ok):
+            return resized, errors
+        out[rows] = resized
     return out, errors
+
+
+def batch_pixels(x: "torch.Tensor", size: int, in_chans: int) -> "torch.Tensor":
+    """A uint8 batch ``(n, C, H, W)`` as :func:`load_images` makes a dataset's arrays of one
+    shape: channels converted, resized in torch. A batch already at ``size`` with ``in_chans``
+    channels comes back as it is, without a copy."""
+    import torch
+
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 2, 3, 4):
+        raise FusionEngineError(f"an image batch must be uint8 (n, 1|3|4, H, W), got {tuple(x.shape)} {x.dtype}")
+    if tuple(x.shape[2:]) == (size, size):  # nothing to resample: the channels are all that change
+        return _channels(x, in_chans).contiguous()
+    # resampled from the layout a dataset's arrays have (n, H, W, C), as the run's were, to the last bit
+    return _resize_batch(_to_channels(x.permute(0, 2, 3, 1).numpy(), in_chans), size)
 
 
 def _or_reason(work, item: Any) -> np.ndarray | str:
@@ -422,7 +442,13 @@ def _to_channels(batch: np.ndarray, in_chans: int) -> "torch.Tensor":
         batch = batch[..., None]
     if batch.ndim != 4 or batch.shape[-1] not in (1, 2, 3, 4):
         raise FusionEngineError(f"image arrays must be (H, W) or (H, W, 1|3|4) per image, got {batch.shape[1:]}")
-    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
+    return _channels(torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2), in_chans)
+
+
+def _channels(x: "torch.Tensor", in_chans: int) -> "torch.Tensor":
+    """``(n, 1|2|3|4, H, W)`` uint8 -> ``(n, in_chans, H, W)``, converting as PIL's ``convert`` does."""
+    import torch
+
     gray = x.shape[1] <= 2
     x = x[:, :1] if gray else x[:, :3]  # alpha dropped, as PIL's convert("RGB") and ("L") do
     if in_chans == 3 and gray:

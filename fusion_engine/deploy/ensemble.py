@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
+from ..data import RESIZE_TENSOR
 from ..errors import FusionEngineError
 from .card import ExportCard, ExportedMember, PluginRef, read_card, require_listed, verify_sums
 
@@ -135,7 +136,8 @@ class Ensemble:
     def predict_proba(self, images: Any, *, batch_size: int = 64) -> np.ndarray:
         """Class probabilities ``(N, C)`` float64, one row per image; an error naming the first
         image that cannot be read (``proba_batches`` reports every one instead)."""
-        items = as_items(images)
+        items = as_batch(images)
+        items = as_items(images) if items is None else items
         parts, failed = [], {}
         for batch in self.proba_batches(items, batch_size=batch_size):
             parts.append(batch.proba)
@@ -155,6 +157,16 @@ class Ensemble:
         reason in the batch's ``errors``, and the others go on. What ``fusion-engine predict`` uses."""
         if batch_size < 1:
             raise FusionEngineError(f"batch size must be at least 1, got {batch_size}")
+        batch = as_batch(images) if self.card.resize == RESIZE_TENSOR else None
+        if batch is not None:  # one uint8 tensor: resized as a dataset's arrays, with no per-image work
+            from ..data import batch_pixels
+
+            for start in range(0, len(batch), batch_size):
+                chunk = batch[start:start + batch_size]
+                pixels = {(cfg.size, cfg.in_chans): batch_pixels(chunk, cfg.size, cfg.in_chans)
+                          for cfg in self.input_configs}
+                yield PredictedBatch(start, self.proba_from_pixels(pixels), {})
+            return
         items = as_items(images)
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
@@ -312,6 +324,21 @@ class Ensemble:
         return self._session.run([self.card.onnx.output], feeds)[0].astype(np.float64)
 
 
+def as_batch(images: Any) -> "torch.Tensor | None":
+    """A uint8 ``(N, C, H, W)`` tensor when ``images`` is one batch (a tensor, or a numpy array
+    ``(N, H, W[, C])``), as a view where it can be; None for anything else."""
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim in (3, 4):
+        import torch
+
+        x = torch.from_numpy(images)
+        if images.ndim == 3:
+            return x[:, None]
+        return x.permute(0, 3, 1, 2) if images.shape[-1] in (1, 2, 3, 4) else None
+    if _is_tensor(images):
+        return _uint8_tensor(images)
+    return None
+
+
 def as_items(images: Any) -> list:
     """What :meth:`Ensemble.predict_proba` takes, as a list of single images: paths, PIL
     images or uint8 arrays ``(H, W[, C])``."""
@@ -340,8 +367,13 @@ def _is_tensor(value: Any) -> bool:
 
 
 def _tensor_items(x: "torch.Tensor") -> list[np.ndarray]:
-    """A ``(N, C, H, W)`` tensor as ``N`` uint8 ``(H, W, C)`` arrays; floats in [0, 1] become
-    the nearest of 256 levels."""
+    """A ``(N, C, H, W)`` tensor as ``N`` uint8 ``(H, W, C)`` arrays."""
+    return list(_uint8_tensor(x).permute(0, 2, 3, 1).numpy())
+
+
+def _uint8_tensor(x: "torch.Tensor") -> "torch.Tensor":
+    """A ``(N, C, H, W)`` image tensor as uint8 on the CPU; floats in [0, 1] become the nearest
+    of the 256 levels."""
     import torch
 
     if x.ndim != 4 or x.shape[1] not in (1, 3, 4):
@@ -351,7 +383,7 @@ def _tensor_items(x: "torch.Tensor") -> list[np.ndarray]:
         if x.numel() and (x.min() < 0 or x.max() > 1):
             raise FusionEngineError(f"float images must lie in [0, 1] (as torchvision's ToTensor makes them); "
                                     f"got values from {x.min().item():.3g} to {x.max().item():.3g}")
-        x = (x.double() * 255).round_().to(torch.uint8)
-    elif x.dtype != torch.uint8:
+        return (x.double() * 255).round_().to(torch.uint8)
+    if x.dtype != torch.uint8:
         raise FusionEngineError(f"image tensors must be uint8 or float, got {x.dtype}")
-    return list(x.permute(0, 2, 3, 1).numpy())
+    return x

@@ -191,7 +191,7 @@ class _Exporter:
         if check is not None:
             card.check = self._check(ensemble, *check)
         if onnx:
-            card.onnx = self._onnx(ensemble, tmp, onnx_input, check)
+            card.onnx = write_onnx(ensemble, tmp, onnx_input, None if check is None else check[0], self.console)
         write_json(tmp / CARD_FILE, card.to_json())
         return card
 
@@ -322,73 +322,82 @@ class _Exporter:
                         "(the run predicted with device %s; on CPU they agree to 1e-5)", diff, len(positions), device)
         return {"split": "test", "images": int(len(positions)), "max_abs_diff": diff, "runtime": "torch", "device": "cpu"}
 
-    # -- ONNX ---------------------------------------------------------------------------------------
-    def _onnx(self, ensemble, tmp: Path, dtype: str, check) -> ExportedOnnx:
-        import onnx
 
-        from .graph import head_model, merge, opset_of
+# -- ONNX ---------------------------------------------------------------------------------------------
 
-        card = ensemble.card
-        keys = list(dict.fromkeys((m.input.size, m.input.in_chans) for m in card.members))
-        inputs = [OnnxInput(name=f"images_{size}" + ("_gray" if chans == 1 else ""), size=size, in_chans=chans, dtype=dtype,
-                            members=[m.name for m in card.members if (m.input.size, m.input.in_chans) == (size, chans)])
-                  for size, chans in keys]
-        self.console.log(f"exporting {len(card.members)} member networks to ONNX (torch.onnx, dynamo; "
-                         f"tens of seconds each on a CPU)")
-        members = _members_graph(ensemble, tmp, inputs, dtype)
-        try:
-            head = head_model(ensemble.fuser, n_members=len(card.members), n_classes=len(card.classes),
-                              temperatures=[m.temperature for m in card.members], opset=opset_of(members),
-                              ir_version=members.ir_version)
-            model = merge(members, head)
-        except FusionEngineError:
-            raise
-        except Exception as exc:
-            raise FusionEngineError(f"cannot build the ONNX graph of row {self.row['name']}: {type(exc).__name__}: "
-                                    f"{' '.join(str(exc).split())[:300]}") from None
-        onnx.save_model(model, str(tmp / ONNX_FILE))
-        spec = ExportedOnnx(opset=opset_of(model), inputs=inputs)
-        spec.check = self._check_onnx(ensemble, members, tmp / ONNX_FILE, spec, check)
-        return spec
+def write_onnx(ensemble, folder: Path, dtype: str = "uint8", check_images: Any = None, console=None) -> ExportedOnnx:
+    """Write ``folder/model.onnx`` for a loaded (torch) ``ensemble``: its members exported by
+    torch.onnx behind their normalisation, then its temperatures and fuser
+    (:mod:`fusion_engine.deploy.graph`); checked in ONNX Runtime against the engine on
+    ``check_images`` (random pixels when None). Returns what the card records of it."""
+    import onnx
 
-    def _check_onnx(self, ensemble, members, path: Path, spec: ExportedOnnx, check) -> dict[str, Any]:
-        """ONNX Runtime against the engine on the check images (random pixels when the dataset is
-        not here); and the fuser alone, on ORT's own member logits, against the engine's fuser."""
-        from .graph import session
+    from .graph import head_model, merge, opset_of
 
-        if check is not None:
-            pixels, errors = ensemble.pixels(as_list(check[0]))
-            what = "test images"
-        else:
-            rng = np.random.default_rng(0)
-            import torch
+    card = ensemble.card
+    keys = list(dict.fromkeys((m.input.size, m.input.in_chans) for m in card.members))
+    inputs = [OnnxInput(name=f"images_{size}" + ("_gray" if chans == 1 else ""), size=size, in_chans=chans, dtype=dtype,
+                        members=[m.name for m in card.members if (m.input.size, m.input.in_chans) == (size, chans)])
+              for size, chans in keys]
+    if console is not None:
+        console.log(f"exporting {len(card.members)} member network{'s' if len(card.members) != 1 else ''} to ONNX "
+                    f"(torch.onnx, dynamo; tens of seconds each on a CPU)")
+    members = _members_graph(ensemble, folder, inputs, dtype)
+    try:
+        head = head_model(ensemble.fuser, n_members=len(card.members), n_classes=len(card.classes),
+                          temperatures=[m.temperature for m in card.members], opset=opset_of(members),
+                          ir_version=members.ir_version)
+        model = merge(members, head)
+    except FusionEngineError:
+        raise
+    except Exception as exc:
+        raise FusionEngineError(f"cannot build the ONNX graph of row {card.row}: {type(exc).__name__}: "
+                                f"{' '.join(str(exc).split())[:300]}") from None
+    onnx.save_model(model, str(folder / ONNX_FILE))
+    spec = ExportedOnnx(opset=opset_of(model), inputs=inputs)
+    spec.check = _check_onnx(ensemble, members, folder / ONNX_FILE, spec, check_images, console)
+    return spec
 
-            pixels = {(i.size, i.in_chans): torch.from_numpy(rng.integers(0, 256, (16, i.in_chans, i.size, i.size),
-                                                                         dtype=np.uint8)) for i in spec.inputs}
-            what = "random images"
-        engine = ensemble.proba_from_pixels(pixels)
-        feeds = {}
-        for i in spec.inputs:
-            x = pixels[(i.size, i.in_chans)].numpy()
-            feeds[i.name] = x if i.dtype == "uint8" else x.astype(np.float32) / np.float32(255.0)
-        got = session(path.read_bytes(), "cpu").run([spec.output], feeds)[0].astype(np.float64)
-        member_logits = session(members.SerializeToString(), "cpu").run(["logits"], feeds)[0]
+
+def _check_onnx(ensemble, members, path: Path, spec: ExportedOnnx, images, console) -> dict[str, Any]:
+    """ONNX Runtime against the engine on ``images`` (random pixels when None); and the fuser
+    alone, on ORT's own member logits, against the engine's fuser."""
+    import torch
+
+    from .graph import session
+
+    if images is not None:
+        pixels, _ = ensemble.pixels(as_list(images))
+        what = "test images"
+    else:
+        rng = np.random.default_rng(0)
+        pixels = {(i.size, i.in_chans): torch.from_numpy(rng.integers(0, 256, (16, i.in_chans, i.size, i.size),
+                                                                     dtype=np.uint8)) for i in spec.inputs}
+        what = "random images"
+    engine = ensemble.proba_from_pixels(pixels)
+    feeds = {}
+    for i in spec.inputs:
+        x = pixels[(i.size, i.in_chans)].numpy()
+        feeds[i.name] = x if i.dtype == "uint8" else x.astype(np.float32) / np.float32(255.0)
+    got = session(path.read_bytes(), "cpu").run([spec.output], feeds)[0].astype(np.float64)
+    member_logits = session(members.SerializeToString(), "cpu").run(["logits"], feeds)[0]
+    if any(m.temperature is not None for m in ensemble.card.members):
         temps = np.asarray([1.0 if m.temperature is None else m.temperature for m in ensemble.card.members], np.float32)
-        if any(m.temperature is not None for m in ensemble.card.members):
-            member_logits = (member_logits / temps.reshape(-1, 1, 1)).astype(np.float32)
-        fused = ensemble.fuse(member_logits)
-        diff, fuser_diff = float(np.abs(got - engine).max()), float(np.abs(got - fused).max())
-        flips = int((got.argmax(1) != engine.argmax(1)).sum())
-        self.console.log(f"ONNX Runtime on {len(got)} {what}: max |onnx - engine| = {diff:.1e} "
-                         f"(the fuser alone: {fuser_diff:.1e}), {flips} predictions differ")
-        if diff > ONNX_TOLERANCE:
-            log.warning("ONNX Runtime's probabilities differ from the engine's by up to %.1e on %d %s (%d predicted "
-                        "classes differ); on the graph's own member logits the fuser agrees to %.1e: %s", diff, len(got),
-                        what, flips, fuser_diff,
-                        "the members' float32 rounding moved samples across a tree threshold" if fuser_diff < ONNX_TOLERANCE
-                        else "the fuser's graph does not match its predict_proba")
-        return {"images": int(len(got)), "of": what, "max_abs_diff": diff, "max_abs_diff_fuser": fuser_diff,
-                "argmax_differences": flips}
+        member_logits = (member_logits / temps.reshape(-1, 1, 1)).astype(np.float32)
+    fused = ensemble.fuse(member_logits)
+    diff, fuser_diff = float(np.abs(got - engine).max()), float(np.abs(got - fused).max())
+    flips = int((got.argmax(1) != engine.argmax(1)).sum())
+    if console is not None:
+        console.log(f"ONNX Runtime on {len(got)} {what}: max |onnx - engine| = {diff:.1e} "
+                    f"(the fuser alone: {fuser_diff:.1e}), {flips} predicted classes differ")
+    if diff > ONNX_TOLERANCE:
+        log.warning("ONNX Runtime's probabilities differ from the engine's by up to %.1e on %d %s (%d predicted "
+                    "classes differ); on the graph's own member logits the fuser agrees to %.1e: %s", diff, len(got),
+                    what, flips, fuser_diff,
+                    "the members' float32 rounding moved samples across a tree threshold" if fuser_diff < ONNX_TOLERANCE
+                    else "the fuser's graph does not match its predict_proba")
+    return {"images": int(len(got)), "of": what, "max_abs_diff": diff, "max_abs_diff_fuser": fuser_diff,
+            "argmax_differences": flips}
 
 
 def as_list(images) -> list:
