@@ -96,7 +96,7 @@ class Ensemble:
         self._session = None
         self._modules: list = []
         self.fuser: Fuser | None = None
-        if runtime == "onnx":
+        if runtime == "onnx":  # the graph is everything: no plugin, network or fuser is built
             self._session = self._onnx_session(device)
             self.device = "cuda" if self._session.get_providers()[0].startswith("CUDA") else "cpu"
         else:
@@ -104,8 +104,8 @@ class Ensemble:
 
             self.device = str(resolve_device(device))
             self._modules = [self._build_member(m) for m in card.members]
-        if card.fuser is not None:
-            self.fuser = self._load_fuser()
+            if card.fuser is not None:
+                self.fuser = self._load_fuser()
 
     # -- what it is --------------------------------------------------------------------------------
     @property
@@ -218,6 +218,8 @@ class Ensemble:
     def fuse(self, logits: np.ndarray) -> np.ndarray:
         """The row's probabilities from member logits ``(M, N, C)``: the fuser's, or for a
         member's own row its softmax (as the leaderboard scores members)."""
+        if self.card.fuser is not None and self.fuser is None:
+            self.fuser = self._load_fuser()
         if self.fuser is None:
             from scipy.special import softmax
 

@@ -210,7 +210,10 @@ class _Exporter:
         if entry is None:
             raise FusionEngineError(f"member {name} (key {short(key) if key else '?'}) is no longer in the zoo of "
                                     f"{self.reg.root}; it cannot be exported")
-        with self.reg.lock(key):
+        def waiting() -> None:
+            self.console.log(f"waiting for another run to finish with member {name} (key {short(key)})")
+
+        with self.reg.lock(key, on_wait=waiting):
             try:
                 zoo_card = self.reg.verify(entry)
             except ZooError as exc:
@@ -342,12 +345,21 @@ def write_onnx(ensemble, folder: Path, dtype: str = "uint8", check_images: Any =
     if console is not None:
         console.log(f"exporting {len(card.members)} member network{'s' if len(card.members) != 1 else ''} to ONNX "
                     f"(torch.onnx, dynamo; tens of seconds each on a CPU)")
+
+    def head(opset: int, ir_version: int):
+        try:
+            return head_model(ensemble.fuser, n_members=len(card.members), n_classes=len(card.classes),
+                              temperatures=[m.temperature for m in card.members], opset=opset, ir_version=ir_version)
+        except FusionEngineError:
+            raise
+        except Exception as exc:
+            raise FusionEngineError(f"cannot build the ONNX graph of row {card.row}'s fuser: {type(exc).__name__}: "
+                                    f"{' '.join(str(exc).split())[:300]}") from None
+
+    head(20, 10)  # a fuser without a graph is refused before the members' slow export
     members = _members_graph(ensemble, folder, inputs, dtype)
     try:
-        head = head_model(ensemble.fuser, n_members=len(card.members), n_classes=len(card.classes),
-                          temperatures=[m.temperature for m in card.members], opset=opset_of(members),
-                          ir_version=members.ir_version)
-        model = merge(members, head)
+        model = merge(members, head(opset_of(members), members.ir_version))
     except FusionEngineError:
         raise
     except Exception as exc:

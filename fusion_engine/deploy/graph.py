@@ -189,7 +189,7 @@ def members_model(modules: Sequence["torch.nn.Module"], cfgs: Sequence[Any], inp
     output ``logits`` ``(M, batch, C)`` float32."""
     import torch
 
-    net = _MemberNets(modules, cfgs, input_of, dtype).eval()
+    net = _member_nets(modules, cfgs, input_of, dtype).eval()
     example = []
     for k in range(len(input_names)):
         cfg = cfgs[list(input_of).index(k)]
@@ -209,14 +209,14 @@ def members_model(modules: Sequence["torch.nn.Module"], cfgs: Sequence[Any], inp
     return model
 
 
-def _member_nets_class():
+def _member_nets(modules, cfgs, input_of, dtype: str):
+    """The module torch.onnx exports: images (one tensor per graph input) -> each member's
+    normalisation (as ``training._Normaliser``: one multiply-add) and network -> ``(M, N, C)``."""
     import torch
     from torch import nn
 
     class MemberNets(nn.Module):
-        """Images (one tensor per input) -> normalised per member -> stacked logits ``(M, N, C)``."""
-
-        def __init__(self, modules, cfgs, input_of, dtype):
+        def __init__(self):
             super().__init__()
             self.nets = nn.ModuleList(modules)
             self.input_of = list(input_of)
@@ -224,7 +224,7 @@ def _member_nets_class():
             for i, cfg in enumerate(cfgs):
                 std = torch.tensor(cfg.std, dtype=torch.float32).view(1, -1, 1, 1)
                 mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, -1, 1, 1)
-                self.register_buffer(f"scale{i}", 1.0 / (top * std))  # as training._Normaliser: one multiply-add
+                self.register_buffer(f"scale{i}", 1.0 / (top * std))
                 self.register_buffer(f"shift{i}", mean / std)
 
         def forward(self, *images):
@@ -234,11 +234,7 @@ def _member_nets_class():
                 out.append(net(torch.addcmul(-getattr(self, f"shift{i}"), x, getattr(self, f"scale{i}"))))
             return torch.stack(out, 0)
 
-    return MemberNets
-
-
-def _MemberNets(modules, cfgs, input_of, dtype):
-    return _member_nets_class()(modules, cfgs, input_of, dtype)
+    return MemberNets()
 
 
 def merge(members: "onnx.ModelProto", head: "onnx.ModelProto") -> "onnx.ModelProto":
