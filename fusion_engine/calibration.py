@@ -86,13 +86,17 @@ class TemperatureScaled(Fuser):
         self.seed = seed
 
 
-    def fit(self, logits: np.ndarray, y: np.ndarray) -> "TemperatureScaled":
+    @property
+    def needs_costs(self) -> bool:
+        return self.fuser.needs_costs
+
+    def fit(self, logits: np.ndarray, y: np.ndarray, **fit_params) -> "TemperatureScaled":
         from .crossfit import cross_val_proba
 
         super().fit(logits, y)
-        oof = cross_val_proba(self.fuser, logits, y, cv=self.cv, seed=self.seed)
+        oof = cross_val_proba(self.fuser, logits, y, cv=self.cv, seed=self.seed, fit_params=fit_params)
         self.temperature_ = fit_temperature(log_proba(oof), y)
-        self.fuser_ = self.fuser.clone().fit(logits, y)
+        self.fuser_ = self.fuser.clone().fit(logits, y, **fit_params)
         if hasattr(self.fuser_, "weights_"):
             self.weights_ = self.fuser_.weights_
         return self
@@ -105,6 +109,9 @@ class TemperatureScaled(Fuser):
         proba = self.fuser_.onnx_proba(graph, logits)
         log_p = graph.op("Log", graph.op("Max", proba, graph.const(PROBA_FLOOR)))
         return graph.op("Softmax", graph.op("Div", log_p, graph.const(self.temperature_)), axis=1)
+
+    def consulted(self, logits: np.ndarray) -> np.ndarray:
+        return self.fuser_.consulted(logits)
 
     def get_state(self, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         state = super().get_state(skip=(*skip, "fuser_"))

@@ -118,10 +118,11 @@ class RunFolder:
                       str(tmp))
         inp = member.input
         write_json(out / "card.json", {
-            "name": member.name, "key": member.key, "action": member.action, "zoo": zoo_path,
+            "name": member.name, "key": member.key, "action": member.action, "source": member.source, "zoo": zoo_path,
             "backbone": member.backbone, "temperature": member.temperature,
             "resumed_from_epoch": member.resumed_from_epoch,
-            "input": {"size": inp.size, "mean": list(inp.mean), "std": list(inp.std), "in_chans": inp.in_chans},
+            "input": None if inp is None else {"size": inp.size, "mean": list(inp.mean), "std": list(inp.std),
+                                               "in_chans": inp.in_chans},
             "best_epoch": member.best_epoch, "history": member.history, "n_params": member.n_params,
             "train_seconds": round(member.train_seconds, 3), "predict_seconds": round(member.predict_seconds, 3),
         })
@@ -245,3 +246,17 @@ class RunFolder:
         if sizes:
             return {k: int(v) for k, v in sizes.items()}
         return {s: len(self.split[s]["ids"]) for s in SPLITS if s in self.split}
+
+
+def unindexed_run(reg, run_id: str) -> dict | None:
+    """A run folder of registry ``reg`` that its index does not list (written before the index
+    existed), by its exact id: the fields of ``Registry.find_run`` it has; None when there is none."""
+    from .zoo import ZooError
+
+    try:
+        summary = RunFolder(reg.run_dir(run_id)).summary
+    except (ZooError, OSError, ValueError):
+        return None
+    if not summary:
+        return None
+    return {"run_id": run_id, "experiment": summary.get("experiment", "?"), "status": summary.get("status", "?")}

@@ -328,7 +328,6 @@ def test_predict_reads_a_manifest_and_writes_json_or_parquet(deploy_run, test_pn
     assert set(records[0]) == {"path", "class", "probability", "top_k", "error"}
     assert len(records[0]["top_k"]) == 2 and records[0]["top_k"][0]["class"] == records[0]["class"]
     assert records[3]["class"] is None and "gone.png" in records[3]["error"]
-    pytest.importorskip("pyarrow")
     assert main(["predict", export, *map(str, test_pngs[:3]), "--out", str(tmp_path / "p.parquet"), "-q"]) == 0
     frame = pd.read_parquet(tmp_path / "p.parquet")
     assert frame["class"].tolist() == [r["class"] for r in records[:3]] and frame["error"].isna().all()

@@ -15,7 +15,6 @@ JSON (a list of records with ``top_k`` and ``probabilities`` nested).
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 import os
 import sys
@@ -40,8 +39,6 @@ def output_format(out: str | None) -> str:
     fmt = FORMATS.get(Path(out).suffix.lower())
     if fmt is None:
         raise FusionEngineError(f"--out {out}: unknown format; use a .csv, .parquet or .json file")
-    if fmt == "parquet" and not any(importlib.util.find_spec(m) for m in ("pyarrow", "fastparquet")):
-        raise FusionEngineError(f"--out {out}: Parquet needs pyarrow: pip install pyarrow")
     return fmt
 
 
