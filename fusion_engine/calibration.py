@@ -113,6 +113,9 @@ class TemperatureScaled(Fuser):
     def consulted(self, logits: np.ndarray) -> np.ndarray:
         return self.fuser_.consulted(logits)
 
+    def consult_order(self) -> list[int] | None:
+        return self.fuser_.consult_order()
+
     def get_state(self, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         state = super().get_state(skip=(*skip, "fuser_"))
         if hasattr(self, "fuser_"):

@@ -81,6 +81,15 @@ class Fuser:
         arr = check_logits(logits)
         return np.ones((arr.shape[1], arr.shape[0]), dtype=bool)
 
+    def consult_order(self) -> list[int] | None:
+        """Optional, for a fuser that stops early (overrides :meth:`consulted`): the member
+        indices in the order it consults them, such that whether it consults member ``order[k]``
+        for a sample depends only on the logits of the members before it, and its
+        ``predict_proba`` of a sample reads only the members it consults. An exported ensemble
+        then runs each member only on the images that need it. None (the default): every member
+        on every image."""
+        return None
+
     # -- parameters, as scikit-learn's BaseEstimator does it ----------------------------------
     @classmethod
     def _param_names(cls) -> list[str]:

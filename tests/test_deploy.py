@@ -30,6 +30,8 @@ FUSERS = {
     "caruana": ("caruana", {}),
     "stack-lr": ("logistic-stacking", {}),
     "stack-xgb": ("xgboost-stacking", {"n_estimators": 30}),
+    "cascade": ("cascade", {"max_accuracy_drop": 0.1}),
+    "cascade-cal": ("cascade", {"max_accuracy_drop": 0.1, "confidence": "calibrated"}),
 }
 FUSER_ROWS = [name + t for name in FUSERS for t in ("", "-t")]
 ONNX_ROWS = [row for row in FUSER_ROWS if not row.startswith("stack-xgb")] + ["net-a"]
@@ -149,6 +151,19 @@ def test_a_float32_graph_takes_images_in_0_1(deploy_run):
     x = pixels[(12, 1)].numpy().astype(np.float32) / 255
     got = session.run(["proba"], {"images_12_gray": x})[0]
     assert np.abs(got - deploy_run.stored("stack-lr-t")).max() <= 1e-4
+
+
+@pytest.mark.parametrize("row", ["cascade", "cascade-t", "cascade-cal", "cascade-cal-t"])
+def test_an_exported_cascade_runs_each_member_only_on_the_images_that_reach_it(deploy_run, row):
+    """As the run priced it: each member runs on the test images the run's cascade consulted it
+    for (its fusers/<row>.json test_usage), and the probabilities are still the stored ones."""
+    ens = fusion_engine.load(deploy_run.export(row, onnx=False), device="cpu")
+    images = deploy_run.test_images()
+    got = ens.predict_proba(images)
+    assert np.abs(got - deploy_run.stored(row)).max() <= 1e-5
+    usage = deploy_run.folder.fusers[row]["test_usage"]["consulted"]
+    assert ens.usage == {m: round(share * len(images)) for m, share in usage.items()}
+    assert min(ens.usage.values()) < len(images) == max(ens.usage.values())
 
 
 # -- the folder -----------------------------------------------------------------------------------

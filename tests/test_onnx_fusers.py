@@ -30,7 +30,12 @@ FUSERS = {
     "stack-lr": ("logistic-stacking", {}),
     "stack-lr-logits": ("logistic-stacking", {"append_logits": True}),
     "stack-xgb": ("xgboost-stacking", {"n_estimators": 30}),
+    "cascade": ("cascade", {"max_accuracy_drop": 0.05}),
+    "cascade-calibrated": ("cascade", {"max_accuracy_drop": 0.05, "confidence": "calibrated"}),
+    "cascade-spec-order": ("cascade", {"order": "spec", "budget": 2.5}),
 }
+#: each member's inference cost (ms per image), for the fusers that need them (the cascade)
+COSTS = [3.0, 1.0, 2.0]
 OPSET, IR_VERSION = 20, 10
 
 
@@ -44,7 +49,8 @@ def fitted(name: str, logits: np.ndarray, y: np.ndarray, temperature: bool = Fal
     fuser_name, params = FUSERS[name]
     record = RECORDS[fuser_name]
     fuser = record.cls(**record.params(**params).model_dump())
-    return (TemperatureScaled(fuser, seed=0) if temperature else fuser).fit(logits, y)
+    fuser = TemperatureScaled(fuser, seed=0) if temperature else fuser
+    return fuser.fit(logits, y, costs=COSTS[:len(logits)]) if fuser.needs_costs else fuser.fit(logits, y)
 
 
 def onnx_proba(fuser: Fuser, logits: np.ndarray, temperatures=None) -> np.ndarray:
@@ -127,3 +133,19 @@ def test_a_fuser_without_a_graph_is_refused_in_one_line():
     with pytest.raises(FusionEngineError, match=r"^fuser Median has no ONNX graph \(it does not implement onnx_proba\); "
                                                  r"export without --onnx$"):
         head_model(Median(), n_members=2, n_classes=3, temperatures=[None, None], opset=OPSET, ir_version=IR_VERSION)
+
+
+@pytest.mark.parametrize("name", ["cascade", "cascade-calibrated", "cascade-spec-order"])
+def test_a_cascade_stops_samples_at_every_stage_and_its_graph_picks_the_same_stage(name):
+    """The graph has no early exit, but it must pick each sample's stage as predict_proba does:
+    the fitted cascades here answer samples at more than one stage."""
+    logits, y = simulate_members([0.8, 0.6, 0.5], n_samples=400, n_classes=5, seed=5)
+    logits = logits.astype(np.float32)
+    fuser = fitted(name, logits[:, :200], y[:200])
+    test = logits[:, 200:]
+    stages = fuser.consulted(test).sum(axis=1)  # members run = the stage it stopped at + 1
+    assert len(np.unique(stages)) >= 2, np.bincount(stages)
+    expected = fuser.predict_proba(test)
+    assert np.abs(onnx_proba(fuser, test) - expected).max() < 1e-6
+    order = fuser.consult_order()
+    assert sorted(order) == [0, 1, 2] and (order == [1, 2, 0] if "spec" not in name else order == [0, 1, 2])

@@ -82,6 +82,9 @@ class ExportedMember(_Part):
     input: ExportedInput
     temperature: Optional[float] = None  # its calibration: logits are divided by it before fusion
     weights: str
+    #: columns that put the network's outputs in the card's class order (a member run from weights
+    #: trained elsewhere with another class order: ``logits[:, class_order]``); None: already in it
+    class_order: Optional[list[int]] = None
 
 
 class ExportedFuser(_Part):

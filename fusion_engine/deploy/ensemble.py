@@ -96,6 +96,9 @@ class Ensemble:
         self._session = None
         self._modules: list = []
         self.fuser: Fuser | None = None
+        #: how many images each member has run on since the ensemble was loaded (torch runtime): a
+        #: cascade runs its dearer members on fewer
+        self.usage: dict[str, int] = {m.name: 0 for m in card.members}
         if runtime == "onnx":  # the graph is everything: no plugin, network or fuser is built
             self._session = self._onnx_session(device)
             self.device = "cuda" if self._session.get_providers()[0].startswith("CUDA") else "cpu"
@@ -196,24 +199,51 @@ class Ensemble:
         return pixels, errors
 
     def proba_from_pixels(self, pixels: dict[tuple[int, int], "torch.Tensor"]) -> np.ndarray:
-        """Probabilities for decoded images (:meth:`pixels`), in this ensemble's runtime."""
+        """Probabilities for decoded images (:meth:`pixels`), in this ensemble's runtime. A fuser
+        that stops early (a cascade: ``Fuser.consult_order``) runs each member only on the images
+        that reach it, in torch; an ONNX graph runs every member."""
         if self.runtime == "onnx":
             return self._onnx_proba(pixels)
-        return self.fuse(self.member_logits(pixels))
+        order = self.fuser.consult_order() if self.fuser is not None else None
+        if order is None:
+            return self.fuse(self.member_logits(pixels))
+        return self.fuse(self._consulted_logits(pixels, order))
 
     def member_logits(self, pixels: dict[tuple[int, int], "torch.Tensor"]) -> np.ndarray:
         """Each member's float32 logits ``(M, N, C)`` as the run fused them (divided by the
         member's temperature when it was calibrated)."""
+        return np.stack([self._logits_of(k, pixels[(cfg.size, cfg.in_chans)]) for k, cfg in enumerate(self.input_configs)])
+
+    def _consulted_logits(self, pixels: dict[tuple[int, int], "torch.Tensor"], order: Sequence[int]) -> np.ndarray:
+        """Member logits ``(M, N, C)`` with each member run, in the fuser's ``order``, only on the
+        images the fuser consults it for; zeros where it was not run, which the fuser does not read
+        (``consult_order``'s promise: whether member ``order[k]`` is consulted depends only on the
+        members before it, whose logits are already real)."""
+        import torch
+
+        cfgs = self.input_configs
+        n = len(next(iter(pixels.values())))
+        logits = np.zeros((len(cfgs), n, len(self.classes)), dtype=np.float32)
+        for m in order:
+            rows = np.flatnonzero(self.fuser.consulted(logits)[:, m])
+            if len(rows):
+                x = pixels[(cfgs[m].size, cfgs[m].in_chans)]
+                logits[m, rows] = self._logits_of(m, x if len(rows) == n else x[torch.from_numpy(rows)])
+        return logits
+
+    def _logits_of(self, k: int, x: "torch.Tensor") -> np.ndarray:
+        """Member ``k``'s float32 logits for images ``x``, divided by its temperature if it has
+        one (as calibration.calibrate_member: float32 logits / T); counted in :attr:`usage`."""
         from ..training import predict_logits
 
-        out = []
-        for member, module, cfg in zip(self.card.members, self._modules, self.input_configs):
-            x = pixels[(cfg.size, cfg.in_chans)]
-            logits = predict_logits(module, cfg, x, batch_size=max(1, len(x)), device=self.device)
-            if member.temperature is not None:  # as calibration.calibrate_member: float32 logits / T
-                logits = (logits / member.temperature).astype(np.float32)
-            out.append(logits)
-        return np.stack(out)
+        member, cfg = self.card.members[k], self.input_configs[k]
+        logits = predict_logits(self._modules[k], cfg, x, batch_size=max(1, len(x)), device=self.device)
+        if member.class_order is not None:  # as executors._predict_from_weights: the dataset's class order
+            logits = np.ascontiguousarray(logits[:, member.class_order])
+        if member.temperature is not None:
+            logits = (logits / member.temperature).astype(np.float32)
+        self.usage[member.name] += len(x)
+        return logits
 
     def fuse(self, logits: np.ndarray) -> np.ndarray:
         """The row's probabilities from member logits ``(M, N, C)``: the fuser's, or for a

@@ -114,10 +114,16 @@ class _Exporter:
     """One row of one run, read from the registry and written to a folder."""
 
     def __init__(self, reg, run: str, row: str | None, console):
-        from ..runfolder import RunFolder
+        from ..runfolder import RunFolder, unindexed_run
+        from ..zoo import ZooError
 
         self.reg, self.console = reg, console
-        record = reg.find_run(run)
+        try:
+            record = reg.find_run(run)
+        except ZooError:  # a run folder the index does not list (written before the index existed)
+            record = unindexed_run(reg, run)
+            if record is None:
+                raise
         if record["status"] != "complete":
             raise FusionEngineError(f"run {record['run_id']} is {record['status']}: only a complete run can be exported")
         self.run_id = record["run_id"]
@@ -232,6 +238,13 @@ class _Exporter:
         material_data = zoo_card.key_material.get("data") or {}
         image_size = material_data["image_size"] if "image_size" in material_data else self.spec.get("data", {}).get("image_size")
         inp = zoo_card.input
+        order = None
+        names = (zoo_card.origin or {}).get("class_names")
+        if names is not None:  # weights trained elsewhere in another class order: as the run reordered them
+            from ..weights import class_order
+
+            order = class_order(names, list(zoo_card.data.classes), what=f"member {name}").tolist()
+            order = None if order == list(range(len(order))) else order
         if len(zoo_card.data.classes) != len(self.folder.classes):
             raise FusionEngineError(f"member {name} has {len(zoo_card.data.classes)} classes, the run {len(self.folder.classes)}")
         return ExportedMember(
@@ -239,7 +252,7 @@ class _Exporter:
             plugin=self._plugin_ref("backbone", zoo_card.backbone, tmp, who,
                                     trained_with=(zoo_card.key_material.get("code") or {}).get("plugin")),
             params=params, files=files, image_size=image_size, num_classes=len(zoo_card.data.classes),
-            seed=zoo_card.spec.seed, input=ExportedInput(size=inp.size, mean=list(inp.mean), std=list(inp.std),
+            seed=zoo_card.spec.seed or 0, class_order=order, input=ExportedInput(size=inp.size, mean=list(inp.mean), std=list(inp.std),
                                                          in_chans=inp.in_chans),
             temperature=run_card.get("temperature"), weights=weights.relative_to(tmp).as_posix())
 
@@ -433,10 +446,11 @@ def _members_graph(ensemble, tmp: Path, inputs: list[OnnxInput], dtype: str):
     input_of = [next(k for k, i in enumerate(inputs) if m.name in i.members) for m in card.members]
     key = (dtype, tuple(names), tuple(input_of), tuple(
         (m.backbone, json.dumps(m.params, sort_keys=True, default=str), file_sha256(tmp / m.weights), m.image_size,
-         m.input.model_dump_json()) for m in card.members))
+         m.input.model_dump_json(), tuple(m.class_order or ())) for m in card.members))
     if key not in _MEMBER_GRAPHS:
         try:
-            model = members_model(ensemble._modules, ensemble.input_configs, names, input_of, dtype)
+            model = members_model(ensemble._modules, ensemble.input_configs, names, input_of, dtype,
+                                  [m.class_order for m in card.members])
         except Exception as exc:
             raise FusionEngineError(f"torch.onnx.export cannot export the members of row {card.row}: "
                                     f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None

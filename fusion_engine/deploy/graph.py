@@ -183,13 +183,15 @@ def head_model(fuser: "Fuser | None", *, n_members: int, n_classes: int, tempera
 # -- the members: networks behind their normalisation --------------------------------------------------
 
 def members_model(modules: Sequence["torch.nn.Module"], cfgs: Sequence[Any], input_names: Sequence[str],
-                  input_of: Sequence[int], dtype: str) -> "onnx.ModelProto":
+                  input_of: Sequence[int], dtype: str,
+                  class_orders: Sequence[Sequence[int] | None] | None = None) -> "onnx.ModelProto":
     """The member networks as one graph: inputs ``input_names`` (``dtype`` images ``(batch,
-    C, S, S)``; uint8 0..255 or float32 0..1), member ``i`` reading input ``input_of[i]``;
-    output ``logits`` ``(M, batch, C)`` float32."""
+    C, S, S)``; uint8 0..255 or float32 0..1), member ``i`` reading input ``input_of[i]`` and
+    its outputs put in the classes' order by ``class_orders[i]`` (None: as they are); output
+    ``logits`` ``(M, batch, C)`` float32."""
     import torch
 
-    net = _member_nets(modules, cfgs, input_of, dtype).eval()
+    net = _member_nets(modules, cfgs, input_of, dtype, class_orders or [None] * len(modules)).eval()
     example = []
     for k in range(len(input_names)):
         cfg = cfgs[list(input_of).index(k)]
@@ -209,7 +211,7 @@ def members_model(modules: Sequence["torch.nn.Module"], cfgs: Sequence[Any], inp
     return model
 
 
-def _member_nets(modules, cfgs, input_of, dtype: str):
+def _member_nets(modules, cfgs, input_of, dtype: str, class_orders):
     """The module torch.onnx exports: images (one tensor per graph input) -> each member's
     normalisation (as ``training._Normaliser``: one multiply-add) and network -> ``(M, N, C)``."""
     import torch
@@ -226,12 +228,17 @@ def _member_nets(modules, cfgs, input_of, dtype: str):
                 mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, -1, 1, 1)
                 self.register_buffer(f"scale{i}", 1.0 / (top * std))
                 self.register_buffer(f"shift{i}", mean / std)
+            self.reordered = [order is not None for order in class_orders]
+            for i, order in enumerate(class_orders):
+                if order is not None:
+                    self.register_buffer(f"order{i}", torch.tensor(order, dtype=torch.long))
 
         def forward(self, *images):
             out = []
             for i, net in enumerate(self.nets):
                 x = images[self.input_of[i]].float()
-                out.append(net(torch.addcmul(-getattr(self, f"shift{i}"), x, getattr(self, f"scale{i}"))))
+                logits = net(torch.addcmul(-getattr(self, f"shift{i}"), x, getattr(self, f"scale{i}")))
+                out.append(logits[:, getattr(self, f"order{i}")] if self.reordered[i] else logits)
             return torch.stack(out, 0)
 
     return MemberNets()
