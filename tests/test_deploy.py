@@ -348,6 +348,18 @@ def test_predict_reads_a_manifest_and_writes_json_or_parquet(deploy_run, test_pn
     assert frame["class"].tolist() == [r["class"] for r in records[:3]] and frame["error"].isna().all()
 
 
+@onnx_installed
+def test_predict_runs_the_onnx_graph_with_runtime_onnx(deploy_run, test_pngs, tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(deploy_run.export("cascade-t")), *map(str, test_pngs), "--runtime", "onnx",
+                 "--device", "cpu", "--probs", "--out", str(out)]) == 0
+    n = len(test_pngs)
+    assert re.fullmatch(rf"{n} of {n} images predicted by toy/cascade-t \(onnx, cpu\) in [0-9.]+s -> {re.escape(str(out))}",
+                        capsys.readouterr().err.strip().splitlines()[-1])
+    preds = pd.read_csv(out)
+    assert np.abs(preds[["proba_top", "proba_bottom", "proba_dark"]].to_numpy() - deploy_run.stored("cascade-t")).max() <= 1e-4
+
+
 def test_predict_writes_csv_to_stdout_without_out(deploy_run, test_pngs, capsys):
     assert main(["predict", str(deploy_run.export("mean", onnx=False)), str(test_pngs[0]), "--top-k", "1", "-q"]) == 0
     lines = capsys.readouterr().out.splitlines()
