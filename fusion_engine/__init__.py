@@ -74,6 +74,12 @@ _EXPORTS = {
     "RunFolder": "runfolder",
     "write_plots": "plots",
     "write_report": "report",
+    # shipping a row: export it, load it, predict with it; what a fuser writes its ONNX graph with
+    "export_ensemble": "deploy.export",
+    "load": "deploy.ensemble",
+    "Ensemble": "deploy.ensemble",
+    "ExportCard": "deploy.card",
+    "FuserGraph": "deploy.graph",
 }
 
 __all__ = ["__version__", *_EXPORTS]

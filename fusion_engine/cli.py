@@ -142,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="name the best row within MS milliseconds per image in the report (default: the spec's "
                              "budget_ms)")
     _registry_option(report)
+    _deploy_parsers(sub)
     return parser
 
 
@@ -557,7 +558,9 @@ def _complete_run(args) -> tuple[dict, Path]:
             try:
                 run = reg.find_run(args.run)
             except ZooError:
-                run = _unindexed_run(reg, args.run)
+                from .runfolder import unindexed_run
+
+                run = unindexed_run(reg, args.run)
                 if run is None:
                     raise
         else:
@@ -610,24 +613,66 @@ def cmd_leaderboard(args) -> int:
     return 0
 
 
-def _unindexed_run(reg, run_id: str) -> dict | None:
-    """A run folder the index does not list (written before the index existed), by its exact id."""
-    from .zoo import ZooError
+# -- export and predict: shipping a row (fusion_engine.deploy) ----------------------------------------
 
-    from .runfolder import RunFolder
+def _deploy_parsers(sub) -> None:
+    export = sub.add_parser(
+        "export", help="write a leaderboard row as a folder that predicts new images",
+        description="Export a row of a complete run (default: its best fuser) as a self-contained, versioned folder: "
+                    "member weights, the fuser's state, the card, checksums; with --onnx one ONNX graph of it all. "
+                    "The export predicts some of the run's test images to check itself.")
+    export.add_argument("run", metavar="RUN_ID", help="a run id or a unique prefix of one")
+    export.add_argument("row", metavar="ROW", nargs="?", help="the row to export (default: the best fuser)")
+    export.add_argument("--out", "-o", metavar="DIR", required=True, help="the folder to write (new, or empty)")
+    export.add_argument("--onnx", action="store_true", help="also write model.onnx: members and fuser as one graph")
+    export.add_argument("--onnx-input", choices=["uint8", "float32"], default="uint8",
+                        help="the graph's image type: uint8 0..255 (default) or float32 0..1")
+    export.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    export.add_argument("--check", metavar="N", type=int, default=64,
+                        help="predict N of the run's test images to check the export (default 64; 0: no check)")
+    export.add_argument("--quiet", "-q", action="store_true", help="print only the folder")
+    _registry_option(export)
 
-    try:
-        summary = RunFolder(reg.run_dir(run_id)).summary
-    except (ZooError, OSError, ValueError):
-        return None
-    if not summary:
-        return None
-    return {"run_id": run_id, "experiment": summary.get("experiment", "?"), "status": summary.get("status", "?")}
+    predict = sub.add_parser(
+        "predict", help="predict images with an exported ensemble",
+        description="Predict image files, folders (recursive) or CSV manifests (a 'path' column) with a folder written "
+                    "by fusion-engine export. One row per image; an unreadable image gets a row saying why (exit "
+                    "status 1) and the others go on.")
+    predict.add_argument("dir", metavar="DIR", help="an exported ensemble")
+    predict.add_argument("inputs", metavar="INPUT", nargs="+", help="image files, folders or CSV manifests")
+    predict.add_argument("--out", "-o", metavar="FILE", help="a .csv, .parquet or .json file (default: CSV on stdout)")
+    predict.add_argument("--top-k", metavar="K", type=int, default=3, help="the K most probable classes per image (default 3)")
+    predict.add_argument("--probs", action="store_true", help="also every class's probability")
+    predict.add_argument("--batch-size", "-b", metavar="B", type=int, default=64, help="images per batch (default 64)")
+    predict.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to predict (default auto)")
+    predict.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                         help="torch (the members' plugins) or onnx (the folder's model.onnx in ONNX Runtime)")
+    predict.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary line")
+
+
+def cmd_export(args) -> int:
+    from rich.console import Console
+
+    from .deploy.export import export_ensemble
+
+    if args.check < 0:
+        raise FusionEngineError(f"--check must be 0 or more, got {args.check}")
+    result = export_ensemble(args.run, args.row, out=args.out, registry=args.registry, onnx=args.onnx,
+                             onnx_input=args.onnx_input, force=args.force, check_images=args.check,
+                             console=Console(stderr=True, quiet=args.quiet, log_path=False))
+    print(result.path)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .deploy.predict import predict_command
+
+    return predict_command(args)
 
 
 _ZOO_COMMANDS = {"list": zoo_list, "show": zoo_show, "rm": zoo_rm, "gc": zoo_gc, "export": zoo_export}
 _COMMANDS = {"run": cmd_run, "split": cmd_split, "validate": cmd_validate, "plugins": cmd_plugins, "zoo": cmd_zoo, "runs": cmd_runs,
-             "leaderboard": cmd_leaderboard, "report": cmd_report}
+             "leaderboard": cmd_leaderboard, "report": cmd_report, "export": cmd_export, "predict": cmd_predict}
 
 
 def _count(n: int, noun: str) -> str:

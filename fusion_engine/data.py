@@ -290,7 +290,7 @@ def load_images(images: Sequence[Any] | np.ndarray, indices: Sequence[int] | np.
     if isinstance(images, np.ndarray) and images.dtype != object:
         return _resize_batch(_to_channels(images[indices], in_chans), size)
     items = [images[i] for i in indices]
-    if items and all(isinstance(x, np.ndarray) for x in items) and len({x.shape for x in items}) == 1:
+    if items and resize_method(items) == RESIZE_TENSOR:
         return _resize_batch(_to_channels(np.stack(items), in_chans), size)
     with ThreadPoolExecutor(DECODE_THREADS) as pool:
         decoded = list(pool.map(partial(_decode, size=size, mode="L" if in_chans == 1 else "RGB"), items))
@@ -299,6 +299,125 @@ def load_images(images: Sequence[Any] | np.ndarray, indices: Sequence[int] | np.
     batch = np.stack(decoded)
     batch = batch[:, None] if in_chans == 1 else batch.transpose(0, 3, 1, 2)
     return torch.from_numpy(np.ascontiguousarray(batch))
+
+
+#: the two ways :func:`load_images` resizes (see :func:`resize_method`)
+RESIZE_TENSOR, RESIZE_PIL = "tensor", "pil"
+
+
+def resize_method(images: Sequence[Any] | np.ndarray) -> str:
+    """How :func:`load_images` resizes ``images``: ``"tensor"`` for arrays of one shape (one
+    batched, antialiased bilinear resize in torch), ``"pil"`` for files, PIL images and arrays of
+    several shapes (PIL's bilinear resize, image by image). The two differ by one grey level in
+    about a pixel in five, so an exported ensemble records which one its run used and predicts
+    new images the same way (:func:`decode_images`)."""
+    if isinstance(images, np.ndarray) and images.dtype != object:
+        return RESIZE_TENSOR
+    uniform = len(images) > 0 and all(isinstance(x, np.ndarray) for x in images) and len({x.shape for x in images}) == 1
+    return RESIZE_TENSOR if uniform else RESIZE_PIL
+
+
+def decode_images(items: Sequence[Any], size: int, in_chans: int, method: str) -> tuple["torch.Tensor", dict[int, str]]:
+    """``items`` (paths, PIL images, uint8 arrays ``(H, W[, C])``) as ``uint8`` ``(n, in_chans,
+    size, size)``, each made exactly as :func:`load_images` makes the images of a dataset that it
+    resizes by ``method`` (:func:`resize_method`): files through PIL (``"pil"``), or decoded at
+    their own size and resized in torch (``"tensor"``). An item that cannot be read is left out of
+    the tensor and its position mapped to the reason, so one bad file never stops the others.
+    """
+    import torch
+
+    if in_chans not in (1, 3):
+        raise FusionEngineError(f"in_chans must be 1 or 3, got {in_chans}")
+    mode = "L" if in_chans == 1 else "RGB"
+    if method == RESIZE_PIL:
+        work = partial(_decode, size=size, mode=mode)
+    elif method == RESIZE_TENSOR:
+        work = _native
+    else:
+        raise ValueError(f"unknown resize method {method!r}; expected {RESIZE_TENSOR!r} or {RESIZE_PIL!r}")
+    if method == RESIZE_TENSOR and all(isinstance(item, np.ndarray) for item in items):
+        decoded = [_or_reason(work, item) for item in items]  # nothing to decode: threads would only cost
+    else:
+        with ThreadPoolExecutor(DECODE_THREADS) as pool:
+            decoded = list(pool.map(partial(_or_reason, work), items))
+    errors = {i: d for i, d in enumerate(decoded) if isinstance(d, str)}
+    ok = [i for i in range(len(items)) if i not in errors]
+    out = torch.empty((len(ok), in_chans, size, size), dtype=torch.uint8)
+    if method == RESIZE_PIL:
+        for row, i in enumerate(ok):
+            image = decoded[i]
+            out[row] = torch.from_numpy(image[None] if in_chans == 1 else image.transpose(2, 0, 1).copy())
+        return out, errors
+    by_shape: dict[tuple, list[int]] = {}
+    for row, i in enumerate(ok):
+        by_shape.setdefault(decoded[i].shape, []).append(row)
+    for rows in by_shape.values():  # arrays of one shape resize together, as a dataset's do
+        resized = _resize_batch(_to_channels(np.stack([decoded[ok[r]] for r in rows]), in_chans), size)
+        if len(rows) == len(ok):
+            return resized, errors
+        out[rows] = resized
+    return out, errors
+
+
+def batch_pixels(x: "torch.Tensor", size: int, in_chans: int) -> "torch.Tensor":
+    """A uint8 batch ``(n, C, H, W)`` as :func:`load_images` makes a dataset's arrays of one
+    shape: channels converted, resized in torch. A batch already at ``size`` with ``in_chans``
+    channels comes back as it is, without a copy."""
+    import torch
+
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 2, 3, 4):
+        raise FusionEngineError(f"an image batch must be uint8 (n, 1|3|4, H, W), got {tuple(x.shape)} {x.dtype}")
+    if tuple(x.shape[2:]) == (size, size):  # nothing to resample: the channels are all that change
+        return _channels(x, in_chans).contiguous()
+    # resampled from the layout a dataset's arrays have (n, H, W, C), as the run's were, to the last bit
+    return _resize_batch(_to_channels(x.permute(0, 2, 3, 1).numpy(), in_chans), size)
+
+
+def _or_reason(work, item: Any) -> np.ndarray | str:
+    try:
+        return work(item)
+    except FusionEngineError as exc:
+        return str(exc)
+    except Exception as exc:  # anything else one item raises is that item's problem, not the batch's
+        return f"cannot read image {_label(item)}: {type(exc).__name__}: {exc}"
+
+
+def _label(item: Any) -> str:
+    return os.fspath(item) if isinstance(item, (str, os.PathLike)) else type(item).__name__
+
+
+#: PIL modes kept as they are by :func:`_native`; others become RGB (colour) or L (one channel)
+_NATIVE_MODES = ("L", "LA", "RGB", "RGBA")
+_COLOUR_MODES = ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa")
+
+
+def _native(item: Any) -> np.ndarray:
+    """One image as a uint8 array at its own size, ``(H, W)`` or ``(H, W, 2|3|4)``, as an array
+    dataset would hold it; :func:`_to_channels` converts it as for a dataset."""
+    if isinstance(item, (str, os.PathLike)):
+        path = os.fspath(item)
+        try:
+            with Image.open(path) as image:
+                return _native(image.copy() if image.mode in _NATIVE_MODES else image.convert(_mode_for(image)))
+        except UnidentifiedImageError:
+            raise FusionEngineError(f"cannot read image {path}: not an image format Pillow can decode") from None
+        except FusionEngineError:
+            raise
+        except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
+            raise FusionEngineError(f"cannot read image {path}: {str(exc) or type(exc).__name__}") from None
+    if isinstance(item, Image.Image):
+        return np.asarray(item if item.mode in _NATIVE_MODES else item.convert(_mode_for(item)))
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8:
+            raise FusionEngineError(f"image arrays must be uint8, got {item.dtype}")
+        if not (item.ndim == 2 or (item.ndim == 3 and item.shape[-1] in (1, 2, 3, 4))):
+            raise FusionEngineError(f"image arrays must be (H, W) or (H, W, 1|3|4), got {item.shape}")
+        return item
+    raise FusionEngineError(f"unsupported image type {type(item).__name__}; expected a path, a PIL image or a uint8 array")
+
+
+def _mode_for(image: Image.Image) -> str:
+    return "RGB" if image.mode in _COLOUR_MODES else "L"
 
 
 def decodes_files(images: Sequence[Any] | np.ndarray) -> bool:
@@ -363,7 +482,13 @@ def _to_channels(batch: np.ndarray, in_chans: int) -> "torch.Tensor":
         batch = batch[..., None]
     if batch.ndim != 4 or batch.shape[-1] not in (1, 2, 3, 4):
         raise FusionEngineError(f"image arrays must be (H, W) or (H, W, 1|3|4) per image, got {batch.shape[1:]}")
-    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
+    return _channels(torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2), in_chans)
+
+
+def _channels(x: "torch.Tensor", in_chans: int) -> "torch.Tensor":
+    """``(n, 1|2|3|4, H, W)`` uint8 -> ``(n, in_chans, H, W)``, converting as PIL's ``convert`` does."""
+    import torch
+
     gray = x.shape[1] <= 2
     x = x[:, :1] if gray else x[:, :3]  # alpha dropped, as PIL's convert("RGB") and ("L") do
     if in_chans == 3 and gray:

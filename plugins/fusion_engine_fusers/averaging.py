@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Sequence
+from typing import TYPE_CHECKING, Annotated, Literal, Sequence
 
 import numpy as np
 from pydantic import AfterValidator, Field, NonNegativeFloat
 from scipy.special import log_softmax, softmax
 
 from fusion_engine import Fuser, check_logits
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fusion_engine import FuserGraph
 
 
 def member_weights(weights: Sequence[float] | None, n_members: int) -> np.ndarray:
@@ -82,6 +85,12 @@ class Mean(Fuser):
             return softmax(np.tensordot(w, log_softmax(logits, axis=2), axes=1), axis=1)
         return np.tensordot(w, softmax(logits, axis=2), axes=1)
 
+    def onnx_proba(self, graph: FuserGraph, logits: str) -> str:
+        w = member_weights(self.weights, graph.n_members)
+        if self.space == "logprob":
+            return graph.op("Softmax", graph.weighted_sum(w, graph.op("LogSoftmax", logits, axis=2)), axis=1)
+        return graph.weighted_sum(w, graph.op("Softmax", logits, axis=2))
+
 
 class Weighted(Fuser):
     """The mean of the members' probabilities with one weight per member, learned on validation
@@ -101,3 +110,6 @@ class Weighted(Fuser):
     def predict_proba(self, logits: np.ndarray) -> np.ndarray:
         logits = check_logits(logits)
         return np.tensordot(member_weights(self.weights_, logits.shape[0]), softmax(logits, axis=2), axes=1)
+
+    def onnx_proba(self, graph: FuserGraph, logits: str) -> str:
+        return graph.weighted_sum(member_weights(self.weights_, graph.n_members), graph.op("Softmax", logits, axis=2))
