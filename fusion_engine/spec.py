@@ -8,15 +8,16 @@ carry the same path (``members.0.params.model``).
 from __future__ import annotations
 
 import difflib
+import os
 import tomllib
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 from .errors import FusionEngineError, SpecError, format_loc
 from .records import Params, Provided, StrictModel, normalize_name
@@ -154,6 +155,8 @@ class ExperimentSpec(_Strict):
     data: DataSpec
     members: list[MemberSpec] = Field(min_length=1)
     fusers: list[FuserSpec] = Field(default_factory=list)
+    tracking: dict[str, Union[StrictBool, dict[str, Any]]] = Field(
+        default_factory=dict, description="trackers to switch on (mlflow: {params}), or off (mlflow: false)")
 
     @model_validator(mode="after")
     def _names(self) -> "ExperimentSpec":
@@ -353,6 +356,7 @@ class ResolvedSpec:
     members: list[Bound | None]
     fusers: list[Bound]
     executor: Bound | None = None
+    trackers: dict[str, Bound] = field(default_factory=dict)  # by record name: those switched on
 
     @property
     def fuser_entries(self) -> list[tuple["FuserSpec", Bound]]:
@@ -369,6 +373,8 @@ class ResolvedSpec:
             entry["params"] = r.params.model_dump(mode="json")
         if self.executor is not None:
             data["executor"]["params"] = self.executor.params.model_dump(mode="json")
+        data["tracking"] = {**{k: v for k, v in data["tracking"].items() if v is False},
+                            **{name: r.params.model_dump(mode="json") for name, r in self.trackers.items()}}
         return data
 
 
@@ -394,7 +400,8 @@ def resolve_spec(spec: ExperimentSpec, catalog, *, file: str | None = None, base
     """Bind each dataset, backbone and fuser name to a plugin and validate its ``params``."""
     base_dir = Path(base_dir) if base_dir is not None else (Path(file).resolve().parent if file else Path.cwd())
 
-    def bind(kind: str, name: str, params: dict, loc: tuple, field: str | None = None) -> Bound:
+    def bind(kind: str, name: str, params: dict, loc: tuple, field: str | None = None,
+             params_loc: tuple | None = None) -> Bound:
         try:
             provided = catalog.get(kind, name)
         except SpecError as exc:
@@ -403,7 +410,7 @@ def resolve_spec(spec: ExperimentSpec, catalog, *, file: str | None = None, base
         try:
             value = model.model_validate(params, context={"base_dir": base_dir})
         except ValidationError as exc:
-            raise validation_error(exc, model, file=file, prefix=loc + ("params",)) from None
+            raise validation_error(exc, model, file=file, prefix=loc + ("params",) if params_loc is None else params_loc) from None
         return Bound(provided, value)
 
     dataset = bind("dataset", spec.data.dataset, spec.data.params, ("data",))
@@ -413,10 +420,33 @@ def resolve_spec(spec: ExperimentSpec, catalog, *, file: str | None = None, base
     # bound when the spec names one; else the run uses the built-in local executor
     executor = (bind("executor", spec.executor.name, spec.executor.params, ("executor",), field="name")
                 if "executor" in spec.model_fields_set else None)
+    trackers = resolve_trackers(spec, catalog, bind, file=file)
     from .leaderboard import CORE_RANKABLE  # the core computes these whatever plugins are installed
 
     names = sorted({*catalog.names("metric"), *CORE_RANKABLE})
     if "rank_by" in spec.model_fields_set and normalize_name(spec.rank_by) not in {normalize_name(n) for n in names}:
         choices = ", ".join(names)
         raise SpecError(f"cannot rank by '{spec.rank_by}'; choose one of: {choices}", file=file, loc="rank_by")
-    return ResolvedSpec(spec, file, base_dir, dataset, members, fusers, executor)
+    return ResolvedSpec(spec, file, base_dir, dataset, members, fusers, executor, trackers)
+
+
+def resolve_trackers(spec: ExperimentSpec, catalog, bind, *, file: str | None) -> dict[str, Bound]:
+    """The trackers a run switches on: those the spec's ``tracking:`` names (``NAME: false``
+    keeps one off), then any other whose record's ``env`` variable is set, with default params."""
+    trackers: dict[str, Bound] = {}
+    named: dict[str, str] = {}  # normalised name -> as the spec wrote it
+    for name, params in spec.tracking.items():
+        key = normalize_name(name)
+        if key in named:
+            raise SpecError(f"names the tracker '{named[key]}' again; give it once", file=file, loc=("tracking", name))
+        named[key] = name
+        bound = bind("tracker", name, {} if isinstance(params, bool) else params, ("tracking",), field=name,
+                     params_loc=("tracking", name))
+        if params is not False:
+            trackers[bound.record.name] = bound
+    for key, provided in catalog.records["tracker"].items():
+        env = provided.record.env
+        if key not in named and env and os.environ.get(env, "").strip():
+            trackers[provided.record.name] = bind("tracker", provided.record.name, {}, ("tracking",),
+                                                  field=provided.record.name, params_loc=("tracking", provided.record.name))
+    return trackers
