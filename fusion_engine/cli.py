@@ -231,7 +231,9 @@ def cmd_validate(args) -> int:
         resolved, _ = prepare(path)
         preflight(resolved, registry=args.registry)
         spec = resolved.spec
-        print(f"{path}: ok ({_count(len(spec.members), 'member')}, {_count(len(spec.fusers), 'fuser')}, dataset {spec.data.dataset})")
+        tracked = f", tracked by {', '.join(resolved.trackers)}" if resolved.trackers else ""
+        print(f"{path}: ok ({_count(len(spec.members), 'member')}, {_count(len(spec.fusers), 'fuser')}, "
+              f"dataset {spec.data.dataset}{tracked})")
     return 0
 
 

@@ -158,6 +158,17 @@ class ExperimentSpec(_Strict):
     tracking: dict[str, Union[StrictBool, dict[str, Any]]] = Field(
         default_factory=dict, description="trackers to switch on (mlflow: {params}), or off (mlflow: false)")
 
+    @field_validator("tracking", mode="before")
+    @classmethod
+    def _tracker_entries(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        for name, params in value.items():
+            if not isinstance(params, (bool, dict)) and params is not None:
+                raise _LocatedError(("tracking", name), f"give the tracker's params as a mapping, or true or false "
+                                                        f"to switch it on or off (got {params!r})")
+        return {name: True if params is None else params for name, params in value.items()}  # YAML's "mlflow:"
+
     @model_validator(mode="after")
     def _names(self) -> "ExperimentSpec":
         seen: dict[str, str] = {}

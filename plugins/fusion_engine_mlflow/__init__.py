@@ -14,6 +14,7 @@ an HTTP server answers and that a SQLite database can be written before it start
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 from typing import Optional
@@ -83,23 +84,22 @@ def check_uri(uri: str, *, base_dir: str | Path | None = None) -> str:
     parts = urlsplit(uri)
     scheme = parts.scheme.lower()
     if scheme in ("http", "https") and not parts.hostname:
-        raise ValueError(f"{uri!r} names no host; write {scheme}://HOST:PORT")
+        raise ValueError(f"names no host; write {scheme}://HOST:PORT")
     if scheme == "sqlite":
         if not uri.lower().startswith("sqlite:///"):
-            raise ValueError(f"{uri!r}: write sqlite:///relative/path.db or sqlite:////absolute/path.db")
+            raise ValueError("write sqlite:///relative/path.db or sqlite:////absolute/path.db")
         path = uri[len("sqlite:///"):]
         if not path or path.startswith(":memory:"):
-            raise ValueError(f"{uri!r}: name a database file; an in-memory database is gone when the run ends")
+            raise ValueError("name a database file; an in-memory database is gone when the run ends")
         if not Path(path).is_absolute():
             return "sqlite:///" + str((Path(base_dir or ".") / path).resolve())
     return uri
 
 
 def _create(params: MlflowParams):
-    try:
-        import mlflow  # noqa: F401
-    except ImportError:
-        raise FusionEngineError(f"MLflow is not installed; {INSTALL_HINT}") from None
+    # found, not imported: importing MLflow takes seconds, and waits until a backend is known to answer
+    if importlib.util.find_spec("mlflow") is None:
+        raise FusionEngineError(f"MLflow is not installed; {INSTALL_HINT}")
     from .tracker import MlflowTracker
 
     return MlflowTracker(params)

@@ -86,7 +86,7 @@ def tracking_uri(params: MlflowParams, registry: Path) -> str:
         try:
             return check_uri(from_env)
         except ValueError as exc:
-            raise FusionEngineError(f"{ENV}: {exc}") from None
+            raise FusionEngineError(f"{ENV}={from_env!r}: {exc}") from None
     return "sqlite:///" + str((Path(registry) / "mlflow" / "mlflow.db").resolve())
 
 
@@ -121,6 +121,8 @@ def check_database(path: Path) -> None:
     an unwritable one for about a hundred seconds)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise FusionEngineError(f"cannot use the MLflow database {path}: {path.parent} is a file, not a folder") from None
     except OSError as exc:
         raise FusionEngineError(f"cannot make the folder of the MLflow database {path}: {exc.strerror}") from None
     target = path if path.exists() else path.parent
