@@ -408,11 +408,15 @@ def prepare(spec_path: str | Path, *, executor: dict | None = None):
 
 
 def resolve_spec(spec: ExperimentSpec, catalog, *, file: str | None = None, base_dir: Path | None = None) -> ResolvedSpec:
-    """Bind each dataset, backbone and fuser name to a plugin and validate its ``params``."""
+    """Bind each dataset, backbone, fuser, executor and tracker name to a plugin and validate its
+    ``params``."""
     base_dir = Path(base_dir) if base_dir is not None else (Path(file).resolve().parent if file else Path.cwd())
 
     def bind(kind: str, name: str, params: dict, loc: tuple, field: str | None = None,
              params_loc: tuple | None = None) -> Bound:
+        """An unknown name is reported at ``loc.<field or kind>``, a bad param under ``params_loc``
+        (default ``loc.params``)."""
+        params_loc = loc + ("params",) if params_loc is None else params_loc
         try:
             provided = catalog.get(kind, name)
         except SpecError as exc:
@@ -421,7 +425,7 @@ def resolve_spec(spec: ExperimentSpec, catalog, *, file: str | None = None, base
         try:
             value = model.model_validate(params, context={"base_dir": base_dir})
         except ValidationError as exc:
-            raise validation_error(exc, model, file=file, prefix=loc + ("params",) if params_loc is None else params_loc) from None
+            raise validation_error(exc, model, file=file, prefix=params_loc) from None
         return Bound(provided, value)
 
     dataset = bind("dataset", spec.data.dataset, spec.data.params, ("data",))
@@ -452,12 +456,11 @@ def resolve_trackers(spec: ExperimentSpec, catalog, bind, *, file: str | None) -
             raise SpecError(f"names the tracker '{named[key]}' again; give it once", file=file, loc=("tracking", name))
         named[key] = name
         bound = bind("tracker", name, {} if isinstance(params, bool) else params, ("tracking",), field=name,
-                     params_loc=("tracking", name))
+                     params_loc=("tracking", name))  # a false one is checked too: a typo would hide
         if params is not False:
             trackers[bound.record.name] = bound
     for key, provided in catalog.records["tracker"].items():
-        env = provided.record.env
+        name, env = provided.record.name, provided.record.env
         if key not in named and env and os.environ.get(env, "").strip():
-            trackers[provided.record.name] = bind("tracker", provided.record.name, {}, ("tracking",),
-                                                  field=provided.record.name, params_loc=("tracking", provided.record.name))
+            trackers[name] = bind("tracker", name, {}, ("tracking",), field=name, params_loc=("tracking", name))
     return trackers

@@ -65,7 +65,9 @@ class RunTrackers:
     def on_run_start(self, run) -> None:
         for name, bound in self.bound.items():
             run.note(name, status="started")
-            self._guarded(run, name, "create", lambda: self.live.__setitem__(name, bound.record.create(bound.params)))
+            tracker = self._guarded(run, name, "create", bound.record.create, bound.params)
+            if tracker is not None:
+                self.live[name] = tracker
         self._each(run, "on_run_start")
 
     @hookimpl(tryfirst=True)
@@ -87,16 +89,19 @@ class RunTrackers:
         for name, tracker in list(self.live.items()):
             method = getattr(tracker, event, None)
             if method is not None:
-                self._guarded(run, name, event, lambda: method(run=run, **kwargs))
+                self._guarded(run, name, event, method, run=run, **kwargs)
 
-    def _guarded(self, run, name: str, event: str, call: Callable[[], object]) -> None:
+    def _guarded(self, run, name: str, event: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``call(*args, **kwargs)``, or ``None`` when it raised: then the tracker is off."""
         try:
-            call()
+            return call(*args, **kwargs)
         except Exception as exc:  # any error at all: a tracker never fails a run
             self.live.pop(name, None)
             # the engine's errors are written for people; anything else says what it is
-            error = " ".join((str(exc) if isinstance(exc, FusionEngineError) else f"{type(exc).__name__}: {exc}").split())
+            error = str(exc) if isinstance(exc, FusionEngineError) else f"{type(exc).__name__}: {exc}"
+            error = " ".join(error.split())
             if len(error) > 500:  # an HTTP client's error can quote a whole response
                 error = error[:497] + "..."
             run.note(name, status="failed", failed_in=event, error=error)
             log.warning("tracking: %s failed in %s, so this run goes on untracked by it: %s", name, event, error)
+            return None

@@ -122,8 +122,8 @@ class MlflowTracker(Tracker):
                 client.set_terminated(row_run, "FINISHED")
                 self.open.pop(name, None)
             data = RunFolder(run.run_dir).summary.get("data", {})
-            tags = {"fusion.data.fingerprint": data.get("fingerprint"), "fusion.data.split_sha256": data.get("split_sha256"),
-                    "fusion.data.dataset": run.spec.spec.data.dataset, "fusion.data.classes": data.get("classes"),
+            tags = {"fusion.data.dataset": run.spec.spec.data.dataset, "fusion.data.fingerprint": data.get("fingerprint"),
+                    "fusion.data.split_sha256": data.get("split_sha256"), "fusion.data.classes": data.get("classes"),
                     "fusion.data.split_sizes": data.get("split_sizes"),
                     "fusion.ranked_by": leaderboard.attrs.get("ranked_by", run.spec.spec.rank_by)}
             if rows:
