@@ -7,6 +7,8 @@ Each arrow is one stage with typed inputs and outputs: :func:`fusion_engine.spec
 :func:`fusion_engine.calibration.calibrate_members`, :func:`fusion_engine.fusion.fit_fusers`,
 :func:`fusion_engine.leaderboard.build_leaderboard`, and :class:`fusion_engine.runfolder.RunFolder`,
 which writes everything. This module only strings them together and keeps the run's summary (``run.json``).
+Plugins hear the run through the lifecycle hooks; trackers the spec switches on hear it through
+:class:`fusion_engine.tracking.RunTrackers`, which keeps a tracker's failure from failing the run.
 
 The evaluation protocol: the data are split once; members train on train, choose their best
 epoch on val, and predict val and test once; fusers see member logits only, are fitted on val

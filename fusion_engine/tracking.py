@@ -91,7 +91,7 @@ class RunTrackers:
             if method is not None:
                 self._guarded(run, name, event, method, run=run, **kwargs)
 
-    def _guarded(self, run, name: str, event: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _guarded(self, run, name: str, event: str, call: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """``call(*args, **kwargs)``, or ``None`` when it raised: then the tracker is off."""
         try:
             return call(*args, **kwargs)

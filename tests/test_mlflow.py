@@ -163,6 +163,7 @@ def test_the_run_folder_is_the_runs_artifacts(trained, tmp_path):
     assert plots and plots <= files
     assert {"leaderboard.csv", "leaderboard.md", "leaderboard.json", "report.html", "spec.yaml", "run.json", "run.log",
             "members/net-a/card.json", "fusers/avg.json"} <= files
+    assert not [f for f in files if f.endswith(".safetensors")]  # the arrays stay in the run folder
     got = tracked.client.download_artifacts(tracked.parent.info.run_id, "leaderboard.csv", str(tmp_path))
     assert Path(got).read_bytes() == (tracked.run_dir / "leaderboard.csv").read_bytes()
     assert tracked.parent.data.tags["mlflow.note.content"] == (tracked.run_dir / "leaderboard.md").read_text()

@@ -98,9 +98,9 @@ def connect(params: MlflowParams, uri: str) -> Connection:
         check_server(uri, timeout=params.timeout)
     elif scheme == "sqlite":
         check_database(Path(uri[len("sqlite:///"):]))
-    from mlflow import MlflowClient
-
     with quiet_mlflow(params):
+        from mlflow import MlflowClient  # imported by quiet_mlflow
+
         return Connection(uri, MlflowClient(tracking_uri=uri), params)
 
 
@@ -157,6 +157,9 @@ def quiet_mlflow(params: MlflowParams) -> Iterator[None]:
         if field in params.model_fields_set or variable not in os.environ:  # the spec, else the user's, else ours
             env[variable] = str(getattr(params, field))
     saved_env = {name: os.environ.get(name) for name in env}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import mlflow  # noqa: F401  (it sets up its loggers when imported: before their levels are saved)
     loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
     saved_levels = [logger.level for logger in loggers]
     os.environ.update(env)

@@ -6,7 +6,8 @@ What lands where (docs/tracking.md has the full table):
   ``data.split.val``, ``members.<name>.train.lr``, ...), tags (``fusion.*``: run id, experiment,
   data fingerprint and split, library versions; ``mlflow.user``, ``mlflow.source.name``), the
   top leaderboard row's columns as metrics, the leaderboard as the run's description, and the
-  run folder as its artifacts (leaderboard files, report.html, plots/, spec, run.json, run.log);
+  run folder as its artifacts (leaderboard files, report.html, plots/, spec, run.json, run.log,
+  predictions, cards; not the ``.safetensors`` arrays);
 - a nested run per member (as it is ready): backbone, params, training config, seed, zoo key,
   ``action`` (``trained`` or ``reused``); for a member trained in this run, its per-epoch
   ``epoch/train_loss``, ``epoch/val_loss``, ``epoch/val_accuracy``, ``epoch/lr`` and
@@ -25,6 +26,7 @@ from __future__ import annotations
 import getpass
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from fusion_engine import RunFolder, Tracker
@@ -39,6 +41,8 @@ STATUS = {"complete": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 PARENT_TAG = "mlflow.parentRunId"
 #: the section of run.json (``notes.mlflow``) where the tracker says where the run went
 NOTE = "mlflow"
+#: run-folder files left out of the artifacts
+UNUPLOADED = {".safetensors"}
 
 
 class MlflowTracker(Tracker):
@@ -142,8 +146,9 @@ class MlflowTracker(Tracker):
             client = self.conn.client
             upload_error = None
             try:  # the run folder as it is: a failed run's run.json and run.log say why
-                if run.run_dir.is_dir():
-                    client.log_artifacts(self.run_id, str(run.run_dir))
+                for path in artifact_files(run.run_dir):
+                    folder = path.parent.relative_to(run.run_dir).as_posix()
+                    client.log_artifact(self.run_id, str(path), None if folder == "." else folder)
             except Exception as exc:
                 upload_error = exc
             for row_run in self.open.values():  # members of a run that failed before its leaderboard
@@ -161,6 +166,14 @@ class MlflowTracker(Tracker):
                                               tags={t.key: t.value for t in values.tags(tags)}).info.run_id
         self.open[name] = row_run
         return row_run
+
+
+def artifact_files(run_dir: Path) -> list[Path]:
+    """What of a run folder is uploaded: every file but the arrays (``*.safetensors``: logits and
+    probabilities, which grow with the test set and stay in the run folder)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.rglob("*") if p.is_file() and p.suffix not in UNUPLOADED)
 
 
 def _now() -> int:
