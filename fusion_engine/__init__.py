@@ -42,6 +42,12 @@ _EXPORTS = {
     "accuracy": "evaluation",
     "nll": "evaluation",
     "expected_calibration_error": "evaluation",
+    # members trained elsewhere: the images as the engine feeds them, weights files
+    "load_images": "data",
+    "read_state_dict": "weights",
+    "read_weight_shapes": "weights",
+    "weights_mismatch": "weights",
+    "WEIGHT_SUFFIXES": "weights",
     # errors
     "FusionEngineError": "errors",
     "PluginError": "errors",

@@ -86,19 +86,26 @@ class TemperatureScaled(Fuser):
         self.seed = seed
 
 
-    def fit(self, logits: np.ndarray, y: np.ndarray) -> "TemperatureScaled":
+    @property
+    def needs_costs(self) -> bool:
+        return self.fuser.needs_costs
+
+    def fit(self, logits: np.ndarray, y: np.ndarray, **fit_params) -> "TemperatureScaled":
         from .crossfit import cross_val_proba
 
         super().fit(logits, y)
-        oof = cross_val_proba(self.fuser, logits, y, cv=self.cv, seed=self.seed)
+        oof = cross_val_proba(self.fuser, logits, y, cv=self.cv, seed=self.seed, fit_params=fit_params)
         self.temperature_ = fit_temperature(log_proba(oof), y)
-        self.fuser_ = self.fuser.clone().fit(logits, y)
+        self.fuser_ = self.fuser.clone().fit(logits, y, **fit_params)
         if hasattr(self.fuser_, "weights_"):
             self.weights_ = self.fuser_.weights_
         return self
 
     def predict_proba(self, logits: np.ndarray) -> np.ndarray:
         return apply_temperature(log_proba(self.fuser_.predict_proba(check_logits(logits))), self.temperature_)
+
+    def consulted(self, logits: np.ndarray) -> np.ndarray:
+        return self.fuser_.consulted(logits)
 
     def get_state(self, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         state = super().get_state(skip=(*skip, "fuser_"))

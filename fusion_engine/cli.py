@@ -95,6 +95,28 @@ def _parser() -> argparse.ArgumentParser:
     zoo_gc.add_argument("--cache", action="store_true",
                         help="also remove the decoded-image cache (the next run that trains a member decodes again)")
     _registry_option(zoo_gc, json_option=True)
+    zoo_export = zoo_sub.add_parser("export", help="write a member as plain files another registry can import",
+                                    description="Write a stored member (weights, outputs, ids and card, each checked) "
+                                                "into DIR/<key>/, for `fusion-engine zoo import` elsewhere.")
+    zoo_export.add_argument("ref", metavar="KEY", help="a key, a key prefix (8+ hex characters) or a member name")
+    zoo_export.add_argument("out", metavar="DIR", help="the folder to write into")
+    _registry_option(zoo_export, json_option=True)
+    zoo_import = zoo_sub.add_parser(
+        "import", help="store members from exported folders, or a spec's weights and predictions members",
+        description="Store members in the zoo without a run: from folders `zoo export` wrote (every file checked, "
+                    "the same key), or a spec's members that come from weights: or predictions: files (checked, "
+                    "run or read as a run would; --member picks them).")
+    zoo_import.add_argument("sources", nargs="+", metavar="FOLDER|SPEC",
+                            help="folders written by zoo export, or one spec (.yaml, .yml, .toml)")
+    zoo_import.add_argument("--member", action="append", default=[], metavar="NAME",
+                            help="with a spec: import only this member (repeatable)")
+    _registry_option(zoo_import, json_option=True)
+
+    split = sub.add_parser("split", help="write the sample ids of train, val and test",
+                           description="Write the sample ids of a spec's split (what a predictions: file must hold for "
+                                       "val and test), with each sample's split, label and, for image files, path.")
+    split.add_argument("spec", metavar="SPEC")
+    split.add_argument("--out", metavar="FILE", required=True, help="a .csv, .parquet or .json file to write")
 
     runs = sub.add_parser("runs", help="list recorded runs", description="Runs recorded in the registry index.")
     runs_sub = runs.add_subparsers(dest="runs_command", metavar="RUNS_COMMAND", required=True, parser_class=_Parser)
@@ -107,14 +129,33 @@ def _parser() -> argparse.ArgumentParser:
                                        "complete run of --experiment, or the latest complete run.")
     _run_selector(board)
     board.add_argument("--format", choices=["table", "md", "csv", "json"], default="table", help="output format (default: table)")
+    board.add_argument("--budget", type=_milliseconds, metavar="MS",
+                       help="also name the best row (chosen on val) whose inference cost fits MS milliseconds per "
+                            "image, with its test accuracy and interval (--format table or json)")
     _registry_option(board)
 
     report = sub.add_parser("report", help="draw a run's plots and report.html again from the registry",
                             description="Re-render plots/ and report.html of a run from its run folder; prints the "
                                         "report's path.")
     _run_selector(report)
+    report.add_argument("--budget", type=_milliseconds, metavar="MS",
+                        help="name the best row within MS milliseconds per image in the report (default: the spec's "
+                             "budget_ms)")
     _registry_option(report)
     return parser
+
+
+def _milliseconds(text: str) -> float:
+    """An argparse type: a positive, finite number of milliseconds."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of milliseconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"'{text}': give a positive number of milliseconds")
+    return value
 
 
 def _run_selector(parser: argparse.ArgumentParser) -> None:
@@ -327,13 +368,14 @@ def _table(columns: list[str], rows: list[list], *, title: str | None = None) ->
 
 
 def cmd_zoo(args) -> int:
-    from .zoo import resolve_registry
-    from .zoo import ZooError
+    from .zoo import ZooError, resolve_registry
 
-    writes = args.zoo_command in ("rm", "gc")
-    if writes and not resolve_registry(args.registry).is_dir():
+    changes = args.zoo_command in ("rm", "gc")  # a registry that is not there has nothing to remove
+    if changes and not resolve_registry(args.registry).is_dir():
         raise ZooError(f"no registry at {resolve_registry(args.registry)}")
-    reg = _open_registry(args, create=writes)
+    if args.zoo_command == "import":
+        return zoo_import(args)  # checks everything before it creates a registry
+    reg = _open_registry(args, create=changes)
     with reg:
         return _ZOO_COMMANDS[args.zoo_command](args, reg)
 
@@ -375,14 +417,86 @@ def zoo_show(args, reg) -> int:
         print(f"{field:>13}: {data[field]}")
     print(f"{'size':>13}: {_size(entry.bytes)} in {len(entry.files)} files")
     if card is not None:
-        print(f"{'params':>13}: {json.dumps(card.spec.params)}")
-        print(f"{'train':>13}: {json.dumps(card.spec.train)}")
-        print(f"{'seed':>13}: {card.spec.seed}")
-        print(f"{'best epoch':>13}: {card.best_epoch} of {len(card.history)}")
-        print(f"{'trained in':>13}: {card.timings.train_seconds} s on {card.device}")
+        print(f"{'source':>13}: {card.source}")
+        if card.origin is not None:
+            origin = card.origin
+            print(f"{'from file':>13}: {origin.get('file')} (sha256 {str(origin.get('sha256'))[:16]}...)"
+                  + (f", classes {', '.join(origin['class_names'])}" if origin.get("class_names") else ""))
+        if card.source != "predictions":
+            print(f"{'params':>13}: {json.dumps(card.spec.params)}")
+        if card.source == "trained":
+            print(f"{'train':>13}: {json.dumps(card.spec.train)}")
+            print(f"{'seed':>13}: {card.spec.seed}")
+            print(f"{'best epoch':>13}: {card.best_epoch} of {len(card.history)}")
+            print(f"{'trained in':>13}: {card.timings.train_seconds} s on {card.device}")
+        elif card.source == "weights":
+            print(f"{'predicted in':>13}: {card.timings.predict_seconds} s on {card.device}")
     print(f"{'used by runs':>13}: {', '.join(runs) or 'none'}")
     print(f"{'check':>13}: {check}")
     return 0 if check == "ok" else 1
+
+
+def zoo_export(args, reg) -> int:
+    from .zoo.exchange import export_member
+
+    entry, folder = export_member(reg, args.ref, Path(args.out))
+    if args.json:
+        _print_json({"key": entry.key, "name": entry.name, "folder": str(folder)})
+    else:
+        print(f"exported {entry.name} ({entry.key}) to {folder}")
+    return 0
+
+
+def zoo_import(args) -> int:
+    """``zoo import``: a spec's weights/predictions members, or exported folders. Everything is
+    checked before the registry is created or written."""
+    from .zoo import resolve_registry
+    from .zoo.exchange import import_member, read_export
+
+    specs = [s for s in args.sources if Path(s).suffix.lower() in (".yaml", ".yml", ".toml")]
+    if specs and len(args.sources) > 1:
+        raise FusionEngineError("zoo import: give one spec, or folders written by zoo export, not both")
+    if args.member and not specs:
+        raise FusionEngineError("zoo import: --member picks members of a spec; the sources are exported folders")
+    done = []
+    if specs:
+        from .members import import_members, importable
+        from .preflight import preflight
+        from .spec import prepare
+
+        resolved, _ = prepare(specs[0])
+        importable(resolved, args.member)
+        checked = preflight(resolved, registry=resolve_registry(args.registry))
+        with _open_registry(args, create=True) as reg:
+            for name, member in import_members(resolved, reg, args.member, checked=checked).items():
+                done.append({"key": member.key, "name": name, "source": member.source,
+                             "new": member.action != "reused"})
+    else:
+        for folder in args.sources:
+            read_export(Path(folder))
+        with _open_registry(args, create=True) as reg:
+            for folder in args.sources:
+                entry, new = import_member(reg, Path(folder))
+                done.append({"key": entry.key, "name": entry.name, "source": "export", "new": new})
+    if args.json:
+        _print_json(done)
+    else:
+        for item in done:
+            print(f"{'imported' if item['new'] else 'already in the zoo:'} {item['name']} ({item['key']})")
+    return 0
+
+
+def cmd_split(args) -> int:
+    from .data import check_split_path, load_dataset, write_split_ids
+    from .spec import prepare
+
+    check_split_path(Path(args.out))
+    resolved, _ = prepare(args.spec)
+    dataset, indices = load_dataset(resolved)
+    path = write_split_ids(dataset, indices, Path(args.out))
+    sizes = ", ".join(f"{len(idx)} {s}" for s, idx in indices.items())
+    print(f"{path}: {sizes}")
+    return 0
 
 
 def zoo_rm(args, reg) -> int:
@@ -459,14 +573,24 @@ def cmd_report(args) -> int:
     from .report import write_report
 
     _, run_dir = _complete_run(args)
-    print(write_report(run_dir, write_plots(run_dir)))
+    print(write_report(run_dir, write_plots(run_dir), budget_ms=args.budget))
     return 0
 
 
 def cmd_leaderboard(args) -> int:
     from .runfolder import LEADERBOARD, RunFolder
 
+    if args.budget is not None and args.format not in ("table", "json"):
+        raise FusionEngineError(f"leaderboard: --budget prints with --format table or json, not {args.format}")
     run, run_dir = _complete_run(args)
+    if args.budget is not None:
+        from .leaderboard import best_within_budget
+
+        folder = RunFolder.complete(run_dir)
+        choice = best_within_budget(folder.rows, args.budget, ranked_by=folder.leaderboard.get("ranked_by", "accuracy"))
+        if args.format == "json":
+            _print_json(choice.as_dict())
+            return 0
     if args.format != "table":
         path = run_dir / {"csv": LEADERBOARD[0], "md": LEADERBOARD[1], "json": LEADERBOARD[2]}[args.format]
         try:
@@ -481,6 +605,8 @@ def cmd_leaderboard(args) -> int:
     sizes = board.attrs.get("split_sizes") or {}
     print_leaderboard(board, title=f"{board.attrs.get('experiment', run['experiment'])} ({run['run_id']}): "
                                    f"scored on {sizes.get('test', '?')} test samples")
+    if args.budget is not None:
+        print(choice.sentence(int(round(100 * board.attrs.get("confidence", 0.95)))))
     return 0
 
 
@@ -499,8 +625,8 @@ def _unindexed_run(reg, run_id: str) -> dict | None:
     return {"run_id": run_id, "experiment": summary.get("experiment", "?"), "status": summary.get("status", "?")}
 
 
-_ZOO_COMMANDS = {"list": zoo_list, "show": zoo_show, "rm": zoo_rm, "gc": zoo_gc}
-_COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plugins": cmd_plugins, "zoo": cmd_zoo, "runs": cmd_runs,
+_ZOO_COMMANDS = {"list": zoo_list, "show": zoo_show, "rm": zoo_rm, "gc": zoo_gc, "export": zoo_export}
+_COMMANDS = {"run": cmd_run, "split": cmd_split, "validate": cmd_validate, "plugins": cmd_plugins, "zoo": cmd_zoo, "runs": cmd_runs,
              "leaderboard": cmd_leaderboard, "report": cmd_report}
 
 

@@ -35,7 +35,7 @@ def n_folds(y: np.ndarray, cv: int = DEFAULT_CV) -> int:
 
 
 def cross_val_proba(fuser: Fuser, logits: np.ndarray, y: np.ndarray, cv: int | None = None,
-                    seed: int | None = None, n_jobs: int | None = None) -> np.ndarray:
+                    seed: int | None = None, n_jobs: int | None = None, fit_params: dict | None = None) -> np.ndarray:
     """Out-of-fold class probabilities ``(N, C)`` of ``fuser`` on ``(logits, y)``.
 
     Every fold fits ``fuser.clone()``, so ``fuser`` itself is left untouched. Folds are
@@ -43,12 +43,15 @@ def cross_val_proba(fuser: Fuser, logits: np.ndarray, y: np.ndarray, cv: int | N
     :func:`n_folds` splits. ``cv`` and ``seed`` default to the fuser's own ``cv`` and ``seed``
     parameters where it has them (and they are not ``None``), else 5 and 0. A fuser with ``requires_fit`` false learns
     nothing, so its in-sample probabilities are already out-of-fold and are returned as they are.
+    ``fit_params`` go to every ``fit`` as keyword arguments (per member, never per sample: e.g.
+    ``costs``).
     """
-    return cross_fit(fuser, logits, y, cv=cv, seed=seed, n_jobs=n_jobs, refit=False)[1]
+    return cross_fit(fuser, logits, y, cv=cv, seed=seed, n_jobs=n_jobs, refit=False, fit_params=fit_params)[1]
 
 
 def cross_fit(fuser: Fuser, logits: np.ndarray, y: np.ndarray, cv: int | None = None, seed: int | None = None,
-              n_jobs: int | None = None, refit: bool = True) -> tuple[Fuser | None, np.ndarray, float]:
+              n_jobs: int | None = None, refit: bool = True,
+              fit_params: dict | None = None) -> tuple[Fuser | None, np.ndarray, float]:
     """A clone of ``fuser`` fitted on all of ``(logits, y)``, its out-of-fold probabilities
     (:func:`cross_val_proba`), and the seconds the full fit took.
 
@@ -56,7 +59,8 @@ def cross_fit(fuser: Fuser, logits: np.ndarray, y: np.ndarray, cv: int | None = 
     threads (joblib's ``n_jobs``: ``None`` is 1, ``-1`` every core). Every fit is seeded and sees
     only its own data, so the result does not depend on ``n_jobs``. Run it under
     ``threadpoolctl.threadpool_limits(1)`` so that the threads do not each start a BLAS pool.
-    With ``refit=False`` no full fit is made and the first item is ``None``.
+    With ``refit=False`` no full fit is made and the first item is ``None``. ``fit_params`` go
+    to every fit (see :func:`cross_val_proba`).
     """
     import time
 
@@ -64,10 +68,12 @@ def cross_fit(fuser: Fuser, logits: np.ndarray, y: np.ndarray, cv: int | None = 
 
     logits = check_logits(logits, y)
     y = np.asarray(y)
+    fit_params = fit_params or {}
 
     def fit(train: np.ndarray | None) -> tuple[Fuser, float]:
         t0 = time.perf_counter()
-        fitted = fuser.clone().fit(logits if train is None else logits[:, train], y if train is None else y[train])
+        fitted = fuser.clone().fit(logits if train is None else logits[:, train], y if train is None else y[train],
+                                   **fit_params)
         return fitted, time.perf_counter() - t0
 
     if not fuser.requires_fit:

@@ -108,6 +108,46 @@ def run_data(dataset: ImageDataset, indices: dict[str, np.ndarray], *, cache_dir
     return data
 
 
+#: the formats ``fusion-engine split`` writes
+SPLIT_SUFFIXES = (".csv", ".parquet", ".json")
+
+
+def check_split_path(path: Path) -> None:
+    if path.suffix.lower() not in SPLIT_SUFFIXES:
+        raise FusionEngineError(f"--out {path}: write a .csv, .parquet or .json file")
+
+
+def write_split_ids(dataset: ImageDataset, indices: dict[str, np.ndarray], path: Path) -> Path:
+    """``fusion-engine split``: every sample's id, split, label and, for image files, path, as
+    CSV, Parquet or JSON (by ``path``'s suffix), written whole or not at all."""
+    import pandas as pd
+
+    from .files import atomic_path
+
+    rows = []
+    for split, idx in indices.items():
+        for i in idx:
+            image = dataset.images[i] if not isinstance(dataset.images, np.ndarray) else None
+            rows.append({"id": str(dataset.ids[i]), "split": split, "label": dataset.class_names[dataset.labels[i]],
+                         "path": os.fspath(image) if isinstance(image, (str, os.PathLike)) else None})
+    frame = pd.DataFrame(rows)
+    if frame["path"].isna().all():
+        frame = frame.drop(columns="path")
+    check_split_path(path)
+    suffix = path.suffix.lower()
+    try:
+        with atomic_path(path) as tmp:
+            if suffix == ".csv":
+                frame.to_csv(tmp, index=False)
+            elif suffix == ".parquet":
+                frame.to_parquet(tmp, index=False)
+            else:
+                frame.to_json(tmp, orient="records", indent=1)
+    except OSError as exc:
+        raise FusionEngineError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
 # -- splitting -------------------------------------------------------------------------------------
 
 def split_indices(dataset: ImageDataset, split: SplitSpec, seed: int) -> dict[str, np.ndarray]:

@@ -44,3 +44,14 @@ def format_loc(loc: tuple | None) -> str:
     if not loc:
         return ""
     return ".".join(str(p) for p in loc)
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message on one line (its type's name when it has none)."""
+    return (str(exc).strip() or type(exc).__name__).splitlines()[0]
+
+
+def first_few(items, n: int = 3) -> str:
+    """``a, b, c, ...``: the first ``n`` items of a list an error names."""
+    items = list(items)
+    return ", ".join(map(str, items[:n])) + (", ..." if len(items) > n else "")

@@ -18,6 +18,7 @@ import platform
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import FusionEngineError
@@ -36,7 +37,9 @@ Pixels = Callable[[InputConfig], "dict[str, torch.Tensor]"]
 
 @dataclass
 class MemberJob:
-    """One member to train on train, select on val, and predict on val and test.
+    """One member to train on train, select on val, and predict on val and test; or, with
+    ``train`` None, a member trained elsewhere whose ``weights`` file is loaded (its outputs put
+    in the dataset's class order by ``class_order``) and which only predicts.
 
     Everything a worker needs travels in the job, except the images and labels, which an
     executor gets once per run and shares between jobs (the ``ray`` executor puts them in the
@@ -48,7 +51,7 @@ class MemberJob:
     key: str
     backbone: BackboneRecord
     params: Params
-    train: "TrainSpec"
+    train: "TrainSpec | None"
     seed: int
     num_classes: int
     image_size: int | None
@@ -57,16 +60,28 @@ class MemberJob:
     resources: "ResourcesSpec | None" = None
     label: str = ""  # "member 2/3", for progress lines
     checkpoint: "Checkpoint | None" = None
+    weights: "Path | None" = None  # a member that is not trained: its weights file
+    weights_sha256: "str | None" = None  # the bytes of that file the run checked (and keyed the member by)
+    class_order: "list[int] | None" = None  # columns of its outputs in the dataset's class order
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.train.eval_batch_size if self.train is not None else EVAL_BATCH_SIZE
+
+
+#: the prediction batch of a member that is not trained (a trained one's is its train.eval_batch_size)
+EVAL_BATCH_SIZE = 256
 
 
 @dataclass
 class FittedMember:
-    """What :func:`fit_member` returns: the best epoch's weights and the member's outputs."""
+    """What :func:`fit_member` returns: the best epoch's weights and the member's outputs
+    (a member run from its weights has no history and no best epoch)."""
 
     state_dict: dict[str, Any]  # name -> CPU tensor
     logits: dict[str, "np.ndarray"]  # "val", "test" -> (N, C) float32
     history: list[dict]
-    best_epoch: int
+    best_epoch: int | None
     train_seconds: float
     predict_seconds: float
     images_per_second: float
@@ -159,6 +174,7 @@ def build_member(job: MemberJob):
 def fit_member(job: MemberJob, images: dict[str, "torch.Tensor"], labels: dict[str, "np.ndarray"], *,
                quiet: bool = True, checkpoint: "Checkpoint | None" = None) -> FittedMember:
     """Build, train and predict one member: the whole of a member's compute, run by executors.
+    A member that is not trained (``job.train`` None) is built, given its weights and predicts.
 
     ``images`` holds ``uint8`` tensors for ``train``, ``val`` and ``test`` at ``job.input``;
     ``labels`` the ``train`` and ``val`` labels. Deterministic on CPU for a given job.
@@ -168,13 +184,15 @@ def fit_member(job: MemberJob, images: dict[str, "torch.Tensor"], labels: dict[s
     from .training import predict_logits, resolve_device, train_member
 
     built = build_member(job)
+    if job.train is None:
+        return _predict_from_weights(job, built, images)
     y = {s: torch.tensor(labels[s]) for s in ("train", "val")}
     result = train_member(
         built.module, job.input, job.train, images["train"], y["train"], images["val"], y["val"],
         seed=job.seed, device=job.device, label=job.name, quiet=quiet, checkpoint=checkpoint,
     )  # leaves the module holding the best epoch's weights
     t0 = time.perf_counter()
-    logits = {s: predict_logits(built.module, job.input, images[s], batch_size=job.train.eval_batch_size,
+    logits = {s: predict_logits(built.module, job.input, images[s], batch_size=job.eval_batch_size,
                                 device=job.device) for s in SCORED_SPLITS}
     predict_seconds = time.perf_counter() - t0
     return FittedMember(
@@ -182,6 +200,36 @@ def fit_member(job: MemberJob, images: dict[str, "torch.Tensor"], labels: dict[s
         train_seconds=result.train_seconds, predict_seconds=predict_seconds,
         images_per_second=result.images_per_second, n_params=sum(p.numel() for p in built.module.parameters()),
         device=str(resolve_device(job.device)), resumed_from_epoch=result.resumed_from_epoch,
+    )
+
+
+def _predict_from_weights(job: MemberJob, built, images: dict) -> FittedMember:
+    """A member trained elsewhere: its weights loaded as they are (the classifier kept), its
+    val and test outputs predicted and put in the dataset's class order."""
+    import numpy as np
+
+    from .training import predict_logits, resolve_device
+    from .weights import read_state_dict, weights_mismatch
+
+    state = read_state_dict(job.weights, sha256=job.weights_sha256)
+    expected = {k: tuple(v.shape) for k, v in built.module.state_dict().items()}
+    problems = weights_mismatch(expected, {k: tuple(v.shape) for k, v in state.items()})
+    if problems:
+        raise FusionEngineError(f"weights {job.weights} do not fit member {job.name}'s network: {problems}")
+    built.module.load_state_dict({**{k: v for k, v in built.module.state_dict().items()
+                                     if k.endswith("num_batches_tracked")}, **state})
+    t0 = time.perf_counter()
+    logits = {s: predict_logits(built.module, job.input, images[s], batch_size=job.eval_batch_size,
+                                device=job.device) for s in SCORED_SPLITS}
+    predict_seconds = time.perf_counter() - t0
+    if job.class_order is not None:
+        logits = {s: np.ascontiguousarray(v[:, job.class_order]) for s, v in logits.items()}
+    n_images = sum(len(images[s]) for s in SCORED_SPLITS)
+    return FittedMember(
+        state_dict={k: v.detach().to("cpu") for k, v in built.module.state_dict().items()}, logits=logits,
+        history=[], best_epoch=None, train_seconds=0.0, predict_seconds=predict_seconds,
+        images_per_second=n_images / predict_seconds if predict_seconds else 0.0,
+        n_params=sum(p.numel() for p in built.module.parameters()), device=str(resolve_device(job.device)),
     )
 
 

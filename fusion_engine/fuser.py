@@ -44,9 +44,16 @@ class Fuser:
     validation out-of-fold (cross-fitted), so a val score never comes from data it was fitted on.
     It is read on the instance, so it may be a property that depends on the parameters.
     A fitted fuser that sets ``weights_`` (one per member) has them shown on the leaderboard.
+
+    Inference cost: a fuser with ``needs_costs`` true is fitted as ``fit(logits, y,
+    costs=...)``, ``costs`` being each member's inference cost in milliseconds per image (an
+    ``(M,)`` array, measured by the engine or given in the spec). A fuser that does not run every
+    member on every sample (a cascade) says which it ran in :meth:`consulted`; the engine prices
+    its leaderboard row by it, on test.
     """
 
     requires_fit: bool = True
+    needs_costs: bool = False
 
     def fit(self, logits: np.ndarray, y: np.ndarray) -> "Fuser":
         check_logits(logits, y)
@@ -59,6 +66,12 @@ class Fuser:
 
     def predict(self, logits: np.ndarray) -> np.ndarray:
         return np.argmax(self.predict_proba(logits), axis=1)
+
+    def consulted(self, logits: np.ndarray) -> np.ndarray:
+        """Which members the fitted fuser runs for each sample: ``(N, M)`` booleans. Every
+        member for every sample, unless a fuser stops early (a cascade) and overrides this."""
+        arr = check_logits(logits)
+        return np.ones((arr.shape[1], arr.shape[0]), dtype=bool)
 
     # -- parameters, as scikit-learn's BaseEstimator does it ----------------------------------
     @classmethod

@@ -20,6 +20,12 @@ from . import evaluation
 #: the cost keys :class:`Row.extra` may carry; each becomes a leaderboard column
 COST_KEYS = ("n_params", "infer_ms_per_image", "train_seconds", "fit_seconds")
 
+#: the columns that hold words, not numbers
+TEXT_COLUMNS = ("name", "kind", "source", "members")
+
+#: cost columns a row may lack because the engine never saw the cost (shown as "unknown", never made up)
+UNKNOWABLE = ("n_params", "infer_ms_per_image", "train_seconds")
+
 #: columns the core adds after the metrics, in order (``pareto`` comes last, after the costs)
 STAT_COLUMNS = ("accuracy_lo", "accuracy_hi", "delta_vs_best_member", "delta_vs_best_member_lo",
                 "delta_vs_best_member_hi", "mcnemar_p")
@@ -44,11 +50,16 @@ class Row:
       milliseconds per image, as measured in this run), ``train_seconds``;
     - a fuser: ``fit_seconds`` (fitting on val) and ``predict_ms_per_image`` (its own
       prediction time per image, on top of its members'; taken as 0 when absent). Its
-      ``n_params``, ``infer_ms_per_image`` and ``train_seconds`` are the sums over its members
-      (plus its own prediction time), computed here; a fuser may override any of them.
+      ``n_params`` and ``train_seconds`` are the sums over its members, computed here, and its
+      ``infer_ms_per_image`` the sum of its members' weighted by ``consulted`` (the share of
+      test samples it ran each member on; all of them when None) plus its own prediction time:
+      a cascade's expected cost on test. A fuser may override any of them.
 
-    A missing cost is NaN on the leaderboard (``fit_seconds`` of a member always is). Any other
-    key in ``extra`` is appended as a column of its own.
+    A missing cost is NaN on the leaderboard (``fit_seconds`` of a member always is), and tables
+    show the unknowable ones as "unknown": a member trained elsewhere has no ``train_seconds``, one
+    read from predictions made elsewhere no ``n_params`` or ``infer_ms_per_image`` either, and a
+    fuser over such a member none of its sums. Any other key in ``extra`` is appended as a column
+    of its own.
     """
 
     name: str
@@ -57,6 +68,8 @@ class Row:
     proba: dict[str, np.ndarray]
     weights: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # a member's: "trained", "weights", "predictions" or "zoo"; empty for a fuser
+    consulted: list[float] | None = None  # a fuser's: per member, the share of test samples it ran it on
 
 
 def build_leaderboard(
@@ -107,7 +120,7 @@ def build_leaderboard(
     metric_names = [m.name for m in metrics]
     records = []
     for i, row in enumerate(rows):
-        rec: dict[str, Any] = {"name": row.name, "kind": row.kind, "members": _members_cell(row)}
+        rec: dict[str, Any] = {"name": row.name, "kind": row.kind, "source": row.source, "members": _members_cell(row)}
         for m in metrics:
             rec[m.name] = m.fn(y_test, row.proba["test"])
         for col in STAT_COLUMNS:
@@ -154,6 +167,66 @@ def best_member_index(rows: list[Row], y_val: np.ndarray) -> int | None:
     return best
 
 
+@dataclass
+class BudgetChoice:
+    """The row :func:`best_within_budget` chose, and on what."""
+
+    budget_ms: float
+    row: dict | None  # None: no row with a known cost fits
+    chosen_by: str  # the val column it was chosen on
+    n_fit: int  # rows whose cost fits the budget
+    n_unknown: int  # rows whose cost is unknown, left out
+
+    def sentence(self, level: int = 95) -> str:
+        """One line for a person: the row, its test accuracy with its interval, and its cost."""
+        budget = f"{self.budget_ms:g} ms per image"
+        unknown = f" ({self.n_unknown} rows of unknown cost left out)" if self.n_unknown else ""
+        if self.row is None:
+            return f"no row's inference cost fits {budget}{unknown}"
+        r = self.row
+        return (f"best within {budget}: {r['name']} ({r['kind']}), chosen on {self.chosen_by} "
+                f"{format_value(r[self.chosen_by], self.chosen_by)} among {self.n_fit} rows that fit{unknown}: test "
+                f"accuracy {with_interval(r.get('accuracy'), r.get('accuracy_lo'), r.get('accuracy_hi'))} "
+                f"({level}% CI) at {format_value(r.get('infer_ms_per_image'), 'infer_ms_per_image')} ms per image")
+
+    def as_dict(self) -> dict:
+        return {"budget_ms": self.budget_ms, "chosen_by": self.chosen_by, "rows_within_budget": self.n_fit,
+                "rows_of_unknown_cost": self.n_unknown, "row": self.row}
+
+
+def best_within_budget(rows: list[dict], budget_ms: float, *, ranked_by: str = "accuracy") -> BudgetChoice:
+    """The best leaderboard row (``rows``: the records of ``leaderboard.json``) whose
+    ``infer_ms_per_image`` is at most ``budget_ms``.
+
+    Chosen on val, like the best member, never on test: by the val score of the ranking metric
+    where the leaderboard has one (``val_accuracy``, ``val_nll``), else ``val_accuracy``; ties go
+    to the lower ``val_nll``, then the cheaper row. A row whose cost is unknown is left out.
+    """
+    column = f"val_{ranked_by}" if f"val_{ranked_by}" in CORE_METRICS_VAL else "val_accuracy"
+    higher = CORE_METRICS[column.removeprefix("val_")][1]
+    known = [r for r in rows if _finite(r.get("infer_ms_per_image"))]
+    fits = [r for r in known if float(r["infer_ms_per_image"]) <= budget_ms]
+
+    def key(r: dict) -> tuple:
+        score = float(r[column]) if _finite(r.get(column)) else -math.inf if higher else math.inf
+        nll = float(r["val_nll"]) if _finite(r.get("val_nll")) else math.inf
+        return (-score if higher else score, nll, float(r["infer_ms_per_image"]))
+
+    best = min(fits, key=key) if fits else None
+    return BudgetChoice(float(budget_ms), best, column, len(fits), len(rows) - len(known))
+
+
+#: the val columns :func:`best_within_budget` can choose on
+CORE_METRICS_VAL = tuple(f"val_{name}" for name in CORE_METRICS)
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def _statistics(rows, correct, y_val, *, n_bootstrap, seed, confidence) -> dict[str, Any]:
     n_rows = len(rows)
     nan = np.full(n_rows, np.nan)
@@ -175,11 +248,11 @@ def _costs(rows: list[Row]) -> list[dict[str, Any]]:
     """Per row: the cost columns; a fuser's are the sums over its members (see :class:`Row`)."""
     member_cost = {r.name: r.extra for r in rows if r.kind == "member"}
 
-    def total(names: list[str], key: str) -> float:
+    def total(names: list[str], key: str, shares: list[float] | None = None) -> float:
         values = [member_cost.get(n, {}).get(key) for n in names]
         if not values or any(v is None for v in values):
             return float("nan")
-        return float(sum(values))
+        return float(sum(v * share for v, share in zip(values, shares or [1.0] * len(values))))
 
     out = []
     for row in rows:
@@ -188,7 +261,8 @@ def _costs(rows: list[Row]) -> list[dict[str, Any]]:
         else:
             cost = {
                 "n_params": total(row.members, "n_params"),
-                "infer_ms_per_image": total(row.members, "infer_ms_per_image") + float(row.extra.get("predict_ms_per_image", 0.0)),
+                "infer_ms_per_image": total(row.members, "infer_ms_per_image", row.consulted)
+                + float(row.extra.get("predict_ms_per_image", 0.0)),
                 "train_seconds": total(row.members, "train_seconds"),
                 "fit_seconds": row.extra.get("fit_seconds"),
             }
@@ -271,7 +345,7 @@ def summary_table(df, columns: tuple[str, ...] | None = None) -> tuple[list[str]
     level = int(round(100 * df.attrs.get("confidence", 0.95)))
     best = df.attrs.get("best_member")
     hidden = {c for pair in _MERGED.values() for c in pair}
-    head = ["rank", "name", "kind", "members", "accuracy", "delta_vs_best_member"]
+    head = ["rank", "name", "kind", "source", "members", "accuracy", "delta_vs_best_member"]
     ranked = df.attrs.get("ranked_by")
     if ranked and ranked not in head:
         head.append(ranked)
@@ -290,6 +364,8 @@ def summary_table(df, columns: tuple[str, ...] | None = None) -> tuple[list[str]
             elif col in _MERGED:
                 lo, hi = _MERGED[col]
                 cells.append(with_interval(rec.get(col), rec.get(lo), rec.get(hi), col))
+            elif col in UNKNOWABLE and not format_value(rec.get(col), col):
+                cells.append("unknown")  # a cost this engine did not see: training or a network run elsewhere
             else:
                 cells.append(format_value(rec.get(col), col))
         body.append(cells)
@@ -309,7 +385,7 @@ def print_leaderboard(df, *, title: str, console=None, full: bool = False) -> No
     header, body = summary_table(df, None if full else TERMINAL_COLUMNS)
     table = Table(title=title, title_justify="left")
     for col in header:
-        text = col in ("name", "kind", "members")
+        text = col in TEXT_COLUMNS
         table.add_column(col, justify="left" if text else "right", no_wrap=col != "members", overflow="fold")
     for cells in body:
         table.add_row(*cells)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import closing, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -30,9 +30,9 @@ from .data import RunData
 from .errors import RUN_LOG_ONLY, FusionEngineError, SpecError
 from .evaluation import accuracy
 from .executors import FittedMember, JobOutcome, LazyExecutor, MemberJob
-from .records import SCORED_SPLITS, InputConfig
+from .records import SCORED_SPLITS, SPLITS, InputConfig
 from .preflight import Preflight
-from .provenance import member_code, params_for_key
+from .provenance import engine_version, member_code, params_for_key
 from .spec import ResolvedSpec
 from .zoo import Busy, CorruptArtifact, MemberCard, Registry, StoredMember, ZooError, key_material, member_key, short
 
@@ -50,7 +50,9 @@ class MemberResult:
     name: str
     card: MemberCard
     logits: dict[str, np.ndarray]
-    action: str = "trained"  # "trained" (and predicted) in this run, or "reused" from the zoo
+    #: "trained" (and predicted) in this run, "predicted" (run from its weights), "read" (from its predictions
+    #: file) or "reused" from the zoo
+    action: str = "trained"
     resumed_from_epoch: int | None = None  # the checkpointed epoch its training resumed after
     temperature: float | None = None  # set when its logits were temperature-scaled
 
@@ -63,9 +65,16 @@ class MemberResult:
         return self.card.backbone
 
     @property
-    def input(self) -> InputConfig:
+    def input(self) -> InputConfig | None:
+        """What its network takes; None for a member read from predictions (it has none)."""
         inp = self.card.input
+        if inp is None:
+            return None
         return InputConfig(size=inp.size, mean=tuple(inp.mean), std=tuple(inp.std), in_chans=inp.in_chans)
+
+    @property
+    def source(self) -> str:
+        return self.card.source
 
     @property
     def history(self) -> list[dict]:
@@ -76,7 +85,7 @@ class MemberResult:
         return self.card.best_epoch
 
     @property
-    def n_params(self) -> int:
+    def n_params(self) -> int | None:
         return self.card.n_params
 
     @property
@@ -106,29 +115,41 @@ class MembersFailed(FusionEngineError):
 
 @dataclass
 class PlannedMember:
-    """A member the spec trains: where it is in the spec, and the key it has in the zoo."""
+    """A member the spec makes (trains, runs from weights, or reads from predictions): where it
+    is in the spec, its source, and the key it has in the zoo."""
 
     index: int
     name: str
+    source: str  # "trained", "weights" or "predictions"
     key: str
     material: dict
-    seed: int
+    seed: int | None
 
 
-def plan(resolved: ResolvedSpec, data: RunData) -> list[PlannedMember]:
-    """The zoo key of every member the spec trains (members given by ``zoo:`` have one already)."""
+def plan(resolved: ResolvedSpec, data: RunData, checked: Preflight) -> list[PlannedMember]:
+    """The zoo key of every member the spec makes (members given by ``zoo:`` have one already)."""
     spec = resolved.spec
     planned = []
     for i, (mspec, bound) in enumerate(zip(spec.members, resolved.members)):
-        if mspec.zoo is not None:
+        source = mspec.source
+        if source == "zoo":
             continue
-        seed = spec.seed if mspec.seed is None else mspec.seed
-        material = key_material(
-            backbone=bound.record.name, params=params_for_key(bound.params.model_dump(mode="json")),
-            train=train_config(mspec.train), seed=seed, image_size=spec.data.image_size, mean=spec.data.mean,
-            std=spec.data.std, fingerprint=data.fingerprint, split=data.split, code=member_code(bound.provided),
-        )
-        planned.append(PlannedMember(i, mspec.name, member_key(material), material, seed))
+        common = dict(fingerprint=data.fingerprint, split=data.split)
+        if source == "predictions":
+            material = key_material(backbone=None, params={}, train=None, seed=None, image_size=None, mean=None,
+                                    std=None, code={"engine": engine_version()}, **common,
+                                    source={"predictions": {**checked.origins[i].for_key(), "kind": mspec.kind}})
+            seed = None
+        else:
+            seed = None if source == "weights" else (spec.seed if mspec.seed is None else mspec.seed)
+            material = key_material(
+                backbone=bound.record.name, params=params_for_key(bound.params.model_dump(mode="json")),
+                train=None if source == "weights" else train_config(mspec.train), seed=seed,
+                image_size=spec.data.image_size, mean=spec.data.mean, std=spec.data.std,
+                code=member_code(bound.provided), **common,
+                source={"weights": checked.origins[i].for_key()} if source == "weights" else None,
+            )
+        planned.append(PlannedMember(i, mspec.name, source, member_key(material), material, seed))
     return planned
 
 
@@ -160,11 +181,14 @@ class MemberStage:
         self.results: dict[str, MemberResult] = {}
         self.failures: dict[str, str] = {}
 
-    def run(self) -> dict[str, MemberResult]:
-        """Every member's result, in the spec's order; :class:`MembersFailed` when any failed."""
+    def run(self, only: set[str] | None = None) -> dict[str, MemberResult]:
+        """Every member's result (of the members named in ``only``, when given), in the spec's
+        order; :class:`MembersFailed` when any failed."""
+        wanted = [m.name for m in self.spec.members if only is None or m.name in only]
         for i, entry in self.checked.references.items():
-            self._ready(i, referenced_member(self.resolved, i, entry, self.reg, self.data, self.console))
-        planned = plan(self.resolved, self.data)
+            if self.spec.members[i].name in wanted:
+                self._ready(i, referenced_member(self.resolved, i, entry, self.reg, self.data, self.console))
+        planned = [p for p in plan(self.resolved, self.data, self.checked) if p.name in wanted]
         by_key: dict[str, list[PlannedMember]] = {}
         for p in planned:
             by_key.setdefault(p.key, []).append(p)
@@ -183,8 +207,8 @@ class MemberStage:
             for lock in held.values():
                 lock.release()
         if self.failures:
-            raise MembersFailed(self.failures, stored=len(self.results), total=len(self.spec.members))
-        return {m.name: self.results[m.name] for m in self.spec.members}
+            raise MembersFailed(self.failures, stored=len(self.results), total=len(wanted))
+        return {name: self.results[name] for name in wanted}
 
     # -- callbacks ------------------------------------------------------------------------------------
     def _ready(self, index: int, member: MemberResult) -> None:
@@ -212,6 +236,12 @@ class MemberStage:
             if stored is not None:
                 self.console.log(f"reused [bold]{p.name}[/] from the zoo (key {short(p.key)})")
                 self._ready(p.index, from_stored(p.name, stored, action="reused"))
+                continue
+            if p.source == "predictions":  # read in this process: nothing to run
+                card = self._store_predictions(p)
+                held[p.key].release()
+                self.console.log(f"read [bold]{p.name}[/] from {self.checked.origins[p.index].path.name}")
+                self._ready(p.index, MemberResult(p.name, card, dict(self.checked.predictions[p.index]), action="read"))
                 continue
             try:
                 jobs.append((p, self._job(p)))
@@ -254,8 +284,8 @@ class MemberStage:
                     self.console.log(f"{job.label}: [bold]{job.name}[/] trained in {outcome.seconds:.1f}s on "
                                      f"{outcome.result.host} (best epoch {outcome.result.best_epoch})")
                 for n, (p, _) in enumerate(group):
-                    member = MemberResult(p.name, card, dict(outcome.result.logits),
-                                          action="trained" if n == 0 else "reused")
+                    first = "trained" if job.train is not None else "predicted"
+                    member = MemberResult(p.name, card, dict(outcome.result.logits), action=first if n == 0 else "reused")
                     member.resumed_from_epoch = (outcome.result.resumed_from_epoch or None) if n == 0 else None
                     self._ready(p.index, member)
         for key in sorted(outstanding):  # an executor that returned without reporting a job
@@ -269,10 +299,14 @@ class MemberStage:
         mspec = self.spec.members[p.index]
         bound = self.resolved.members[p.index]
         num_classes = len(self.data.class_names)
+        origin = self.checked.origins.get(p.index)
         return MemberJob(
-            name=mspec.name, key=p.key, backbone=bound.record, params=bound.params, train=mspec.train, seed=p.seed,
-            num_classes=num_classes, image_size=self.spec.data.image_size, input=self.checked.inputs[p.index],
-            device=self.device, resources=mspec.resources, label=f"member {p.index + 1}/{len(self.spec.members)}",
+            name=mspec.name, key=p.key, backbone=bound.record, params=bound.params, train=mspec.train,
+            seed=p.seed if p.seed is not None else 0, num_classes=num_classes, image_size=self.spec.data.image_size,
+            input=self.checked.inputs[p.index], device=self.device, resources=mspec.resources,
+            label=f"member {p.index + 1}/{len(self.spec.members)}",
+            weights=origin.path if origin is not None else None, class_order=origin.order if origin is not None else None,
+            weights_sha256=origin.sha256 if origin is not None else None,
         )
 
     def _announce(self, job: MemberJob, in_process: bool) -> None:
@@ -284,50 +318,73 @@ class MemberStage:
                              f"{saved.get('epoch')} of {job.train.epochs} from its checkpoint (key {short(job.key)})")
             log.info("resuming %s after epoch %s from its checkpoint", job.name, saved.get("epoch"))
         elif in_process:  # an executor elsewhere says when it hands each job out
-            self.console.log(f"{job.label}: training [bold]{job.name}[/] ({job.backbone.name}, key {short(job.key)})")
+            doing = "training" if job.train is not None else f"predicting with the weights {job.weights.name} of"
+            self.console.log(f"{job.label}: {doing} [bold]{job.name}[/] ({job.backbone.name}, key {short(job.key)})")
 
     def _store(self, p: PlannedMember, job: MemberJob, fitted: FittedMember) -> MemberCard:
-        """Publish a trained member in the zoo: weights, outputs, ids and its card."""
-        from safetensors.numpy import save_file as save_arrays
+        """Publish a member trained (or run from its weights) here: weights, outputs, ids, card."""
         from safetensors.torch import save_file
 
-        from .provenance import library_versions
-
-        data = self.data
         bound = self.resolved.members[p.index]
         mspec = self.spec.members[p.index]
         cfg = job.input
-        logits = fitted.logits
-        val_accuracy = accuracy(data.labels["val"], logits["val"])
         best = next((h for h in fitted.history if h.get("epoch") == fitted.best_epoch), {})
-        card = MemberCard(
-            format=p.material["format"], name=mspec.name, experiment=self.spec.name, run_id=self.run_id,
-            spec={"name": mspec.name, "backbone": mspec.backbone, "params": bound.params.model_dump(mode="json"),
-                  "train": mspec.train.model_dump(mode="json"), "seed": job.seed},
-            backbone=bound.record.name, plugin=bound.provided.plugin, key_material=p.material,
+        card = self._card(
+            p, spec={"name": mspec.name, "backbone": mspec.backbone, "params": bound.params.model_dump(mode="json"),
+                     "train": mspec.train.model_dump(mode="json") if mspec.train is not None else False,
+                     "seed": p.seed},
+            backbone=bound.record.name, plugin=bound.provided.plugin, logits=fitted.logits,
+            input={"size": cfg.size, "mean": list(cfg.mean), "std": list(cfg.std), "in_chans": cfg.in_chans},
+            val_loss=best.get("val_loss"), best_epoch=fitted.best_epoch, history=fitted.history,
+            resumed_from_epoch=fitted.resumed_from_epoch or None, n_params=fitted.n_params,
+            timings={"train_seconds": round(fitted.train_seconds, 3), "predict_seconds": round(fitted.predict_seconds, 3),
+                     "images_per_second": round(fitted.images_per_second, 1)},
+            device=fitted.device)
+        card = self._publish(p, card, fitted.logits, weights=lambda path: save_file(
+            {k: v.contiguous() for k, v in fitted.state_dict.items()}, str(path), metadata={"format": "pt"}))
+        self.reg.checkpoint(job.key).clear()
+        return card
+
+    def _store_predictions(self, p: PlannedMember) -> MemberCard:
+        """Publish a member read from a predictions file: its outputs, ids and card (no weights)."""
+        mspec = self.spec.members[p.index]
+        logits = self.checked.predictions[p.index]
+        card = self._card(p, spec={"name": mspec.name, "predictions": str(mspec.predictions), "kind": mspec.kind},
+                          backbone="", plugin="", logits=logits, input=None, n_params=None)
+        return self._publish(p, card, logits, weights=None)
+
+    def _card(self, p: PlannedMember, *, logits: dict, spec: dict, **fields) -> MemberCard:
+        """A new member's card: what every source shares (data, key, metrics, versions) and ``fields``."""
+        from .provenance import library_versions
+
+        data = self.data
+        origin = self.checked.origins.get(p.index)
+        fields["metrics"] = {"val_accuracy": accuracy(data.labels["val"], logits["val"]), "val_loss": fields.pop("val_loss", None)}
+        return MemberCard(
+            format=p.material["format"], source=p.source, origin=origin.for_card() if origin is not None else None,
+            name=p.name, experiment=self.spec.name, run_id=self.run_id, spec=spec, key_material=p.material,
             data={"dataset": self.spec.data.dataset, "params": self.resolved.dataset.params.model_dump(mode="json"),
                   "fingerprint": data.fingerprint, "split_sha256": data.split, "classes": data.class_names,
                   "split_sizes": data.split_sizes},
-            input={"size": cfg.size, "mean": list(cfg.mean), "std": list(cfg.std), "in_chans": cfg.in_chans},
-            metrics={"val_accuracy": val_accuracy, "val_loss": best.get("val_loss")},
-            best_epoch=fitted.best_epoch, history=fitted.history, resumed_from_epoch=fitted.resumed_from_epoch or None,
-            n_params=fitted.n_params,
-            timings={"train_seconds": round(fitted.train_seconds, 3), "predict_seconds": round(fitted.predict_seconds, 3),
-                     "images_per_second": round(fitted.images_per_second, 1)},
-            device=fitted.device, versions=library_versions(),
-        )
+            versions=library_versions(), **fields)
+
+    def _publish(self, p: PlannedMember, card: MemberCard, logits: dict, *, weights) -> MemberCard:
+        """Store a new member under its key: ``weights(path)`` writes its weights (None: it has none)."""
+        from safetensors.numpy import save_file as save_arrays
+
+        data = self.data
+        stored = [s for s in SPLITS if s in logits]  # train too, when a member has its outputs there
 
         def write(folder: Path) -> None:
-            save_file({k: v.contiguous() for k, v in fitted.state_dict.items()}, str(folder / "model.safetensors"),
-                      metadata={"format": "pt"})
-            save_arrays({**{f"{s}_logits": np.ascontiguousarray(logits[s], dtype=np.float32) for s in SCORED_SPLITS},
-                         **{f"{s}_labels": np.ascontiguousarray(data.labels[s], dtype=np.int64) for s in SCORED_SPLITS}},
+            if weights is not None:
+                weights(folder / "model.safetensors")
+            save_arrays({**{f"{s}_logits": np.ascontiguousarray(logits[s], dtype=np.float32) for s in stored},
+                         **{f"{s}_labels": np.ascontiguousarray(data.labels[s], dtype=np.int64) for s in stored}},
                         str(folder / "outputs.safetensors"))
-            (folder / "ids.json").write_text(json.dumps({s: data.ids[s] for s in SCORED_SPLITS}) + "\n", encoding="utf-8")
+            (folder / "ids.json").write_text(json.dumps({s: data.ids[s] for s in stored}) + "\n", encoding="utf-8")
 
-        _, card = self.reg.publish(job.key, card, write)
-        self.reg.checkpoint(job.key).clear()
-        log.info("stored %s in the zoo as %s", mspec.name, job.key)
+        _, card = self.reg.publish(p.key, card, write)
+        log.info("stored %s (%s) in the zoo as %s", p.name, p.source, p.key)
         return card
 
 
@@ -405,3 +462,42 @@ def referenced_member(resolved: ResolvedSpec, i: int, entry, reg: Registry, data
     console.log(f"reused [bold]{mspec.name}[/] from the zoo (key {short(entry.key)}, "
                 f"'{entry.name}' of experiment {entry.experiment})")
     return from_stored(mspec.name, stored, action="reused")
+
+
+def import_members(resolved: ResolvedSpec, reg: Registry, names: list[str], *, checked: Preflight | None = None,
+                   console=None) -> dict[str, MemberResult]:
+    """``zoo import SPEC``: store a spec's members that come from ``weights`` or ``predictions``
+    in the zoo without a run (no run folder, no fusers): the preflight checks (``checked``, when
+    the caller ran them), then each member run or read as a run would, on the spec's device and
+    executor, under the key a run would give it. ``names`` picks members (all such members when
+    empty)."""
+    from rich.console import Console
+
+    from .data import run_data
+    from .preflight import preflight
+
+    console = console or Console(stderr=True, quiet=True)
+    wanted = importable(resolved, names)
+    checked = checked or preflight(resolved, registry=reg.root)
+    data = run_data(checked.dataset, checked.indices, cache_dir=reg.image_cache_dir, fingerprint=checked.fingerprint)
+    with LazyExecutor(resolved.executor) as executor:
+        stage = MemberStage(resolved, checked, reg, data, executor, run_id=None, device=resolved.spec.device,
+                            quiet=True, console=console, on_ready=lambda i, m: None,
+                            on_failed=lambda name, key, error: None)
+        return stage.run(only=wanted)
+
+
+def importable(resolved: ResolvedSpec, names: list[str]) -> set[str]:
+    """The members ``zoo import SPEC`` stores: those of ``names`` (all when empty) that come
+    from ``weights`` or ``predictions`` files; an error names any other."""
+    eligible = [m.name for m in resolved.spec.members if m.source in ("weights", "predictions")]
+    for name in names:
+        if name not in eligible:
+            kind = next((m.source for m in resolved.spec.members if m.name == name), None)
+            why = f"'{name}' is {'a member to train' if kind == 'trained' else 'taken from the zoo'}" if kind else \
+                f"no member is called '{name}'"
+            raise FusionEngineError(f"zoo import: {why}; it imports members from weights: or predictions: files "
+                                    f"({', '.join(eligible) or 'this spec has none'})")
+    if not eligible:
+        raise FusionEngineError("zoo import: the spec has no member from a weights: or predictions: file")
+    return set(names or eligible)

@@ -11,6 +11,10 @@ checks, beyond the spec's fields and plugin names (:func:`fusion_engine.spec.pre
   length) and whatever its backbone plugin checks without training (``BackboneRecord.check``:
   for timm, the architecture's name, a ``pretrained_file``'s checksum and its tensors' names
   and shapes against the architecture, a feature map that small images shrink to nothing);
+- each member run from ``weights``: the file is a state dict that fits its network exactly
+  (classifier included), in classes that are the dataset's;
+- each member read from ``predictions``: the whole file is read and checked (every val and test
+  id, the dataset's classes, finite values, probabilities that sum to 1);
 - each ``zoo:`` member: one stored member matches it (several are told apart by the data they
   were trained on);
 - ``--retrain`` names members of the spec.
@@ -37,20 +41,44 @@ log = logging.getLogger("fusion_engine")
 
 
 @dataclass
+class Origin:
+    """The file a member not trained here comes from: where it is, its sha256, and the class
+    order its outputs are in (None: the dataset's), with the columns that reorder them."""
+
+    path: Path
+    sha256: str
+    class_names: list[str] | None
+    order: list[int]
+
+    def for_key(self) -> dict:
+        return {"sha256": self.sha256, "class_names": self.class_names}
+
+    def for_card(self) -> dict:
+        return {"file": self.path.name, **self.for_key()}
+
+
+@dataclass
 class Preflight:
-    """What the checks found: the loaded and split dataset, each trained member's input config
-    (by spec index), the zoo entry each ``zoo:`` member names (by spec index), and the warnings."""
+    """What the checks found, by spec index where per member: the loaded and split dataset, each
+    network's input config, the file of each member not trained here, the outputs read from each
+    predictions file, the zoo entry each ``zoo:`` member names, and the warnings."""
 
     dataset: ImageDataset
     indices: dict[str, np.ndarray]
     fingerprint: str | None = None  # the dataset's, when a check needed it
     inputs: dict[int, InputConfig] = field(default_factory=dict)
+    origins: dict[int, Origin] = field(default_factory=dict)
+    predictions: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     references: dict[int, object] = field(default_factory=dict)  # spec index -> ZooEntry
     warnings: list[logging.LogRecord] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
         return len(self.dataset.class_names)
+
+    @property
+    def ids(self) -> dict[str, list[str]]:
+        return {s: [str(self.dataset.ids[i]) for i in idx] for s, idx in self.indices.items()}
 
 
 def preflight(resolved: ResolvedSpec, *, registry: Path | None = None, retrain: tuple[str, ...] = ()) -> Preflight:
@@ -67,22 +95,44 @@ def preflight(resolved: ResolvedSpec, *, registry: Path | None = None, retrain: 
         checked = Preflight(dataset, indices, warnings=kept)
         spec = resolved.spec
         for i, (mspec, bound) in enumerate(zip(spec.members, resolved.members)):
+            if mspec.predictions is not None:
+                with _located(resolved, ("members", i, "predictions")):
+                    checked.origins[i], checked.predictions[i] = read_member_predictions(resolved, i, checked)
             if bound is None:
                 continue
-            loc = ("members", i, "params")
-            try:
+            with _located(resolved, ("members", i, "params")):
                 checked.inputs[i] = member_input(bound, num_classes=checked.num_classes, data_spec=spec.data,
                                                  seed=spec.seed if mspec.seed is None else mspec.seed)
                 if bound.record.check is not None:
                     bound.record.check(bound.params, num_classes=checked.num_classes,
                                        image_size=checked.inputs[i].size)
-            except SpecError:
-                raise
-            except FusionEngineError as exc:
-                raise SpecError(str(exc), file=resolved.file, loc=loc) from None
+            if mspec.weights is not None:
+                with _located(resolved, ("members", i, "weights")):
+                    checked.origins[i] = check_member_weights(resolved, i, checked)
         if any(m.zoo is not None for m in spec.members):
             checked.references, checked.fingerprint = resolve_references(resolved, registry, dataset, indices)
+        check_fuser_costs(resolved, checked)
     return checked
+
+
+def check_fuser_costs(resolved: ResolvedSpec, checked: Preflight) -> None:
+    """A fuser that needs its members' inference costs (a cascade) has them: a member read from
+    predictions made elsewhere has none unless the spec gives its ``infer_ms_per_image``."""
+    from .fusion import make_fuser
+
+    spec = resolved.spec
+    index = {m.name: i for i, m in enumerate(spec.members)}
+    for j, (fspec, bound) in enumerate(resolved.fuser_entries):
+        if not make_fuser(fspec, bound, seed=spec.seed).needs_costs:
+            continue
+        for name in fspec.members or [m.name for m in spec.members]:
+            i = index[name]
+            mspec, ref = spec.members[i], checked.references.get(i)
+            unmeasured = mspec.predictions is not None or (ref is not None and ref.n_params is None)
+            if unmeasured and mspec.infer_ms_per_image is None:
+                raise SpecError(f"fuser {fspec.name} ({fspec.fuser}) needs each member's inference cost, and member "
+                                f"{name} has none (its predictions were made elsewhere): give that member "
+                                f"infer_ms_per_image", file=resolved.file, loc=("fusers", j, "fuser"))
 
 
 def member_input(bound, *, num_classes: int, data_spec, seed: int) -> InputConfig:
@@ -106,6 +156,66 @@ def member_input(bound, *, num_classes: int, data_spec, seed: int) -> InputConfi
             raise FusionEngineError(f"data.{label} has {len(values)} values but the backbone takes {cfg.in_chans} "
                                     f"channels; give {cfg.in_chans}")
     return InputConfig(size=data_spec.image_size or cfg.size, mean=mean, std=std, in_chans=cfg.in_chans)
+
+
+def member_file(resolved: ResolvedSpec, path: Path, allowed: tuple[str, ...]) -> Path:
+    """A file a member names, relative to the spec's folder: it must exist and have an allowed suffix."""
+    path = (resolved.base_dir / Path(path).expanduser()).resolve()
+    if path.suffix.lower() not in allowed:
+        raise FusionEngineError(f"'{path.name}' is not one of {', '.join(allowed)}")
+    if not path.is_file():
+        raise FusionEngineError(f"no such file: {path}")
+    return path
+
+
+def check_member_weights(resolved: ResolvedSpec, i: int, checked: Preflight) -> Origin:
+    """A member run from its weights: the file fits the network the member's backbone builds
+    for the classes it was trained on, and those classes are the dataset's."""
+    from .executors import build_network
+    from .provenance import file_sha256
+    from .weights import WEIGHT_SUFFIXES, class_order, file_class_names, read_weight_shapes, weights_mismatch
+
+    mspec, bound = resolved.spec.members[i], resolved.members[i]
+    path = member_file(resolved, mspec.weights, WEIGHT_SUFFIXES)
+    names = mspec.class_names or file_class_names(path)
+    order = class_order(names, checked.dataset.class_names, what=f"weights {path}")
+    shapes = read_weight_shapes(path)
+    import torch
+
+    try:
+        with torch.device("meta"):  # shapes only: nothing allocated
+            built = build_network(bound.record, bound.params, num_classes=checked.num_classes,
+                                  image_size=resolved.spec.data.image_size, seed=0)
+    except Exception:  # a plugin whose build cannot run on meta (it reads a file, say): build it for real
+        built = build_network(bound.record, bound.params, num_classes=checked.num_classes,
+                              image_size=resolved.spec.data.image_size, seed=0)
+    expected = {k: tuple(v.shape) for k, v in built.module.state_dict().items()}
+    problems = weights_mismatch(expected, shapes)
+    if problems:
+        hint = ("; its classifier is sized for another number of classes? the dataset has "
+                f"{checked.num_classes}" if any("mis-shaped" in p for p in problems.split("; ")) else "")
+        raise FusionEngineError(f"weights {path} do not fit the {bound.record.name} network this member builds: "
+                                f"{problems}{hint}")
+    return Origin(path, file_sha256(path), names, order.tolist())
+
+
+def read_member_predictions(resolved: ResolvedSpec, i: int, checked: Preflight) -> tuple[Origin, dict]:
+    """A member read from a predictions file: the whole file, checked, as logits per split."""
+    import hashlib
+
+    from .predictions import SUFFIXES, read_predictions
+    from .weights import class_order
+
+    mspec = resolved.spec.members[i]
+    path = member_file(resolved, mspec.predictions, SUFFIXES)
+    try:
+        data = path.read_bytes()  # read once: the bytes hashed are the bytes read
+    except OSError as exc:
+        raise FusionEngineError(f"cannot read predictions file {path}: {exc.strerror or exc}") from None
+    logits, names = read_predictions(path, kind=mspec.kind, class_names=mspec.class_names,
+                                     dataset_classes=checked.dataset.class_names, ids=checked.ids, data=data)
+    order = class_order(names, checked.dataset.class_names, what=str(path)).tolist()
+    return Origin(path, hashlib.sha256(data).hexdigest(), names, order), logits
 
 
 def check_retrain(resolved: ResolvedSpec, retrain: tuple[str, ...]) -> None:
@@ -148,6 +258,17 @@ def resolve_references(resolved: ResolvedSpec, registry: Path | None, dataset: I
             except FusionEngineError as exc:
                 raise SpecError(str(exc), file=resolved.file, loc=("members", i, "zoo")) from None
     return chosen, (fingerprint[0] if fingerprint else None)
+
+
+@contextmanager
+def _located(resolved: ResolvedSpec, loc: tuple) -> Iterator[None]:
+    """A problem found inside the block, reported at ``loc`` of the spec."""
+    try:
+        yield
+    except SpecError:
+        raise
+    except FusionEngineError as exc:
+        raise SpecError(str(exc), file=resolved.file, loc=loc) from None
 
 
 @contextmanager

@@ -30,6 +30,11 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def engine_version() -> str | None:
+    """fusion-engine's own version."""
+    return _version("fusion-engine")
+
+
 def member_code(provided) -> dict[str, Any]:
     """The code that decides a trained member's outputs: the engine's version (its training
     loop), the backbone plugin's identity (distribution and version, or a plugin file's
@@ -38,7 +43,7 @@ def member_code(provided) -> dict[str, Any]:
     within minor releases)."""
     torch = _version("torch")
     return {
-        "engine": _version("fusion-engine"),
+        "engine": engine_version(),
         "plugin": dict(provided.code),
         "torch": ".".join(torch.split(".")[:2]) if torch else None,
         "timm": _version("timm"),

@@ -26,20 +26,23 @@ if TYPE_CHECKING:  # pragma: no cover
     from .plots import Plot
 
 
-def write_report(run_dir: str | Path, plots: list["Plot"]) -> Path:
+def write_report(run_dir: str | Path, plots: list["Plot"], *, budget_ms: float | None = None) -> Path:
     """Render ``<run_dir>/report.html`` from the run folder, with ``plots`` (what
-    :func:`~fusion_engine.plots.write_plots` drew) embedded; return its path."""
+    :func:`~fusion_engine.plots.write_plots` drew) embedded; return its path. ``budget_ms``
+    (default: the spec's ``budget_ms``) names the best row that fits it in the summary."""
     run = RunFolder.complete(run_dir)
-    return write_atomic(run.report_path, render_report(run, plots))
+    return write_atomic(run.report_path, render_report(run, plots, budget_ms=budget_ms))
 
 
 # -- rendering ------------------------------------------------------------------------------------
 
-def render_report(run: RunFolder, plots: list["Plot"]) -> str:
+def render_report(run: RunFolder, plots: list["Plot"], *, budget_ms: float | None = None) -> str:
     board = run.leaderboard
     title = board.get("experiment") or run.summary.get("experiment") or run.path.name
+    if budget_ms is None:
+        budget_ms = run.spec.get("budget_ms")
     sections = [
-        ("summary", "Summary", _summary(run)),
+        ("summary", "Summary", _summary(run, budget_ms)),
         ("leaderboard", "Leaderboard", _leaderboard(run)),
         ("data", "Data", _data(run)),
     ]
@@ -193,7 +196,7 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _summary(run: RunFolder) -> str:
+def _summary(run: RunFolder, budget_ms: float | None = None) -> str:
     board = run.leaderboard
     rows = run.rows
     n_test = run.split_sizes.get("test")
@@ -227,6 +230,12 @@ def _summary(run: RunFolder) -> str:
         html += f"<ul class='verdicts'>{''.join(items)}</ul>"
     if front:
         html += f"<p>On the accuracy-vs-inference-cost Pareto front: {escape(', '.join(front))}.</p>"
+    if budget_ms:
+        from .leaderboard import best_within_budget
+
+        choice = best_within_budget(rows, float(budget_ms), ranked_by=board.get("ranked_by", "accuracy"))
+        sentence = choice.sentence(level)
+        html += f"<p class='budget'>{escape(sentence[0].upper() + sentence[1:])}.</p>"
     html += ("<p class='note'>Intervals come from resampling the test samples with the same resamples for every row "
              f"({board.get('n_bootstrap', '?')} resamples, seed {board.get('bootstrap_seed', '?')}). McNemar p-values are "
              "not corrected for the number of rows compared. docs/evaluation.md explains every column.</p>")
@@ -256,10 +265,10 @@ def _leaderboard(run: RunFolder) -> str:
 
 
 def _board_table(df, columns, rows: list[dict]) -> str:
-    from .leaderboard import summary_table
+    from .leaderboard import TEXT_COLUMNS, summary_table
 
     header, body = summary_table(df, columns)
-    numeric = {i for i, h in enumerate(header) if h not in ("name", "kind", "members")}
+    numeric = {i for i, h in enumerate(header) if h not in TEXT_COLUMNS}
     delta_col = next((i for i, h in enumerate(header) if h.startswith("Δ")), None)
     best = df.attrs.get("best_member")
     classes = []
@@ -316,9 +325,27 @@ def _fusers(run: RunFolder) -> str:
         if info.get("temperature"):
             rows.append(["temperature option", "on"])
         html = f"<h3>{escape(name)}</h3>" + _table(None, rows)
+        html += _usage(info.get("test_usage"), members)
         html += _state_summary(_with_importance(info), members)
         parts.append(f"<div>{html}</div>")
     return "<div class='cards'>" + "".join(parts) + "</div>"
+
+
+def _usage(usage: dict | None, members: list[str]) -> str:
+    """For a fuser that stops early (a cascade): how many test samples ran each member, and how
+    many stopped after 1, 2, ... members."""
+    if not usage:
+        return ""
+    consulted = usage.get("consulted", {})
+    stopped = usage.get("stopped_after") or []
+    total = sum(stopped) or 1
+    order = sorted(members, key=lambda m: -float(consulted.get(m, 1.0)))
+    body = [[str(k + 1), m, f"{100 * float(consulted.get(m, 1.0)):.1f}%",
+             f"{stopped[k]} ({100 * stopped[k] / total:.1f}%)" if k < len(stopped) else ""]
+            for k, m in enumerate(order)]
+    return ("<p class='note'>On test: the share of samples each member ran on, and how many samples stopped "
+            "there (answered by the members up to that one).</p>"
+            + _table(["stage", "member", "ran on", "answered here"], body, numeric={0, 2, 3}))
 
 
 _BOOKKEEPING = {"n_members_", "n_classes_", "classes_"}

@@ -118,10 +118,11 @@ class RunFolder:
                       str(tmp))
         inp = member.input
         write_json(out / "card.json", {
-            "name": member.name, "key": member.key, "action": member.action, "zoo": zoo_path,
+            "name": member.name, "key": member.key, "action": member.action, "source": member.source, "zoo": zoo_path,
             "backbone": member.backbone, "temperature": member.temperature,
             "resumed_from_epoch": member.resumed_from_epoch,
-            "input": {"size": inp.size, "mean": list(inp.mean), "std": list(inp.std), "in_chans": inp.in_chans},
+            "input": None if inp is None else {"size": inp.size, "mean": list(inp.mean), "std": list(inp.std),
+                                               "in_chans": inp.in_chans},
             "best_epoch": member.best_epoch, "history": member.history, "n_params": member.n_params,
             "train_seconds": round(member.train_seconds, 3), "predict_seconds": round(member.predict_seconds, 3),
         })

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import RUN_LOG_ONLY, RUN_STARTED, FusionEngineError
+from .errors import RUN_LOG_ONLY, RUN_STARTED
 from .executors import LazyExecutor
 from .fusion import fit_fusers
 from .leaderboard import Row, build_leaderboard, print_leaderboard
@@ -179,19 +179,21 @@ class _Run:
                               on_failed=self._member_failed).run()
         self.executor.close()  # a Ray instance it started is stopped before anything forks to draw plots
 
-        self.console.log(f"fitting {len(spec.fusers)} fusers on val")
+        self.console.log(f"fitting {len(spec.fusers)} fuser{'' if len(spec.fusers) == 1 else 's'} on val")
+        n_scored = sum(len(data.labels[s]) for s in SCORED_SPLITS)
+        given = {m.name: m.infer_ms_per_image for m in spec.members}
+        member_costs = {name: _member_costs(m, n_scored, given[name]) for name, m in members.items()}
         fitted = []
         for fuser in fit_fusers(resolved.fuser_entries, {n: m.logits for n, m in members.items()}, data.labels,
-                                spec.seed):
+                                spec.seed, costs={n: c["infer_ms_per_image"] for n, c in member_costs.items()}):
             folder.write_fuser(fuser.name, fuser.description())
             fitted.append(fuser)
 
-        n_scored = sum(len(data.labels[s]) for s in SCORED_SPLITS)
-        rows = [Row(name=m.name, kind="member", members=[m.name], proba={s: _softmax(m.logits[s]) for s in SCORED_SPLITS},
-                    extra={"n_params": m.n_params, "train_seconds": m.train_seconds,
-                           "infer_ms_per_image": 1000.0 * m.predict_seconds / max(1, n_scored)})
+        rows = [Row(name=m.name, kind="member", source=m.source, members=[m.name],
+                    proba={s: _softmax(m.logits[s]) for s in SCORED_SPLITS}, extra=member_costs[m.name])
                 for m in members.values()]
         rows += [Row(name=f.name, kind="fuser", members=f.members, proba=f.proba, weights=f.weights,
+                     consulted=f.consulted,
                      extra={"fit_seconds": f.fit_seconds, "predict_ms_per_image": f.predict_ms_per_image})
                  for f in fitted]
         metrics = [p.record for p in ctx.plugins.catalog().records["metric"].values()]
@@ -215,10 +217,10 @@ class _Run:
         calibrate_member(member, self.resolved.spec.members[index], self.data.labels["val"])
         self.folder.write_member(member, str(self.reg.member_dir(member.key).relative_to(self.reg.root)))
         entry = {"key": member.key, "action": member.action,
-                 "source": "zoo" if self.resolved.spec.members[index].zoo is not None else "spec"}
+                 "source": self.resolved.spec.members[index].source}
         if member.resumed_from_epoch:
             entry["resumed_from_epoch"] = member.resumed_from_epoch
-        if member.action == "trained":
+        if member.action in ("trained", "predicted"):
             entry["executor"] = self.executor.name
         self._note_member(member.name, entry)
         self.reg.run_member(self.ctx.run_id, member.name, member.key, member.action)
@@ -233,9 +235,9 @@ class _Run:
         members = self.summary["members"]
         members[name] = entry
         actions = {action: [n for n, m in members.items() if m["action"] == action]
-                   for action in ("trained", "reused", "failed")}
-        self.summary.update(trained=actions["trained"], predicted=list(actions["trained"]), reused=actions["reused"],
-                           failed=actions["failed"])
+                   for action in ("trained", "predicted", "read", "reused", "failed")}
+        self.summary.update(trained=actions["trained"], predicted=actions["trained"] + actions["predicted"],
+                            read=actions["read"], reused=actions["reused"], failed=actions["failed"])
         self.folder.write_summary(self.summary)
 
     def _failed(self, exc: BaseException, seconds: float) -> None:
@@ -282,6 +284,17 @@ class _WarningList(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
+
+
+def _member_costs(member: MemberResult, n_scored: int, given_ms: float | None = None) -> dict:
+    """A member's cost columns: what this engine measured, None (unknown) where it did not see the
+    cost: training done elsewhere, a network it never ran (predictions made elsewhere). An
+    inference cost the spec gives (``infer_ms_per_image``) replaces the measured one."""
+    ran = member.source != "predictions"
+    measured = 1000.0 * member.predict_seconds / max(1, n_scored) if ran else None
+    return {"n_params": member.n_params,
+            "train_seconds": member.train_seconds if member.source == "trained" else None,
+            "infer_ms_per_image": given_ms if given_ms is not None else measured}
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_serializer, field_validator,
+                      model_validator)
 
 from .errors import FusionEngineError, SpecError, format_loc
 from .records import Params, Provided, StrictModel, normalize_name
@@ -109,31 +110,100 @@ class ExecutorSpec(_Strict):
 
 
 class MemberSpec(_Strict):
-    """A member to train (``backbone``), or one already in the zoo (``zoo``): exactly one of the two."""
+    """One member, from exactly one source:
+
+    - ``backbone``: a network the engine trains (``train``), or, with ``train: false`` and
+      ``weights: FILE``, one trained elsewhere that the engine only runs on val and test;
+    - ``predictions: FILE``: outputs computed elsewhere, read as they are (``kind`` says whether
+      they are logits or probabilities);
+    - ``zoo``: a member already in the zoo.
+
+    ``class_names`` gives the order of a weights file's or a predictions file's outputs when it
+    is not the dataset's (by default ``classes.txt`` or ``classes.json`` beside the file).
+    """
 
     name: str = Field(pattern=SAFE_NAME)
-    backbone: Optional[str] = Field(None, description="a registered backbone to train")
+    backbone: Optional[str] = Field(None, description="a registered backbone to train, or to run with weights")
     params: dict[str, Any] = Field(default_factory=dict)
-    train: TrainSpec = Field(default_factory=TrainSpec)
+    train: Optional[TrainSpec] = Field(
+        default_factory=TrainSpec, description="how to train it; false: not trained, its weights: are used as they are")
+    weights: Optional[Path] = Field(None, description="with train: false, the member's trained weights (.safetensors, "
+                                                      "or .pth/.pt/.bin read with weights_only); relative to the spec")
+    predictions: Optional[Path] = Field(None, description="outputs made elsewhere: a CSV, Parquet, .npz or .safetensors "
+                                                          "file with a row per sample id; relative to the spec")
+    kind: Optional[Literal["logits", "probabilities"]] = Field(None, description="what a predictions: file holds")
+    class_names: Optional[list[str]] = Field(None, min_length=2, description="the classes of the weights' or "
+                                             "predictions' outputs, in their order; default: the dataset's")
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="default: the experiment's seed")
     calibrate: Literal["none", "temperature"] = Field(
         "none", description="temperature-scale this member's logits (fitted on val) before fusion")
+    infer_ms_per_image: Optional[float] = Field(
+        None, gt=0, description="its inference cost in milliseconds per image, for the leaderboard and cost-aware "
+                                "fusers (a cascade): replaces the cost measured in the run; needed for a member "
+                                "from predictions: when a cascade uses it")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec,
                                      description="CPUs and GPUs the member's task asks an executor for")
     zoo: Optional[str] = Field(None, pattern=SAFE_NAME,
                                description="reuse a zoo member: its key, a key prefix (8+ hex characters) or its name")
 
-    @model_validator(mode="after")
-    def _backbone_or_zoo(self) -> "MemberSpec":
-        if self.backbone is None and self.zoo is None:
-            raise ValueError("give a backbone to train, or zoo: KEY or NAME to reuse a member from the zoo")
-        if self.backbone is not None and self.zoo is not None:
-            raise ValueError("give either backbone (to train a member) or zoo (to reuse one from the zoo), not both")
+    @field_validator("train", mode="before")
+    @classmethod
+    def _false_is_not_trained(cls, value: Any) -> Any:
+        if value is False:
+            return None
+        if value is True:
+            return {}
+        if value is None:
+            raise ValueError("give the training settings, or false for a member that is not trained")
+        return value
+
+    @field_serializer("train")
+    def _not_trained_is_false(self, value: Optional[TrainSpec]):
+        return False if value is None else value
+
+    @property
+    def source(self) -> str:
+        """Where the member's outputs come from: trained, weights, predictions or zoo."""
         if self.zoo is not None:
-            given = [f for f in ("params", "train", "seed") if f in self.model_fields_set]
-            if given:
-                raise ValueError(f"a zoo member comes trained: remove {', '.join(given)} "
-                                 "(its zoo card records how it was trained)")
+            return "zoo"
+        if self.predictions is not None:
+            return "predictions"
+        return "weights" if self.train is None else "trained"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "MemberSpec":
+        given = [f for f in ("backbone", "predictions", "zoo") if getattr(self, f) is not None]
+        if not given:
+            raise ValueError("give a backbone (to train, or with train: false and weights: FILE to run), "
+                             "predictions: FILE (outputs made elsewhere) or zoo: KEY or NAME (a stored member)")
+        if len(given) > 1:
+            raise ValueError(f"give one of backbone, predictions and zoo, not {' and '.join(given)}")
+        set_fields = self.model_fields_set
+        if self.zoo is not None:
+            extra = [f for f in ("params", "train", "seed", "weights", "kind", "class_names") if f in set_fields]
+            if extra:
+                raise ValueError(f"a zoo member comes trained: remove {', '.join(extra)} "
+                                 "(its zoo card records how it was made)")
+        elif self.predictions is not None:
+            extra = [f for f in ("params", "train", "seed", "weights", "resources") if f in set_fields]
+            if extra:
+                raise ValueError(f"a predictions member is read from its file: remove {', '.join(extra)}")
+            if self.kind is None:
+                raise _LocatedError(("kind",), "say what the predictions file holds: kind: logits or kind: "
+                                               "probabilities")
+        else:
+            if "kind" in set_fields:
+                raise _LocatedError(("kind",), "kind is for a predictions: file")
+            if self.train is None and self.weights is None:
+                raise _LocatedError(("weights",), "a member with train: false is run as it is: give its weights: FILE")
+            if self.weights is not None and self.train is not None:
+                raise _LocatedError(("train",), "a member with weights: is run as it is, not trained: add train: "
+                                                "false (to train from a file, use the backbone's own pretrained "
+                                                "weights, e.g. params: {pretrained_file: ...})")
+            if self.class_names is not None and self.weights is None:
+                raise _LocatedError(("class_names",), "class_names is for a weights: or predictions: file")
+            if self.train is None and "seed" in set_fields:
+                raise _LocatedError(("seed",), "a member with train: false is not trained: remove seed")
         return self
 
 
@@ -150,6 +220,8 @@ class ExperimentSpec(_Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED, description=f"seeds the split, every member and every fuser; 0 to {MAX_SEED}")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     rank_by: str = Field("accuracy", description="the metric (or delta_vs_best_member) that orders the leaderboard")
+    budget_ms: Optional[float] = Field(None, gt=0, description="an inference budget in milliseconds per image: the "
+                                       "report names the best row (chosen on val) that fits it")
     plugins: list[str] = Field(default_factory=list, description="plugin .py files, relative to the spec file")
     executor: ExecutorSpec = Field(default_factory=ExecutorSpec, description="what trains the members: local or ray")
     data: DataSpec
@@ -293,8 +365,8 @@ def validation_error(exc: ValidationError, model: type[BaseModel] | None, *, fil
     loc = tuple(err["loc"])
     msg = err["msg"]
     ctx_error = (err.get("ctx") or {}).get("error")
-    if isinstance(ctx_error, _LocatedError):
-        loc, msg = ctx_error.loc, str(ctx_error)
+    if isinstance(ctx_error, _LocatedError):  # its loc is within the model that raised it
+        loc, msg = loc + tuple(ctx_error.loc), str(ctx_error)
     elif err["type"].startswith("value_error"):
         msg = msg.removeprefix("Value error, ")
     if err["type"] == "extra_forbidden" and model is not None:

@@ -234,7 +234,7 @@ def test_pretrained_file_of_another_architecture_is_an_error(tmp_path):
     message = str(err.value)
     assert message.startswith(f"pretrained_file {path} does not fit timm model 'resnet18': ")
     assert re.search(r": 98 missing \(conv1\.weight, layer1\.0\.conv1\.weight, .*; 258 unexpected \(blocks\.0\.0\.bn1\.bias, "
-                     r".*; 4 mis-shaped \(bn1\.weight \(file 32, model 64\), ", message), message
+                     r".*; 4 mis-shaped \(bn1\.weight \(file 32, network 64\), ", message), message
     assert "\n" not in message
 
 

@@ -9,11 +9,13 @@ import json
 import pickle
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
 
-from conftest import cli, toy_spec_data, write_spec
+from conftest import TOY_PLUGIN, cli, toy_spec_data, write_spec
 from fusion_engine.cli import main
 
 TINY_TIMM = "test_resnet"  # timm's smallest ResNet: building it costs nothing
@@ -94,8 +96,112 @@ def csv_manifest(tmp: Path, text: str) -> dict:
 
 GOOD_CSV = "path,label\n" + "".join(f"imgs/{c}/{i}.png,{c}\n" for c in ("cat", "dog") for i in range(4))
 
+TOY_IDS = [f"toy-{i}" for i in range(60)]  # the toy dataset's 3 x 20 samples
+TOY_CLASSES = ["top", "bottom", "dark"]
+
+
+def toy_weights(tmp: Path, classes: int = 3, names: list[str] | None = None) -> dict:
+    import importlib.util
+
+    from safetensors.torch import save_file
+
+    spec = importlib.util.spec_from_file_location("toy_for_weights", TOY_PLUGIN)
+    toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy)
+    save_file(toy.build_toy_net(toy.ToyNetParams(), classes).module.state_dict(), str(tmp / "w.safetensors"))
+    if names:
+        (tmp / "classes.txt").write_text("\n".join(names))
+    return only({"name": "w", "backbone": "toy-net", "train": False, "weights": "w.safetensors"})
+
+
+def toy_predictions(tmp: Path, text: str | None = None, *, suffix: str = ".csv", kind: str = "probabilities",
+                    change=None) -> dict:
+    """A predictions file for the toy data: uniform probabilities for every id, then ``change``d."""
+    frame = pd.DataFrame({"id": TOY_IDS, **{c: [1 / 3] * len(TOY_IDS) for c in TOY_CLASSES}})
+    if change is not None:
+        frame = change(frame)
+    path = tmp / f"p{suffix}"
+    if text is not None:
+        path.write_text(text)
+    elif suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif suffix == ".npz":
+        np.savez(path, ids=np.array(frame.id), scores=frame[TOY_CLASSES].to_numpy())
+    else:
+        from safetensors.numpy import save_file
+
+        save_file({kind: frame[TOY_CLASSES].to_numpy()}, str(path))
+    return only({"name": "p", "predictions": path.name, "kind": kind})
+
+
+def npz_predictions(tmp: Path, n_rows: int) -> dict:
+    """60 ids in an .npz with ``n_rows`` rows of probabilities."""
+    np.savez(tmp / "p.npz", ids=np.array(TOY_IDS), probabilities=np.full((n_rows, 3), 1 / 3))
+    return only({"name": "p", "predictions": "p.npz", "kind": "probabilities"})
+
+
+def cascade_over_predictions(tmp: Path) -> dict:
+    spec = toy_predictions(tmp)
+    spec["members"].insert(0, {"name": "net-a", "backbone": "toy-net", "train": {"epochs": 1}})
+    spec["fusers"] = [{"name": "c", "fuser": "cascade"}]
+    return spec
+
+
 # (id, how to make the spec and its files, a fragment of the one-line error)
 CASES = [
+    ("predictions-fewer-rows-than-ids", lambda t, r: npz_predictions(t, 59),
+     "{tmp}/p.npz: 60 ids for 59 rows of probabilities; give one id per row"),
+    ("predictions-more-rows-than-ids", lambda t, r: npz_predictions(t, 61), "60 ids for 61 rows of probabilities"),
+    ("predictions-class-names-conflict", lambda t, r: (lambda spec: (spec["members"][0].update(
+        class_names=["dark", "top", "bottom"]), spec)[1])(toy_predictions(t)),
+     "{tmp}/p.csv names its classes (top, bottom, dark) and the member's class_names (dark, top, bottom) differ"),
+    ("predictions-outside-0-1", lambda t, r: toy_predictions(t, change=lambda f: f.assign(top=-0.2, dark=0.8667)),
+     "60 rows hold probabilities outside [0, 1] (first id toy-0); are they logits? (kind: logits)"),
+    ("cascade-without-cost", lambda t, r: cascade_over_predictions(t),
+     "fusers.0.fuser: fuser c (cascade) needs each member's inference cost, and member p has none (its predictions "
+     "were made elsewhere): give that member infer_ms_per_image"),
+    ("weights-class-count", lambda t, r: toy_weights(t, classes=5),
+     "members.0.weights: weights {tmp}/w.safetensors do not fit the toy-net network this member builds: 2 mis-shaped "
+     "(4.weight (file 5x16, network 3x16), 4.bias (file 5, network 3)) (of the 4 tensors the network has); its "
+     "classifier is sized for another number of classes? the dataset has 3"),
+    ("weights-other-classes", lambda t, r: toy_weights(t, names=["top", "bottom", "cat"]),
+     "its classes are not the dataset's: 1 of the dataset's classes missing (dark); 1 classes the dataset does not "
+     "have (cat)"),
+    ("weights-not-a-state-dict", lambda t, r: ((t / "w.safetensors").write_bytes(b"\x00" * 20),
+                                               only({"name": "w", "backbone": "toy-net", "train": False,
+                                                     "weights": "w.safetensors"}))[1],
+     "members.0.weights: cannot read weights file"),
+    ("weights-missing", lambda t, r: only({"name": "w", "backbone": "toy-net", "train": False,
+                                           "weights": "absent.safetensors"}), "members.0.weights: no such file:"),
+    ("train-false-without-weights", lambda t, r: only({"name": "w", "backbone": "toy-net", "train": False}),
+     "members.0.weights: a member with train: false is run as it is: give its weights: FILE"),
+    ("weights-but-trained", lambda t, r: only({"name": "w", "backbone": "toy-net", "weights": "w.safetensors"}),
+     "members.0.train: a member with weights: is run as it is, not trained: add train: false"),
+    ("predictions-missing-ids", lambda t, r: toy_predictions(t, change=lambda f: f.iloc[:-20]),
+     "5 of the 15 val ids are missing (toy-40, toy-46, toy-47, ...); `fusion-engine split SPEC --out ids.csv` lists "
+     "them"),
+    ("predictions-duplicate-ids", lambda t, r: toy_predictions(t, change=lambda f: pd.concat([f, f.iloc[:2]])),
+     "{tmp}/p.csv: 2 ids appear more than once (toy-0, toy-1)"),
+    ("predictions-extra-class", lambda t, r: toy_predictions(t, change=lambda f: f.assign(cat=0.0)),
+     "its classes are not the dataset's: 1 classes the dataset does not have (cat)"),
+    ("predictions-nan", lambda t, r: toy_predictions(t, kind="logits", change=lambda f: f.assign(dark=np.nan)),
+     "60 rows hold NaN or infinite logits (first id toy-0)"),
+    ("predictions-not-summing", lambda t, r: toy_predictions(t, change=lambda f: f.assign(dark=0.5)),
+     "60 rows of probabilities do not sum to 1 (first id toy-0: 1.16667)"),
+    ("predictions-no-id", lambda t, r: toy_predictions(t, change=lambda f: f.rename(columns={"id": "sample"})),
+     "no 'id' column; found: sample, top, bottom, dark"),
+    ("predictions-not-numbers", lambda t, r: toy_predictions(t, change=lambda f: f.assign(top="high")),
+     "column 'top' holds values that are not numbers (60 rows, first id toy-0)"),
+    ("predictions-npz-arrays", lambda t, r: toy_predictions(t, suffix=".npz"),
+     "expected arrays 'ids' and 'probabilities', found ids, scores"),
+    ("predictions-safetensors-ids", lambda t, r: toy_predictions(t, suffix=".safetensors"),
+     "its metadata has no 'ids' (a JSON list of the rows' sample ids)"),
+    ("predictions-format", lambda t, r: toy_predictions(t, suffix=".xlsx", text="x"),
+     "members.0.predictions: 'p.xlsx' is not one of .csv, .parquet, .pq, .npz, .safetensors"),
+    ("predictions-garbage", lambda t, r: toy_predictions(t, suffix=".csv", text="\x00\x01\x02"),
+     "{tmp}/p.csv: no 'id' column"),
+    ("predictions-kind", lambda t, r: only({"name": "p", "predictions": "p.csv"}),
+     "members.0.kind: say what the predictions file holds: kind: logits or kind: probabilities"),
     ("single-class", lambda t, r: (images(t / "imgs", {"cat": 9}), folder_spec(t))[1],
      "data: dataset 'imagefolder' has only class 'cat'; a classifier needs samples of at least 2 classes"),
     ("no-class-folders", lambda t, r: ((t / "imgs").mkdir(), folder_spec(t))[1], "no class folders in"),
@@ -154,7 +260,7 @@ def test_an_unknown_member_for_retrain_is_refused_before_the_run(toy_spec, toy_r
 @pytest.mark.parametrize("args, line", [
     (["run"], "fusion-engine run: the following arguments are required: SPEC (see fusion-engine run --help)"),
     (["zoo", "lst"], "fusion-engine zoo: argument ZOO_COMMAND: invalid choice: 'lst' (choose from 'list', 'show', "
-                     "'rm', 'gc'); did you mean 'list'? (see fusion-engine zoo --help)"),
+                     "'rm', 'gc', 'export', 'import'); did you mean 'list'? (see fusion-engine zoo --help)"),
     (["run", "spec.yaml", "--device", "gpu"], "fusion-engine run: argument --device: invalid choice: 'gpu' (choose "
                                               "from 'auto', 'cpu', 'cuda'); did you mean 'cpu'? (see fusion-engine run "
                                               "--help)"),

@@ -96,8 +96,8 @@ def test_run_writes_a_complete_run_folder(tmp_path, toy_spec):
         assert card["zoo"] == f"zoo/{card['key']}" and (tmp_path / "reg" / card["zoo"] / "model.safetensors").is_file()
 
     board = pd.read_csv(run_dir / "leaderboard.csv")
-    assert list(board.columns[:9]) == ["rank", "name", "kind", "members", "accuracy", "precision_macro",
-                                       "recall_macro", "f1_macro", "nll"]
+    assert list(board.columns[:9]) == ["rank", "name", "kind", "source", "members", "accuracy",
+                                       "precision_macro", "recall_macro", "f1_macro"]
     assert "val_accuracy" in board.columns
     assert sorted(board["name"]) == ["avg", "avg-a", "net-a", "net-b"]
     assert list(board["rank"]) == [1, 2, 3, 4]
@@ -127,7 +127,7 @@ def test_run_writes_a_complete_run_folder(tmp_path, toy_spec):
     resolved = json.loads((run_dir / "spec.json").read_text())
     assert resolved["members"][0]["params"] == {"width": 4}
     md = (run_dir / "leaderboard.md").read_text().splitlines()
-    assert md[0].startswith("| rank | name | kind | members | accuracy |") and len(md) == 2 + 4
+    assert md[0].startswith("| rank | name | kind | source | members | accuracy |") and len(md) == 2 + 4
     assert str(run_dir) in out.stdout and "accuracy" in out.stdout
 
     report = run_dir / "report.html"

@@ -182,7 +182,7 @@ def test_leaderboard_columns_costs_and_statistics(metrics):
     rows, y = _rows(np.random.default_rng(4))
     df = build_leaderboard(rows, y, metrics, n_bootstrap=300, seed=0)
     assert list(df.columns) == [
-        "rank", "name", "kind", "members", "accuracy", "precision_macro", "recall_macro", "f1_macro", "nll",
+        "rank", "name", "kind", "source", "members", "accuracy", "precision_macro", "recall_macro", "f1_macro", "nll",
         "precision_weighted", "recall_weighted", "f1_weighted", "top5_accuracy", "brier", "ece",
         "accuracy_lo", "accuracy_hi", "delta_vs_best_member", "delta_vs_best_member_lo", "delta_vs_best_member_hi",
         "mcnemar_p", "val_accuracy", "val_nll", "n_params", "infer_ms_per_image", "train_seconds", "fit_seconds", "pareto"]
@@ -255,7 +255,7 @@ def test_leaderboard_json_records_how_it_was_built(metrics, tmp_path):
     assert [r["name"] for r in data["rows"]] == list(df["name"])
     assert data["rows"][0]["pareto"] is True
     md = (tmp_path / "leaderboard.md").read_text()
-    assert "| 1 | fused | fuser | a:0.60, b:0.40 |" in md and "1,300" in md
+    assert "| 1 | fused | fuser |  | a:0.60, b:0.40 |" in md and "1,300" in md
 
 
 def test_printed_leaderboard_joins_intervals_to_their_estimates(metrics):

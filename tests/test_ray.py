@@ -133,7 +133,7 @@ def test_a_file_a_member_params_name_travels_with_its_task(tmp_path):
     job = MemberJob(name="f", key="0" * 64, backbone=record, params=record.params(weights=weights),
                     train=TrainSpec(epochs=1, batch_size=8), seed=0, num_classes=3, image_size=8,
                     input=InputConfig(8, (0.5,), (0.5,), 1), device="cpu", resources=ResourcesSpec())
-    files = {field: (path.name, path.read_bytes()) for field, path in _local_files(job.params).items()}
+    files = {field: (path.name, path.read_bytes()) for field, path in _local_files(job).items()}
     assert list(files) == ["weights"]
     job_bytes = _dumps(job)
     weights.unlink()  # as on a worker node

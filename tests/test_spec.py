@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -57,7 +56,7 @@ def test_unknown_field_names_the_path_and_suggests(tmp_path):
     path = write(tmp_path, GOOD.replace("backbone: toy-net", "backbone: toy-net\n    trian: {epochs: 1}"))
     msg = error_for(path)
     assert msg.startswith(f"{path}: members.0.trian: unknown field (did you mean 'train'?)")
-    assert "allowed: name, backbone, params, train, seed" in msg
+    assert "allowed: name, backbone, params, train, weights, predictions, kind, class_names, seed" in msg
 
 
 def test_nested_unknown_field(tmp_path):

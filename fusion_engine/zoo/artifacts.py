@@ -21,6 +21,12 @@ from .errors import CorruptArtifact, PlantedFile
 PAYLOAD_FILES = ("model.safetensors", "outputs.safetensors", "ids.json")
 CARD_FILE = "card.json"
 
+
+def required_files(source: str) -> tuple[str, ...]:
+    """The payload files a member from ``source`` must have: all of them, but a member read
+    from predictions made elsewhere has no weights."""
+    return PAYLOAD_FILES[1:] if source == "predictions" else PAYLOAD_FILES
+
 _PICKLE_MAGIC = tuple(bytes([0x80, p]) for p in range(2, 6))
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format: a zip of pickles
 

@@ -14,7 +14,7 @@ never guessed at.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -27,13 +27,14 @@ class _Part(BaseModel):
 
 
 class CardSpec(_Part):
-    """The member as the spec gave it, plugin parameters resolved."""
+    """The member as the spec gave it, plugin parameters resolved (``train`` is false for a member
+    run from its weights; a predictions member has ``predictions`` and ``kind`` instead)."""
 
     name: str
     backbone: Optional[str] = None
     params: dict[str, Any] = Field(default_factory=dict)
-    train: dict[str, Any] = Field(default_factory=dict)
-    seed: int = 0
+    train: dict[str, Any] | Literal[False] | None = None  # None: not given (a predictions member)
+    seed: Optional[int] = None  # None: not trained here
 
 
 class CardData(_Part):
@@ -73,9 +74,16 @@ class Checksum(_Part):
 
 
 class MemberCard(_Part):
-    """``zoo/<key>/card.json``. ``key``, ``created`` and ``files`` are set when it is published."""
+    """``zoo/<key>/card.json``. ``key``, ``created`` and ``files`` are set when it is published.
+
+    ``source`` says where the member's outputs came from: ``trained`` by the engine, run from
+    ``weights`` trained elsewhere, or read from ``predictions`` made elsewhere (no weights then);
+    ``origin`` identifies that file (its name, sha256, and the class order it was read in).
+    """
 
     version: int = CARD_VERSION
+    source: Literal["trained", "weights", "predictions"] = "trained"
+    origin: Optional[dict[str, Any]] = None
     format: int = 1  # the key format (:data:`fusion_engine.zoo.keys.ZOO_FORMAT`) the member was keyed with
     key: Optional[str] = None
     created: Optional[str] = None
@@ -87,12 +95,12 @@ class MemberCard(_Part):
     plugin: str = ""
     key_material: dict[str, Any]
     data: CardData
-    input: CardInput
+    input: Optional[CardInput] = None  # None for predictions made elsewhere
     metrics: CardMetrics = Field(default_factory=CardMetrics)
     best_epoch: Optional[int] = None
     history: list[dict[str, Any]] = Field(default_factory=list)
     resumed_from_epoch: Optional[int] = None
-    n_params: int = 0
+    n_params: Optional[int] = None  # unknown for predictions made elsewhere
     timings: CardTimings = Field(default_factory=CardTimings)
     device: Optional[str] = None
     versions: dict[str, str] = Field(default_factory=dict)
@@ -108,7 +116,8 @@ class MemberCard(_Part):
 
     def index_fields(self) -> dict[str, Any]:
         """The registry index's columns for this member (besides key, files, size and date)."""
-        return {"name": self.name, "experiment": self.experiment, "run_id": self.run_id, "backbone": self.backbone,
+        return {"name": self.name, "experiment": self.experiment, "run_id": self.run_id,
+                "backbone": self.backbone or f"({self.source})",
                 "dataset": self.data.dataset, "fingerprint": self.data.fingerprint, "split": self.data.split_sha256,
                 "val_accuracy": self.metrics.val_accuracy, "n_params": self.n_params}
 

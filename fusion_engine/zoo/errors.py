@@ -28,7 +28,7 @@ class PlantedFile(ZooError):
     """A file in the registry that fusion-engine never writes: refused, never loaded."""
 
     def __init__(self, key: str, path: Path, what: str):
-        self.key, self.path = key, path
+        self.key, self.path, self.reason = key, path, what
         super().__init__(
             f"zoo member {short(key)}: {path} {what}; fusion-engine never writes or loads such files "
             f"(nothing in a registry is unpickled), so it refuses this member. Inspect the file, then remove "

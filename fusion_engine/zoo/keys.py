@@ -38,25 +38,32 @@ def split_digest(ids: dict[str, list[str]]) -> str:
     return sha256_json({s: [str(i) for i in ids[s]] for s in SPLITS})
 
 
-def key_material(*, backbone: str, params: dict, train: dict, seed: int, image_size: int | None,
-                 mean: list | None, std: list | None, fingerprint: str, split: str, code: dict) -> dict:
+def key_material(*, backbone: str | None, params: dict, train: dict | None, seed: int | None, image_size: int | None,
+                 mean: list | None, std: list | None, fingerprint: str, split: str, code: dict,
+                 source: dict | None = None) -> dict:
     """What a member's key hashes: everything that decides its weights and its outputs.
 
     ``params`` with every file a parameter names given by its content's sha256 (not its path);
-    ``code`` identifies the code that trains it (:func:`fusion_engine.provenance.member_code`).
+    ``code`` identifies the code that trains it (:func:`fusion_engine.provenance.member_code`);
+    ``source``, for a member not trained here, the file it comes from (``{"weights": ...}`` or
+    ``{"predictions": ...}``: its sha256 and the class order it is read in); ``train`` and
+    ``seed`` are None then.
     Not in it: the member's name, the device (CPU and CUDA runs of one member are the same
     member), ``calibrate`` (applied to the stored logits at load time) and the fusers.
     """
-    return {
+    material = {
         "format": ZOO_FORMAT,
         "backbone": backbone,
         "params": params,
         "train": train,
-        "seed": int(seed),
+        "seed": None if seed is None else int(seed),
         "data": {"image_size": image_size, "mean": None if mean is None else list(mean),
                  "std": None if std is None else list(std), "fingerprint": fingerprint, "split": split},
         "code": code,
     }
+    if source is not None:
+        material["source"] = source
+    return material
 
 
 def member_key(material: dict) -> str:

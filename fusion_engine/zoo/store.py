@@ -41,7 +41,7 @@ from pydantic import ValidationError
 from ..checkpoint import Checkpoint
 from ..files import checksum, fsync_dir, seal, write_atomic
 from ..records import SCORED_SPLITS
-from .artifacts import CARD_FILE, PAYLOAD_FILES, check_file, read_checked, read_json_object, tree_bytes
+from .artifacts import CARD_FILE, PAYLOAD_FILES, check_file, required_files, read_checked, read_json_object, tree_bytes
 from .card import CARD_VERSION, MemberCard
 from .errors import Busy, CorruptArtifact, PlantedFile, UnreadableCard, ZooError, short
 from .index import Index, ZooEntry, now
@@ -244,9 +244,10 @@ class Registry:
         try:
             write(tmp)
             written = sorted(os.listdir(tmp))
-            if written != sorted(PAYLOAD_FILES):
-                raise RuntimeError(f"a zoo artifact holds exactly {', '.join(PAYLOAD_FILES)}; got {', '.join(written)}")
-            files = {name: seal(tmp / name) for name in PAYLOAD_FILES}
+            if not set(required_files(card.source)) <= set(written) <= set(PAYLOAD_FILES):
+                raise RuntimeError(f"a {card.source} member's zoo artifact holds {', '.join(required_files(card.source))}; "
+                                   f"got {', '.join(written)}")
+            files = {name: seal(tmp / name) for name in written}
             card = MemberCard.model_validate({**card.to_json(), "version": CARD_VERSION, "key": key, "created": now(),
                                               "files": files})
             # the index row again, as fusion-engine 0.1 rebuilds its index from cards
@@ -271,10 +272,11 @@ class Registry:
         checks out against the card; :class:`ZooError` (or worse) when one does not."""
         folder = self.member_dir(key)
         card = read_card(folder, key)
-        missing = [name for name in PAYLOAD_FILES if name not in card.files]
+        missing = [name for name in required_files(card.source) if name not in card.files]
         if missing:
             raise CorruptArtifact(key, CARD_FILE, f"incomplete (no checksum of {', '.join(missing)})")
-        files = {name: card.files[name].model_dump(include={"sha256", "bytes"}) for name in PAYLOAD_FILES}
+        files = {name: card.files[name].model_dump(include={"sha256", "bytes"}) for name in PAYLOAD_FILES
+                 if name in card.files}
         files[CARD_FILE] = checksum(folder / CARD_FILE)
         row = ZooEntry(key=key, bytes=sum(f["bytes"] for f in files.values()), files=files,
                        created=str(card.created or now()), **card.index_fields())

@@ -97,7 +97,7 @@ class RayExecutor(Executor):
                 if size not in images_ref:  # once per input size, shared by every task that needs it
                     images_ref[size] = ray.put({s: x.numpy() for s, x in pixels(job.input).items()})
                 files = {}
-                for field, path in _local_files(job.params).items():  # e.g. pretrained_file: only on this disk
+                for field, path in _local_files(job).items():  # e.g. pretrained_file: only on this disk
                     if path not in files_ref:
                         files_ref[path] = ray.put(path.read_bytes())
                     files[field] = (path.name, files_ref[path])
@@ -148,10 +148,18 @@ def _unschedulable(job) -> str | None:
             f"of the Ray cluster has (the largest: {largest.get('CPU', 0):g} CPU, {largest.get('GPU', 0):g} GPU)")
 
 
-def _local_files(params) -> dict[str, Path]:
-    """The parameters naming a file on the driver's disk (a backbone's ``pretrained_file``):
-    their bytes travel with the task, as a worker on another node has no such path."""
-    return {name: value for name, value in params if isinstance(value, Path) and value.is_file()}
+#: the name under which a member's own weights file (``weights:``, not a backbone parameter) travels
+WEIGHTS = "@weights"
+
+
+def _local_files(job) -> dict[str, Path]:
+    """The files on the driver's disk a job reads: those its backbone's parameters name (a
+    ``pretrained_file``) and a member's own ``weights``. Their bytes travel with the task, as a
+    worker on another node has no such path."""
+    files = {name: value for name, value in job.params if isinstance(value, Path) and value.is_file()}
+    if job.weights is not None:
+        files[WEIGHTS] = Path(job.weights)
+    return files
 
 
 def _dumps(job) -> bytes:
@@ -184,6 +192,8 @@ def _fit_on_worker(plugin_sources: dict, job_bytes: bytes, images: dict, labels:
             path.parent.mkdir()
             path.write_bytes(data)
             local[field] = path
+        if WEIGHTS in local:
+            job.weights = local.pop(WEIGHTS)
         if local:
             job.params = job.params.model_copy(update=local)
         fitted = fit_member(job, images, labels, quiet=True)

@@ -12,11 +12,12 @@ from __future__ import annotations
 from fusion_engine import FuserRecord, hookimpl
 
 from .averaging import Mean, Weighted
+from .cascade import Cascade
 from .selection import Caruana
 from .stackers import LogisticStacking, XGBoostStacking
 from .voting import Vote
 
-__all__ = ["Caruana", "LogisticStacking", "Mean", "Vote", "Weighted", "XGBoostStacking"]
+__all__ = ["Caruana", "Cascade", "LogisticStacking", "Mean", "Vote", "Weighted", "XGBoostStacking"]
 
 
 @hookimpl
@@ -29,4 +30,6 @@ def register_fusers():
         FuserRecord("logistic-stacking", LogisticStacking, description="logistic regression on member log-probabilities"),
         FuserRecord("xgboost-stacking", XGBoostStacking,
                     description="gradient-boosted trees (XGBoost) on member log-probabilities"),
+        FuserRecord("cascade", Cascade, description="members from the cheapest; a sample stops at the first "
+                    "confident stage (thresholds for an accuracy drop or a budget, chosen on val)"),
     ]

@@ -26,18 +26,17 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
-import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from fusion_engine import BackboneRecord, BuiltBackbone, FusionEngineError, InputConfig, Params, hookimpl
+from fusion_engine import (WEIGHT_SUFFIXES, BackboneRecord, BuiltBackbone, FusionEngineError, InputConfig, Params,
+                           hookimpl, read_weight_shapes, weights_mismatch)
 
 log = logging.getLogger("fusion_engine")
 
 SMALL_INPUT_MAX = 64
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _RESERVED_KWARGS = {"model_name", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
                     "cache_dir", "num_classes", "in_chans", "drop_rate"}
 
@@ -423,7 +422,7 @@ def _create_pretrained(name: str, params: BackboneParams, num_classes: int, kwar
     if params.pretrained_sha256:
         verify_sha256(path, params.pretrained_sha256)
     cfg = get_pretrained_cfg(name)
-    shapes = _tensor_shapes(path)
+    shapes = read_weight_shapes(path)
     overlay: dict[str, Any] = {"file": path}
     classifiers = _names(cfg.classifier) if cfg else ()
     head = next((shapes[f"{c}.weight"] for c in classifiers if f"{c}.weight" in shapes), None)
@@ -477,53 +476,18 @@ def _check_weights_fit(name: str, params: BackboneParams) -> None:
     from timm.models import get_pretrained_cfg
 
     path = str(params.pretrained_file)
-    shapes = _tensor_shapes(path)
+    shapes = read_weight_shapes(path)
     cfg = get_pretrained_cfg(name)
     head = _names(cfg.classifier) if cfg else ()
     stem = _names(cfg.first_conv) if cfg else ()
     file_classes = next((shapes[f"{c}.weight"][0] for c in head if f"{c}.weight" in shapes), 1000)
     with torch.device("meta"):
         model = _bare_model(name, params.model_copy(update={"in_chans": 3}), file_classes)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    got = {k: v for k, v in shapes.items() if not k.endswith("num_batches_tracked")}
-    missing = [k for k in expected if k not in got]
-    unexpected = [k for k in got if k not in expected]
-    misshaped = [f"{k} (file {_dims(got[k])}, model {_dims(expected[k])})" for k in expected
-                 if k in got and got[k] != expected[k] and not any(k.startswith(f"{c}.") for c in (*head, *stem))]
-    problems = [f"{len(items)} {what} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})"
-                for what, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-                if items]
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = weights_mismatch(expected, shapes, any_shape=(*head, *stem))
     if problems:
-        raise FusionEngineError(f"pretrained_file {path} does not fit timm model '{name}': {'; '.join(problems)} "
-                                f"(of {len(expected)} tensors the model has); is it the weights of another architecture?")
-
-
-def _dims(shape: tuple[int, ...]) -> str:
-    return "x".join(map(str, shape)) or "scalar"
-
-
-def _tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes in a weights file, as timm names them after loading."""
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt") as f:
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        else:
-            from timm.models import load_state_dict
-
-            with warnings.catch_warnings():  # torch warns before refusing a pickle: the error says it all
-                warnings.simplefilter("ignore")
-                shapes = {k: tuple(v.shape) for k, v in load_state_dict(path, weights_only=True).items()
-                          if hasattr(v, "shape")}
-    except Exception as exc:  # any reader error means the same thing to the user
-        why = _first_line(exc)
-        if "weights_only" in why or "Unpickl" in type(exc).__name__:
-            why = ("it holds pickled Python objects, which are never loaded (torch.load with weights_only=True "
-                   "refused it); save the state dict with safetensors or torch.save(model.state_dict())")
-        raise FusionEngineError(f"cannot read weights file {path}: {why}") from None
-    return {k.removeprefix("module."): v for k, v in shapes.items()}
+        raise FusionEngineError(f"pretrained_file {path} does not fit timm model '{name}': {problems}; is it the "
+                                f"weights of another architecture?")
 
 
 def _names(value: Any) -> tuple[str, ...]:
