@@ -298,14 +298,14 @@ def describe_params(model: type) -> list[dict]:
     from pydantic_core import PydanticUndefined
 
     out = []
-    for name, field in model.model_fields.items():
-        if field.default_factory is not None:
-            default = field.default_factory()
+    for name, info in model.model_fields.items():
+        if info.default_factory is not None:
+            default = info.default_factory()
         else:
-            default = "required" if field.default is PydanticUndefined else field.default
-        constraints = [c for c in map(_constraint, field.metadata) if c]
-        out.append({"name": name, "type": _type_name(field.annotation), "default": default,
-                    "constraints": constraints, "description": field.description or ""})
+            default = "required" if info.default is PydanticUndefined else info.default
+        constraints = [c for c in map(_constraint, info.metadata) if c]
+        out.append({"name": name, "type": _type_name(info.annotation), "default": default,
+                    "constraints": constraints, "description": info.description or ""})
     return out
 
 

@@ -7,8 +7,7 @@ Each arrow is one stage with typed inputs and outputs: :func:`fusion_engine.spec
 :func:`fusion_engine.calibration.calibrate_members`, :func:`fusion_engine.fusion.fit_fusers`,
 :func:`fusion_engine.leaderboard.build_leaderboard`, and :class:`fusion_engine.runfolder.RunFolder`,
 which writes everything. This module only strings them together and keeps the run's summary (``run.json``).
-Plugins hear the run through the lifecycle hooks; trackers the spec switches on hear it through
-:class:`fusion_engine.tracking.RunTrackers`, which keeps a tracker's failure from failing the run.
+Trackers hear the lifecycle hooks through :class:`fusion_engine.tracking.RunTrackers`, which contains their failures.
 
 The evaluation protocol: the data are split once; members train on train, choose their best
 epoch on val, and predict val and test once; fusers see member logits only, are fitted on val
@@ -60,9 +59,7 @@ class RunContext:
     notes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def note(self, section: str, **fields: Any) -> None:
-        """Record ``fields`` (JSON-able) in the run's summary, ``run.json``, under
-        ``notes.<section>``; a later note to the same section adds or replaces fields. Written
-        with the summary: as each member is ready, when the run ends, after ``on_run_finished``."""
+        """Record ``fields`` (JSON-able) in ``run.json`` under ``notes.<section>``, adding to or replacing its fields."""
         self.notes.setdefault(section, {}).update(fields)
 
 
@@ -252,8 +249,7 @@ class _Run:
             log.error("could not record the run's end in the registry index: %s", index_exc)
 
     def _finished(self) -> None:
-        """``on_run_finished``, whose failure is a warning (the outcome is settled), then the
-        summary again, with what the hook noted or warned about."""
+        """``on_run_finished`` (its failure a warning: the outcome is settled), then the summary again."""
         try:
             self.ctx.plugins.hook.on_run_finished(run=self.ctx, status=self.summary["status"])
         except Exception as exc:

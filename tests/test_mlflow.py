@@ -7,6 +7,7 @@ against ``mlflow server`` started on 127.0.0.1."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -19,11 +20,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TOY_PLUGIN, cli, summary, toy_spec_data, write_spec
+from conftest import cli, summary, toy_spec_data, write_spec
 from fusion_engine.runner import run_experiment
+from fusion_engine.zoo import Registry
 
 mlflow = pytest.importorskip("mlflow", reason="the mlflow extra is not installed: pip install 'fusion-engine[mlflow]'")
 from mlflow import MlflowClient  # noqa: E402
@@ -31,6 +34,7 @@ from mlflow import MlflowClient  # noqa: E402
 from fusion_engine_mlflow import values  # noqa: E402
 
 TIMINGS = ["train_seconds", "fit_seconds", "infer_ms_per_image", "pareto"]
+COSTS = ["n_params", "infer_ms_per_image", "train_seconds", "fit_seconds"]
 #: MLflow's reads, quiet and quick in tests (the tracker sets its own limits for its calls)
 QUIET = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
          "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -134,9 +138,15 @@ def test_every_leaderboard_column_of_every_row_is_on_its_nested_run(trained):
     for row in board.to_dict(orient="records"):
         run = tracked.nested[row["name"]]
         for column in numeric:
-            logged, value = run.data.metrics[column], float(row[column])
+            value = float(row[column])
+            if column in COSTS and math.isnan(value):  # a member's fit_seconds: no value, no metric
+                assert column not in run.data.metrics and row["kind"] == "member", (row["name"], column)
+                continue
+            logged = run.data.metrics[column]
             assert logged == pytest.approx(value, rel=1e-12) or math.isnan(logged) and math.isnan(value), column
         assert run.data.tags["fusion.members"] == row["members"] and run.data.tags["fusion.kind"] == row["kind"]
+        assert run.data.tags.get("fusion.source") == ("trained" if row["kind"] == "member" else None)
+        assert "fusion.unknown_costs" not in run.data.tags  # every cost was measured here
     top = board.iloc[0]
     assert tracked.parent.data.metrics["accuracy"] == pytest.approx(top["accuracy"])
 
@@ -182,6 +192,53 @@ def test_a_rerun_logs_reused_members_as_reused_and_changes_no_result(store, toy_
     assert tracked.parent.info.experiment_id == tracked.client.get_experiment_by_name("toy").experiment_id
     boards = [leaderboard(d).drop(columns=TIMINGS) for d in (toy_run.run_dir, result.run_dir)]
     pd.testing.assert_frame_equal(*boards)
+
+
+def test_members_from_weights_and_predictions_are_logged_by_source_with_their_unknown_costs(store, toy_run, toy_registry,
+                                                                                           tmp_path):
+    """net-a's weights run as they are, probabilities made elsewhere read from a CSV, and net-b
+    reused: each member's nested run says where it came from; the costs the engine never saw are
+    no metrics, and fusion.unknown_costs names them, on the members and on the fuser over them."""
+    shutil.copy(Registry(toy_registry).member_dir(toy_run.keys["net-a"]) / "model.safetensors", tmp_path / "net.safetensors")
+    split = json.loads((toy_run.run_dir / "split.json").read_text())
+    ids = split["val"]["ids"] + split["test"]["ids"]
+    proba = np.random.default_rng(0).dirichlet(np.ones(3), size=len(ids))
+    pd.DataFrame(proba, columns=split["classes"]).assign(id=ids).to_csv(tmp_path / "made-elsewhere.csv", index=False)
+    spec = write_spec(tmp_path / "spec.yaml", toy_spec_data(
+        tracking={"mlflow": {"tracking_uri": store}},
+        members=[{"name": "net-b", "backbone": "toy-net", "params": {"width": 6}, "seed": 7,
+                  "train": {"epochs": 2, "batch_size": 16, "optimizer": "sgd"}},
+                 {"name": "ported", "backbone": "toy-net", "train": False, "weights": "net.safetensors"},
+                 {"name": "sklearn", "predictions": "made-elsewhere.csv", "kind": "probabilities"}],
+        fusers=[{"name": "avg", "fuser": "toy-mean"}]))
+    result = run_experiment(spec, registry=toy_registry, quiet=True)
+    tracked = Tracked.read(result.run_dir, store)
+    board = leaderboard(result.run_dir).set_index("name")
+    runs = tracked.nested
+    assert {n: (r.data.params["source"], r.data.params["action"], r.data.tags["fusion.source"], r.data.tags["fusion.action"])
+            for n, r in runs.items() if n != "avg"} == {
+        "net-b": ("trained", "reused", "trained", "reused"), "ported": ("weights", "predicted", "weights", "predicted"),
+        "sklearn": ("predictions", "read", "predictions", "read")}
+    assert board.loc[["net-b", "ported", "sklearn"], "source"].tolist() == ["trained", "weights", "predictions"]
+    ported, sklearn = runs["ported"].data, runs["sklearn"].data
+    assert (ported.params["train"], ported.params["origin.file"], ported.params["backbone"]) == (
+        "false", "net.safetensors", "toy-net")
+    assert ported.params["origin.sha256"] == hashlib.sha256((tmp_path / "net.safetensors").read_bytes()).hexdigest()
+    assert (sklearn.params["predictions"], sklearn.params["kind"], sklearn.params["origin.file"]) == (
+        "made-elsewhere.csv", "probabilities", "made-elsewhere.csv")  # as the spec gave it
+    assert not {"backbone", "n_params", "seed", "train"} & set(sklearn.params)
+    assert not [k for r in runs.values() for k in r.data.metrics if k.startswith("epoch/")]  # nothing trained here
+    # what the engine never saw is "unknown" on the leaderboard: no metric, a tag naming it
+    assert ported.tags["fusion.unknown_costs"] == "train_seconds"
+    assert sklearn.tags["fusion.unknown_costs"] == "n_params,infer_ms_per_image,train_seconds"
+    assert runs["avg"].data.tags["fusion.unknown_costs"] == "n_params,infer_ms_per_image,train_seconds"
+    assert "fusion.unknown_costs" not in runs["net-b"].data.tags
+    for name, run in runs.items():
+        unknown = set(run.data.tags.get("fusion.unknown_costs", "").split(",")) - {""}
+        assert all(math.isnan(board.loc[name, c]) for c in unknown) and not unknown & set(run.data.metrics)
+        known = [c for c in COSTS if not math.isnan(board.loc[name, c])]
+        assert {c: run.data.metrics[c] for c in known} == pytest.approx(board.loc[name, known].to_dict()), name
+    assert ported.metrics["accuracy"] == pytest.approx(board.loc["ported", "accuracy"])
 
 
 def test_an_unreachable_server_is_one_warning_and_the_run_completes(toy_run, toy_registry):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import json
-import re
 import pickle
 import shutil
 import sqlite3

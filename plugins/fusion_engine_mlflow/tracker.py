@@ -9,13 +9,15 @@ What lands where (docs/tracking.md has the full table):
   run folder as its artifacts (leaderboard files, report.html, plots/, spec, run.json, run.log,
   predictions, cards; not the ``.safetensors`` arrays);
 - a nested run per member (as it is ready): backbone, params, training config, seed, zoo key,
-  ``action`` (``trained`` or ``reused``); for a member trained in this run, its per-epoch
-  ``epoch/train_loss``, ``epoch/val_loss``, ``epoch/val_accuracy``, ``epoch/lr`` and
-  ``epoch/seconds`` as step metrics (a reused member's curves belong to the run that trained it,
+  ``source`` (``trained``, ``weights``, ``predictions``, ``zoo``), ``action`` (``trained``,
+  ``predicted``, ``read`` or ``reused``), the file it came from; for a member trained in this
+  run, its per-epoch ``epoch/train_loss``, ``epoch/val_loss``, ``epoch/val_accuracy``,
+  ``epoch/lr`` and ``epoch/seconds`` as step metrics (a reused member's curves belong to the run that trained it,
   named by the tag ``fusion.trained_in_run``);
 - a nested run per fuser: its plugin, params and members;
 - every leaderboard column of every row, on that row's nested run: numbers as metrics, text
-  (``kind``, ``members``) as ``fusion.*`` tags.
+  (``kind``, ``source``, ``members``) as ``fusion.*`` tags; a cost the engine never saw (a
+  member trained or predicted elsewhere) is no metric, and ``fusion.unknown_costs`` names it.
 
 MLflow statuses follow the engine's: a complete run FINISHED, a failed one FAILED, an
 interrupted one KILLED. Only :class:`mlflow.MlflowClient` is used, never MLflow's global state.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import getpass
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,8 @@ PARENT_TAG = "mlflow.parentRunId"
 NOTE = "mlflow"
 #: run-folder files left out of the artifacts
 UNUPLOADED = {".safetensors"}
+#: the leaderboard's cost columns (docs/evaluation.md); one without a value is not logged
+COSTS = ("n_params", "infer_ms_per_image", "train_seconds", "fit_seconds")
 
 
 class MlflowTracker(Tracker):
@@ -85,26 +90,32 @@ class MlflowTracker(Tracker):
     def on_member_ready(self, run, member) -> None:
         card = member.card
         spec_entry = next((m for m in run.spec.spec.members if m.name == member.name), None)
-        source = getattr(card, "source", None)  # where a member came from, when cards say
-        tags = {"fusion.kind": "member", "fusion.action": member.action, "fusion.key": member.key,
-                "fusion.backbone": member.backbone, "fusion.source": source, "fusion.trained_in_run": card.run_id,
-                "fusion.resumed_from_epoch": member.resumed_from_epoch,
+        # as the leaderboard's source column says: trained, weights, predictions or zoo
+        source = spec_entry.source if spec_entry is not None else card.source
+        origin = card.origin or {}  # the weights or predictions file it came from
+        tags = {"fusion.kind": "member", "fusion.action": member.action, "fusion.source": source,
+                "fusion.key": member.key, "fusion.backbone": member.backbone or None,
+                "fusion.trained_in_run": card.run_id if card.source == "trained" else None,
+                "fusion.resumed_from_epoch": member.resumed_from_epoch, "fusion.origin.file": origin.get("file"),
                 "fusion.data.fingerprint": card.data.fingerprint, "fusion.data.split_sha256": card.data.split_sha256,
                 **{f"fusion.version.{k}": v for k, v in card.versions.items()}}
-        params = {"backbone": member.backbone, "key": member.key, "action": member.action, "seed": card.spec.seed,
-                  "best_epoch": member.best_epoch, "n_params": member.n_params,
-                  **values.flatten({"params": card.spec.params, "train": card.spec.train})}
-        if source is not None:
-            params["source"] = source
+        # the card's spec: params and train (false: run from its weights), or predictions and kind
+        made = {k: v for k, v in card.spec.model_dump(mode="json").items()
+                if k not in ("name", "backbone", "seed") and v is not None}
+        params = {"backbone": member.backbone or None, "key": member.key, "action": member.action, "source": source,
+                  "seed": card.spec.seed, "best_epoch": member.best_epoch, "n_params": member.n_params,
+                  **values.flatten(made), **{f"origin.{k}": v for k, v in origin.items()}}
         if spec_entry is not None:
-            params.update(calibrate=spec_entry.calibrate, **({"zoo": spec_entry.zoo} if spec_entry.zoo else {}))
+            params.update(calibrate=spec_entry.calibrate, zoo=spec_entry.zoo,
+                          infer_ms_per_image=spec_entry.infer_ms_per_image)
         now = _now()
         metrics = values.curves(member.history, timestamp=now) if member.action == "trained" else []
         if member.temperature is not None:
             metrics += values.metrics({"temperature": member.temperature}, timestamp=now)
         with self.conn.calls():
             row_run = self._nested(run, member.name, tags)
-            self.conn.client.log_batch(row_run, metrics=metrics, params=values.params(params), synchronous=True)
+            self.conn.client.log_batch(row_run, metrics=metrics, synchronous=True,
+                                       params=values.params({k: v for k, v in params.items() if v is not None}))
 
     def on_run_end(self, run, leaderboard) -> None:
         fusers = {f["name"]: f for f in run.spec.resolved_dict().get("fusers", [])}
@@ -114,14 +125,18 @@ class MlflowTracker(Tracker):
             client = self.conn.client
             for row in rows:
                 name = str(row["name"])
-                texts = {f"fusion.{k}": v for k, v in row.items() if k != "name" and values.number(v) is None}
+                texts = {f"fusion.{k}": v for k, v in row.items()
+                         if k != "name" and values.number(v) is None and v not in ("", None)}
+                unknown = [c for c in empty_costs(row) if c != "fit_seconds"]
+                if unknown:  # "unknown" on the leaderboard: no metric, and named here
+                    texts["fusion.unknown_costs"] = ",".join(unknown)
                 row_run = self.open.get(name)
                 if row_run is None:  # a fuser (members have their nested run already)
                     row_run = self._nested(run, name, {"fusion.kind": row.get("kind", "fuser")})
                     if name in fusers:
                         entry = {k: v for k, v in fusers[name].items() if k != "name"}
                         client.log_batch(row_run, params=values.params(values.flatten(entry)), synchronous=True)
-                client.log_batch(row_run, metrics=values.metrics(row, timestamp=now), tags=values.tags(texts),
+                client.log_batch(row_run, metrics=row_metrics(row, timestamp=now), tags=values.tags(texts),
                                  synchronous=True)
                 client.set_terminated(row_run, "FINISHED")
                 self.open.pop(name, None)
@@ -135,7 +150,7 @@ class MlflowTracker(Tracker):
             markdown = run.run_dir / "leaderboard.md"
             if markdown.is_file():  # shown as the run's description in MLflow's UI
                 tags["mlflow.note.content"] = markdown.read_text(encoding="utf-8")
-            client.log_batch(self.run_id, metrics=values.metrics(rows[0], timestamp=now) if rows else [],
+            client.log_batch(self.run_id, metrics=row_metrics(rows[0], timestamp=now) if rows else [],
                              tags=values.tags(tags), synchronous=True)
 
     def on_run_finished(self, run, status: str) -> None:
@@ -168,12 +183,32 @@ class MlflowTracker(Tracker):
         return row_run
 
 
+def empty_costs(row: dict[str, Any]) -> list[str]:
+    """The cost columns of a leaderboard row without a value: costs the engine never saw (a
+    member trained or predicted elsewhere, a fuser over one: "unknown" on the leaderboard), and
+    a member's ``fit_seconds`` (it fits nothing)."""
+    return [c for c in COSTS if c in row and _no_value(row[c])]
+
+
+def row_metrics(row: dict[str, Any], *, timestamp: int) -> list:
+    """A leaderboard row's numeric columns as metrics, its costs without a value left out (a NaN
+    would be charted and sorted as a number in MLflow)."""
+    empty = set(empty_costs(row))
+    return values.metrics({k: v for k, v in row.items() if k not in empty}, timestamp=timestamp)
+
+
 def artifact_files(run_dir: Path) -> list[Path]:
     """What of a run folder is uploaded: every file but the arrays (``*.safetensors``: logits and
     probabilities, which grow with the test set and stay in the run folder)."""
     if not run_dir.is_dir():
         return []
     return sorted(p for p in run_dir.rglob("*") if p.is_file() and p.suffix not in UNUPLOADED)
+
+
+def _no_value(value: Any) -> bool:
+    """None or NaN: a leaderboard cell left empty (a column that holds a None is not numeric)."""
+    number = values.number(value)
+    return value is None or number is not None and math.isnan(number)
 
 
 def _now() -> int:
