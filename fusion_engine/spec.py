@@ -237,8 +237,8 @@ class ExperimentSpec(_Strict):
             return value
         for name, params in value.items():
             if not isinstance(params, (bool, dict)) and params is not None:
-                raise _LocatedError(("tracking", name), f"give the tracker's params as a mapping, or true or false "
-                                                        f"to switch it on or off (got {params!r})")
+                raise _LocatedError((name,), f"give the tracker's params as a mapping, or true or false to "
+                                             f"switch it on or off (got {params!r})")  # loc: within tracking
         return {name: True if params is None else params for name, params in value.items()}  # YAML's "mlflow:"
 
     @model_validator(mode="after")
