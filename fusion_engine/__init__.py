@@ -23,6 +23,7 @@ _EXPORTS = {
     "ImageDataset": "records",
     "InputConfig": "records",
     "MetricRecord": "records",
+    "TrackerRecord": "records",
     "NoParams": "records",
     "Params": "records",
     "params_from_signature": "records",
@@ -61,6 +62,7 @@ _EXPORTS = {
     # running, and executors that train members
     "run_experiment": "runner",
     "RunContext": "runner",
+    "Tracker": "tracking",
     "MemberResult": "members",
     "Executor": "executors",
     "LocalExecutor": "executors",

@@ -274,8 +274,9 @@ def cmd_validate(args) -> int:
         preflight(resolved, registry=args.registry)
         spec = resolved.spec
         students = f", {_count(len(spec.students), 'student')}" if spec.students else ""
+        tracked = f", tracked by {', '.join(resolved.trackers)}" if resolved.trackers else ""
         print(f"{path}: ok ({_count(len(spec.members), 'member')}, {_count(len(spec.fusers), 'fuser')}{students}, "
-              f"dataset {spec.data.dataset})")
+              f"dataset {spec.data.dataset}{tracked})")
     return 0
 
 

@@ -246,6 +246,27 @@ class ExecutorRecord:
 
 
 @dataclass(frozen=True)
+class TrackerRecord:
+    """A tracker (MLflow, say): something that records runs elsewhere, switched on by a spec's
+    ``tracking: {NAME: {params}}``, or by the environment variable ``env`` when the spec does
+    not name it (with the default ``params``, which must then all be valid).
+
+    ``create(params)`` returns the tracker of one run (a :class:`fusion_engine.Tracker`): an
+    object with any of the lifecycle methods ``on_run_start(run)``, ``on_member_ready(run,
+    member)``, ``on_run_end(run, leaderboard)`` and ``on_run_finished(run, status)``, called as
+    the hooks of those names are. Whatever ``create`` or a method raises is contained: one
+    warning, the tracker is off for the rest of the run, ``run.json`` records it under
+    ``notes.<name>``, and the run goes on, its results unchanged.
+    """
+
+    name: str
+    create: Callable[..., Any]
+    params: type[Params] = NoParams
+    description: str = ""
+    env: str | None = None
+
+
+@dataclass(frozen=True)
 class Provided:
     """A record and the plugin it came from. ``code`` identifies that plugin's code: its
     distribution and version for an installed plugin, the sha256 of the file for a plugin file a
@@ -262,6 +283,7 @@ RECORD_KINDS: dict[str, type] = {
     "dataset": DatasetRecord,
     "metric": MetricRecord,
     "executor": ExecutorRecord,
+    "tracker": TrackerRecord,
 }
 
 __all__ = [
@@ -275,6 +297,7 @@ __all__ = [
     "MetricRecord",
     "NoParams",
     "Params",
+    "TrackerRecord",
     "normalize_name",
     "params_from_signature",
 ]

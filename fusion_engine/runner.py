@@ -7,6 +7,7 @@ Each arrow is one stage with typed inputs and outputs: :func:`fusion_engine.spec
 :func:`fusion_engine.calibration.calibrate_members`, :func:`fusion_engine.fusion.fit_fusers`,
 :func:`fusion_engine.leaderboard.build_leaderboard`, and :class:`fusion_engine.runfolder.RunFolder`,
 which writes everything. This module only strings them together and keeps the run's summary (``run.json``).
+Trackers hear the lifecycle hooks through :class:`fusion_engine.tracking.RunTrackers`, which contains their failures.
 
 The evaluation protocol: the data are split once; members train on train, choose their best
 epoch on val, and predict val and test once; fusers see member logits only, are fitted on val
@@ -39,6 +40,7 @@ from .provenance import library_versions
 from .records import SCORED_SPLITS
 from .runfolder import RunFolder
 from .spec import ResolvedSpec, prepare
+from .tracking import RunTrackers
 from .zoo import Registry, resolve_registry
 
 log = logging.getLogger("fusion_engine")
@@ -54,6 +56,11 @@ class RunContext:
     plugins: Plugins
     class_names: list[str] = field(default_factory=list)
     split_sizes: dict[str, int] = field(default_factory=dict)
+    notes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def note(self, section: str, **fields: Any) -> None:
+        """Record ``fields`` (JSON-able) in ``run.json`` under ``notes.<section>``, adding to or replacing its fields."""
+        self.notes.setdefault(section, {}).update(fields)
 
 
 @dataclass
@@ -109,7 +116,7 @@ class _Run:
             "run_id": ctx.run_id, "experiment": self.resolved.spec.name, "spec_file": str(spec_path.resolve()),
             "status": "running", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device": device, "executor": executor.name, "registry": str(reg.root.resolve()),
-            "versions": library_versions(), "members": {}, "warnings": self.warnings.messages,
+            "versions": library_versions(), "members": {}, "warnings": self.warnings.messages, "notes": ctx.notes,
         }
 
     def execute(self, checked: Preflight, retrain: tuple[str, ...]) -> RunResult:
@@ -125,6 +132,9 @@ class _Run:
                 stack.callback(log.removeHandler, h)
             stack.callback(log.setLevel, log.level)
             log.setLevel(logging.INFO)
+            if trackers := RunTrackers(self.resolved.trackers):
+                self.ctx.plugins.pm.register(trackers, name=f"trackers:{self.ctx.run_id}")
+                stack.callback(self.ctx.plugins.pm.unregister, trackers)
             log.info("run %s: %s", self.ctx.run_id, self.folder.path, extra={RUN_STARTED: True})
             self.reg.run_started(self.ctx.run_id, experiment=spec.name, spec_file=self.summary["spec_file"],
                                  n_members=len(spec.members), n_fusers=len(spec.fusers))
@@ -136,9 +146,11 @@ class _Run:
                 self.reg.run_finished(self.ctx.run_id, status="complete", seconds=seconds)
             except BaseException as exc:
                 self._failed(exc, round(time.perf_counter() - started, 3))
+                self._finished()
                 raise
             log.info("run %s complete in %.1fs", self.ctx.run_id, seconds)
             self._plots_and_report()
+            self._finished()
             return result
 
     def _stages(self, checked: Preflight, retrain: tuple[str, ...]) -> RunResult:
@@ -262,6 +274,14 @@ class _Run:
             self.reg.run_finished(self.ctx.run_id, status=status, seconds=seconds, error=self.summary["error"])
         except Exception as index_exc:  # the run's own error is the one to report
             log.error("could not record the run's end in the registry index: %s", index_exc)
+
+    def _finished(self) -> None:
+        """``on_run_finished`` (its failure a warning: the outcome is settled), then the summary again."""
+        try:
+            self.ctx.plugins.hook.on_run_finished(run=self.ctx, status=self.summary["status"])
+        except Exception as exc:
+            log.warning("a plugin's on_run_finished failed: %s", " ".join(f"{type(exc).__name__}: {exc}".split()))
+        self.folder.write_summary(self.summary)
 
     def _plots_and_report(self) -> None:
         """Plots and report.html, drawn from the finished run folder. A failure here is a warning:

@@ -8,15 +8,17 @@ carry the same path (``members.0.params.model``).
 from __future__ import annotations
 
 import difflib
+import os
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_serializer, field_validator,
+                      model_validator)
 
 from .errors import FusionEngineError, SpecError, format_loc
 from .records import Params, Provided, StrictModel, normalize_name
@@ -252,6 +254,19 @@ class ExperimentSpec(_Strict):
     members: list[MemberSpec] = Field(min_length=1)
     fusers: list[FuserSpec] = Field(default_factory=list)
     students: list[StudentSpec] = Field(default_factory=list, description="networks distilled from a fuser or member")
+    tracking: dict[str, Union[StrictBool, dict[str, Any]]] = Field(
+        default_factory=dict, description="trackers to switch on (mlflow: {params}), or off (mlflow: false)")
+
+    @field_validator("tracking", mode="before")
+    @classmethod
+    def _tracker_entries(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        for name, params in value.items():
+            if not isinstance(params, (bool, dict)) and params is not None:
+                raise _LocatedError((name,), f"give the tracker's params as a mapping, or true or false to "
+                                             f"switch it on or off (got {params!r})")  # loc: within tracking
+        return {name: True if params is None else params for name, params in value.items()}  # YAML's "mlflow:"
 
     def teacher_members(self, student: StudentSpec) -> list[str]:
         """The members whose outputs on train ``student``'s teacher needs: the teacher itself when
@@ -467,6 +482,7 @@ class ResolvedSpec:
     fusers: list[Bound]
     executor: Bound | None = None
     students: list[Bound] = field(default_factory=list)
+    trackers: dict[str, Bound] = field(default_factory=dict)  # by record name: those switched on
 
     @property
     def fuser_entries(self) -> list[tuple["FuserSpec", Bound]]:
@@ -485,6 +501,8 @@ class ResolvedSpec:
             entry["params"] = r.params.model_dump(mode="json")
         if self.executor is not None:
             data["executor"]["params"] = self.executor.params.model_dump(mode="json")
+        data["tracking"] = {**{k: v for k, v in data["tracking"].items() if v is False},
+                            **{name: r.params.model_dump(mode="json") for name, r in self.trackers.items()}}
         return data
 
 
@@ -507,10 +525,15 @@ def prepare(spec_path: str | Path, *, executor: dict | None = None):
 
 
 def resolve_spec(spec: ExperimentSpec, catalog, *, file: str | None = None, base_dir: Path | None = None) -> ResolvedSpec:
-    """Bind each dataset, backbone and fuser name to a plugin and validate its ``params``."""
+    """Bind each dataset, backbone, fuser, executor and tracker name to a plugin and validate its
+    ``params``."""
     base_dir = Path(base_dir) if base_dir is not None else (Path(file).resolve().parent if file else Path.cwd())
 
-    def bind(kind: str, name: str, params: dict, loc: tuple, field: str | None = None) -> Bound:
+    def bind(kind: str, name: str, params: dict, loc: tuple, field: str | None = None,
+             params_loc: tuple | None = None) -> Bound:
+        """An unknown name is reported at ``loc.<field or kind>``, a bad param under ``params_loc``
+        (default ``loc.params``)."""
+        params_loc = loc + ("params",) if params_loc is None else params_loc
         try:
             provided = catalog.get(kind, name)
         except SpecError as exc:
@@ -519,7 +542,7 @@ def resolve_spec(spec: ExperimentSpec, catalog, *, file: str | None = None, base
         try:
             value = model.model_validate(params, context={"base_dir": base_dir})
         except ValidationError as exc:
-            raise validation_error(exc, model, file=file, prefix=loc + ("params",)) from None
+            raise validation_error(exc, model, file=file, prefix=params_loc) from None
         return Bound(provided, value)
 
     dataset = bind("dataset", spec.data.dataset, spec.data.params, ("data",))
@@ -530,10 +553,32 @@ def resolve_spec(spec: ExperimentSpec, catalog, *, file: str | None = None, base
     # bound when the spec names one; else the run uses the built-in local executor
     executor = (bind("executor", spec.executor.name, spec.executor.params, ("executor",), field="name")
                 if "executor" in spec.model_fields_set else None)
+    trackers = resolve_trackers(spec, catalog, bind, file=file)
     from .leaderboard import CORE_RANKABLE  # the core computes these whatever plugins are installed
 
     names = sorted({*catalog.names("metric"), *CORE_RANKABLE})
     if "rank_by" in spec.model_fields_set and normalize_name(spec.rank_by) not in {normalize_name(n) for n in names}:
         choices = ", ".join(names)
         raise SpecError(f"cannot rank by '{spec.rank_by}'; choose one of: {choices}", file=file, loc="rank_by")
-    return ResolvedSpec(spec, file, base_dir, dataset, members, fusers, executor, students)
+    return ResolvedSpec(spec, file, base_dir, dataset, members, fusers, executor, students, trackers)
+
+
+def resolve_trackers(spec: ExperimentSpec, catalog, bind, *, file: str | None) -> dict[str, Bound]:
+    """The trackers a run switches on: those the spec's ``tracking:`` names (``NAME: false``
+    keeps one off), then any other whose record's ``env`` variable is set, with default params."""
+    trackers: dict[str, Bound] = {}
+    named: dict[str, str] = {}  # normalised name -> as the spec wrote it
+    for name, params in spec.tracking.items():
+        key = normalize_name(name)
+        if key in named:
+            raise SpecError(f"names the tracker '{named[key]}' again; give it once", file=file, loc=("tracking", name))
+        named[key] = name
+        bound = bind("tracker", name, {} if isinstance(params, bool) else params, ("tracking",), field=name,
+                     params_loc=("tracking", name))  # a false one is checked too: a typo would hide
+        if params is not False:
+            trackers[bound.record.name] = bound
+    for key, provided in catalog.records["tracker"].items():
+        name, env = provided.record.name, provided.record.env
+        if key not in named and env and os.environ.get(env, "").strip():
+            trackers[name] = bind("tracker", name, {}, ("tracking",), field=name, params_loc=("tracking", name))
+    return trackers

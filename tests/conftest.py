@@ -1,6 +1,7 @@
 """Shared fixtures and helpers. Tests make their own data; nothing is downloaded.
 
 - ``TOY_PLUGIN``: the plugin file a user would write (a tiny backbone, a dataset, a fuser);
+  ``LIST_TRACKER``: a tracker plugin file that lists the lifecycle events it hears;
 - :func:`toy_spec_data` / the ``toy_spec`` fixture: the toy experiment (two members on the toy
   dataset), as data or written to a file, with any top-level field replaced;
 - :func:`cli` (a subprocess, as a user runs it) and :func:`cli_json` (in-process, ``--json``);
@@ -27,6 +28,7 @@ from PIL import Image
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
 TOY_PLUGIN = TESTS / "plugins" / "toy_plugin.py"
+LIST_TRACKER = TESTS / "plugins" / "list_tracker.py"  # a tracker that lists the events it hears
 EXPERIMENTS = REPO / "experiments"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -89,6 +91,24 @@ def cli_json(capsys, *args) -> object:
 def summary(run_dir: Path) -> dict:
     """A run's ``run.json``."""
     return json.loads((Path(run_dir) / "run.json").read_text())
+
+
+def loaded(plugin: Path):
+    """The module a spec's plugin file was last loaded as."""
+    return next(m for n, m in sys.modules.items()
+                if n.startswith("fusion_engine_local_") and Path(getattr(m, "__file__", "")) == Path(plugin).resolve())
+
+
+def run_list_tracker(tmp_path: Path, registry: Path, tracking: dict | None = None):
+    """The toy spec with the list tracker (``LIST_TRACKER``) and ``tracking:`` (left out when
+    ``None``), run on ``registry``: its run folder and the events the tracker heard."""
+    from fusion_engine.runner import run_experiment
+
+    fields = {} if tracking is None else {"tracking": tracking}
+    spec = write_spec(tmp_path / "spec.yaml", toy_spec_data(name="tracked", plugins=[str(TOY_PLUGIN), str(LIST_TRACKER)],
+                                                            **fields))
+    result = run_experiment(spec, registry=registry, quiet=True)
+    return result.run_dir, loaded(LIST_TRACKER).EVENTS
 
 
 def latest_run(registry: Path) -> Path:
