@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import evaluation
+from .records import SCORED_SPLITS
 
 #: the cost keys :class:`Row.extra` may carry; each becomes a leaderboard column
 COST_KEYS = ("n_params", "infer_ms_per_image", "train_seconds", "fit_seconds")
@@ -70,6 +71,26 @@ class Row:
     extra: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # a member's: "trained", "weights", "predictions" or "zoo"; empty for a fuser
     consulted: list[float] | None = None  # a fuser's: per member, the share of test samples it ran it on
+
+
+def network_row(network, n_scored: int, given_ms: float | None = None) -> Row:
+    """The row of one network, a member or a student (a :class:`~fusion_engine.members.MemberResult`):
+    its probabilities on val and test, and its cost columns: what this engine measured, None
+    (unknown) where it did not see the cost (training done elsewhere; a network it never ran, whose
+    predictions were made elsewhere). An inference cost the spec gives (``given_ms``) replaces the
+    measured one. A student's row names its teacher."""
+    from scipy.special import softmax
+
+    source = network.source
+    measured = 1000.0 * network.predict_seconds / max(1, n_scored) if source != "predictions" else None
+    extra = {"n_params": network.n_params,
+             "train_seconds": network.train_seconds if source in ("trained", "student") else None,
+             "infer_ms_per_image": given_ms if given_ms is not None else measured}
+    if source == "student":
+        extra["teacher"] = network.card.teacher["name"]
+    return Row(name=network.name, kind="student" if source == "student" else "member", source=source,
+               members=[network.name], proba={s: softmax(network.logits[s].astype(np.float64), axis=1)
+                                              for s in SCORED_SPLITS}, extra=extra)
 
 
 def build_leaderboard(

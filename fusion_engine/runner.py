@@ -27,12 +27,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from .errors import RUN_LOG_ONLY, RUN_STARTED
 from .executors import LazyExecutor
 from .fusion import fit_fusers
-from .leaderboard import Row, build_leaderboard, print_leaderboard
+from .leaderboard import Row, build_leaderboard, network_row, print_leaderboard
 from .members import MemberResult, MemberStage
 from .preflight import Preflight, preflight
 from .plugins import Plugins
@@ -178,26 +177,20 @@ class _Run:
         self.console.log(f"fitting {len(spec.fusers)} fuser{'' if len(spec.fusers) == 1 else 's'} on val")
         n_scored = sum(len(data.labels[s]) for s in SCORED_SPLITS)
         given = {m.name: m.infer_ms_per_image for m in spec.members}
-        member_costs = {name: _member_costs(m, n_scored, given[name]) for name, m in members.items()}
+        rows = [network_row(m, n_scored, given[m.name]) for m in members.values()]
         fitted = []
         for fuser in fit_fusers(resolved.fuser_entries, {n: m.logits for n, m in members.items()}, data.labels,
-                                spec.seed, costs={n: c["infer_ms_per_image"] for n, c in member_costs.items()}):
+                                spec.seed, costs={r.name: r.extra["infer_ms_per_image"] for r in rows}):
             folder.write_fuser(fuser.name, fuser.description())
             fitted.append(fuser)
         students = self._students(checked, members, fitted, retrain)
         self.executor.close()  # a Ray instance it started is stopped before anything forks to draw plots
 
-        rows = [Row(name=m.name, kind="member", source=m.source, members=[m.name],
-                    proba={s: _softmax(m.logits[s]) for s in SCORED_SPLITS}, extra=member_costs[m.name])
-                for m in members.values()]
         rows += [Row(name=f.name, kind="fuser", members=f.members, proba=f.proba, weights=f.weights,
                      consulted=f.consulted,
                      extra={"fit_seconds": f.fit_seconds, "predict_ms_per_image": f.predict_ms_per_image})
                  for f in fitted]
-        rows += [Row(name=s.name, kind="student", source="student", members=[s.name],
-                     proba={sp: _softmax(s.logits[sp]) for sp in SCORED_SPLITS},
-                     extra={**_member_costs(s, n_scored), "teacher": s.card.teacher["name"]})
-                 for s in students.values()]
+        rows += [network_row(s, n_scored) for s in students.values()]
         metrics = [p.record for p in ctx.plugins.catalog().records["metric"].values()]
         leaderboard = build_leaderboard(rows, data.labels, metrics, rank_by=spec.rank_by, seed=spec.seed)
         folder.write_leaderboard(leaderboard, meta={
@@ -307,20 +300,3 @@ class _WarningList(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
-
-
-def _member_costs(member: MemberResult, n_scored: int, given_ms: float | None = None) -> dict:
-    """A member's cost columns: what this engine measured, None (unknown) where it did not see the
-    cost: training done elsewhere, a network it never ran (predictions made elsewhere). An
-    inference cost the spec gives (``infer_ms_per_image``) replaces the measured one."""
-    ran = member.source != "predictions"
-    measured = 1000.0 * member.predict_seconds / max(1, n_scored) if ran else None
-    return {"n_params": member.n_params,
-            "train_seconds": member.train_seconds if member.source in ("trained", "student") else None,
-            "infer_ms_per_image": given_ms if given_ms is not None else measured}
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    from scipy.special import softmax
-
-    return softmax(logits.astype(np.float64), axis=1)
