@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             except KeyboardInterrupt:
                 print("interrupted", file=sys.stderr)
                 return 130
-        stderr.release()
+        stderr.show_held()
         for warning in caught:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
         return code
@@ -216,15 +216,16 @@ class _StderrWarnings(logging.Handler):
             return
         if record.levelno < logging.WARNING:
             if getattr(record, RUN_STARTED, False):
-                self.release()
+                self.show_held()
             return
         if self.live:
             self._show(record)
         else:
             self.held.append(record)
 
-    def release(self) -> None:
-        """Show the warnings held so far, and later ones as they come."""
+    def show_held(self) -> None:
+        """Show the warnings held so far, and later ones as they come. (Not ``release``: that is
+        :class:`logging.Handler`'s lock, which ``handle`` releases after every record.)"""
         self.live = True
         held, self.held = self.held, []
         for record in held:
