@@ -87,5 +87,5 @@ def load_csv_manifest(params: CsvParams, base_dir: Path | str = ".") -> ImageDat
         class_names=[str(c) for c in class_names],
         ids=ids,
         split=np.asarray(split, dtype=object) if params.split_column else None,
-        description=f"csv manifest {manifest}",
+        description=f"csv manifest {manifest}" + (f", column '{params.split_column}'" if params.split_column else ""),
     )
