@@ -82,7 +82,10 @@ def located(file: str | None, loc: tuple | str, *, plugin: str | None = None) ->
 
 def plugin_code(bound, kind: str, name: str = "") -> str:
     """How an error names the plugin code a spec item runs (``bound``: a spec.Bound), e.g.
-    ``backbone 'timm' (plugin fusion_engine_timm) of member r``."""
+    ``backbone 'timm' (plugin fusion_engine_timm) of member r``, ``dataset 'mine' (plugin file
+    my_plugin.py)``."""
     what = {"member": "backbone", "student": "backbone"}.get(kind, kind)
     owner = f" of {kind} {name}" if name else ""
-    return f"{what} '{bound.record.name}' (plugin {bound.provided.plugin}){owner}"
+    file = bound.provided.code.get("file")
+    plugin = f"plugin file {file}" if file else f"plugin {bound.provided.plugin}"
+    return f"{what} '{bound.record.name}' ({plugin}){owner}"

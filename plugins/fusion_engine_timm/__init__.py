@@ -135,6 +135,7 @@ def check_model(name: str, params: BackboneParams, *, num_classes: int, image_si
     with torch.device("meta"):
         model = _bare_model(name, params, num_classes)
         adapted = small and adapt_small_input(model, size=size)
+    _check_kwargs_types(model, params.kwargs)
     if small and not adapted and params.small_input is True:
         raise FusionEngineError(_cannot_adapt(name, model))
     try:
@@ -157,6 +158,27 @@ def check_model(name: str, params: BackboneParams, *, num_classes: int, image_si
             hint += " or small_input: true"
         log.warning("timm model '%s' at %d px ends in a %dx%d feature map (%s), which leaves little to classify; %s "
                     "to keep a 2x2 map", name, size, final[0], final[1], stem, hint)
+
+
+def _check_kwargs_types(model: Any, kwargs: dict[str, Any]) -> None:
+    """``kwargs`` are free-form, so pydantic cannot tell a boolean from a number there: a
+    boolean given for a parameter of the model's class whose default is a number is refused
+    (timm would read ``drop_path_rate: true`` as 1.0), and a number for one whose default is a
+    boolean."""
+    import inspect
+
+    try:
+        defaults = {p.name: p.default for p in inspect.signature(type(model).__init__).parameters.values()}
+    except (TypeError, ValueError):
+        return
+    for key, value in kwargs.items():
+        default = defaults.get(key, inspect.Parameter.empty)
+        if isinstance(default, bool) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise FusionEngineError(f"kwargs.{key}: expected true or false, not {value!r} ({type(model).__name__}'s "
+                                    f"{key} defaults to {default})")
+        if isinstance(value, bool) and isinstance(default, (int, float)) and not isinstance(default, bool):
+            raise FusionEngineError(f"kwargs.{key}: expected a number, not {str(value).lower()} "
+                                    f"({type(model).__name__}'s {key} defaults to {default})")
 
 
 def model_input_config(name: str, params: BackboneParams, *, image_size: int | None = None) -> InputConfig:
