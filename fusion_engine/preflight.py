@@ -4,9 +4,10 @@
 it before it makes a run folder, so bad input never leaves a failed run in the registry. It
 checks, beyond the spec's fields and plugin names (:func:`fusion_engine.spec.prepare`):
 
-- the data: the dataset plugin lists and checks its samples (missing or empty class folders, a
-  manifest's columns, missing image files, empty labels; nothing is decoded), two classes at
-  least, and a split that can be made (enough samples per class);
+- the data (:func:`fusion_engine.data.load_dataset`): the dataset plugin lists and checks its
+  samples (missing or empty class folders, a manifest's columns, missing image files, empty
+  labels; nothing is decoded), two classes at least, a split that can be made (enough samples
+  per class), and a dataset's own split per class;
 - each member to train: its network's input config (``data.mean``/``data.std`` of the right
   length) and whatever its backbone plugin checks without training (``BackboneRecord.check``:
   for timm, the architecture's name, a ``pretrained_file``'s checksum and its tensors' names
@@ -17,7 +18,14 @@ checks, beyond the spec's fields and plugin names (:func:`fusion_engine.spec.pre
   id, the dataset's classes, finite values, probabilities that sum to 1);
 - each ``zoo:`` member: one stored member matches it (several are told apart by the data they
   were trained on);
+- each fuser: it can be made from its params, which suit its number of members
+  (:meth:`fusion_engine.Fuser.check_members`), and it has the inference costs it needs;
 - ``--retrain`` names members of the spec.
+
+Plugin code run by these checks (a backbone's ``input_config``, ``check`` and ``build``, a
+dataset's ``load``, a fuser's ``__init__``) that raises anything but a
+:class:`~fusion_engine.FusionEngineError` is reported as one line naming the plugin and the
+member (:func:`fusion_engine.errors.located`), not as a traceback.
 
 Warnings (skipped files, a collapsing feature map, an ignored ``data.split``) are logged as
 they are found and kept, so that the run can record them in ``run.log`` and ``run.json``.

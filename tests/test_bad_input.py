@@ -383,6 +383,13 @@ def test_an_unknown_member_for_retrain_is_refused_before_the_run(toy_spec, toy_r
     assert tree(toy_registry) == before
 
 
+def test_retrain_naming_nothing_is_refused_before_the_run(toy_spec, toy_registry, capsys):
+    before = tree(toy_registry)
+    assert main(["run", str(toy_spec()), "--registry", str(toy_registry), "--retrain", ",", "--quiet"]) == 2
+    assert capsys.readouterr().err == "--retrain ',' names no member; give NAME[,NAME...] or all\n"
+    assert tree(toy_registry) == before
+
+
 @pytest.mark.parametrize("args, line", [
     (["run"], "fusion-engine run: the following arguments are required: SPEC (see fusion-engine run --help)"),
     (["zoo", "lst"], "fusion-engine zoo: argument ZOO_COMMAND: invalid choice: 'lst' (choose from 'list', 'show', "
