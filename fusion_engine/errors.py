@@ -77,7 +77,9 @@ def located(file: str | None, loc: tuple | str, *, plugin: str | None = None) ->
     except Exception as exc:
         if plugin is None:
             raise
-        raise SpecError(f"{plugin} failed: {type(exc).__name__}: {first_line(exc)}", file=file, loc=loc) from None
+        text = " ".join(str(exc).split()) or type(exc).__name__  # all of it (torch's first line names no key), on one line
+        text = text if len(text) <= 400 else text[:400] + " ..."
+        raise SpecError(f"{plugin} failed: {type(exc).__name__}: {text}", file=file, loc=loc) from None
 
 
 def plugin_code(bound, kind: str, name: str = "") -> str:

@@ -206,7 +206,7 @@ def with_train(**train) -> dict:
 CASES = [
     ("plugin-build-raises", lambda t, r: buggy_plugin(t, members=[{"name": "a", "backbone": "bad-build"}], fusers=[]),
      "members.0.params: backbone 'bad-build' (plugin file buggy.py) of member a failed: RuntimeError: Error(s) in loading "
-     "state_dict for Sequential:"),
+     "state_dict for Sequential: Missing key(s) in state_dict: \"1.bias\". size mismatch for 1.weight"),
     ("plugin-check-raises", lambda t, r: buggy_plugin(t, members=[{"name": "a", "backbone": "bad-check"}], fusers=[]),
      "members.0.params: backbone 'bad-check' (plugin file buggy.py) of member a failed: ValueError: plugin check bug"),
     ("plugin-load-raises", lambda t, r: buggy_plugin(t, data={"dataset": "bad-load"}),
