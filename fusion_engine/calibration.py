@@ -90,6 +90,9 @@ class TemperatureScaled(Fuser):
     def needs_costs(self) -> bool:
         return self.fuser.needs_costs
 
+    def check_members(self, n_members: int) -> None:
+        self.fuser.check_members(n_members)
+
     def fit(self, logits: np.ndarray, y: np.ndarray, **fit_params) -> "TemperatureScaled":
         from .crossfit import cross_val_proba
 

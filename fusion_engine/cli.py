@@ -247,6 +247,8 @@ def cmd_run(args) -> int:
     if args.executor or args.executor_params:
         executor = {"name": args.executor, "params": dict(_key_value(item) for item in args.executor_params)}
     retrain = tuple(name.strip() for item in args.retrain for name in item.split(",") if name.strip())
+    if args.retrain and not retrain:
+        raise FusionEngineError(f"--retrain {' '.join(args.retrain)!r} names no member; give NAME[,NAME...] or all")
     result = run_experiment(args.spec, registry=args.registry, device=args.device, quiet=args.quiet, executor=executor,
                             retrain=retrain)
     print(result.run_dir)

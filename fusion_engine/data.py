@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import FusionEngineError
+from .errors import FusionEngineError, located, plugin_code
 from .files import atomic_path
 from .records import SPLITS, ImageDataset, InputConfig
 from .spec import SplitSpec
@@ -82,17 +82,50 @@ def load_dataset(resolved: "ResolvedSpec") -> tuple[ImageDataset, dict[str, np.n
     """
     bound = resolved.dataset
     data_spec = resolved.spec.data
-    dataset = bound.record.load(bound.params, base_dir=resolved.base_dir)
-    if not isinstance(dataset, ImageDataset):
-        raise FusionEngineError(f"dataset plugin {bound.provided.plugin} returned {type(dataset).__name__}, expected ImageDataset")
-    present = np.unique(dataset.labels)
-    if len(present) < 2:
-        what = f"only class '{_class_name(dataset, present[0])}'" if len(present) else "no samples"
-        raise FusionEngineError(f"data: dataset '{data_spec.dataset}' has {what}; a classifier needs samples of at "
-                                f"least 2 classes")
-    if dataset.split is not None and "split" in data_spec.model_fields_set:
-        log.warning("dataset '%s' brings its own train/val/test split; data.split is ignored", data_spec.dataset)
-    return dataset, split_indices(dataset, data_spec.split, resolved.spec.seed)
+    # every problem is reported at the spec's data field; a plugin's own bug names the plugin
+    with located(resolved.file, "data", plugin=plugin_code(bound, "dataset")):
+        dataset = bound.record.load(bound.params, base_dir=resolved.base_dir)
+        if not isinstance(dataset, ImageDataset):
+            raise FusionEngineError(f"dataset plugin {bound.provided.plugin} returned {type(dataset).__name__}, "
+                                    f"expected ImageDataset")
+        present = np.unique(dataset.labels)
+        if len(present) < 2:
+            what = f"only class '{_class_name(dataset, present[0])}'" if len(present) else "no samples"
+            raise FusionEngineError(f"dataset '{data_spec.dataset}' has {what}; a classifier needs samples of at "
+                                    f"least 2 classes")
+        if dataset.split is not None and "split" in data_spec.model_fields_set:
+            log.warning("dataset '%s' brings its own train/val/test split; data.split is ignored", data_spec.dataset)
+        indices = split_indices(dataset, data_spec.split, resolved.spec.seed)
+        check_split_classes(dataset, indices)
+    return dataset, indices
+
+
+def check_split_classes(dataset: ImageDataset, indices: dict[str, np.ndarray]) -> None:
+    """Every split holds two classes at least and train holds every class (an error: a member
+    cannot learn a class it never sees, and fusers fit on val); a class missing from val or test
+    is a warning (it is never scored there). Only a dataset's own split can fail this: the
+    engine's stratified split puts every class in every split."""
+    where = _split_source(dataset)
+    for part in SPLITS:
+        present = np.unique(dataset.labels[indices[part]])
+        if len(present) < 2:
+            only = f"only class '{_class_name(dataset, present[0])}'" if len(present) else "no samples"
+            raise FusionEngineError(f"{where} gives {part} {only}; each split needs samples of at least 2 classes")
+        missing = [dataset.class_names[c] for c in range(len(dataset.class_names)) if c not in set(present.tolist())]
+        if missing and part == "train":
+            raise FusionEngineError(f"{where} gives train no samples of {_few(missing)}; a member cannot learn a class "
+                                    f"it never sees: put some of its samples in train")
+        if missing:
+            log.warning("%s gives %s no samples of %s; %s scores leave that class out", where, part, _few(missing), part)
+
+
+def _split_source(dataset: ImageDataset) -> str:
+    return f"the dataset's own split ({dataset.description})" if dataset.description else "the dataset's own split"
+
+
+def _few(names: list[str]) -> str:
+    return f"class{'es' if len(names) > 1 else ''} " + ", ".join(f"'{n}'" for n in names[:3]) + \
+        (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def run_data(dataset: ImageDataset, indices: dict[str, np.ndarray], *, cache_dir: Path | None = None,
@@ -158,7 +191,7 @@ def split_indices(dataset: ImageDataset, split: SplitSpec, seed: int) -> dict[st
     of the whole dataset.
     """
     if dataset.split is not None:
-        return _given_split(dataset.split)
+        return _given_split(dataset.split, _split_source(dataset))
     labels = dataset.labels
     if len(labels) == 0:
         raise FusionEngineError("the dataset has no samples")
@@ -176,16 +209,15 @@ def split_indices(dataset: ImageDataset, split: SplitSpec, seed: int) -> dict[st
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
-def _given_split(split: np.ndarray) -> dict[str, np.ndarray]:
+def _given_split(split: np.ndarray, where: str) -> dict[str, np.ndarray]:
     unknown = sorted(set(split.tolist()) - set(SPLITS), key=str)
     if unknown:
-        raise FusionEngineError(
-            f"the dataset's own split holds {', '.join(repr(u) for u in unknown)}; expected {', '.join(SPLITS)}"
-        )
+        raise FusionEngineError(f"{where} holds {', '.join(repr(u) for u in unknown)}; expected {', '.join(SPLITS)}")
     parts = {name: np.flatnonzero(split == name) for name in SPLITS}
     empty = [name for name, idx in parts.items() if len(idx) == 0]
     if empty:
-        raise FusionEngineError(f"the dataset's own split has no {' and no '.join(empty)} samples")
+        raise FusionEngineError(f"{where} has no {' and no '.join(empty)} samples; each of {', '.join(SPLITS)} "
+                                f"needs some")
     return parts
 
 

@@ -55,8 +55,15 @@ class Fuser:
     requires_fit: bool = True
     needs_costs: bool = False
 
+    def check_members(self, n_members: int) -> None:
+        """Raise ``ValueError`` naming the parameter when the parameters cannot serve
+        ``n_members`` members (``weights`` of another length, say). The engine calls it before
+        a run starts, from ``validate`` too, with the number of members the spec gives the
+        fuser; the base ``fit`` calls it as well. The default checks nothing."""
+
     def fit(self, logits: np.ndarray, y: np.ndarray) -> "Fuser":
         check_logits(logits, y)
+        self.check_members(int(np.shape(logits)[0]))
         self.n_members_ = int(np.shape(logits)[0])
         self.n_classes_ = int(np.shape(logits)[2])
         return self

@@ -143,7 +143,8 @@ def plan(resolved: ResolvedSpec, data: RunData, checked: Preflight) -> list[Plan
         else:
             seed = None if source == "weights" else (spec.seed if mspec.seed is None else mspec.seed)
             material = key_material(
-                backbone=bound.record.name, params=params_for_key(bound.params.model_dump(mode="json")),
+                backbone=bound.record.name,
+                params=params_for_key(bound.params.model_dump(mode="json"), resolved.base_dir),
                 train=None if source == "weights" else train_config(mspec.train), seed=seed,
                 image_size=spec.data.image_size, mean=spec.data.mean, std=spec.data.std,
                 code=member_code(bound.provided), **common,

@@ -47,13 +47,18 @@ class PluginInfo:
     first_party: bool = False
     hooks: list[str] = field(default_factory=list)
     sha256: str | None = None  # of a plugin file's source
+    module_file: str | None = None  # an installed plugin's module, whose source identifies it outside a release
 
     @property
     def code(self) -> dict:
-        """What identifies this plugin's code: its distribution and version, or its file's sha256."""
+        """What identifies this plugin's code: its distribution and version (and its source's
+        sha256 when it does not run from a release: an editable install), or its file's sha256."""
         if self.source == "file":
             return {"file": Path(self.path).name if self.path else self.name, "sha256": self.sha256}
-        return {"distribution": self.distribution, "version": self.version}
+        from .provenance import source_identity
+
+        return {"distribution": self.distribution, "version": self.version,
+                **source_identity(self.distribution, self.module_file)}
 
 
 class Plugins:
@@ -109,6 +114,7 @@ class Plugins:
                     version=dist.version if dist is not None else None,
                     distribution=dist_name,
                     first_party=first_party,
+                    module_file=getattr(module, "__file__", None),
                 ),
             )
 

@@ -4,7 +4,7 @@
 
 Each arrow is one stage with typed inputs and outputs: :func:`fusion_engine.spec.prepare` and
 :func:`fusion_engine.preflight.preflight` (before any run folder exists), :func:`fusion_engine.data.run_data`, :class:`fusion_engine.members.MemberStage`,
-:func:`fusion_engine.calibration.calibrate_members`, :func:`fusion_engine.fusion.fit_fusers`,
+:func:`fusion_engine.calibration.calibrate_member` (per member, as each is ready), :func:`fusion_engine.fusion.fit_fusers`,
 :func:`fusion_engine.leaderboard.build_leaderboard`, and :class:`fusion_engine.runfolder.RunFolder`,
 which writes everything. This module only strings them together and keeps the run's summary (``run.json``).
 Trackers hear the lifecycle hooks through :class:`fusion_engine.tracking.RunTrackers`, which contains their failures.

@@ -8,6 +8,7 @@ carry the same path (``members.0.params.model``).
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import tomllib
 import types
@@ -356,6 +357,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *anchor``: its keys are defaults the mapping's own override
+                continue
             key = self.construct_object(key_node, deep=deep)
             try:
                 first = seen.get(key)
@@ -369,10 +372,24 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def parse_spec(data: dict, *, file: str | None = None) -> ExperimentSpec:
+    check_finite(data, file=file)
     try:
         return ExperimentSpec.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc, ExperimentSpec, file=file) from None
+
+
+def check_finite(data: Any, *, file: str | None = None, loc: tuple = ()) -> None:
+    """Refuse an infinity or NaN anywhere in a spec (YAML's ``.inf`` and ``.nan``, TOML's ``inf``
+    and ``nan``), plugin parameters included: no setting means them, and a zoo key cannot hold them."""
+    if isinstance(data, float) and not math.isfinite(data):
+        raise SpecError(f"{data} is not a finite number; give a finite one", file=file, loc=format_loc(loc) or None)
+    if isinstance(data, dict):
+        for key, value in data.items():
+            check_finite(value, file=file, loc=loc + (key,))
+    elif isinstance(data, (list, tuple)):
+        for i, value in enumerate(data):
+            check_finite(value, file=file, loc=loc + (i,))
 
 
 def spec_label(path: str | Path, executor: dict | None = None) -> str:
@@ -423,6 +440,9 @@ def validation_error(exc: ValidationError, model: type[BaseModel] | None, *, fil
         value = err.get("input")
         if not isinstance(value, (dict, list)) and err["type"] != "missing" and value is not None:
             msg = f"{msg} (got {value!r})"
+        allowed = _allowed_range(model, loc) if err["type"] in _NUMBER_ERRORS and model is not None else None
+        if allowed:
+            msg = f"{msg}; allowed: {allowed}"
     if len(errors) > 1:
         msg += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
     return SpecError(msg, file=file, loc=format_loc(prefix + loc) or None)
@@ -444,6 +464,41 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     if isinstance(current, type) and issubclass(current, BaseModel):
         return list(current.model_fields)
     return []
+
+
+#: pydantic's errors for a number that is not one or out of its field's range
+_NUMBER_ERRORS = {"int_parsing", "int_parsing_size", "int_from_float", "int_type", "float_parsing", "float_type",
+                  "greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
+
+
+def _allowed_range(model: type[BaseModel], loc: tuple) -> str | None:
+    """The range the field at ``loc`` allows, from its ``Field(ge=..., le=...)`` bounds:
+    ``an integer from 0 to 4294967295``; None for a field without bounds."""
+    current: Any = model
+    info = None
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(part, int):
+            args = typing.get_args(current)
+            current, info = (args[0] if args else None), None
+        elif isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            info = current.model_fields[part]
+            current = info.annotation
+        else:
+            return None
+    if info is None:
+        return None
+    import annotated_types  # pydantic's own dependency: Field(ge=...) is kept as annotated_types.Ge(...)
+
+    bounds = {type(m).__name__: getattr(m, type(m).__name__.lower()) for m in info.metadata
+              if isinstance(m, (annotated_types.Ge, annotated_types.Gt, annotated_types.Le, annotated_types.Lt))}
+    if not bounds:
+        return None
+    kind = "an integer" if _unwrap(current) is int else "a number"
+    if "Ge" in bounds and "Le" in bounds:
+        return f"{kind} from {bounds['Ge']} to {bounds['Le']}"
+    signs = {"Ge": ">=", "Gt": ">", "Le": "<=", "Lt": "<"}
+    return f"{kind} " + " and ".join(f"{signs[k]} {v}" for k, v in bounds.items())
 
 
 def _unwrap(tp: Any) -> Any:

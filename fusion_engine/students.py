@@ -89,7 +89,8 @@ class StudentStage(MemberStage):
         for i, (sspec, bound) in enumerate(zip(self.items, self.bound)):
             seed = spec.seed if sspec.seed is None else sspec.seed
             material = key_material(
-                backbone=bound.record.name, params=params_for_key(bound.params.model_dump(mode="json")),
+                backbone=bound.record.name,
+                params=params_for_key(bound.params.model_dump(mode="json"), self.resolved.base_dir),
                 train=train_config(sspec.train), seed=seed, image_size=spec.data.image_size, mean=spec.data.mean,
                 std=spec.data.std, code=member_code(bound.provided), fingerprint=data.fingerprint, split=data.split,
                 source={"student": {**self.teachers[sspec.name].identity(),

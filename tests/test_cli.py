@@ -32,6 +32,16 @@ def test_validate_accepts_a_good_spec_without_importing_torch(toy_spec):
     assert out.stdout.strip() == f"{spec}: ok (2 members, 2 fusers, dataset toy-data)"
 
 
+def test_validate_of_the_quickstart_imports_neither_torch_nor_timm():
+    """Its resnet18 and mobilenetv2 give their input config and feature-map check from a table."""
+    spec = EXPERIMENTS / "quickstart.yaml"
+    code = f"import sys; from fusion_engine.cli import main; rc = main(['validate', {str(spec)!r}]); " \
+           "print(sorted(m for m in ('torch', 'timm') if m in sys.modules)); sys.exit(rc)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "[]"
+
+
 def test_shipped_experiments_validate():
     specs = sorted(EXPERIMENTS.glob("*.yaml")) + sorted(EXPERIMENTS.glob("*.toml"))
     assert any(p.name == "quickstart.yaml" for p in specs)

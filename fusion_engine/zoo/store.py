@@ -258,7 +258,8 @@ class Registry:
             files = {**files, CARD_FILE: seal(tmp / CARD_FILE)}
             fsync_dir(tmp)
             if dest.exists():
-                self._discard_folder(dest, key)  # a leftover nobody indexes: we hold the lock
+                # a leftover nobody indexes, or the member --retrain replaces: we hold the lock
+                self._discard_folder(dest, key)
             os.rename(tmp, dest)
             fsync_dir(self.zoo_dir)
         except BaseException:

@@ -20,7 +20,8 @@ def member_weights(weights: Sequence[float] | None, n_members: int) -> np.ndarra
         return np.full(n_members, 1.0 / n_members)
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (n_members,):
-        raise ValueError(f"{len(w)} weights given for {n_members} members")
+        raise ValueError(f"weights: {len(w)} given for {n_members} members; give one per member, in the fuser's "
+                         f"members' order")
     if np.any(w < 0) or not w.sum() > 0:
         raise ValueError(f"weights must be non-negative with a positive sum, got {list(weights)}")
     return w / w.sum()
@@ -72,6 +73,9 @@ class Mean(Fuser):
     def __init__(self, space: Literal["prob", "logprob"] = "prob", weights: MemberWeights | None = None):
         self.space = space
         self.weights = weights
+
+    def check_members(self, n_members: int) -> None:
+        member_weights(self.weights, n_members)
 
     def fit(self, logits: np.ndarray, y: np.ndarray) -> "Mean":
         super().fit(logits, y)

@@ -61,6 +61,10 @@ class Vote(Fuser):
     def requires_fit(self) -> bool:
         return self.weights == "learned"
 
+    def check_members(self, n_members: int) -> None:
+        if not self.requires_fit:
+            member_weights(self.weights, n_members)
+
     def fit(self, logits: np.ndarray, y: np.ndarray) -> "Vote":
         super().fit(logits, y)
         if self.requires_fit:
