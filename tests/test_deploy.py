@@ -5,6 +5,7 @@ stored test probabilities for every first-party fuser, with and without temperat
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -43,13 +44,16 @@ onnx_installed = pytest.mark.skipif(
 
 class DeployRun:
     """The toy members at 12 px (8 px images upsampled as the run's data were), net-a
-    temperature-calibrated, with every first-party fuser plain and temperature-scaled, and the
-    toy plugin's own fuser; run once for the session, each row exported at most once."""
+    temperature-calibrated, with every first-party fuser plain and temperature-scaled, the toy
+    plugin's own fuser, and a student (``pupil``) distilled from ``stack-lr``; run once for the
+    session, each row exported at most once."""
 
     def __init__(self, root: Path):
         fusers = [{"name": name + t, "fuser": fuser, "params": params, **({"temperature": True} if t else {})}
                   for name, (fuser, params) in FUSERS.items() for t in ("", "-t")]
-        spec = toy_spec_data(fusers=[*fusers, {"name": "avg", "fuser": "toy-mean"}])
+        pupil = {"name": "pupil", "backbone": "toy-net", "params": {"width": 5}, "teacher": "stack-lr",
+                 "train": {"epochs": 2, "batch_size": 16}}
+        spec = toy_spec_data(fusers=[*fusers, {"name": "avg", "fuser": "toy-mean"}], students=[pupil])
         spec["data"]["image_size"] = 12
         spec["members"][0]["calibrate"] = "temperature"
         from fusion_engine.runner import run_experiment
@@ -100,7 +104,7 @@ def test_pngs(deploy_run, tmp_path_factory) -> list[Path]:
 
 # -- exactness: every row, through the Python API -------------------------------------------------
 
-@pytest.mark.parametrize("row", [*FUSER_ROWS, "avg", "net-a", "net-b"])
+@pytest.mark.parametrize("row", [*FUSER_ROWS, "avg", "net-a", "net-b", "pupil"])
 def test_every_row_exported_predicts_the_runs_stored_test_probabilities(deploy_run, row):
     ens = fusion_engine.load(deploy_run.export(row, onnx=False), device="cpu")
     got = ens.predict_proba(deploy_run.test_images())
@@ -269,9 +273,72 @@ def test_export_refuses_an_unknown_row_and_an_existing_folder(deploy_run, tmp_pa
     assert main(["export", args[0], "vote", "--out", str(tmp_path / "full"), *args[1:]]) == 2
     assert "the folder exists and is not empty; choose another or pass --force" in capsys.readouterr().err
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
-    assert main(["export", args[0], "vote", "--out", str(tmp_path / "full"), "--force", "--check", "0", "-q", *args[1:]]) == 0
-    assert not (tmp_path / "full" / "keep.txt").exists() and (tmp_path / "full" / "ensemble.json").is_file()
-    assert fusion_engine.load(tmp_path / "full").card.check is None
+    # --force replaces an earlier export, and nothing else
+    assert main(["export", args[0], "vote", "--out", str(tmp_path / "full"), "--force", "-q", *args[1:]]) == 2
+    assert capsys.readouterr().err == (f"--out {tmp_path / 'full'}: the folder is not empty and is not an earlier export "
+                                       f"(no ensemble.json); --force replaces only an export: choose another folder\n")
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    shutil.copytree(deploy_run.export("mean", onnx=False), tmp_path / "ens")
+    assert main(["export", args[0], "vote", "--out", str(tmp_path / "ens"), "--force", "--check", "0", "-q", *args[1:]]) == 0
+    assert fusion_engine.load(tmp_path / "ens").card.row == "vote" and fusion_engine.load(tmp_path / "ens").card.check is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ens", "full"]  # no scratch folder left beside it
+
+
+def test_force_never_replaces_the_registry_or_a_run(toy_registry, tmp_path, capsys):
+    run_dir = next((toy_registry / "runs").iterdir())
+    before = sorted(p.relative_to(toy_registry) for p in toy_registry.rglob("*"))
+    for out, where in ((toy_registry, "is the registry"), (run_dir, "is inside the registry"),
+                       (toy_registry / "zoo", "is inside the registry"), (tmp_path, "holds the registry")):
+        assert main(["export", run_dir.name, "net-a", "--out", str(out), "--force", "--registry", str(toy_registry)]) == 2
+        assert capsys.readouterr().err == f"--out {out}: {where} {toy_registry}; export to a folder outside it\n"
+    assert sorted(p.relative_to(toy_registry) for p in toy_registry.rglob("*")) == before
+    assert main(["leaderboard", run_dir.name, "--registry", str(toy_registry)]) == 0
+
+
+def test_export_checks_out_before_anything_else(tmp_path, monkeypatch, capsys):
+    """``--out .`` and a file on --out's path are refused first: with no registry at all, the
+    error is about --out, so no export work was done before it."""
+    (tmp_path / "here").mkdir()
+    (tmp_path / "image.png").write_bytes(b"")
+    monkeypatch.chdir(tmp_path / "here")
+    missing = ["--registry", str(tmp_path / "no-registry")]
+    assert main(["export", "some-run", "--out", ".", *missing]) == 2
+    assert capsys.readouterr().err == "--out .: is the current folder; export into a new folder, e.g. --out ./here-export\n"
+    assert main(["export", "some-run", "--out", "..", "--force", *missing]) == 2
+    assert capsys.readouterr().err.startswith("--out ..: is the current folder or holds it; ")
+    assert main(["export", "some-run", "--out", "../image.png/ens", *missing]) == 2
+    assert capsys.readouterr().err == f"--out ../image.png/ens: {tmp_path / 'image.png'} is a file, not a folder\n"
+    assert main(["export", "some-run", "--out", "../new", *missing]) == 2
+    assert capsys.readouterr().err == f"no registry at {tmp_path / 'no-registry'}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "image.png"]
+
+
+def test_an_export_removes_the_scratch_folders_of_killed_exports_to_the_same_place(deploy_run, tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)  # a process that has ended, as a killed export has
+    (tmp_path / f".ens.export-{dead}-0a1b2c3d" / "members").mkdir(parents=True)
+    (tmp_path / f".ens.replaced-{dead}-0a1b2c3d").mkdir()
+    running = tmp_path / f".ens.export-{os.getpid()}-0a1b2c3d"  # an export still under way (this process)
+    running.mkdir()
+    (tmp_path / ".other.export-1-0a1b2c3d").mkdir()  # another destination's
+    fusion_engine.export_ensemble(deploy_run.run_id, "mean", out=tmp_path / "ens", registry=deploy_run.registry,
+                                  check_images=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ens", running.name, ".other.export-1-0a1b2c3d"])
+
+
+def test_a_student_row_exports_with_its_teacher_on_the_card(deploy_run, tmp_path, capsys):
+    out = tmp_path / "pupil"
+    assert main(["export", deploy_run.run_id, "pupil", "--out", str(out), "--registry", str(deploy_run.registry), "-q"]) == 0
+    card = json.loads((out / "ensemble.json").read_text())
+    assert card["kind"] == "student" and card["teacher"] == {"name": "stack-lr", "kind": "fuser"}
+    assert card["fuser"] is None and [m["name"] for m in card["members"]] == ["pupil"]
+    assert card["scores"]["kind"] == "student" and card["scores"]["teacher"] == "stack-lr"
+    ens = fusion_engine.load(out)
+    assert np.abs(ens.predict_proba(deploy_run.test_images()) - deploy_run.stored("pupil")).max() <= 1e-5
+    assert json.loads((deploy_run.export("net-a", onnx=False) / "ensemble.json").read_text())["teacher"] is None
 
 
 def test_a_row_with_a_predictions_only_member_is_refused_in_one_line(toy_registry, tmp_path, capsys):
