@@ -444,6 +444,108 @@ def test_predict_refuses_bad_options_in_one_line(deploy_run, test_pngs, capsys, 
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+def test_predict_checks_where_its_output_goes_before_predicting(tmp_path, capsys):
+    """Checked before the export folder is even opened: a long predict never ends in an error
+    about its --out."""
+    (tmp_path / "file.png").write_bytes(b"")
+    (tmp_path / "out.csv").mkdir()
+    missing_export = str(tmp_path / "no-export")
+    for out, message in ((tmp_path / "nodir" / "p.csv", f"its folder {tmp_path / 'nodir'} does not exist; create it first "
+                                                         f"or choose another"),
+                         (tmp_path / "file.png" / "p.csv", f"{tmp_path / 'file.png'} is a file, not a folder"),
+                         (tmp_path / "out.csv", f"is a folder; name a file in it, e.g. {tmp_path / 'out.csv' / 'predictions.csv'}")):
+        assert main(["predict", missing_export, str(tmp_path / "file.png"), "--out", str(out)]) == 2
+        assert capsys.readouterr().err == f"--out {out}: {message}\n"
+
+
+def test_predict_into_a_closed_pipe_stops_quietly(deploy_run, test_pngs):
+    """``predict ... | head -1``: the reader is gone before the rows are written; no traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "fusion_engine", "predict", str(deploy_run.export("mean", onnx=False)),
+                             *map(str, test_pngs), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait() == 141 and err == ""
+
+
+def test_predict_batch_size_changes_nothing_in_the_output(deploy_run, test_pngs, tmp_path):
+    """Rows, classes and errors are the same for every --batch-size; probabilities agree to
+    float rounding (a convolution's summation order depends on the batch: ~1e-9 here)."""
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    inputs = [*map(str, test_pngs[:5]), str(broken), *map(str, test_pngs[5:])]  # a failure inside a batch
+    export = str(deploy_run.export("stack-lr", onnx=False))
+    frames = []
+    for size in ("1", "4", "64"):
+        out = tmp_path / f"b{size}.csv"
+        assert main(["predict", export, *inputs, "--batch-size", size, "--probs", "--out", str(out), "-q"]) == 1
+        frames.append(pd.read_csv(out))
+    proba = [c for c in frames[0].columns if c.startswith("prob")]
+    for other in frames[1:]:
+        assert other.drop(columns=proba).equals(frames[0].drop(columns=proba))
+        assert np.abs(other[proba].to_numpy() - frames[0][proba].to_numpy())[~other["error"].notna()].max() <= 1e-7
+    preds = frames[0]
+    assert preds["error"].notna().tolist() == [i == 5 for i in range(len(inputs))]
+    good = preds.drop(5)[["proba_top", "proba_bottom", "proba_dark"]].to_numpy()
+    assert np.abs(good - deploy_run.stored("stack-lr")).max() <= 1e-5
+
+
+def test_predict_finds_the_images_of_a_folder_as_the_imagefolder_dataset_does(deploy_run, make_image_folder, tmp_path,
+                                                                                 capsys):
+    from fusion_engine.plugins import get_plugins
+
+    root = make_image_folder(per_class=2, size=8)
+    (tmp_path / "elsewhere" / "owl").mkdir(parents=True)
+    shutil.copy(root / "cat" / "cat-0.png", tmp_path / "elsewhere" / "owl" / "owl-0.png")
+    (root / "owl").symlink_to(tmp_path / "elsewhere" / "owl", target_is_directory=True)  # a symlinked class folder
+    (root / "cat" / "notes.txt").write_text("not an image")
+    (root / "cat" / ".hidden.png").write_bytes(b"skipped")
+    Image.new("RGB", (8, 8)).save(root / "dog" / "anim.gif")  # not among the dataset's extensions
+    record = get_plugins().catalog().get("dataset", "imagefolder").record
+    dataset = record.load(record.params.model_validate({"root": str(root)}))
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(deploy_run.export("mean", onnx=False)), str(root), "--out", str(out)]) == 0
+    assert pd.read_csv(out)["path"].tolist() == [str(root / i) for i in dataset.ids]
+    assert "owl/owl-0.png" in dataset.ids
+    assert capsys.readouterr().err.strip().endswith(f"2 files in folders skipped as not images -> {out}")
+
+
+def test_a_folder_of_jpeg_and_png_files_predicts_its_stored_probabilities(make_image_folder, tmp_path):
+    """A dataset of files (JPEG and PNG of 48 px, resized to 12 px by PIL after JPEG's draft
+    decode) exported and predicted through the CLI: the run's own test files give its stored test
+    probabilities, in torch and ONNX Runtime, with a corrupt file among them; and no warning."""
+    root = make_image_folder(per_class=5, size=48, suffix=".jpg", noise=True)
+    make_image_folder(per_class=5, size=48, suffix=".png", noise=True)
+    spec = toy_spec_data(name="files", data={"dataset": "imagefolder", "params": {"root": str(root)}, "image_size": 12,
+                                             "split": {"val": 0.25, "test": 0.25}},
+                         fusers=[{"name": "stack", "fuser": "logistic-stacking", "temperature": True}])
+    spec["members"][0]["calibrate"] = "temperature"
+    from fusion_engine.runner import run_experiment
+
+    result = run_experiment(write_spec(tmp_path / "spec.yaml", spec), registry=tmp_path / "registry", quiet=True)
+    folder = RunFolder(result.run_dir)
+    test_files = [root / i for i in folder.split["test"]["ids"]]
+    assert {p.suffix for p in test_files} == {".jpg", ".png"}
+    stored = folder.probabilities("test")["stack"]
+    onnx = all(__import__("importlib").util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
+    export = cli("export", result.run_id, "stack", "--out", tmp_path / "ens", "--registry", tmp_path / "registry", "-q",
+                 *(["--onnx"] if onnx else []))
+    assert export.returncode == 0 and export.stderr == "", export.stderr
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    for runtime, tolerance in (("torch", 1e-5), *((("onnx", 1e-4),) if onnx else ())):
+        out = tmp_path / f"{runtime}.csv"
+        done = cli("predict", tmp_path / "ens", *test_files[:3], broken, *test_files[3:], "--probs", "--runtime", runtime,
+                   "--out", out, "-q")
+        assert done.returncode == 1 and done.stderr == "", done.stderr  # -q: nothing on stderr, not even a warning
+        preds = pd.read_csv(out)
+        assert preds["error"].notna().tolist() == [i == 3 for i in range(len(test_files) + 1)]
+        got = preds.drop(3)[[f"proba_{c}" for c in folder.classes]].to_numpy()
+        assert np.abs(got - stored).max() <= tolerance, runtime
+
+
 def test_predict_with_no_images_found_is_an_error(deploy_run, tmp_path, capsys):
     assert main(["predict", str(deploy_run.export("mean", onnx=False)), str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"no images found in {tmp_path}")
@@ -463,6 +565,17 @@ def test_load_takes_paths_pil_images_arrays_and_tensors_alike(deploy_run, test_p
     assert ens.predict_proba(test_pngs[0]).shape == (1, 3)
     assert ens.classes == ["top", "bottom", "dark"] and ens.members == ["net-a", "net-b"]
     assert ens.card.row == "caruana-t" and ens.card.fuser.fuser == "caruana"
+
+
+def test_a_3d_array_is_a_batch_of_grey_images_for_a_grey_ensemble(deploy_run):
+    """The documented rule for an ensemble whose members all take 1 channel: (N, H, W) is a batch
+    even when W is 3; one image is (H, W), or a list."""
+    ens = fusion_engine.load(deploy_run.export("mean", onnx=False))
+    images = deploy_run.test_images()[:3]
+    narrow = np.ascontiguousarray(images[:, :, :3])  # (3, 8, 3): three grey images 3 px wide
+    assert ens.predict_proba(narrow).shape == (3, 3)
+    assert np.array_equal(ens.predict_proba(narrow), ens.predict_proba(list(narrow)))
+    assert np.array_equal(ens.predict_proba(images[0]), ens.predict_proba([images[0]]))
 
 
 def test_the_api_names_bad_images(deploy_run, tmp_path):
