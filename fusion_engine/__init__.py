@@ -45,6 +45,7 @@ _EXPORTS = {
     # members trained elsewhere: the images as the engine feeds them, weights files
     "load_images": "data",
     "image_files": "data",
+    "decode_images": "data",
     "IMAGE_EXTENSIONS": "data",
     "read_state_dict": "weights",
     "read_weight_shapes": "weights",

@@ -546,6 +546,25 @@ def test_a_folder_of_jpeg_and_png_files_predicts_its_stored_probabilities(make_i
         assert np.abs(got - stored).max() <= tolerance, runtime
 
 
+def test_the_onnx_runtime_snippet_in_the_docs_decodes_images_as_the_engine_does(make_image_folder):
+    """docs/deploying.md's ``load_image`` (PIL and numpy only), run as written, against the
+    engine's decoding for a dataset of files: JPEG (where the draft decode matters) and PNG,
+    grey and colour, resized and not."""
+    from fusion_engine import decode_images
+
+    text = (Path(__file__).parents[1] / "docs" / "deploying.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "def load_image" in b)
+    namespace: dict = {}
+    exec(block[:block.index("card = json.load")], namespace)
+    files = sorted(make_image_folder(per_class=2, size=48, suffix=".jpg", noise=True).rglob("*.jpg"))
+    files += sorted(make_image_folder(name="png", per_class=1, size=20, noise=True).rglob("*.png"))
+    for size in (12, 48):
+        for channels in (1, 3):
+            engine, errors = decode_images(files, size, channels, "pil")
+            assert not errors
+            assert np.array_equal(np.stack([namespace["load_image"](p, size, channels) for p in files]), engine.numpy())
+
+
 def test_predict_with_no_images_found_is_an_error(deploy_run, tmp_path, capsys):
     assert main(["predict", str(deploy_run.export("mean", onnx=False)), str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"no images found in {tmp_path}")
