@@ -44,6 +44,9 @@ _EXPORTS = {
     "expected_calibration_error": "evaluation",
     # members trained elsewhere: the images as the engine feeds them, weights files
     "load_images": "data",
+    "image_files": "data",
+    "decode_images": "data",
+    "IMAGE_EXTENSIONS": "data",
     "read_state_dict": "weights",
     "read_weight_shapes": "weights",
     "weights_mismatch": "weights",

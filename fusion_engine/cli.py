@@ -192,12 +192,27 @@ def main(argv: list[str] | None = None) -> int:
             except KeyboardInterrupt:
                 print("interrupted", file=sys.stderr)
                 return 130
+            except BrokenPipeError:  # stdout's reader went away (``| head``): stop quietly, as CLI tools do
+                _silence_stdout()
+                return 141  # 128 + SIGPIPE: what a shell reports for a tool stopped by a closed pipe
         stderr.show_held()
         for warning in caught:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
         return code
     finally:
         logger.removeHandler(stderr)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush of what is still buffered for
+    a closed pipe does not print a second BrokenPipeError on the way out (Python's own advice:
+    docs.python.org/3/library/signal.html#note-on-sigpipe)."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file (captured in-process): nothing to flush there
+        pass
 
 
 class _StderrWarnings(logging.Handler):

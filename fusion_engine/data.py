@@ -27,6 +27,8 @@ from .records import SPLITS, ImageDataset, InputConfig
 from .spec import SplitSpec
 
 if TYPE_CHECKING:  # pragma: no cover
+    from collections import Counter
+
     import torch
 
     from .spec import ResolvedSpec
@@ -349,6 +351,29 @@ def resize_method(images: Sequence[Any] | np.ndarray) -> str:
     return RESIZE_TENSOR if uniform else RESIZE_PIL
 
 
+#: what a folder of images is searched for: torchvision's ``IMG_EXTENSIONS`` (the ``imagefolder``
+#: dataset and ``fusion-engine predict`` both walk folders with :func:`image_files`)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def image_files(folder: str | os.PathLike, skipped: "Counter[str] | None" = None) -> list[Path]:
+    """Every image file under ``folder`` (by extension, :data:`IMAGE_EXTENSIONS`), recursively,
+    in a stable (sorted) order; hidden files and folders are skipped, symlinked folders followed.
+    The other files skipped are counted by extension in ``skipped``. One walker, so a dataset of
+    image folders and ``fusion-engine predict`` on a folder agree on which files are images."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(Path(dirpath, name))
+            elif skipped is not None:
+                skipped[os.path.splitext(name)[1].lower()] += 1
+    return found
+
+
 def decode_images(items: Sequence[Any], size: int, in_chans: int, method: str) -> tuple["torch.Tensor", dict[int, str]]:
     """``items`` (paths, PIL images, uint8 arrays ``(H, W[, C])``) as ``uint8`` ``(n, in_chans,
     size, size)``, each made exactly as :func:`load_images` makes the images of a dataset that it
@@ -376,9 +401,12 @@ def decode_images(items: Sequence[Any], size: int, in_chans: int, method: str) -
     ok = [i for i in range(len(items)) if i not in errors]
     out = torch.empty((len(ok), in_chans, size, size), dtype=torch.uint8)
     if method == RESIZE_PIL:
+        # written through numpy's view of ``out``: PIL's arrays are read-only, and torch warns on
+        # wrapping one (from_numpy); this copies each image once, into its place
+        view = out.numpy()
         for row, i in enumerate(ok):
             image = decoded[i]
-            out[row] = torch.from_numpy(image[None] if in_chans == 1 else image.transpose(2, 0, 1).copy())
+            view[row] = image[None] if in_chans == 1 else image.transpose(2, 0, 1)
         return out, errors
     by_shape: dict[tuple, list[int]] = {}
     for row, i in enumerate(ok):

@@ -154,7 +154,10 @@ def make_image_folder(tmp_path):
     """A factory for tiny image folders of solid-coloured squares.
 
     ``make_image_folder()`` gives ``root/<class>/<class>-<i>.png``; with ``splits=("train",
-    "val", "test")`` it gives ``root/<split>/<class>/...``. Returns ``root``.
+    "val", "test")`` it gives ``root/<split>/<class>/...``. ``suffix=".jpg"`` writes JPEG files
+    (any other suffix, PNG); ``noise=True`` adds seeded pixel noise to each square, so resizing
+    and JPEG decoding have detail to work on. Calling it again with the same ``name`` and another
+    suffix adds files beside the first ones. Returns ``root``.
     """
 
     def make(
@@ -164,14 +167,23 @@ def make_image_folder(tmp_path):
         size: int = 16,
         splits: tuple[str, ...] | None = None,
         suffix: str = ".png",
+        noise: bool = False,
     ) -> Path:
+        import numpy as np
+
         root = tmp_path / name
+        fmt = "JPEG" if suffix.lower() in (".jpg", ".jpeg") else "PNG"
         for part in splits or (None,):
             for c, class_name in enumerate(classes):
                 folder = root / part / class_name if part else root / class_name
                 folder.mkdir(parents=True, exist_ok=True)
                 for i in range(per_class):
-                    Image.new("RGB", (size, size), square_colour(c, i)).save(folder / f"{class_name}-{i}{suffix}", format="PNG")
+                    image = Image.new("RGB", (size, size), square_colour(c, i))
+                    if noise:
+                        rng = np.random.default_rng([c, i])
+                        pixels = np.asarray(image, np.int16) + rng.integers(-60, 61, (size, size, 3))
+                        image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+                    image.save(folder / f"{class_name}-{i}{suffix}", format=fmt)
         return root
 
     return make

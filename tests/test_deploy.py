@@ -5,6 +5,7 @@ stored test probabilities for every first-party fuser, with and without temperat
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -43,13 +44,16 @@ onnx_installed = pytest.mark.skipif(
 
 class DeployRun:
     """The toy members at 12 px (8 px images upsampled as the run's data were), net-a
-    temperature-calibrated, with every first-party fuser plain and temperature-scaled, and the
-    toy plugin's own fuser; run once for the session, each row exported at most once."""
+    temperature-calibrated, with every first-party fuser plain and temperature-scaled, the toy
+    plugin's own fuser, and a student (``pupil``) distilled from ``stack-lr``; run once for the
+    session, each row exported at most once."""
 
     def __init__(self, root: Path):
         fusers = [{"name": name + t, "fuser": fuser, "params": params, **({"temperature": True} if t else {})}
                   for name, (fuser, params) in FUSERS.items() for t in ("", "-t")]
-        spec = toy_spec_data(fusers=[*fusers, {"name": "avg", "fuser": "toy-mean"}])
+        pupil = {"name": "pupil", "backbone": "toy-net", "params": {"width": 5}, "teacher": "stack-lr",
+                 "train": {"epochs": 2, "batch_size": 16}}
+        spec = toy_spec_data(fusers=[*fusers, {"name": "avg", "fuser": "toy-mean"}], students=[pupil])
         spec["data"]["image_size"] = 12
         spec["members"][0]["calibrate"] = "temperature"
         from fusion_engine.runner import run_experiment
@@ -100,7 +104,7 @@ def test_pngs(deploy_run, tmp_path_factory) -> list[Path]:
 
 # -- exactness: every row, through the Python API -------------------------------------------------
 
-@pytest.mark.parametrize("row", [*FUSER_ROWS, "avg", "net-a", "net-b"])
+@pytest.mark.parametrize("row", [*FUSER_ROWS, "avg", "net-a", "net-b", "pupil"])
 def test_every_row_exported_predicts_the_runs_stored_test_probabilities(deploy_run, row):
     ens = fusion_engine.load(deploy_run.export(row, onnx=False), device="cpu")
     got = ens.predict_proba(deploy_run.test_images())
@@ -269,9 +273,72 @@ def test_export_refuses_an_unknown_row_and_an_existing_folder(deploy_run, tmp_pa
     assert main(["export", args[0], "vote", "--out", str(tmp_path / "full"), *args[1:]]) == 2
     assert "the folder exists and is not empty; choose another or pass --force" in capsys.readouterr().err
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
-    assert main(["export", args[0], "vote", "--out", str(tmp_path / "full"), "--force", "--check", "0", "-q", *args[1:]]) == 0
-    assert not (tmp_path / "full" / "keep.txt").exists() and (tmp_path / "full" / "ensemble.json").is_file()
-    assert fusion_engine.load(tmp_path / "full").card.check is None
+    # --force replaces an earlier export, and nothing else
+    assert main(["export", args[0], "vote", "--out", str(tmp_path / "full"), "--force", "-q", *args[1:]]) == 2
+    assert capsys.readouterr().err == (f"--out {tmp_path / 'full'}: the folder is not empty and is not an earlier export "
+                                       f"(no ensemble.json); --force replaces only an export: choose another folder\n")
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    shutil.copytree(deploy_run.export("mean", onnx=False), tmp_path / "ens")
+    assert main(["export", args[0], "vote", "--out", str(tmp_path / "ens"), "--force", "--check", "0", "-q", *args[1:]]) == 0
+    assert fusion_engine.load(tmp_path / "ens").card.row == "vote" and fusion_engine.load(tmp_path / "ens").card.check is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ens", "full"]  # no scratch folder left beside it
+
+
+def test_force_never_replaces_the_registry_or_a_run(toy_registry, tmp_path, capsys):
+    run_dir = next((toy_registry / "runs").iterdir())
+    before = sorted(p.relative_to(toy_registry) for p in toy_registry.rglob("*"))
+    for out, where in ((toy_registry, "is the registry"), (run_dir, "is inside the registry"),
+                       (toy_registry / "zoo", "is inside the registry"), (tmp_path, "holds the registry")):
+        assert main(["export", run_dir.name, "net-a", "--out", str(out), "--force", "--registry", str(toy_registry)]) == 2
+        assert capsys.readouterr().err == f"--out {out}: {where} {toy_registry}; export to a folder outside it\n"
+    assert sorted(p.relative_to(toy_registry) for p in toy_registry.rglob("*")) == before
+    assert main(["leaderboard", run_dir.name, "--registry", str(toy_registry)]) == 0
+
+
+def test_export_checks_out_before_anything_else(tmp_path, monkeypatch, capsys):
+    """``--out .`` and a file on --out's path are refused first: with no registry at all, the
+    error is about --out, so no export work was done before it."""
+    (tmp_path / "here").mkdir()
+    (tmp_path / "image.png").write_bytes(b"")
+    monkeypatch.chdir(tmp_path / "here")
+    missing = ["--registry", str(tmp_path / "no-registry")]
+    assert main(["export", "some-run", "--out", ".", *missing]) == 2
+    assert capsys.readouterr().err == "--out .: is the current folder; export into a new folder, e.g. --out ./here-export\n"
+    assert main(["export", "some-run", "--out", "..", "--force", *missing]) == 2
+    assert capsys.readouterr().err.startswith("--out ..: is the current folder or holds it; ")
+    assert main(["export", "some-run", "--out", "../image.png/ens", *missing]) == 2
+    assert capsys.readouterr().err == f"--out ../image.png/ens: {tmp_path / 'image.png'} is a file, not a folder\n"
+    assert main(["export", "some-run", "--out", "../new", *missing]) == 2
+    assert capsys.readouterr().err == f"no registry at {tmp_path / 'no-registry'}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "image.png"]
+
+
+def test_an_export_removes_the_scratch_folders_of_killed_exports_to_the_same_place(deploy_run, tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)  # a process that has ended, as a killed export has
+    (tmp_path / f".ens.export-{dead}-0a1b2c3d" / "members").mkdir(parents=True)
+    (tmp_path / f".ens.replaced-{dead}-0a1b2c3d").mkdir()
+    running = tmp_path / f".ens.export-{os.getpid()}-0a1b2c3d"  # an export still under way (this process)
+    running.mkdir()
+    (tmp_path / ".other.export-1-0a1b2c3d").mkdir()  # another destination's
+    fusion_engine.export_ensemble(deploy_run.run_id, "mean", out=tmp_path / "ens", registry=deploy_run.registry,
+                                  check_images=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ens", running.name, ".other.export-1-0a1b2c3d"])
+
+
+def test_a_student_row_exports_with_its_teacher_on_the_card(deploy_run, tmp_path, capsys):
+    out = tmp_path / "pupil"
+    assert main(["export", deploy_run.run_id, "pupil", "--out", str(out), "--registry", str(deploy_run.registry), "-q"]) == 0
+    card = json.loads((out / "ensemble.json").read_text())
+    assert card["kind"] == "student" and card["teacher"] == {"name": "stack-lr", "kind": "fuser"}
+    assert card["fuser"] is None and [m["name"] for m in card["members"]] == ["pupil"]
+    assert card["scores"]["kind"] == "student" and card["scores"]["teacher"] == "stack-lr"
+    ens = fusion_engine.load(out)
+    assert np.abs(ens.predict_proba(deploy_run.test_images()) - deploy_run.stored("pupil")).max() <= 1e-5
+    assert json.loads((deploy_run.export("net-a", onnx=False) / "ensemble.json").read_text())["teacher"] is None
 
 
 def test_a_row_with_a_predictions_only_member_is_refused_in_one_line(toy_registry, tmp_path, capsys):
@@ -377,6 +444,127 @@ def test_predict_refuses_bad_options_in_one_line(deploy_run, test_pngs, capsys, 
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+def test_predict_checks_where_its_output_goes_before_predicting(tmp_path, capsys):
+    """Checked before the export folder is even opened: a long predict never ends in an error
+    about its --out."""
+    (tmp_path / "file.png").write_bytes(b"")
+    (tmp_path / "out.csv").mkdir()
+    missing_export = str(tmp_path / "no-export")
+    for out, message in ((tmp_path / "nodir" / "p.csv", f"its folder {tmp_path / 'nodir'} does not exist; create it first "
+                                                         f"or choose another"),
+                         (tmp_path / "file.png" / "p.csv", f"{tmp_path / 'file.png'} is a file, not a folder"),
+                         (tmp_path / "out.csv", f"is a folder; name a file in it, e.g. {tmp_path / 'out.csv' / 'predictions.csv'}")):
+        assert main(["predict", missing_export, str(tmp_path / "file.png"), "--out", str(out)]) == 2
+        assert capsys.readouterr().err == f"--out {out}: {message}\n"
+
+
+def test_predict_into_a_closed_pipe_stops_quietly(deploy_run, test_pngs):
+    """``predict ... | head -1``: the reader is gone before the rows are written; no traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "fusion_engine", "predict", str(deploy_run.export("mean", onnx=False)),
+                             *map(str, test_pngs), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait() == 141 and err == ""
+
+
+def test_predict_batch_size_changes_nothing_in_the_output(deploy_run, test_pngs, tmp_path):
+    """Rows, classes and errors are the same for every --batch-size; probabilities agree to
+    float rounding (a convolution's summation order depends on the batch: ~1e-9 here)."""
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    inputs = [*map(str, test_pngs[:5]), str(broken), *map(str, test_pngs[5:])]  # a failure inside a batch
+    export = str(deploy_run.export("stack-lr", onnx=False))
+    frames = []
+    for size in ("1", "4", "64"):
+        out = tmp_path / f"b{size}.csv"
+        assert main(["predict", export, *inputs, "--batch-size", size, "--probs", "--out", str(out), "-q"]) == 1
+        frames.append(pd.read_csv(out))
+    proba = [c for c in frames[0].columns if c.startswith("prob")]
+    for other in frames[1:]:
+        assert other.drop(columns=proba).equals(frames[0].drop(columns=proba))
+        assert np.abs(other[proba].to_numpy() - frames[0][proba].to_numpy())[~other["error"].notna()].max() <= 1e-7
+    preds = frames[0]
+    assert preds["error"].notna().tolist() == [i == 5 for i in range(len(inputs))]
+    good = preds.drop(5)[["proba_top", "proba_bottom", "proba_dark"]].to_numpy()
+    assert np.abs(good - deploy_run.stored("stack-lr")).max() <= 1e-5
+
+
+def test_predict_finds_the_images_of_a_folder_as_the_imagefolder_dataset_does(deploy_run, make_image_folder, tmp_path,
+                                                                                 capsys):
+    from fusion_engine.plugins import get_plugins
+
+    root = make_image_folder(per_class=2, size=8)
+    (tmp_path / "elsewhere" / "owl").mkdir(parents=True)
+    shutil.copy(root / "cat" / "cat-0.png", tmp_path / "elsewhere" / "owl" / "owl-0.png")
+    (root / "owl").symlink_to(tmp_path / "elsewhere" / "owl", target_is_directory=True)  # a symlinked class folder
+    (root / "cat" / "notes.txt").write_text("not an image")
+    (root / "cat" / ".hidden.png").write_bytes(b"skipped")
+    Image.new("RGB", (8, 8)).save(root / "dog" / "anim.gif")  # not among the dataset's extensions
+    record = get_plugins().catalog().get("dataset", "imagefolder").record
+    dataset = record.load(record.params.model_validate({"root": str(root)}))
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(deploy_run.export("mean", onnx=False)), str(root), "--out", str(out)]) == 0
+    assert pd.read_csv(out)["path"].tolist() == [str(root / i) for i in dataset.ids]
+    assert "owl/owl-0.png" in dataset.ids
+    assert capsys.readouterr().err.strip().endswith(f"2 files in folders skipped as not images -> {out}")
+
+
+def test_a_folder_of_jpeg_and_png_files_predicts_its_stored_probabilities(make_image_folder, tmp_path):
+    """A dataset of files (JPEG and PNG of 48 px, resized to 12 px by PIL after JPEG's draft
+    decode) exported and predicted through the CLI: the run's own test files give its stored test
+    probabilities, in torch and ONNX Runtime, with a corrupt file among them; and no warning."""
+    root = make_image_folder(per_class=5, size=48, suffix=".jpg", noise=True)
+    make_image_folder(per_class=5, size=48, suffix=".png", noise=True)
+    spec = toy_spec_data(name="files", data={"dataset": "imagefolder", "params": {"root": str(root)}, "image_size": 12,
+                                             "split": {"val": 0.25, "test": 0.25}},
+                         fusers=[{"name": "stack", "fuser": "logistic-stacking", "temperature": True}])
+    spec["members"][0]["calibrate"] = "temperature"
+    from fusion_engine.runner import run_experiment
+
+    result = run_experiment(write_spec(tmp_path / "spec.yaml", spec), registry=tmp_path / "registry", quiet=True)
+    folder = RunFolder(result.run_dir)
+    test_files = [root / i for i in folder.split["test"]["ids"]]
+    assert {p.suffix for p in test_files} == {".jpg", ".png"}
+    stored = folder.probabilities("test")["stack"]
+    onnx = all(__import__("importlib").util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
+    export = cli("export", result.run_id, "stack", "--out", tmp_path / "ens", "--registry", tmp_path / "registry", "-q",
+                 *(["--onnx"] if onnx else []))
+    assert export.returncode == 0 and export.stderr == "", export.stderr
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    for runtime, tolerance in (("torch", 1e-5), *((("onnx", 1e-4),) if onnx else ())):
+        out = tmp_path / f"{runtime}.csv"
+        done = cli("predict", tmp_path / "ens", *test_files[:3], broken, *test_files[3:], "--probs", "--runtime", runtime,
+                   "--out", out, "-q")
+        assert done.returncode == 1 and done.stderr == "", done.stderr  # -q: nothing on stderr, not even a warning
+        preds = pd.read_csv(out)
+        assert preds["error"].notna().tolist() == [i == 3 for i in range(len(test_files) + 1)]
+        got = preds.drop(3)[[f"proba_{c}" for c in folder.classes]].to_numpy()
+        assert np.abs(got - stored).max() <= tolerance, runtime
+
+
+def test_the_onnx_runtime_snippet_in_the_docs_decodes_images_as_the_engine_does(make_image_folder):
+    """docs/deploying.md's ``load_image`` (PIL and numpy only), run as written, against the
+    engine's decoding for a dataset of files: JPEG (where the draft decode matters) and PNG,
+    grey and colour, resized and not."""
+    from fusion_engine import decode_images
+
+    text = (Path(__file__).parents[1] / "docs" / "deploying.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "def load_image" in b)
+    namespace: dict = {}
+    exec(block[:block.index("card = json.load")], namespace)
+    files = sorted(make_image_folder(per_class=2, size=48, suffix=".jpg", noise=True).rglob("*.jpg"))
+    files += sorted(make_image_folder(name="png", per_class=1, size=20, noise=True).rglob("*.png"))
+    for size in (12, 48):
+        for channels in (1, 3):
+            engine, errors = decode_images(files, size, channels, "pil")
+            assert not errors
+            assert np.array_equal(np.stack([namespace["load_image"](p, size, channels) for p in files]), engine.numpy())
+
+
 def test_predict_with_no_images_found_is_an_error(deploy_run, tmp_path, capsys):
     assert main(["predict", str(deploy_run.export("mean", onnx=False)), str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"no images found in {tmp_path}")
@@ -396,6 +584,17 @@ def test_load_takes_paths_pil_images_arrays_and_tensors_alike(deploy_run, test_p
     assert ens.predict_proba(test_pngs[0]).shape == (1, 3)
     assert ens.classes == ["top", "bottom", "dark"] and ens.members == ["net-a", "net-b"]
     assert ens.card.row == "caruana-t" and ens.card.fuser.fuser == "caruana"
+
+
+def test_a_3d_array_is_a_batch_of_grey_images_for_a_grey_ensemble(deploy_run):
+    """The documented rule for an ensemble whose members all take 1 channel: (N, H, W) is a batch
+    even when W is 3; one image is (H, W), or a list."""
+    ens = fusion_engine.load(deploy_run.export("mean", onnx=False))
+    images = deploy_run.test_images()[:3]
+    narrow = np.ascontiguousarray(images[:, :, :3])  # (3, 8, 3): three grey images 3 px wide
+    assert ens.predict_proba(narrow).shape == (3, 3)
+    assert np.array_equal(ens.predict_proba(narrow), ens.predict_proba(list(narrow)))
+    assert np.array_equal(ens.predict_proba(images[0]), ens.predict_proba([images[0]]))
 
 
 def test_the_api_names_bad_images(deploy_run, tmp_path):

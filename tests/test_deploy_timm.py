@@ -50,3 +50,15 @@ def test_timm_members_export_and_predict_in_torch_and_onnx_runtime(timm_export):
     assert np.abs(onnx_ens.predict_proba(images) - stored).max() <= 1e-4
     assert [(i.name, i.members) for i in onnx_ens.card.onnx.inputs] == [("images_16", ["resnet"]),
                                                                         ("images_16_gray", ["effnet"])]
+
+
+def test_one_rgb_array_is_one_image_for_an_ensemble_that_takes_colour(timm_export):
+    """(H, W, 3) uint8 is one colour image when a member takes 3 channels (resnet here), the same
+    as that image in a list or as a batch of one; not a batch of H grey images."""
+    out, _, _ = timm_export
+    ens = fusion_engine.load(out, device="cpu")
+    rgb = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    one = ens.predict_proba(rgb)
+    assert one.shape == (1, 3)
+    assert np.array_equal(one, ens.predict_proba([rgb])) and np.array_equal(one, ens.predict_proba(rgb[None]))
+    assert ens.predict(rgb).tolist() == [ens.classes[one.argmax()]]

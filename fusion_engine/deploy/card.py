@@ -125,7 +125,8 @@ class ExportCard(_Part):
     run_id: str
     experiment: str
     row: str
-    kind: Literal["member", "fuser"]
+    kind: Literal["member", "fuser", "student"]  # a student: a network distilled from ``teacher``
+    teacher: Optional[dict[str, Any]] = None  # a student row's teacher: its ``name`` and ``kind`` (fuser or member)
     classes: list[str]
     resize: Literal["tensor", "pil"]  # :func:`fusion_engine.data.resize_method` of the run's dataset
     members: list[ExportedMember]

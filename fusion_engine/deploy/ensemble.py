@@ -128,6 +128,12 @@ class Ensemble:
                 f"classes={len(self.classes)}, runtime={self.runtime!r})")
 
     @property
+    def takes_colour(self) -> bool:
+        """Whether a member takes 3 channels: then a uint8 array ``(H, W, 3|4)`` is one colour
+        image, not a batch of grey ones (see :func:`as_items`)."""
+        return any(m.input.in_chans == 3 for m in self.card.members)
+
+    @property
     def input_configs(self) -> list["InputConfig"]:
         """Each member's input config, in member order."""
         from ..records import InputConfig
@@ -139,8 +145,8 @@ class Ensemble:
     def predict_proba(self, images: Any, *, batch_size: int = 64) -> np.ndarray:
         """Class probabilities ``(N, C)`` float64, one row per image; an error naming the first
         image that cannot be read (``proba_batches`` reports every one instead)."""
-        items = as_batch(images)
-        items = as_items(images) if items is None else items
+        items = as_batch(images, colour=self.takes_colour)
+        items = as_items(images, colour=self.takes_colour) if items is None else items
         parts, failed = [], {}
         for batch in self.proba_batches(items, batch_size=batch_size):
             parts.append(batch.proba)
@@ -160,7 +166,7 @@ class Ensemble:
         reason in the batch's ``errors``, and the others go on. What ``fusion-engine predict`` uses."""
         if batch_size < 1:
             raise FusionEngineError(f"batch size must be at least 1, got {batch_size}")
-        batch = as_batch(images) if self.card.resize == RESIZE_TENSOR else None
+        batch = as_batch(images, colour=self.takes_colour) if self.card.resize == RESIZE_TENSOR else None
         if batch is not None:  # one uint8 tensor: resized as a dataset's arrays, with no per-image work
             from ..data import batch_pixels
 
@@ -170,7 +176,7 @@ class Ensemble:
                           for cfg in self.input_configs}
                 yield PredictedBatch(start, self.proba_from_pixels(pixels), {})
             return
-        items = as_items(images)
+        items = as_items(images, colour=self.takes_colour)
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             pixels, errors = self.pixels(chunk)
@@ -356,12 +362,15 @@ class Ensemble:
         return self._session.run([self.card.onnx.output], feeds)[0].astype(np.float64)
 
 
-def as_batch(images: Any) -> "torch.Tensor | None":
+def as_batch(images: Any, *, colour: bool = False) -> "torch.Tensor | None":
     """A uint8 ``(N, C, H, W)`` tensor when ``images`` is one batch (a tensor, or a numpy array
-    ``(N, H, W[, C])``), as a view where it can be; None for anything else."""
+    ``(N, H, W[, C])``, or with ``colour`` one image ``(H, W, 3|4)``: see :func:`as_items`), as a
+    view where it can be; None for anything else."""
     if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim in (3, 4):
         import torch
 
+        if _one_colour_image(images, colour):
+            images = images[None]
         x = torch.from_numpy(images)
         if images.ndim == 3:
             return x[:, None]
@@ -371,9 +380,15 @@ def as_batch(images: Any) -> "torch.Tensor | None":
     return None
 
 
-def as_items(images: Any) -> list:
+def as_items(images: Any, *, colour: bool = False) -> list:
     """What :meth:`Ensemble.predict_proba` takes, as a list of single images: paths, PIL
-    images or uint8 arrays ``(H, W[, C])``."""
+    images or uint8 arrays ``(H, W[, C])``.
+
+    One numpy array is read by its shape: ``(N, H, W, C)`` is a batch; ``(H, W)`` is one image;
+    ``(H, W, 3)`` or ``(H, W, 4)`` is one colour image when the ensemble takes colour
+    (``colour``: a member takes 3 channels), and any other 3-D array, or any 3-D array for an
+    ensemble of grey members, is a batch ``(N, H, W)`` of grey images. A list of arrays, or a
+    4-D batch, is never ambiguous."""
     from PIL import Image
 
     if isinstance(images, (str, os.PathLike, Image.Image)):
@@ -382,9 +397,11 @@ def as_items(images: Any) -> list:
         if images.dtype != np.uint8:
             raise FusionEngineError(f"image arrays must be uint8, got {images.dtype} (pass float images as a torch "
                                     f"tensor (N, C, H, W) in [0, 1])")
+        if images.ndim == 2 or _one_colour_image(images, colour):
+            return [images]
         if images.ndim not in (3, 4):
-            raise FusionEngineError(f"an image array is a batch (N, H, W) or (N, H, W, C), got shape {images.shape}; "
-                                    f"put a single image in a list")
+            raise FusionEngineError(f"an image array is one image (H, W[, C]) or a batch (N, H, W) or (N, H, W, C), "
+                                    f"got shape {images.shape}")
         return list(images)
     if _is_tensor(images):
         return _tensor_items(images)
@@ -392,6 +409,10 @@ def as_items(images: Any) -> list:
         return [_tensor_items(x[None])[0] if _is_tensor(x) else x for x in images]
     raise FusionEngineError(f"cannot predict {type(images).__name__}: pass paths, PIL images, uint8 arrays or a "
                             f"torch tensor batch (N, C, H, W)")
+
+
+def _one_colour_image(array: np.ndarray, colour: bool) -> bool:
+    return colour and array.ndim == 3 and array.shape[-1] in (3, 4)
 
 
 def _is_tensor(value: Any) -> bool:

@@ -7,11 +7,14 @@ and files a member's params name; the card; ``SHA256SUMS``. With ``onnx=True`` a
 ``model.onnx`` (:mod:`fusion_engine.deploy.graph`).
 
 The folder is written beside its destination and renamed into place only once it is complete
-and checked, so a failed or interrupted export leaves nothing half-written. The check: the
-folder is loaded as a user would load it and predicts up to ``check_images`` of the run's own
-test images (decoded from the dataset again), and the largest difference from the run's stored
-test probabilities is recorded in the card (and the ONNX graph's from the engine's, when there is
-one). A run predicted on CPU matches to about 1e-7; a warning says when it is over 1e-5.
+and checked, so a failed or interrupted export leaves nothing half-written (a killed one leaves
+its hidden scratch folder, ``.DIR.export-<pid>-<hex>``, which the next export to DIR removes).
+``--force`` replaces only an earlier export, never another folder, the registry or a run.
+
+The check: the folder is loaded as a user would load it and predicts up to ``check_images`` of
+the run's own test images (decoded from the dataset again), and the largest difference from the
+run's stored test probabilities is recorded in the card (and the ONNX graph's from the engine's,
+when there is one). A run predicted on CPU matches to about 1e-7; a warning says when it is over 1e-5.
 
 Members brought as predictions only (no weights) cannot be exported; the export says so in one
 line.
@@ -24,6 +27,7 @@ import logging
 import os
 import secrets
 import shutil
+from glob import escape as glob_escape
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,7 +62,7 @@ def export_ensemble(run: str, row: str | None = None, *, out: str | os.PathLike,
     ``out``; ``row`` defaults to the leaderboard's best fuser (its best row when it has none).
 
     ``onnx`` also writes ``model.onnx`` with ``onnx_input`` images (``"uint8"``, 0..255, or
-    ``"float32"``, 0..1). ``force`` replaces an existing ``out``. ``check_images`` test images are
+    ``"float32"``, 0..1). ``force`` replaces an earlier export at ``out`` (never another folder). ``check_images`` test images are
     predicted to check the export (0: none).
     """
     from rich.console import Console
@@ -68,42 +72,106 @@ def export_ensemble(run: str, row: str | None = None, *, out: str | os.PathLike,
     console = console or Console(stderr=True, quiet=True)
     if onnx_input not in ONNX_INPUTS:
         raise FusionEngineError(f"unknown ONNX input type '{onnx_input}'; use uint8 or float32")
-    out = Path(out)
-    _check_destination(out, force)
+    registry_dir = resolve_registry(registry)
+    given = out
+    out = check_destination(out, force, registry_dir)
     if onnx:
         from .graph import need_onnx
 
         need_onnx(export=True)
-    registry_dir = resolve_registry(registry)
     if not registry_dir.is_dir():
         raise FusionEngineError(f"no registry at {registry_dir}")
     with Registry(registry_dir, create=False) as reg:
         exporter = _Exporter(reg, run, row, console)
-        tmp = out.parent / f".{out.name}.export-{secrets.token_hex(4)}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(out)
+        tmp = _scratch(out, "export")
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
             card = exporter.write(tmp, onnx=onnx, onnx_input=onnx_input, check_images=check_images)
             write_sums(tmp)
-            _move_into_place(tmp, out, force)
+            _move_into_place(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return ExportResult(out, card)
+    return ExportResult(Path(given), card)
 
 
-def _check_destination(out: Path, force: bool) -> None:
+def check_destination(out: str | os.PathLike, force: bool, registry: Path) -> Path:
+    """``out`` as an absolute path, once it is known to be a place an export may be written:
+    not the current folder (nor one holding it), not in the registry (nor holding it), under
+    folders (not a file); and, when it exists, an empty folder, or with ``force`` an earlier
+    export (it has a card). ``--force`` never replaces a folder that is not an export, so a
+    mistyped ``--out`` cannot delete a user's files, a run or the zoo. Checked before anything
+    slow is done."""
+    given = out
+    out = Path(out).expanduser().absolute()
+    resolved = out.resolve()
+    for parent in (resolved, *resolved.parents):  # the first of out and its parents that exists must be a folder
+        if parent.exists():
+            if parent != resolved and not parent.is_dir():
+                raise FusionEngineError(f"--out {given}: {parent} is a file, not a folder")
+            break
     if out.exists() and not out.is_dir():
-        raise FusionEngineError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise FusionEngineError(f"--out {out}: the folder exists and is not empty; choose another or pass --force to "
-                                f"replace it")
+        raise FusionEngineError(f"--out {given}: exists and is not a folder")
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise FusionEngineError(f"--out {given}: is the current folder{'' if resolved == cwd else ' or holds it'}; "
+                                f"export into a new folder, e.g. --out ./{out.name or 'ensemble'}-export")
+    reg = registry.expanduser().resolve()
+    if resolved == reg or reg in resolved.parents or resolved in reg.parents:
+        where = "is the registry" if resolved == reg else "is inside the registry" if reg in resolved.parents else \
+            "holds the registry"
+        raise FusionEngineError(f"--out {given}: {where} {registry}; export to a folder outside it")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise FusionEngineError(f"--out {given}: the folder exists and is not empty; choose another or pass --force "
+                                    f"to replace an earlier export")
+        if not _is_export(out):
+            raise FusionEngineError(f"--out {given}: the folder is not empty and is not an earlier export (no "
+                                    f"{CARD_FILE}); --force replaces only an export: choose another folder")
+    return resolved
 
 
-def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
+def _is_export(folder: Path) -> bool:
+    try:
+        card = json.loads((folder / CARD_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(card, dict) and "run_id" in card and "members" in card
+
+
+def _scratch(out: Path, what: str) -> Path:
+    """A hidden folder beside ``out`` named for this process, so a later export can tell one left
+    by a killed export (its process is gone) from one still being written."""
+    return out.parent / f".{out.name}.{what}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove the scratch folders beside ``out`` that exports killed before they could clean up
+    left behind (an export interrupted by an error or Ctrl-C removes its own)."""
+    for folder in out.parent.glob(f".{glob_escape(out.name)}.*-*-*"):
+        what, _, rest = folder.name[len(out.name) + 2:].partition("-")
+        pid = rest.partition("-")[0]
+        if what in ("export", "replaced") and pid.isdigit() and not _alive(int(pid)) and folder.is_dir():
+            log.info("removing %s, left by an export that was killed", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
     old = None
     if out.exists():
-        old = out.parent / f".{out.name}.replaced-{secrets.token_hex(4)}"
+        old = _scratch(out, "replaced")
         os.replace(out, old)
     os.replace(tmp, out)
     if old is not None:
@@ -137,6 +205,7 @@ class _Exporter:
 
         self.plugins = get_plugins([p for p in self.plugin_files if p.is_file()])
         self.shipped: dict[str, str] = {}  # plugin module -> its file in the folder
+        self.teachers: dict[str, dict[str, str]] = {}  # a student -> its teacher's name and kind
 
     def _row(self, name: str | None) -> dict:
         rows = self.folder.rows
@@ -179,7 +248,8 @@ class _Exporter:
         card = ExportCard(
             fusion_engine=__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             run_id=self.run_id, experiment=self.folder.summary.get("experiment") or self.spec.get("name", "?"),
-            row=row["name"], kind="fuser" if fuser is not None else "member", classes=self.folder.classes,
+            row=row["name"], kind="fuser" if fuser is not None else "student" if row.get("kind") == "student" else "member",
+            teacher=self.teachers.get(row["name"]) if fuser is None else None, classes=self.folder.classes,
             resize=resize_method(dataset.images) if dataset is not None else RESIZE_PIL,
             members=members, fuser=fuser, scores=row,
             data={"dataset": self.spec.get("data", {}).get("dataset"), **{k: summary_data.get(k) for k in
@@ -233,6 +303,9 @@ class _Exporter:
             shutil.copyfile(self.reg.member_dir(key) / WEIGHTS_FILE, weights)
             if file_sha256(weights) != entry.files[WEIGHTS_FILE]["sha256"]:
                 raise FusionEngineError(f"member {name}: zoo/{short(key)}/{WEIGHTS_FILE} changed while it was copied")
+        teacher = getattr(zoo_card, "teacher", None)
+        if teacher:
+            self.teachers[name] = {"name": teacher.get("name"), "kind": teacher.get("kind")}
         who = f"member {name}"
         params, files = self._param_files(dict(zoo_card.spec.params), zoo_card.key_material.get("params", {}), tmp, who)
         material_data = zoo_card.key_material.get("data") or {}
@@ -392,7 +465,9 @@ def _check_onnx(ensemble, members, path: Path, spec: ExportedOnnx, images, conso
     from .graph import session
 
     if images is not None:
-        pixels, _ = ensemble.pixels(as_list(images))
+        from .ensemble import as_items
+
+        pixels, _ = ensemble.pixels(as_items(images, colour=ensemble.takes_colour))
         what = "test images"
     else:
         rng = np.random.default_rng(0)
@@ -423,12 +498,6 @@ def _check_onnx(ensemble, members, path: Path, spec: ExportedOnnx, images, conso
                     else "the fuser's graph does not match its predict_proba")
     return {"images": int(len(got)), "of": what, "max_abs_diff": diff, "max_abs_diff_fuser": fuser_diff,
             "argmax_differences": flips}
-
-
-def as_list(images) -> list:
-    from .ensemble import as_items
-
-    return as_items(images)
 
 
 #: member graphs exported in this process, by what decides them: exporting several rows of one run

@@ -1,7 +1,8 @@
 """``fusion-engine predict``: images in, one row per image out.
 
-INPUTs are image files, folders (searched recursively for image files; hidden ones skipped) or
-CSV manifests (a ``path`` column, relative to the CSV's folder). Each image is predicted by
+INPUTs are image files, folders (searched recursively for image files by
+:func:`fusion_engine.data.image_files`, the ``imagefolder`` dataset's own walker: the same
+extensions, hidden files skipped, symlinked folders followed) or CSV manifests (a ``path`` column, relative to the CSV's folder). Each image is predicted by
 :meth:`fusion_engine.deploy.Ensemble.proba_batches`, the Python API's own path. An image that
 cannot be read gets a row saying why and the others go on; the exit status is then 1, and the
 summary line on stderr counts them.
@@ -18,27 +19,39 @@ import csv
 import math
 import os
 import sys
+from collections import Counter
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from ..data import IMAGE_EXTENSIONS, image_files
 from ..errors import FusionEngineError
 
-#: what a folder is searched for (torchvision's ImageFolder extensions, and GIF)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".json": "json"}
 MANIFEST_PATH_COLUMN = "path"
 
 
 def output_format(out: str | None) -> str:
-    """The format ``--out`` asks for, checked before any image is read."""
+    """The format ``--out`` asks for, and that it can be written (its folder exists and is
+    writable), checked before any image is read: a long predict never ends in an error about
+    where its output goes."""
     if out is None:
         return "csv"
-    fmt = FORMATS.get(Path(out).suffix.lower())
+    path = Path(out)
+    fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise FusionEngineError(f"--out {out}: unknown format; use a .csv, .parquet or .json file")
+    folder = path.parent
+    if not folder.is_dir():
+        if folder.exists():
+            raise FusionEngineError(f"--out {out}: {folder} is a file, not a folder")
+        raise FusionEngineError(f"--out {out}: its folder {folder} does not exist; create it first or choose another")
+    if path.is_dir():
+        raise FusionEngineError(f"--out {out}: is a folder; name a file in it, e.g. {path / ('predictions' + path.suffix)}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FusionEngineError(f"--out {out}: its folder {folder} is not writable")
     return fmt
 
 
@@ -50,28 +63,14 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], int]:
     for given in inputs:
         path = Path(given)
         if path.is_dir():
-            found, others = _folder_images(path)
-            items += found
-            skipped += others
+            others: Counter[str] = Counter()
+            items += [str(p) for p in image_files(path, others)]
+            skipped += sum(others.values())
         elif path.suffix.lower() == ".csv" and path.is_file():
             items += _manifest_paths(path)
         else:
             items.append(given)  # a missing or unreadable file is reported in its own row
     return items, skipped
-
-
-def _folder_images(root: Path) -> tuple[list[str], int]:
-    found, others = [], 0
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            if name.lower().endswith(IMAGE_SUFFIXES):
-                found.append(os.path.join(folder, name))
-            else:
-                others += 1
-    return found, others
 
 
 def _manifest_paths(manifest: Path) -> list[str]:
@@ -161,7 +160,7 @@ def predict_command(args) -> int:
     paths, skipped = expand_inputs(args.inputs)
     if not paths:
         raise FusionEngineError(f"no images found in {', '.join(args.inputs)} (folders are searched for "
-                                f"{', '.join(IMAGE_SUFFIXES)} files)")
+                                f"{', '.join(IMAGE_EXTENSIONS)} files)")
     console = Console(stderr=True, quiet=args.quiet)
     top_k = min(args.top_k, len(ensemble.classes))
     proba = np.full((len(paths), len(ensemble.classes)), np.nan)
