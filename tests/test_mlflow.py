@@ -566,7 +566,7 @@ def test_a_tracked_runs_export_nests_under_its_run_and_is_registered(trained, tm
 
 def test_mlflow_models_serve_answers_invocations_with_the_exports_probabilities(logged_export, tmp_path):
     """``mlflow models serve --env-manager local`` on 127.0.0.1, from the model's files (no
-    tracking URI needed), as a client would call it: JSON with base64 images, and CSV of paths."""
+    tracking URI needed), as a client would call it: JSON with base64 images, or pixels."""
     import requests
 
     import fusion_engine
@@ -607,11 +607,16 @@ def test_mlflow_models_serve_answers_invocations_with_the_exports_probabilities(
         got = pd.DataFrame(answer.json()["predictions"])
         np.testing.assert_allclose(proba_columns(got, ensemble.classes), expected, rtol=0, atol=1e-6)
         assert got["class"].tolist() == ensemble.predict(images).tolist()
-        csv = "path\n" + "".join(f"{p}\n" for p in images)
-        answer = requests.post(f"{base}/invocations", data=csv, headers={"Content-Type": "text/csv"}, timeout=60)
+        from PIL import Image
+
+        arrays = [np.asarray(Image.open(p)) for p in images if p.suffix == ".png"]  # pixels, as nested lists
+        answer = requests.post(f"{base}/invocations", json={"dataframe_records": [{"image": a.tolist()} for a in arrays]},
+                               timeout=60)
         assert answer.status_code == 200, answer.text
-        np.testing.assert_allclose(proba_columns(pd.DataFrame(answer.json()["predictions"]), ensemble.classes), expected,
-                                   rtol=0, atol=1e-6)
+        np.testing.assert_allclose(proba_columns(pd.DataFrame(answer.json()["predictions"]), ensemble.classes),
+                                   ensemble.predict_proba(arrays), rtol=0, atol=1e-6)
+        answer = requests.post(f"{base}/invocations", json={"dataframe_records": [{"picture": "x"}]}, timeout=60)
+        assert answer.status_code == 400 and "give exactly one of the columns path, image_b64, image" in answer.text
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
