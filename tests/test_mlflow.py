@@ -542,6 +542,30 @@ def test_a_bad_mlflow_uri_is_one_line_and_no_export_is_written(toy_run, tmp_path
     assert (out.returncode, out.stderr) == (2, "--mlflow-uri needs --mlflow\n")
 
 
+def test_log_ensemble_from_python_leaves_mlflows_global_state_alone(logged_export, store, tmp_path, monkeypatch):
+    """``log_ensemble`` on a folder already exported: the model loads from its artifact location
+    with no tracking URI; the user's active MLflow run and tracking URI are as they were."""
+    from fusion_engine_mlflow.models import log_ensemble
+
+    import fusion_engine
+
+    _, folder, _ = logged_export
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'users.db'}")
+    with mlflow.start_run() as mine:
+        logged = log_ensemble(folder, tracking_uri=store, experiment="from-python")
+        assert mlflow.active_run().info.run_id == mine.info.run_id
+        assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path / 'users.db'}"
+    assert MlflowClient(f"sqlite:///{tmp_path / 'users.db'}").get_run(mine.info.run_id).data.params == {}
+    assert logged.artifact_uri.startswith("file://") and logged.registered_uri is None
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    images = new_images(tmp_path / "images")
+    got = mlflow.pyfunc.load_model(logged.artifact_uri).predict(pd.DataFrame({"path": [str(p) for p in images]}))
+    np.testing.assert_allclose(proba_columns(got, ["top", "bottom", "dark"]), fusion_engine.load(folder).predict_proba(images),
+                               rtol=0, atol=1e-6)
+    assert MlflowClient(store).get_experiment_by_name("from-python").experiment_id == \
+        MlflowClient(store).get_run(logged.run_id).info.experiment_id
+
+
 def test_a_tracked_runs_export_nests_under_its_run_and_is_registered(trained, tmp_path, monkeypatch):
     """No URI: the registry's database, where the run was tracked; the export's MLflow run is a
     child of the run's, and the registered model loads by name."""

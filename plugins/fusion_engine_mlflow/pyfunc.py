@@ -18,6 +18,9 @@ Output: one row per input row: ``class`` (the predicted class), ``probability`` 
 probability), ``proba_<class>`` for every class, and ``error``: empty, or why that row's image
 could not be read (its class is then empty and its probabilities NaN; the other rows go on).
 
+It predicts on CPU; ``mlflow.pyfunc.load_model(uri, model_config={"device": "cuda"})`` (or
+``"auto"``) chooses otherwise.
+
 Nothing engine-side is pickled: the model is logged "from code" (:data:`MODEL_CODE`, a file that
 names :class:`EnsembleModel`), so MLflow stores that file, the export folder (safetensors and
 JSON), and no ``python_model.pkl``.
@@ -64,7 +67,10 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import fusion_engine
 
-        self.ensemble = fusion_engine.load(context.artifacts[ARTIFACT], device="cpu")
+        # CPU unless asked (load_model(uri, model_config={"device": "cuda"})): the export's
+        # probabilities are promised on CPU, and a server's GPU may be busy with other work
+        config = getattr(context, "model_config", None) or {}
+        self.ensemble = fusion_engine.load(context.artifacts[ARTIFACT], device=str(config.get("device", "cpu")))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         with tempfile.TemporaryDirectory(prefix="fusion-engine-pyfunc-") as folder:
