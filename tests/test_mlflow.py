@@ -17,8 +17,10 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -367,30 +369,42 @@ def mlflow_server(tmp_path_factory, mlflow_template):
     """``mlflow server`` on a free port of 127.0.0.1 (its artifacts proxied), stopped afterwards."""
     root = tmp_path_factory.mktemp("mlflow-server")
     shutil.copy(mlflow_template, root / "mlflow.db")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = (root / "server.log").open("w")
+    port = free_port()
     command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
                str(root / "artifacts"), "--workers", "1"]
-    server = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     uri = f"http://127.0.0.1:{port}"
-    try:
-        import requests
+    with serving(command, cwd=root, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                 ready=f"{uri}/health"):
+        yield uri
 
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(command: list[str], *, cwd: Path, env: dict, ready: str) -> Iterator[None]:
+    """``command`` (a server) started in its own process group, until ``ready`` answers 200;
+    the group stopped afterwards (SIGTERM, then SIGKILL), waiting until it is gone."""
+    import requests
+
+    log = (cwd / "server.log").open("w")
+    server = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    try:
         deadline = time.monotonic() + 120
         while True:
-            assert server.poll() is None, (root / "server.log").read_text()
+            assert server.poll() is None, (cwd / "server.log").read_text()
             try:
-                if requests.get(f"{uri}/health", timeout=1).status_code == 200:
+                if requests.get(ready, timeout=1).status_code == 200:
                     break
             except requests.ConnectionError:
                 pass
-            assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
+            assert time.monotonic() < deadline, f"{' '.join(command[1:3])} did not start in 120 s"
             time.sleep(0.25)
-        yield uri
+        yield
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -599,29 +613,15 @@ def test_mlflow_models_serve_answers_invocations_with_the_exports_probabilities(
     client = MlflowClient(uri)
     source = client.get_run(lines[1].split("/")[1]).info.artifact_uri + "/model"
     try:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
     except OSError as exc:
         pytest.skip(f"cannot bind a port on 127.0.0.1: {exc}")
-    log = (tmp_path / "serve.log").open("w")
     command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", source, "--env-manager", "local",
                "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    server = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if requests.get(f"{base}/ping", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "mlflow models serve did not start in 120 s"
-            time.sleep(0.25)
+    with serving(command, cwd=tmp_path, env=env, ready=f"{base}/ping"):
         images = new_images(tmp_path / "images")
         ensemble = fusion_engine.load(folder)
         expected = ensemble.predict_proba(images)
@@ -641,11 +641,3 @@ def test_mlflow_models_serve_answers_invocations_with_the_exports_probabilities(
                                    ensemble.predict_proba(arrays), rtol=0, atol=1e-6)
         answer = requests.post(f"{base}/invocations", json={"dataframe_records": [{"picture": "x"}]}, timeout=60)
         assert answer.status_code == 400 and "give exactly one of the columns path, image_b64, image" in answer.text
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
