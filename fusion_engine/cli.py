@@ -650,6 +650,12 @@ def _deploy_parsers(sub) -> None:
     export.add_argument("--check", metavar="N", type=int, default=64,
                         help="predict N of the run's test images to check the export (default 64; 0: no check)")
     export.add_argument("--quiet", "-q", action="store_true", help="print only the folder")
+    export.add_argument("--mlflow", action="store_true",
+                        help="also log the export as an MLflow pyfunc model and print its model URI (docs/deploying.md)")
+    export.add_argument("--mlflow-uri", metavar="URI", help="the MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                                            "the registry's mlflow/mlflow.db)")
+    export.add_argument("--mlflow-experiment", metavar="NAME", help="the MLflow experiment (default: the run's experiment)")
+    export.add_argument("--mlflow-register", metavar="NAME", help="also register the model under NAME")
     _registry_option(export)
 
     predict = sub.add_parser(
@@ -676,11 +682,44 @@ def cmd_export(args) -> int:
 
     if args.check < 0:
         raise FusionEngineError(f"--check must be 0 or more, got {args.check}")
+    target = _mlflow_target(args)  # before the folder is written: a bad URI leaves nothing behind
+    console = Console(stderr=True, quiet=args.quiet, log_path=False)
     result = export_ensemble(args.run, args.row, out=args.out, registry=args.registry, onnx=args.onnx,
-                             onnx_input=args.onnx_input, force=args.force, check_images=args.check,
-                             console=Console(stderr=True, quiet=args.quiet, log_path=False))
+                             onnx_input=args.onnx_input, force=args.force, check_images=args.check, console=console)
     print(result.path)
+    if target is not None:
+        from .zoo import resolve_registry
+
+        try:
+            logged = target.log(result.path, run_dir=resolve_registry(args.registry) / "runs" / result.card.run_id)
+        except Exception as exc:
+            raise FusionEngineError(f"the export {result.path} is complete, but logging it to MLflow failed: "
+                                    f"{_one_line(str(exc)) or type(exc).__name__}") from None
+        print(logged.model_uri)
+        if logged.registered_uri:
+            print(logged.registered_uri)
+        console.print(f"logged to MLflow at {logged.tracking_uri} (experiment {logged.experiment_id}, run "
+                      f"{logged.run_id}); load it with MLFLOW_TRACKING_URI={logged.tracking_uri} and "
+                      f"mlflow.pyfunc.load_model('{logged.model_uri}'), or from {logged.artifact_uri}",
+                      highlight=False, soft_wrap=True)
     return 0
+
+
+def _mlflow_target(args):
+    """``export --mlflow``: where the model goes, checked (the first-party mlflow plugin's
+    :func:`fusion_engine_mlflow.models.model_target`); None without ``--mlflow``."""
+    given = [f"--{name.replace('_', '-')}" for name in ("mlflow_uri", "mlflow_experiment", "mlflow_register")
+             if getattr(args, name) is not None]
+    if not args.mlflow:
+        if given:
+            raise FusionEngineError(f"{given[0]} needs --mlflow")
+        return None
+    from fusion_engine_mlflow.models import model_target
+
+    from .zoo import resolve_registry
+
+    return model_target(args.mlflow_uri, args.mlflow_experiment, args.mlflow_register,
+                        registry=resolve_registry(args.registry))
 
 
 def cmd_predict(args) -> int:

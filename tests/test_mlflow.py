@@ -17,8 +17,10 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -367,30 +369,42 @@ def mlflow_server(tmp_path_factory, mlflow_template):
     """``mlflow server`` on a free port of 127.0.0.1 (its artifacts proxied), stopped afterwards."""
     root = tmp_path_factory.mktemp("mlflow-server")
     shutil.copy(mlflow_template, root / "mlflow.db")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = (root / "server.log").open("w")
+    port = free_port()
     command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
                str(root / "artifacts"), "--workers", "1"]
-    server = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     uri = f"http://127.0.0.1:{port}"
-    try:
-        import requests
+    with serving(command, cwd=root, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                 ready=f"{uri}/health"):
+        yield uri
 
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(command: list[str], *, cwd: Path, env: dict, ready: str) -> Iterator[None]:
+    """``command`` (a server) started in its own process group, until ``ready`` answers 200;
+    the group stopped afterwards (SIGTERM, then SIGKILL), waiting until it is gone."""
+    import requests
+
+    log = (cwd / "server.log").open("w")
+    server = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    try:
         deadline = time.monotonic() + 120
         while True:
-            assert server.poll() is None, (root / "server.log").read_text()
+            assert server.poll() is None, (cwd / "server.log").read_text()
             try:
-                if requests.get(f"{uri}/health", timeout=1).status_code == 200:
+                if requests.get(ready, timeout=1).status_code == 200:
                     break
             except requests.ConnectionError:
                 pass
-            assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
+            assert time.monotonic() < deadline, f"{' '.join(command[1:3])} did not start in 120 s"
             time.sleep(0.25)
-        yield uri
+        yield
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -421,3 +435,209 @@ def test_a_run_tracked_on_an_mlflow_server(mlflow_server, toy_registry, tmp_path
     assert {"leaderboard.csv", "report.html"} <= set(tracked.artifacts())
     assert tracked.nested["net-a"].data.metrics["accuracy"] == pytest.approx(leaderboard(result.run_dir)
                                                                              .set_index("name").loc["net-a", "accuracy"])
+
+
+# -- an exported ensemble as an MLflow pyfunc model (export --mlflow) ----------------------------------
+
+def new_images(folder: Path) -> list[Path]:
+    """Images the run never saw: RGB and grey PNGs and a JPEG, of several sizes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (size, mode, suffix) in enumerate([(8, "RGB", ".png"), (13, "L", ".png"), (20, "RGB", ".jpg"),
+                                              (8, "L", ".png"), (31, "RGB", ".png")]):
+        shape = (size, size, 3) if mode == "RGB" else (size, size)
+        paths.append(folder / f"new-{i}{suffix}")
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(paths[-1])
+    return paths
+
+
+def b64(path: Path) -> str:
+    import base64
+
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def proba_columns(frame: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    return frame[[f"proba_{c}" for c in classes]].to_numpy(dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def logged_export(tmp_path_factory, toy_run):
+    """The toy run's best fuser exported with ``--mlflow`` to a SQLite database of its own, from
+    a fresh process; (stdout lines, export folder, tracking URI)."""
+    root = tmp_path_factory.mktemp("pyfunc")
+    uri = f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+    out = cli("export", toy_run.run_dir.name, "--out", root / "export", "--registry", toy_run.registry, "-q",
+              "--mlflow", "--mlflow-uri", uri, "--mlflow-experiment", "shipped", cwd=root, env=QUIET)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines(), root / "export", uri
+
+
+def test_export_mlflow_logs_a_pyfunc_model_that_predicts_the_exports_probabilities(logged_export, tmp_path, monkeypatch):
+    import fusion_engine
+
+    lines, folder, uri = logged_export
+    assert len(lines) == 2 and lines[0] == str(folder) and lines[1].startswith("runs:/") and lines[1].endswith("/model")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    model = mlflow.pyfunc.load_model(lines[1])
+    ensemble = fusion_engine.load(folder)
+    paths = new_images(tmp_path / "images")
+    expected = ensemble.predict_proba(paths)
+    by_path = model.predict(pd.DataFrame({"path": [str(p) for p in paths]}))
+    by_bytes = model.predict(pd.DataFrame({"image_b64": [b64(p) for p in paths]}))
+    for got in (by_path, by_bytes):
+        assert list(got.columns) == ["class", "probability", *[f"proba_{c}" for c in ensemble.classes], "error"]
+        np.testing.assert_allclose(proba_columns(got, ensemble.classes), expected, rtol=0, atol=1e-6)
+        assert got["class"].tolist() == ensemble.predict(paths).tolist()
+        np.testing.assert_allclose(got["probability"], expected.max(axis=1), rtol=0, atol=1e-6)
+        assert got["error"].isna().all()
+    # in-process, pixels: uint8 arrays (as a dataset holds them) in the image column
+    from PIL import Image
+
+    arrays = [np.asarray(Image.open(p)) for p in paths if p.suffix == ".png"]
+    got = model.predict(pd.DataFrame({"image": arrays}))
+    np.testing.assert_allclose(proba_columns(got, ensemble.classes), ensemble.predict_proba(arrays), rtol=0, atol=1e-6)
+    assert list(model.metadata.get_input_schema().input_names()) == ["path", "image_b64", "image"]
+    assert tmp_path.joinpath("images").is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # no ./mlruns
+
+
+def test_an_unreadable_image_gets_its_row_and_the_others_are_predicted(logged_export, tmp_path, monkeypatch):
+    lines, folder, uri = logged_export
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model = mlflow.pyfunc.load_model(lines[1])
+    good = new_images(tmp_path)[0]
+    got = model.predict(pd.DataFrame({"image_b64": [b64(good), "bm90IGFuIGltYWdl", "%%%"]}))
+    assert got["class"].notna().tolist() == [True, False, False]
+    assert got["error"].tolist()[0] is None
+    assert got["error"][1] == "cannot read image row-1: not an image format Pillow can decode"
+    assert got["error"][2] == "image_b64 is not base64"
+    assert np.isnan(proba_columns(got, ["top", "bottom", "dark"])[1:]).all()
+    with pytest.raises(Exception, match="give exactly one of the columns path, image_b64, image"):
+        model.predict(pd.DataFrame({"path": [str(good)], "image_b64": [b64(good)]}))
+
+
+def test_the_logged_model_holds_the_export_its_requirements_and_no_pickle(logged_export, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    lines, folder, uri = logged_export
+    client = MlflowClient(uri)
+    run = client.get_run(lines[1].split("/")[1])
+    assert run.info.run_name == f"export avg of {run.data.tags['fusion.run_id']}" and run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "shipped"
+    assert run.data.params["row"] == "avg" and run.data.params["members"] == "net-a,net-b"
+    assert run.data.metrics["check/max_abs_diff"] < 1e-5
+    local = Path(client.download_artifacts(run.info.run_id, "model", str(tmp_path)))
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))]
+    exported = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert {f"artifacts/export/{f}" for f in exported} <= files
+    import yaml
+
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    assert mlmodel["flavors"]["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    requirements = (local / "requirements.txt").read_text().splitlines()
+    assert "fusion-engine[mlflow]==0.1.0" in requirements and f"mlflow=={mlflow.__version__}" in requirements
+
+
+def test_a_bad_mlflow_uri_is_one_line_and_no_export_is_written(toy_run, tmp_path):
+    args = ["export", toy_run.run_dir.name, "--registry", toy_run.registry, "--mlflow", "--out", tmp_path / "out"]
+    for uri, message in [("foo://bar/baz", "cannot use the MLflow tracking URI foo://bar/baz: "),
+                         ("http://127.0.0.1:9", "cannot reach the MLflow tracking server at http://127.0.0.1:9: "),
+                         ("sqlite://x.db", "MLflow tracking URI 'sqlite://x.db': write sqlite:///relative/path.db or ")]:
+        out = cli(*args, "--mlflow-uri", uri, cwd=tmp_path, env=QUIET)
+        assert out.returncode == 2 and out.stdout == "", out.stderr
+        assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith(message), out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no folder, no temporary one, no ./mlruns
+    out = cli("export", toy_run.run_dir.name, "--registry", toy_run.registry, "--out", tmp_path / "out",
+              "--mlflow-uri", "sqlite:///x.db", cwd=tmp_path)
+    assert (out.returncode, out.stderr) == (2, "--mlflow-uri needs --mlflow\n")
+
+
+def test_log_ensemble_from_python_leaves_mlflows_global_state_alone(logged_export, store, tmp_path, monkeypatch):
+    """``log_ensemble`` on a folder already exported: the model loads from its artifact location
+    with no tracking URI; the user's active MLflow run and tracking URI are as they were."""
+    from fusion_engine_mlflow.models import log_ensemble
+
+    import fusion_engine
+
+    _, folder, _ = logged_export
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'users.db'}")
+    with mlflow.start_run() as mine:
+        logged = log_ensemble(folder, tracking_uri=store, experiment="from-python")
+        assert mlflow.active_run().info.run_id == mine.info.run_id
+        assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path / 'users.db'}"
+    assert MlflowClient(f"sqlite:///{tmp_path / 'users.db'}").get_run(mine.info.run_id).data.params == {}
+    assert logged.artifact_uri.startswith("file://") and logged.registered_uri is None
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    images = new_images(tmp_path / "images")
+    got = mlflow.pyfunc.load_model(logged.artifact_uri).predict(pd.DataFrame({"path": [str(p) for p in images]}))
+    np.testing.assert_allclose(proba_columns(got, ["top", "bottom", "dark"]), fusion_engine.load(folder).predict_proba(images),
+                               rtol=0, atol=1e-6)
+    assert MlflowClient(store).get_experiment_by_name("from-python").experiment_id == \
+        MlflowClient(store).get_run(logged.run_id).info.experiment_id
+
+
+def test_a_tracked_runs_export_nests_under_its_run_and_is_registered(trained, tmp_path, monkeypatch):
+    """No URI: the registry's database, where the run was tracked; the export's MLflow run is a
+    child of the run's, and the registered model loads by name."""
+    _, root, tracked = trained
+    out = cli("export", tracked.run_dir.name, "net-b", "--out", tmp_path / "net-b", "--registry", root / "reg", "-q",
+              "--check", "0", "--mlflow", "--mlflow-register", "toy-classifier", cwd=tmp_path,
+              env={"MLFLOW_TRACKING_URI": "", **QUIET})
+    assert out.returncode == 0, out.stderr
+    folder, model_uri, registered = out.stdout.splitlines()
+    assert registered == "models:/toy-classifier/1"
+    run = tracked.client.get_run(model_uri.split("/")[1])
+    assert run.data.tags["mlflow.parentRunId"] == tracked.parent.info.run_id
+    assert run.info.experiment_id == tracked.parent.info.experiment_id
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'reg' / 'mlflow' / 'mlflow.db'}")
+    images = new_images(tmp_path / "images")
+    got = mlflow.pyfunc.load_model(registered).predict(pd.DataFrame({"path": [str(p) for p in images]}))
+    import fusion_engine
+
+    np.testing.assert_allclose(proba_columns(got, ["top", "bottom", "dark"]), fusion_engine.load(folder).predict_proba(images),
+                               rtol=0, atol=1e-6)
+
+
+def test_mlflow_models_serve_answers_invocations_with_the_exports_probabilities(logged_export, tmp_path):
+    """``mlflow models serve --env-manager local`` on 127.0.0.1, from the model's files (no
+    tracking URI needed), as a client would call it: JSON with base64 images, or pixels."""
+    import requests
+
+    import fusion_engine
+
+    lines, folder, uri = logged_export
+    client = MlflowClient(uri)
+    source = client.get_run(lines[1].split("/")[1]).info.artifact_uri + "/model"
+    try:
+        port = free_port()
+    except OSError as exc:
+        pytest.skip(f"cannot bind a port on 127.0.0.1: {exc}")
+    command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", source, "--env-manager", "local",
+               "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    base = f"http://127.0.0.1:{port}"
+    with serving(command, cwd=tmp_path, env=env, ready=f"{base}/ping"):
+        images = new_images(tmp_path / "images")
+        ensemble = fusion_engine.load(folder)
+        expected = ensemble.predict_proba(images)
+        answer = requests.post(f"{base}/invocations", json={"dataframe_split": {
+            "columns": ["image_b64"], "data": [[b64(p)] for p in images]}}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        got = pd.DataFrame(answer.json()["predictions"])
+        np.testing.assert_allclose(proba_columns(got, ensemble.classes), expected, rtol=0, atol=1e-6)
+        assert got["class"].tolist() == ensemble.predict(images).tolist()
+        from PIL import Image
+
+        arrays = [np.asarray(Image.open(p)) for p in images if p.suffix == ".png"]  # pixels, as nested lists
+        answer = requests.post(f"{base}/invocations", json={"dataframe_records": [{"image": a.tolist()} for a in arrays]},
+                               timeout=60)
+        assert answer.status_code == 200, answer.text
+        np.testing.assert_allclose(proba_columns(pd.DataFrame(answer.json()["predictions"]), ensemble.classes),
+                                   ensemble.predict_proba(arrays), rtol=0, atol=1e-6)
+        answer = requests.post(f"{base}/invocations", json={"dataframe_records": [{"picture": "x"}]}, timeout=60)
+        assert answer.status_code == 400 and "give exactly one of the columns path, image_b64, image" in answer.text

@@ -10,6 +10,10 @@ Tracking never fails a run: the core contains whatever the tracker raises
 (:mod:`fusion_engine.tracking`), and the tracker makes sure a failure is quick, checking that
 an HTTP server answers and that a SQLite database can be written before it starts
 (:mod:`.connection`).
+
+An exported ensemble is logged as an MLflow ``pyfunc`` model by :mod:`.models`
+(``fusion-engine export ... --mlflow``, or :func:`.models.log_ensemble`); :mod:`.pyfunc` is the
+model MLflow loads and serves.
 """
 
 from __future__ import annotations
