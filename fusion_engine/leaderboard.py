@@ -197,11 +197,14 @@ class BudgetChoice:
     chosen_by: str  # the val column it was chosen on
     n_fit: int  # rows whose cost fits the budget
     n_unknown: int  # rows whose cost is unknown, left out
+    n_known: int = 0  # rows whose cost is known
 
     def sentence(self, level: int = 95) -> str:
         """One line for a person: the row, its test accuracy with its interval, and its cost."""
         budget = f"{self.budget_ms:g} ms per image"
         unknown = f" ({self.n_unknown} rows of unknown cost left out)" if self.n_unknown else ""
+        if self.row is None and self.n_fit == 0 and self.n_unknown and not self.n_known:
+            return f"no row of this leaderboard has a known inference cost, so none can be chosen within {budget}"
         if self.row is None:
             return f"no row's inference cost fits {budget}{unknown}"
         r = self.row
@@ -234,7 +237,7 @@ def best_within_budget(rows: list[dict], budget_ms: float, *, ranked_by: str = "
         return (-score if higher else score, nll, float(r["infer_ms_per_image"]))
 
     best = min(fits, key=key) if fits else None
-    return BudgetChoice(float(budget_ms), best, column, len(fits), len(rows) - len(known))
+    return BudgetChoice(float(budget_ms), best, column, len(fits), len(rows) - len(known), len(known))
 
 
 #: the val columns :func:`best_within_budget` can choose on

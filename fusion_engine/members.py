@@ -273,6 +273,9 @@ class MemberStage:
         same_key: dict[str, list[tuple[PlannedMember, MemberJob]]] = {}
         for p, job in jobs:  # members alike in all but their names share a key: trained once
             same_key.setdefault(p.key, []).append((p, job))
+        for key, group in same_key.items():  # members alike but in name: train too if any one's teacher needs it
+            if key not in self._completing and any(p.name in self.need_train for p, _ in group):
+                group[0][1].splits = SPLITS
         for key, lock in held.items():
             if key not in same_key:
                 lock.release()  # stored (or failed to build): other runs may have it now

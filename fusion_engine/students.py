@@ -43,8 +43,15 @@ class Teacher:
         return hashlib.sha256(np.ascontiguousarray(self.proba, dtype=np.float32).tobytes()).hexdigest()
 
     def identity(self) -> dict[str, Any]:
-        """The teacher as it enters the student's key and card."""
+        """The teacher as the student's card shows it: names, members' keys, what it learns from."""
         return {"name": self.name, "kind": self.kind, "members": self.members, "fuser": self.fuser,
+                "targets_sha256": self.targets_sha256}
+
+    def for_key(self) -> dict[str, Any]:
+        """The teacher as it enters the student's key: no names (as a member's key holds none), so
+        renaming a fuser or member retrains nothing; its members' keys in order, its fuser spec and
+        the soft targets themselves."""
+        return {"kind": self.kind, "members": list(self.members.values()), "fuser": self.fuser,
                 "targets_sha256": self.targets_sha256}
 
 
@@ -93,7 +100,7 @@ class StudentStage(MemberStage):
                 params=params_for_key(bound.params.model_dump(mode="json"), self.resolved.base_dir),
                 train=train_config(sspec.train), seed=seed, image_size=spec.data.image_size, mean=spec.data.mean,
                 std=spec.data.std, code=member_code(bound.provided), fingerprint=data.fingerprint, split=data.split,
-                source={"student": {**self.teachers[sspec.name].identity(),
+                source={"student": {**self.teachers[sspec.name].for_key(),
                                     "distill": sspec.distill.model_dump(mode="json")}})
             planned.append(PlannedMember(i, sspec.name, "student", member_key(material), material, seed))
         return planned

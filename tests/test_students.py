@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from conftest import cli, summary, toy_spec_data, write_spec
@@ -71,11 +72,19 @@ def test_a_student_learns_from_a_fuser_or_a_member_and_the_zoo_keeps_it(tmp_path
     assert summary(again.run_dir)["reused"] == ["net-a", "net-b", "pupil", "echo"]
     assert rows(again)["pupil"]["accuracy"] == board["pupil"]["accuracy"]
 
-    # another distillation setting is another student; the members and the other student are reused
+    # another distillation setting, another teacher: other students; the members are reused
     data["students"][0]["distill"] = {"alpha": 0.5}
+    data["students"][1]["teacher"] = "net-b"
     changed = run(write_spec(tmp_path / "spec.yaml", data), registry)
-    assert summary(changed.run_dir)["trained"] == ["pupil"]
-    assert summary(changed.run_dir)["members"]["pupil"]["key"] != run_json["members"]["pupil"]["key"]
+    assert summary(changed.run_dir)["trained"] == ["pupil", "echo"]
+    for name in ("pupil", "echo"):
+        assert summary(changed.run_dir)["members"][name]["key"] != run_json["members"][name]["key"]
+
+    # renaming a teacher (and its members) is no new teacher: nothing is trained
+    renamed = {**data, "fusers": [{"name": "avg", "fuser": "toy-mean"}, {**STACK, "name": "stacked"}],
+               "students": [{**data["students"][0], "teacher": "stacked"}]}
+    again = run(write_spec(tmp_path / "renamed.yaml", renamed), registry)
+    assert summary(again.run_dir)["trained"] == []
 
 
 def test_members_stored_before_a_student_needed_them_predict_train_once(tmp_path, toy_registry, toy_run):
@@ -89,6 +98,60 @@ def test_members_stored_before_a_student_needed_them_predict_train_once(tmp_path
     assert run_json["members"]["net-a"] == {**run_json["members"]["net-a"], "key": before, "action": "reused"}
     stored = load_file(str(toy_registry / "zoo" / before / "outputs.safetensors"))
     assert stored["train_logits"].shape == (run_json["data"]["split_sizes"]["train"], 3)
+
+
+def test_members_alike_but_in_name_predict_train_for_the_one_that_teaches(tmp_path):
+    """Two members that differ only in name share a key and are trained once; when only the
+    second teaches, the one job still predicts train."""
+    twin = {**toy_spec_data()["members"][0], "name": "net-a2"}
+    spec = write_spec(tmp_path / "spec.yaml", toy_spec_data(
+        members=[toy_spec_data()["members"][0], twin], fusers=[], students=[student(teacher="net-a2")]))
+    result = run(spec, tmp_path / "registry")
+    run_json = summary(result.run_dir)
+    assert run_json["members"]["net-a"]["key"] == run_json["members"]["net-a2"]["key"]
+    assert rows(result)["pupil"]["teacher"] == "net-a2"
+
+
+def test_distillation_loss_is_hintons():
+    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE, checked against numpy."""
+    import torch
+
+    from fusion_engine.training import DistillationLoss
+
+    rng = np.random.default_rng(0)
+    logits = torch.tensor(rng.normal(size=(6, 4)), dtype=torch.float32)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    teacher = torch.softmax(torch.tensor(rng.normal(size=(6, 4)), dtype=torch.float32), dim=1)
+
+    def target(loss):
+        return torch.cat([labels.float()[:, None], loss.soften(teacher)], dim=1)
+
+    hard_only = DistillationLoss(0.0, alpha=0.0, temperature=4.0)
+    assert float(hard_only(logits, target(hard_only))) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-6)
+
+    t = 3.0
+    soft_only = DistillationLoss(0.0, alpha=1.0, temperature=t)
+    p = np.exp(np.log(teacher.numpy()) / t)
+    p /= p.sum(axis=1, keepdims=True)
+    z = logits.numpy() / t
+    log_q = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    expected = t * t * np.mean(np.sum(p * (np.log(p) - log_q), axis=1))
+    assert float(soft_only(logits, target(soft_only))) == pytest.approx(expected, rel=1e-5)
+
+    # a student that already matches its teacher pays nothing on the soft term
+    matched = torch.log(teacher)
+    assert float(soft_only(matched, target(soft_only))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_zoo_member_stored_without_train_outputs_cannot_teach(toy_registry, tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", toy_spec_data(
+        members=[{"name": "old-a", "zoo": "net-a"}, toy_spec_data()["members"][1]], fusers=[],
+        students=[student(teacher="old-a")]))
+    out = cli("validate", spec, "--registry", toy_registry)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().count("\n") == 0
+    assert "students.0.teacher" in out.stderr and "stored without outputs on train" in out.stderr
 
 
 def test_the_student_never_sees_test(tmp_path):
