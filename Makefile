@@ -22,7 +22,7 @@ test: install browser
 # The speed figures of docs/benchmarks.md, printed and written as JSON to benchmarks/results/ (about 30 min on 2 cores)
 bench: install
 	mkdir -p benchmarks/results
-	for b in cli members data fusers repeat plots; do HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_$$b.py --json benchmarks/results/$$b.json || exit 1; done
+	for b in cli members data fusers repeat plots deploy tracking; do HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_$$b.py --json benchmarks/results/$$b.json || exit 1; done
 
 # The report test opens report.html in headless Chromium. Installed from Debian when we can
 # (root with apt-get); otherwise that one test is skipped and says why.

@@ -23,6 +23,7 @@ _EXPORTS = {
     "ImageDataset": "records",
     "InputConfig": "records",
     "MetricRecord": "records",
+    "TrackerRecord": "records",
     "NoParams": "records",
     "Params": "records",
     "params_from_signature": "records",
@@ -43,6 +44,9 @@ _EXPORTS = {
     "expected_calibration_error": "evaluation",
     # members trained elsewhere: the images as the engine feeds them, weights files
     "load_images": "preprocess",
+    "image_files": "preprocess",
+    "decode_images": "preprocess",
+    "IMAGE_EXTENSIONS": "preprocess",
     "read_state_dict": "weights",
     "read_weight_shapes": "weights",
     "weights_mismatch": "weights",
@@ -61,6 +65,7 @@ _EXPORTS = {
     # running, and executors that train members
     "run_experiment": "runner",
     "RunContext": "runner",
+    "Tracker": "tracking",
     "MemberResult": "members",
     "Executor": "executors",
     "LocalExecutor": "executors",
@@ -75,6 +80,12 @@ _EXPORTS = {
     "RunFolder": "runfolder",
     "write_plots": "plots",
     "write_report": "report",
+    # shipping a row: export it, load it, predict with it; what a fuser writes its ONNX graph with
+    "export_ensemble": "deploy.export",
+    "load": "deploy.ensemble",
+    "Ensemble": "deploy.ensemble",
+    "ExportCard": "deploy.card",
+    "FuserGraph": "deploy.graph",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -90,6 +90,9 @@ class TemperatureScaled(Fuser):
     def needs_costs(self) -> bool:
         return self.fuser.needs_costs
 
+    def check_members(self, n_members: int) -> None:
+        self.fuser.check_members(n_members)
+
     def fit(self, logits: np.ndarray, y: np.ndarray, **fit_params) -> "TemperatureScaled":
         from .crossfit import cross_val_proba
 
@@ -104,8 +107,17 @@ class TemperatureScaled(Fuser):
     def predict_proba(self, logits: np.ndarray) -> np.ndarray:
         return apply_temperature(log_proba(self.fuser_.predict_proba(check_logits(logits))), self.temperature_)
 
+    def onnx_proba(self, graph: Any, logits: str) -> str:
+        """The wrapped fuser's graph, then ``softmax(log(max(p, 1e-12)) / T)``."""
+        proba = self.fuser_.onnx_proba(graph, logits)
+        log_p = graph.op("Log", graph.op("Max", proba, graph.const(PROBA_FLOOR)))
+        return graph.op("Softmax", graph.op("Div", log_p, graph.const(self.temperature_)), axis=1)
+
     def consulted(self, logits: np.ndarray) -> np.ndarray:
         return self.fuser_.consulted(logits)
+
+    def consult_order(self) -> list[int] | None:
+        return self.fuser_.consult_order()
 
     def get_state(self, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         state = super().get_state(skip=(*skip, "fuser_"))

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import FusionEngineError
+from .errors import FusionEngineError, located, plugin_code
 from .imagesets import ImageSet, decoded_cache, decodes_items, memory_budget, open_images, open_store
 from .preprocess import DECODE_THREADS, squash_config
 from .records import SPLITS, ImageDataset, InputConfig
@@ -107,21 +107,54 @@ def load_dataset(resolved: "ResolvedSpec") -> tuple[ImageDataset, dict[str, np.n
     """
     bound = resolved.dataset
     data_spec = resolved.spec.data
-    dataset = bound.record.load(bound.params, base_dir=resolved.base_dir)
-    if not isinstance(dataset, ImageDataset):
-        raise FusionEngineError(f"dataset plugin {bound.provided.plugin} returned {type(dataset).__name__}, expected ImageDataset")
-    present = np.unique(dataset.labels)
-    if len(present) < 2:
-        what = f"only class '{_class_name(dataset, present[0])}'" if len(present) else "no samples"
-        raise FusionEngineError(f"data: dataset '{data_spec.dataset}' has {what}; a classifier needs samples of at "
-                                f"least 2 classes")
-    if dataset.split is not None and "split" in data_spec.model_fields_set:
-        if np.any(dataset.split == "val"):
-            log.warning("dataset '%s' brings its own train/val/test split; data.split is ignored", data_spec.dataset)
-        elif "test" in data_spec.split.model_fields_set:
-            log.warning("dataset '%s' brings its own train and test split; data.split.test is ignored (val is "
-                        "data.split.val of its train split)", data_spec.dataset)
-    return dataset, split_indices(dataset, data_spec.split, resolved.spec.seed)
+    # every problem is reported at the spec's data field; a plugin's own bug names the plugin
+    with located(resolved.file, "data", plugin=plugin_code(bound, "dataset")):
+        dataset = bound.record.load(bound.params, base_dir=resolved.base_dir)
+        if not isinstance(dataset, ImageDataset):
+            raise FusionEngineError(f"dataset plugin {bound.provided.plugin} returned {type(dataset).__name__}, "
+                                    f"expected ImageDataset")
+        present = np.unique(dataset.labels)
+        if len(present) < 2:
+            what = f"only class '{_class_name(dataset, present[0])}'" if len(present) else "no samples"
+            raise FusionEngineError(f"dataset '{data_spec.dataset}' has {what}; a classifier needs samples of at "
+                                    f"least 2 classes")
+        if dataset.split is not None and "split" in data_spec.model_fields_set:
+            if np.any(dataset.split == "val"):
+                log.warning("dataset '%s' brings its own train/val/test split; data.split is ignored", data_spec.dataset)
+            elif "test" in data_spec.split.model_fields_set:
+                log.warning("dataset '%s' brings its own train and test split; data.split.test is ignored (val is "
+                            "data.split.val of its train split)", data_spec.dataset)
+        indices = split_indices(dataset, data_spec.split, resolved.spec.seed)
+        check_split_classes(dataset, indices)
+    return dataset, indices
+
+
+def check_split_classes(dataset: ImageDataset, indices: dict[str, np.ndarray]) -> None:
+    """Every split holds two classes at least and train holds every class (an error: a member
+    cannot learn a class it never sees, and fusers fit on val); a class missing from val or test
+    is a warning (it is never scored there). Only a dataset's own split can fail this: the
+    engine's stratified split puts every class in every split."""
+    where = _split_source(dataset)
+    for part in SPLITS:
+        present = np.unique(dataset.labels[indices[part]])
+        if len(present) < 2:
+            only = f"only class '{_class_name(dataset, present[0])}'" if len(present) else "no samples"
+            raise FusionEngineError(f"{where} gives {part} {only}; each split needs samples of at least 2 classes")
+        missing = [dataset.class_names[c] for c in range(len(dataset.class_names)) if c not in set(present.tolist())]
+        if missing and part == "train":
+            raise FusionEngineError(f"{where} gives train no samples of {_few(missing)}; a member cannot learn a class "
+                                    f"it never sees: put some of its samples in train")
+        if missing:
+            log.warning("%s gives %s no samples of %s; %s scores leave that class out", where, part, _few(missing), part)
+
+
+def _split_source(dataset: ImageDataset) -> str:
+    return f"the dataset's own split ({dataset.description})" if dataset.description else "the dataset's own split"
+
+
+def _few(names: list[str]) -> str:
+    return f"class{'es' if len(names) > 1 else ''} " + ", ".join(f"'{n}'" for n in names[:3]) + \
+        (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def run_data(dataset: ImageDataset, indices: dict[str, np.ndarray], *, cache_dir: Path | None = None,
@@ -192,7 +225,7 @@ def split_indices(dataset: ImageDataset, split: SplitSpec, seed: int) -> dict[st
     the whole dataset.
     """
     if dataset.split is not None:
-        parts = _given_split(dataset.split)
+        parts = _given_split(dataset.split, _split_source(dataset))
         if len(parts["val"]) == 0:
             parts["train"], parts["val"] = (np.sort(p) for p in _hold_out(parts["train"], dataset, split.val, seed, "val"))
         return parts
@@ -213,16 +246,15 @@ def split_indices(dataset: ImageDataset, split: SplitSpec, seed: int) -> dict[st
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
-def _given_split(split: np.ndarray) -> dict[str, np.ndarray]:
+def _given_split(split: np.ndarray, where: str) -> dict[str, np.ndarray]:
     unknown = sorted(set(split.tolist()) - set(SPLITS), key=str)
     if unknown:
-        raise FusionEngineError(
-            f"the dataset's own split holds {', '.join(repr(u) for u in unknown)}; expected {', '.join(SPLITS)}"
-        )
+        raise FusionEngineError(f"{where} holds {', '.join(repr(u) for u in unknown)}; expected {', '.join(SPLITS)}")
     parts = {name: np.flatnonzero(split == name) for name in SPLITS}
     empty = [name for name, idx in parts.items() if len(idx) == 0 and name != "val"]  # val may come from train
     if empty:
-        raise FusionEngineError(f"the dataset's own split has no {' and no '.join(empty)} samples")
+        raise FusionEngineError(f"{where} has no {' and no '.join(empty)} samples; each of {', '.join(SPLITS)} "
+                                f"needs some")
     return parts
 
 

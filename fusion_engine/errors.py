@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 
 # A log record's flag: the error is the CLI's to report (once, on one line); the record is for run.log.
 RUN_LOG_ONLY = "fusion_engine_run_log_only"
@@ -60,3 +63,36 @@ def first_few(items, n: int = 3) -> str:
     """``a, b, c, ...``: the first ``n`` items of a list an error names."""
     items = list(items)
     return ", ".join(map(str, items[:n])) + (", ..." if len(items) > n else "")
+
+
+@contextmanager
+def located(file: str | None, loc: tuple | str, *, plugin: str | None = None) -> Iterator[None]:
+    """A problem found inside the block, reported at ``loc`` of the spec ``file``.
+
+    ``plugin`` names the plugin code the block runs (a backbone's ``input_config``, ``check`` or
+    ``build``, a dataset's ``load``, a fuser's ``__init__``): anything else it raises (a bug, a
+    library's error) is reported as that plugin's failure, on one line, instead of a traceback.
+    """
+    try:
+        yield
+    except SpecError:
+        raise
+    except FusionEngineError as exc:
+        raise SpecError(str(exc), file=file, loc=loc) from None
+    except Exception as exc:
+        if plugin is None:
+            raise
+        text = " ".join(str(exc).split()) or type(exc).__name__  # all of it (torch's first line names no key), on one line
+        text = text if len(text) <= 400 else text[:400] + " ..."
+        raise SpecError(f"{plugin} failed: {type(exc).__name__}: {text}", file=file, loc=loc) from None
+
+
+def plugin_code(bound, kind: str, name: str = "") -> str:
+    """How an error names the plugin code a spec item runs (``bound``: a spec.Bound), e.g.
+    ``backbone 'timm' (plugin fusion_engine_timm) of member r``, ``dataset 'mine' (plugin file
+    my_plugin.py)``."""
+    what = {"member": "backbone", "student": "backbone"}.get(kind, kind)
+    owner = f" of {kind} {name}" if name else ""
+    file = bound.provided.code.get("file")
+    plugin = f"plugin file {file}" if file else f"plugin {bound.provided.plugin}"
+    return f"{what} '{bound.record.name}' ({plugin}){owner}"

@@ -66,6 +66,11 @@ class MemberJob:
     pretrained: dict | None = None  # the identity of its pretrained weights from a hub, as its key has it
     weights: "Path | None" = None  # a member that is not trained: its weights file
     weights_sha256: "str | None" = None  # the bytes of that file the run checked (and keyed the member by)
+    #: the splits it predicts: val and test, and train too for a member a student's teacher uses
+    splits: tuple[str, ...] = SCORED_SPLITS
+    #: a student's: its teacher's probabilities on train ``(N, C)``, and how to distil them (a DistillSpec)
+    soft_targets: "np.ndarray | None" = None
+    distill: Any = None
     class_order: "list[int] | None" = None  # columns of its outputs in the dataset's class order
 
     @property
@@ -188,22 +193,20 @@ def fit_member(job: MemberJob, images: dict[str, "ImageSet | torch.Tensor"], lab
     """
     import torch
 
-    from .training import predict_logits, resolve_device, train_member
+    from .training import resolve_device, train_member
 
     check_weights(job)
     built = build_member(job)
     if job.train is None:
         return _predict_from_weights(job, built, images)
     y = {s: torch.tensor(labels[s]) for s in ("train", "val")}
+    soft = torch.from_numpy(job.soft_targets) if job.soft_targets is not None else None
     result = train_member(
         built.module, job.input, job.train, images["train"], y["train"], images["val"], y["val"],
         seed=job.seed, device=job.device, label=job.name, quiet=quiet, checkpoint=checkpoint,
-        num_classes=job.num_classes,
+        num_classes=job.num_classes, soft_targets=soft, distill=job.distill,
     )  # leaves the module holding the best epoch's weights
-    t0 = time.perf_counter()
-    logits = {s: predict_logits(built.module, job.input, images[s], batch_size=job.eval_batch_size,
-                                device=job.device) for s in SCORED_SPLITS}
-    predict_seconds = time.perf_counter() - t0
+    logits, predict_seconds = _predict(job, built.module, images)
     return FittedMember(
         state_dict=result.state_dict, logits=logits, history=result.history, best_epoch=result.best_epoch,
         train_seconds=result.train_seconds, predict_seconds=predict_seconds,
@@ -236,7 +239,7 @@ def _predict_from_weights(job: MemberJob, built, images: dict) -> FittedMember:
     val and test outputs predicted and put in the dataset's class order."""
     import numpy as np
 
-    from .training import predict_logits, resolve_device
+    from .training import resolve_device
     from .weights import read_state_dict, weights_mismatch
 
     state = read_state_dict(job.weights, sha256=job.weights_sha256)
@@ -246,10 +249,7 @@ def _predict_from_weights(job: MemberJob, built, images: dict) -> FittedMember:
         raise FusionEngineError(f"weights {job.weights} do not fit member {job.name}'s network: {problems}")
     built.module.load_state_dict({**{k: v for k, v in built.module.state_dict().items()
                                      if k.endswith("num_batches_tracked")}, **state})
-    t0 = time.perf_counter()
-    logits = {s: predict_logits(built.module, job.input, images[s], batch_size=job.eval_batch_size,
-                                device=job.device) for s in SCORED_SPLITS}
-    predict_seconds = time.perf_counter() - t0
+    logits, predict_seconds = _predict(job, built.module, images)
     if job.class_order is not None:
         logits = {s: np.ascontiguousarray(v[:, job.class_order]) for s, v in logits.items()}
     n_images = sum(len(images[s]) for s in SCORED_SPLITS)
@@ -260,6 +260,20 @@ def _predict_from_weights(job: MemberJob, built, images: dict) -> FittedMember:
         n_params=sum(p.numel() for p in built.module.parameters()), device=str(resolve_device(job.device)),
         pipeline=None,
     )
+
+
+def _predict(job: MemberJob, module, images: dict) -> tuple[dict, float]:
+    """The module's logits on ``job.splits``, and the seconds its val and test predictions took
+    (a member's inference cost is measured on the samples every member predicts)."""
+    from .training import predict_logits
+
+    logits, seconds = {}, 0.0
+    for s in job.splits:
+        t0 = time.perf_counter()
+        logits[s] = predict_logits(module, job.input, images[s], batch_size=job.eval_batch_size, device=job.device)
+        if s in SCORED_SPLITS:
+            seconds += time.perf_counter() - t0
+    return logits, seconds
 
 
 class LazyExecutor:

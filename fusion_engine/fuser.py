@@ -55,8 +55,15 @@ class Fuser:
     requires_fit: bool = True
     needs_costs: bool = False
 
+    def check_members(self, n_members: int) -> None:
+        """Raise ``ValueError`` naming the parameter when the parameters cannot serve
+        ``n_members`` members (``weights`` of another length, say). The engine calls it before
+        a run starts, from ``validate`` too, with the number of members the spec gives the
+        fuser; the base ``fit`` calls it as well. The default checks nothing."""
+
     def fit(self, logits: np.ndarray, y: np.ndarray) -> "Fuser":
         check_logits(logits, y)
+        self.check_members(int(np.shape(logits)[0]))
         self.n_members_ = int(np.shape(logits)[0])
         self.n_classes_ = int(np.shape(logits)[2])
         return self
@@ -67,11 +74,28 @@ class Fuser:
     def predict(self, logits: np.ndarray) -> np.ndarray:
         return np.argmax(self.predict_proba(logits), axis=1)
 
+    def onnx_proba(self, graph: Any, logits: str) -> str:
+        """Optional, for ``fusion-engine export --onnx``: add to ``graph`` (a
+        :class:`fusion_engine.FuserGraph`) the ONNX nodes that compute :meth:`predict_proba` of
+        the fitted fuser from ``logits``, the name of the float64 ``(M, batch, C)`` member logits;
+        return the name of the float64 ``(batch, C)`` probabilities. The engine checks the graph
+        against :meth:`predict_proba` when it exports."""
+        raise NotImplementedError(f"fuser {type(self).__name__} has no ONNX graph (it does not implement onnx_proba)")
+
     def consulted(self, logits: np.ndarray) -> np.ndarray:
         """Which members the fitted fuser runs for each sample: ``(N, M)`` booleans. Every
         member for every sample, unless a fuser stops early (a cascade) and overrides this."""
         arr = check_logits(logits)
         return np.ones((arr.shape[1], arr.shape[0]), dtype=bool)
+
+    def consult_order(self) -> list[int] | None:
+        """Optional, for a fuser that stops early (overrides :meth:`consulted`): the member
+        indices in the order it consults them, such that whether it consults member ``order[k]``
+        for a sample depends only on the logits of the members before it, and its
+        ``predict_proba`` of a sample reads only the members it consults. An exported ensemble
+        then runs each member only on the images that need it. None (the default): every member
+        on every image."""
+        return None
 
     # -- parameters, as scikit-learn's BaseEstimator does it ----------------------------------
     @classmethod

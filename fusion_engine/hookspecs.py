@@ -78,6 +78,20 @@ def register_executors():
 
 
 @hookspec
+def register_trackers():
+    """Return an iterable of :class:`~fusion_engine.TrackerRecord`.
+
+    A tracker records runs somewhere else (an MLflow server, say). A spec switches it on with
+    ``tracking: {NAME: {params}}`` (``NAME: false`` keeps it off), and so does the record's
+    ``env`` variable when the spec does not name it. ``create(params)`` returns the run's
+    :class:`~fusion_engine.Tracker`, whose ``on_run_start``, ``on_member_ready``,
+    ``on_run_end`` and ``on_run_finished`` methods are called as those hooks are; anything they
+    raise is contained (one warning; the run goes on untracked, its results unchanged;
+    ``run.json`` says so under ``notes.<NAME>``). First-party: ``mlflow``.
+    """
+
+
+@hookspec
 def on_run_start(run):
     """Called once a run's spec is resolved and its folder made, before any training.
 
@@ -104,4 +118,16 @@ def on_run_end(run, leaderboard):
 
     ``leaderboard`` is a :class:`pandas.DataFrame`, one row per member and fuser, as written to
     ``leaderboard.csv``. Return value ignored.
+    """
+
+
+@hookspec
+def on_run_finished(run, status):
+    """Called last, once per run (once its folder exists), whatever its outcome: after the plots
+    and ``report.html`` of a complete run are drawn, after ``run.json`` records a failure.
+
+    ``status`` is ``"complete"``, ``"failed"`` or ``"interrupted"``, as ``run.json`` says. The
+    run's outcome is settled: an exception here is logged as a warning and changes nothing.
+    What the hook adds with ``run.note(...)`` or logs as a warning is written to ``run.json``.
+    Return value ignored.
     """

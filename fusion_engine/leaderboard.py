@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 
 from . import evaluation
+from .records import SCORED_SPLITS
 
 #: the cost keys :class:`Row.extra` may carry; each becomes a leaderboard column
 COST_KEYS = ("n_params", "infer_ms_per_image", "train_seconds", "fit_seconds")
 
 #: the columns that hold words, not numbers
-TEXT_COLUMNS = ("name", "kind", "source", "members")
+TEXT_COLUMNS = ("name", "kind", "source", "members", "teacher")
 
 #: cost columns a row may lack because the engine never saw the cost (shown as "unknown", never made up)
 UNKNOWABLE = ("n_params", "infer_ms_per_image", "train_seconds")
@@ -63,13 +64,33 @@ class Row:
     """
 
     name: str
-    kind: str  # "member" or "fuser"
+    kind: str  # "member", "fuser" or "student"
     members: list[str]
     proba: dict[str, np.ndarray]
     weights: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # a member's: "trained", "weights", "predictions" or "zoo"; empty for a fuser
     consulted: list[float] | None = None  # a fuser's: per member, the share of test samples it ran it on
+
+
+def network_row(network, n_scored: int, given_ms: float | None = None) -> Row:
+    """The row of one network, a member or a student (a :class:`~fusion_engine.members.MemberResult`):
+    its probabilities on val and test, and its cost columns: what this engine measured, None
+    (unknown) where it did not see the cost (training done elsewhere; a network it never ran, whose
+    predictions were made elsewhere). An inference cost the spec gives (``given_ms``) replaces the
+    measured one. A student's row names its teacher."""
+    from scipy.special import softmax
+
+    source = network.source
+    measured = 1000.0 * network.predict_seconds / max(1, n_scored) if source != "predictions" else None
+    extra = {"n_params": network.n_params,
+             "train_seconds": network.train_seconds if source in ("trained", "student") else None,
+             "infer_ms_per_image": given_ms if given_ms is not None else measured}
+    if source == "student":
+        extra["teacher"] = network.card.teacher["name"]
+    return Row(name=network.name, kind="student" if source == "student" else "member", source=source,
+               members=[network.name], proba={s: softmax(network.logits[s].astype(np.float64), axis=1)
+                                              for s in SCORED_SPLITS}, extra=extra)
 
 
 def build_leaderboard(
@@ -176,11 +197,14 @@ class BudgetChoice:
     chosen_by: str  # the val column it was chosen on
     n_fit: int  # rows whose cost fits the budget
     n_unknown: int  # rows whose cost is unknown, left out
+    n_known: int = 0  # rows whose cost is known
 
     def sentence(self, level: int = 95) -> str:
         """One line for a person: the row, its test accuracy with its interval, and its cost."""
         budget = f"{self.budget_ms:g} ms per image"
         unknown = f" ({self.n_unknown} rows of unknown cost left out)" if self.n_unknown else ""
+        if self.row is None and self.n_fit == 0 and self.n_unknown and not self.n_known:
+            return f"no row of this leaderboard has a known inference cost, so none can be chosen within {budget}"
         if self.row is None:
             return f"no row's inference cost fits {budget}{unknown}"
         r = self.row
@@ -213,7 +237,7 @@ def best_within_budget(rows: list[dict], budget_ms: float, *, ranked_by: str = "
         return (-score if higher else score, nll, float(r["infer_ms_per_image"]))
 
     best = min(fits, key=key) if fits else None
-    return BudgetChoice(float(budget_ms), best, column, len(fits), len(rows) - len(known))
+    return BudgetChoice(float(budget_ms), best, column, len(fits), len(rows) - len(known), len(known))
 
 
 #: the val columns :func:`best_within_budget` can choose on
@@ -247,6 +271,7 @@ def _statistics(rows, correct, y_val, *, n_bootstrap, seed, confidence) -> dict[
 def _costs(rows: list[Row]) -> list[dict[str, Any]]:
     """Per row: the cost columns; a fuser's are the sums over its members (see :class:`Row`)."""
     member_cost = {r.name: r.extra for r in rows if r.kind == "member"}
+    networks = ("member", "student")  # rows that are one network: their own costs
 
     def total(names: list[str], key: str, shares: list[float] | None = None) -> float:
         values = [member_cost.get(n, {}).get(key) for n in names]
@@ -256,7 +281,7 @@ def _costs(rows: list[Row]) -> list[dict[str, Any]]:
 
     out = []
     for row in rows:
-        if row.kind == "member":
+        if row.kind in networks:
             cost = {k: row.extra.get(k) for k in COST_KEYS}
         else:
             cost = {

@@ -146,7 +146,8 @@ def plan(resolved: ResolvedSpec, data: RunData, checked: Preflight) -> list[Plan
         else:
             seed = None if source == "weights" else (spec.seed if mspec.seed is None else mspec.seed)
             material = key_material(
-                backbone=bound.record.name, params=params_for_key(bound.params.model_dump(mode="json")),
+                backbone=bound.record.name,
+                params=params_for_key(bound.params.model_dump(mode="json"), resolved.base_dir),
                 train=None if source == "weights" else train_config(mspec.train), seed=seed,
                 image_size=spec.data.image_size, mean=spec.data.mean, std=spec.data.std,
                 code=member_code(bound.provided), **common,
@@ -169,9 +170,15 @@ def train_config(train) -> dict:
 class MemberStage:
     """Settles every member of a spec (see the module docstring).
 
+    A subclass settles other networks the same way (:class:`fusion_engine.students.StudentStage`):
+    it sets ``items`` and ``bound`` (their spec entries and bound backbones), ``inputs``,
+    ``origins`` and ``pretrained`` by index, and overrides :meth:`_plan`.
+
     ``on_ready(index, member)`` is called for each member as its outputs are ready, in the order
     they become ready; ``on_failed(name, key, error)`` for each one that fails.
     """
+
+    kind = "member"  # what it settles, in its messages
 
     def __init__(self, resolved: ResolvedSpec, checked: Preflight, reg: Registry, data: RunData,
                  executor: LazyExecutor, *, run_id: str, device: str, quiet: bool, console, retrain: tuple[str, ...] = (),
@@ -184,15 +191,23 @@ class MemberStage:
         self._on_ready, self._on_failed = on_ready, on_failed
         self.results: dict[str, MemberResult] = {}
         self.failures: dict[str, str] = {}
+        # what this stage settles: the spec's members (a subclass settles its students)
+        self.items, self.bound = self.spec.members, self.resolved.members
+        self.inputs, self.origins, self.references = checked.inputs, checked.origins, checked.references
+        self.pretrained = checked.pretrained  # by index: the hub weights a network starts from (its key names them)
+        #: members a student's teacher uses: they predict train too (stored with val and test)
+        self.need_train = {n for s in self.spec.students for n in self.spec.teacher_members(s)}
+        self._completing: dict[str, StoredMember] = {}  # key -> a stored member being predicted on train
 
     def run(self, only: set[str] | None = None) -> dict[str, MemberResult]:
         """Every member's result (of the members named in ``only``, when given), in the spec's
         order; :class:`MembersFailed` when any failed."""
-        wanted = [m.name for m in self.spec.members if only is None or m.name in only]
-        for i, entry in self.checked.references.items():
+        wanted = [m.name for m in self.items if only is None or m.name in only]
+        for i, entry in self.references.items():
             if self.spec.members[i].name in wanted:
+                # (a teacher's member has outputs on train: the preflight checks saw to it)
                 self._ready(i, referenced_member(self.resolved, i, entry, self.reg, self.data, self.console))
-        planned = [p for p in plan(self.resolved, self.data, self.checked) if p.name in wanted]
+        planned = [p for p in self._plan() if p.name in wanted]
         by_key: dict[str, list[PlannedMember]] = {}
         for p in planned:
             by_key.setdefault(p.key, []).append(p)
@@ -214,6 +229,9 @@ class MemberStage:
             raise MembersFailed(self.failures, stored=len(self.results), total=len(wanted))
         return {name: self.results[name] for name in wanted}
 
+    def _plan(self) -> list[PlannedMember]:
+        return plan(self.resolved, self.data, self.checked)
+
     # -- callbacks ------------------------------------------------------------------------------------
     def _ready(self, index: int, member: MemberResult) -> None:
         self.results[member.name] = member
@@ -221,9 +239,9 @@ class MemberStage:
 
     def _fail(self, name: str, key: str, outcome: JobOutcome) -> None:
         self.failures[name] = outcome.error
-        log.error("member %s failed after %.1fs: %s\n%s", name, outcome.seconds, outcome.error,
+        log.error("%s %s failed after %.1fs: %s\n%s", self.kind, name, outcome.seconds, outcome.error,
                   outcome.traceback or "", extra={RUN_LOG_ONLY: True})
-        self.console.log(f"[red]member {name} failed[/]: {outcome.error}")
+        self.console.log(f"[red]{self.kind} {name} failed[/]: {outcome.error}")
         self._on_failed(name, key, outcome.error)
 
     # -- settling members whose locks the run holds -----------------------------------------------------
@@ -237,7 +255,11 @@ class MemberStage:
                 stored = None
             else:
                 stored = stored_member(self.reg, p.key, p.name, self.data)
-            if stored is not None:
+            if stored is not None and p.name in self.need_train and "train" not in stored.outputs.logits \
+                    and p.source != "predictions":
+                self._completing[p.key] = stored  # stored before a student needed it: predict train once
+                log.info("%s is stored without outputs on train; predicting them once", p.name)
+            elif stored is not None:
                 self.console.log(f"reused [bold]{p.name}[/] from the zoo (key {short(p.key)})")
                 self._ready(p.index, from_stored(p.name, stored, action="reused"))
                 continue
@@ -256,6 +278,9 @@ class MemberStage:
         same_key: dict[str, list[tuple[PlannedMember, MemberJob]]] = {}
         for p, job in jobs:  # members alike in all but their names share a key: trained once
             same_key.setdefault(p.key, []).append((p, job))
+        for key, group in same_key.items():  # members alike but in name: train too if any one's teacher needs it
+            if key not in self._completing and any(p.name in self.need_train for p, _ in group):
+                group[0][1].splits = SPLITS
         for key, lock in held.items():
             if key not in same_key:
                 lock.release()  # stored (or failed to build): other runs may have it now
@@ -282,6 +307,16 @@ class MemberStage:
                         self._fail(p.name, p.key, outcome)
                     held[job.key].release()
                     continue
+                if job.key in self._completing:
+                    completed = self._completing.pop(job.key)
+                    completed = self.reg.add_outputs(completed, "train", outcome.result.logits["train"],
+                                                     self.data.labels["train"], self.data.ids["train"])
+                    held[job.key].release()
+                    for p, _ in group:
+                        self.console.log(f"reused [bold]{p.name}[/] from the zoo (key {short(p.key)}), predicted "
+                                         "on train once for a student")
+                        self._ready(p.index, from_stored(p.name, completed, action="reused"))
+                    continue
                 card = self._store(group[0][0], job, outcome.result)
                 held[job.key].release()
                 if not runner.in_process:
@@ -300,19 +335,25 @@ class MemberStage:
 
     def _job(self, p: PlannedMember) -> MemberJob:
         """A member to train, as an executor gets it."""
-        mspec = self.spec.members[p.index]
-        bound = self.resolved.members[p.index]
+        mspec, bound = self.items[p.index], self.bound[p.index]
         num_classes = len(self.data.class_names)
-        origin = self.checked.origins.get(p.index)
-        return MemberJob(
+        origin = self.origins.get(p.index)
+        job = MemberJob(
             name=mspec.name, key=p.key, backbone=bound.record, params=bound.params, train=mspec.train,
             seed=p.seed if p.seed is not None else 0, num_classes=num_classes, image_size=self.spec.data.image_size,
-            input=self.checked.inputs[p.index], device=self.device, resources=mspec.resources,
-            label=f"member {p.index + 1}/{len(self.spec.members)}",
-            pretrained=self.checked.pretrained.get(p.index) if p.source == "trained" else None,
+            input=self.inputs[p.index], device=self.device, resources=mspec.resources,
+            label=f"{self.kind} {p.index + 1}/{len(self.items)}",
+            pretrained=self.pretrained.get(p.index) if p.source in ("trained", "student") else None,
             weights=origin.path if origin is not None else None, class_order=origin.order if origin is not None else None,
             weights_sha256=origin.sha256 if origin is not None else None,
+            splits=SPLITS if p.name in self.need_train else SCORED_SPLITS,
         )
+        stored = self._completing.get(p.key)
+        if stored is not None:  # its stored weights, run on train alone (in the class order they were stored in)
+            job.train, job.splits = None, ("train",)
+            job.weights = self.reg.member_dir(p.key) / "model.safetensors"
+            job.weights_sha256 = stored.entry.files["model.safetensors"]["sha256"]
+        return job
 
     def _announce(self, job: MemberJob, in_process: bool) -> None:
         """Give an in-process job its checkpoint, and say whether it resumes."""
@@ -330,8 +371,7 @@ class MemberStage:
         """Publish a member trained (or run from its weights) here: weights, outputs, ids, card."""
         from safetensors.torch import save_file
 
-        bound = self.resolved.members[p.index]
-        mspec = self.spec.members[p.index]
+        mspec, bound = self.items[p.index], self.bound[p.index]
         cfg = job.input
         best = next((h for h in fitted.history if h.get("epoch") == fitted.best_epoch), {})
         card = self._card(
@@ -365,7 +405,7 @@ class MemberStage:
         from .provenance import library_versions
 
         data = self.data
-        origin = self.checked.origins.get(p.index)
+        origin = self.origins.get(p.index)
         fields["metrics"] = {"val_accuracy": accuracy(data.labels["val"], logits["val"]), "val_loss": fields.pop("val_loss", None)}
         return MemberCard(
             format=p.material["format"], source=p.source, origin=origin.for_card() if origin is not None else None,
@@ -402,7 +442,7 @@ def from_stored(name: str, stored: StoredMember, *, action: str) -> MemberResult
 def check_outputs(stored: StoredMember, data: RunData) -> None:
     """A stored member's samples are this run's, in this run's order, with its labels."""
     key, outputs = stored.entry.key, stored.outputs
-    for s in SCORED_SPLITS:
+    for s in [*SCORED_SPLITS, *(["train"] if "train" in outputs.logits else [])]:
         if outputs.ids[s] != data.ids[s] or not np.array_equal(outputs.labels[s], data.labels[s]):
             raise CorruptArtifact(key, "ids.json", f"its {s} samples are not this run's (same key, other data)")
         if outputs.logits[s].shape != (len(data.ids[s]), len(data.class_names)):

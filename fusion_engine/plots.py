@@ -28,6 +28,7 @@ from .runfolder import RunFolder
 DPI = 100
 MEMBER_COLOUR = "#1f77b4"
 FUSER_COLOUR = "#d62728"
+STUDENT_COLOUR = "#2ca02c"
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,8 @@ def pareto_figure(rows: list[dict], *, best_member: str | None = None):
     on = np.array([bool(r.get("pareto")) for r in pts])
     order = np.argsort(cost[on])
     ax.step(cost[on][order], acc[on][order], where="post", color="0.5", linewidth=1, zorder=1, label="Pareto front")
-    for kind, colour, marker in (("member", MEMBER_COLOUR, "o"), ("fuser", FUSER_COLOUR, "s")):
+    for kind, colour, marker in (("member", MEMBER_COLOUR, "o"), ("fuser", FUSER_COLOUR, "s"),
+                                 ("student", STUDENT_COLOUR, "^")):
         sel = np.array([r["kind"] == kind for r in pts])
         if not sel.any():
             continue

@@ -47,13 +47,18 @@ class PluginInfo:
     first_party: bool = False
     hooks: list[str] = field(default_factory=list)
     sha256: str | None = None  # of a plugin file's source
+    module_file: str | None = None  # an installed plugin's module, whose source identifies it outside a release
 
     @property
     def code(self) -> dict:
-        """What identifies this plugin's code: its distribution and version, or its file's sha256."""
+        """What identifies this plugin's code: its distribution and version (and its source's
+        sha256 when it does not run from a release: an editable install), or its file's sha256."""
         if self.source == "file":
             return {"file": Path(self.path).name if self.path else self.name, "sha256": self.sha256}
-        return {"distribution": self.distribution, "version": self.version}
+        from .provenance import source_identity
+
+        return {"distribution": self.distribution, "version": self.version,
+                **source_identity(self.distribution, self.module_file)}
 
 
 class Plugins:
@@ -109,6 +114,7 @@ class Plugins:
                     version=dist.version if dist is not None else None,
                     distribution=dist_name,
                     first_party=first_party,
+                    module_file=getattr(module, "__file__", None),
                 ),
             )
 
@@ -122,11 +128,15 @@ class Plugins:
         mod_name = f"{FILE_PLUGIN_PREFIX}{path.stem}_{digest}"
         if mod_name in self.info:
             return
-        sha256 = hashlib.sha256(path.read_bytes()).hexdigest()  # what is imported next, for the zoo key
+        source = path.read_bytes()
+        sha256 = hashlib.sha256(source).hexdigest()  # what is imported next, for the zoo key
         spec = importlib.util.spec_from_file_location(mod_name, path)
         if spec is None or spec.loader is None:
             raise SpecError(f"not a Python module: {path}")
         module = importlib.util.module_from_spec(spec)
+        # kept for loaded_plugin_files: the file may be gone by the time a worker needs it (an
+        # export loads the plugin from its folder before renaming the folder into place)
+        module.__fusion_engine_source__ = source.decode("utf-8", errors="replace")
         sys.modules[mod_name] = module
         try:
             spec.loader.exec_module(module)
@@ -252,7 +262,8 @@ def loaded_plugin_files() -> dict[str, tuple[str, str]]:
     for name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None)
         if name.startswith(FILE_PLUGIN_PREFIX) and path:
-            sources[name] = (path, Path(path).read_text(encoding="utf-8"))
+            text = getattr(module, "__fusion_engine_source__", None)
+            sources[name] = (path, text if text is not None else Path(path).read_text(encoding="utf-8"))
     return sources
 
 

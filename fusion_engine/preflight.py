@@ -4,9 +4,10 @@
 it before it makes a run folder, so bad input never leaves a failed run in the registry. It
 checks, beyond the spec's fields and plugin names (:func:`fusion_engine.spec.prepare`):
 
-- the data: the dataset plugin lists and checks its samples (missing or empty class folders, a
-  manifest's columns, missing image files, empty labels; nothing is decoded), two classes at
-  least, and a split that can be made (enough samples per class);
+- the data (:func:`fusion_engine.data.load_dataset`): the dataset plugin lists and checks its
+  samples (missing or empty class folders, a manifest's columns, missing image files, empty
+  labels; nothing is decoded), two classes at least, a split that can be made (enough samples
+  per class), and a dataset's own split per class;
 - each member to train: its network's input config (``data.mean``/``data.std`` of the right
   length), whatever its backbone plugin checks without training (``BackboneRecord.check``:
   for timm, the architecture's name, a ``pretrained_file``'s checksum and its tensors' names
@@ -19,7 +20,14 @@ checks, beyond the spec's fields and plugin names (:func:`fusion_engine.spec.pre
   id, the dataset's classes, finite values, probabilities that sum to 1);
 - each ``zoo:`` member: one stored member matches it (several are told apart by the data they
   were trained on);
+- each fuser: it can be made from its params, which suit its number of members
+  (:meth:`fusion_engine.Fuser.check_members`), and it has the inference costs it needs;
 - ``--retrain`` names members of the spec.
+
+Plugin code run by these checks (a backbone's ``input_config``, ``check`` and ``build``, a
+dataset's ``load``, a fuser's ``__init__``) that raises anything but a
+:class:`~fusion_engine.FusionEngineError` is reported as one line naming the plugin and the
+member (:func:`fusion_engine.errors.located`), not as a traceback.
 
 Warnings (skipped files, a collapsing feature map, an ignored ``data.split``) are logged as
 they are found and kept, so that the run can record them in ``run.log`` and ``run.json``.
@@ -36,7 +44,7 @@ from typing import Iterator
 import numpy as np
 
 from .augment import AugmentError, check_augment
-from .errors import FusionEngineError, SpecError
+from .errors import FusionEngineError, SpecError, first_line, located, plugin_code
 from .records import ImageDataset, InputConfig
 from .spec import ResolvedSpec
 
@@ -74,6 +82,8 @@ class Preflight:
     origins: dict[int, Origin] = field(default_factory=dict)
     predictions: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     references: dict[int, object] = field(default_factory=dict)  # spec index -> ZooEntry
+    student_inputs: dict[int, InputConfig] = field(default_factory=dict)  # by index in ``students``
+    student_pretrained: dict[int, dict] = field(default_factory=dict)  # by index in ``students``, as ``pretrained``
     warnings: list[logging.LogRecord] = field(default_factory=list)
 
     @property
@@ -104,7 +114,7 @@ def preflight(resolved: ResolvedSpec, *, registry: Path | None = None, retrain: 
                     checked.origins[i], checked.predictions[i] = read_member_predictions(resolved, i, checked)
             if bound is None:
                 continue
-            with _located(resolved, ("members", i, "params")):
+            with _located(resolved, ("members", i, "params"), plugin=plugin_code(bound, "member", mspec.name)):
                 checked.inputs[i] = member_input(bound, num_classes=checked.num_classes, data_spec=spec.data,
                                                  seed=spec.seed if mspec.seed is None else mspec.seed,
                                                  train=mspec.train)
@@ -120,23 +130,55 @@ def preflight(resolved: ResolvedSpec, *, registry: Path | None = None, retrain: 
                     raise SpecError(str(exc), file=resolved.file,
                                     loc=("members", i, "train", "augment", exc.field)) from None
             if mspec.weights is not None:
-                with _located(resolved, ("members", i, "weights")):
+                with _located(resolved, ("members", i, "weights"), plugin=plugin_code(bound, "member", mspec.name)):
                     checked.origins[i] = check_member_weights(resolved, i, checked)
         if any(m.zoo is not None for m in spec.members):
             checked.references, checked.fingerprint = resolve_references(resolved, registry, dataset, indices)
-        check_fuser_costs(resolved, checked)
+        check_fusers(resolved, checked)
+        for j, (sspec, bound) in enumerate(zip(spec.students, resolved.students)):
+            with _located(resolved, ("students", j, "params"), plugin=plugin_code(bound, "student", sspec.name)):
+                checked.student_inputs[j] = member_input(bound, num_classes=checked.num_classes, data_spec=spec.data,
+                                                         seed=spec.seed if sspec.seed is None else sspec.seed,
+                                                         train=sspec.train)
+                if bound.record.check is not None:
+                    bound.record.check(bound.params, num_classes=checked.num_classes,
+                                       image_size=checked.student_inputs[j].size)
+                if bound.record.weights is not None:
+                    checked.student_pretrained[j] = bound.record.weights(bound.params)
+            augment = sspec.train.augment
+            try:
+                check_augment(augment, checked.student_inputs[j])
+            except AugmentError as exc:
+                raise SpecError(str(exc), file=resolved.file, loc=("students", j, "train", "augment", exc.field)) from None
+            if augment.mixup > 0 or augment.cutmix > 0:  # its teacher's targets are for whole images, not mixed pairs
+                raise SpecError(f"student {sspec.name}: mixup and cutmix cannot be used with distillation (its teacher's "
+                                f"probabilities are for unmixed images); set them to 0",
+                                file=resolved.file, loc=("students", j, "train", "augment",
+                                                         "mixup" if augment.mixup > 0 else "cutmix"))
+        if spec.students:
+            check_teachers(resolved, checked, registry)
     return checked
 
 
-def check_fuser_costs(resolved: ResolvedSpec, checked: Preflight) -> None:
-    """A fuser that needs its members' inference costs (a cascade) has them: a member read from
-    predictions made elsewhere has none unless the spec gives its ``infer_ms_per_image``."""
+def check_fusers(resolved: ResolvedSpec, checked: Preflight) -> None:
+    """Each fuser can be made with its parameters, and they suit its number of members
+    (:meth:`Fuser.check_members`: ``mean``'s ``weights``, one per member); a fuser that needs its
+    members' inference costs (a cascade) has them: a member read from predictions made elsewhere
+    has none unless the spec gives its ``infer_ms_per_image``."""
     from .fusion import make_fuser
 
     spec = resolved.spec
     index = {m.name: i for i, m in enumerate(spec.members)}
     for j, (fspec, bound) in enumerate(resolved.fuser_entries):
-        if not make_fuser(fspec, bound, seed=spec.seed).needs_costs:
+        n_members = len(fspec.members or spec.members)
+        with _located(resolved, ("fusers", j, "params"), plugin=plugin_code(bound, "fuser", fspec.name)):
+            fuser = make_fuser(fspec, bound, seed=spec.seed)
+            try:
+                fuser.check_members(n_members)
+            except ValueError as exc:  # the fuser's own word on its parameters
+                raise FusionEngineError(f"fuser {fspec.name} ({fspec.fuser}) with {n_members} members: "
+                                        f"{first_line(exc)}") from None
+        if not fuser.needs_costs:
             continue
         for name in fspec.members or [m.name for m in spec.members]:
             i = index[name]
@@ -146,6 +188,39 @@ def check_fuser_costs(resolved: ResolvedSpec, checked: Preflight) -> None:
                 raise SpecError(f"fuser {fspec.name} ({fspec.fuser}) needs each member's inference cost, and member "
                                 f"{name} has none (its predictions were made elsewhere): give that member "
                                 f"infer_ms_per_image", file=resolved.file, loc=("fusers", j, "fuser"))
+
+
+def check_teachers(resolved: ResolvedSpec, checked: Preflight, registry: Path | None) -> None:
+    """Every member a student's teacher uses can have outputs on train: one read from predictions
+    has train rows in its file, one named by ``zoo:`` was stored with them (a member the spec
+    trains or runs from weights predicts train in the run)."""
+    from safetensors import safe_open
+
+    from .zoo import Registry, resolve_registry
+
+    spec = resolved.spec
+    for i, mspec in enumerate(spec.members):
+        taught = [j for j, s in enumerate(spec.students) if mspec.name in spec.teacher_members(s)]
+        if not taught:
+            continue
+        j = taught[0]
+        problem = None
+        if i in checked.predictions and "train" not in checked.predictions[i]:
+            problem = (f"member {mspec.name}'s predictions file {checked.origins[i].path.name} has no rows for the "
+                       f"train split, which the teacher '{spec.students[j].teacher}' needs to teach")
+        elif i in checked.references:
+            entry = checked.references[i]
+            with Registry(resolve_registry(registry), create=False) as reg:
+                path = reg.member_dir(entry.key) / "outputs.safetensors"
+            with safe_open(str(path), "np") as f:
+                has_train = "train_logits" in f.keys()
+            if not has_train:
+                problem = (f"member {mspec.name} (zoo: {mspec.zoo}) was stored without outputs on train, which the "
+                           f"teacher '{spec.students[j].teacher}' needs to teach; list it by its backbone in this "
+                           f"spec (the zoo reuses it and predicts train once)")
+        if problem:
+            raise SpecError(f"student {spec.students[j].name}: {problem}", file=resolved.file,
+                            loc=("students", j, "teacher"))
 
 
 def member_input(bound, *, num_classes: int, data_spec, seed: int, train=None) -> InputConfig:
@@ -240,8 +315,8 @@ def read_member_predictions(resolved: ResolvedSpec, i: int, checked: Preflight) 
 
 
 def check_retrain(resolved: ResolvedSpec, retrain: tuple[str, ...]) -> None:
-    """``--retrain`` names members the spec trains (or is ``all``)."""
-    trainable = [m.name for m in resolved.spec.members if m.zoo is None]
+    """``--retrain`` names members (or students) the spec trains, or is ``all``."""
+    trainable = [*(m.name for m in resolved.spec.members if m.zoo is None), *(s.name for s in resolved.spec.students)]
     for name in retrain:
         if name == "all":
             continue
@@ -281,15 +356,9 @@ def resolve_references(resolved: ResolvedSpec, registry: Path | None, dataset: I
     return chosen, (fingerprint[0] if fingerprint else None)
 
 
-@contextmanager
-def _located(resolved: ResolvedSpec, loc: tuple) -> Iterator[None]:
-    """A problem found inside the block, reported at ``loc`` of the spec."""
-    try:
-        yield
-    except SpecError:
-        raise
-    except FusionEngineError as exc:
-        raise SpecError(str(exc), file=resolved.file, loc=loc) from None
+def _located(resolved: ResolvedSpec, loc: tuple, *, plugin: str | None = None):
+    """A problem found inside the block, reported at ``loc`` of the spec (:func:`located`)."""
+    return located(resolved.file, loc, plugin=plugin)
 
 
 @contextmanager

@@ -25,11 +25,13 @@ SCORED_SPLITS = ("val", "test")
 
 
 class StrictModel(BaseModel):
-    """Base for every model a spec is validated with: unknown keys are errors, and ``true`` or
-    ``false`` is never read as a number (pydantic would take ``lr: true`` as 1.0). Numbers written
-    as strings (YAML reads ``1e-3`` as one) are still read as numbers."""
+    """Base for every model a spec is validated with: unknown keys are errors, ``true`` or
+    ``false`` is never read as a number (pydantic would take ``lr: true`` as 1.0, and
+    ``in_chans: true`` as ``Literal[1, 3]``'s 1), a number is never read as a boolean
+    (``small_input: 1``), and infinities and NaN are not numbers a spec can give (``lr: .inf``).
+    Numbers written as strings (YAML reads ``1e-3`` as one) are still read as numbers."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -37,14 +39,15 @@ class StrictModel(BaseModel):
         field = cls.model_fields.get(info.field_name) if info.field_name else None
         if field is not None and bool_as_number(field.annotation, value):
             raise ValueError("expected a number, not true or false")
+        if field is not None and number_as_bool(field.annotation, value):
+            raise ValueError("expected true or false, not a number")
         return value
 
 
 def bool_as_number(annotation: Any, value: Any) -> bool:
     """Whether ``value`` puts a boolean where ``annotation`` expects a number (and no boolean)."""
+    annotation = _bare(annotation)
     origin = typing.get_origin(annotation)
-    if origin is typing.Annotated:
-        return bool_as_number(typing.get_args(annotation)[0], value)
     if origin in (typing.Union, types.UnionType):
         arms = typing.get_args(annotation)
         if isinstance(value, bool):
@@ -61,22 +64,42 @@ def bool_as_number(annotation: Any, value: Any) -> bool:
     return False
 
 
+def number_as_bool(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` is a number (not a boolean) where ``annotation`` takes a boolean and no
+    number (pydantic reads 1 and 0 as true and false)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    annotation = _bare(annotation)
+    arms = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    arms = tuple(_bare(a) for a in arms)
+    return bool in arms and not any(_numeric(a) or a is Any for a in arms)
+
+
+def _bare(annotation: Any) -> Any:
+    """``Annotated[X, ...]`` -> ``X``."""
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
 def _numeric(annotation: Any) -> bool:
-    if typing.get_origin(annotation) is typing.Annotated:
-        return _numeric(typing.get_args(annotation)[0])
+    """A number type, or a ``Literal`` of numbers only (``Literal[1, 3]``, which pydantic matches
+    ``True`` against as 1)."""
+    annotation = _bare(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        values = typing.get_args(annotation)
+        return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     return isinstance(annotation, type) and issubclass(annotation, (int, float)) and not issubclass(annotation, bool)
 
 
 def _admits_bool(annotation: Any) -> bool:
-    if typing.get_origin(annotation) is typing.Annotated:
-        return _admits_bool(typing.get_args(annotation)[0])
+    annotation = _bare(annotation)
     return annotation is Any or annotation is bool
 
 
 def _container_for(annotation: Any, value: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    if origin is typing.Annotated:
-        return _container_for(typing.get_args(annotation)[0], value)
+    origin = typing.get_origin(_bare(annotation))
     return (origin in (list, tuple, set, frozenset, Sequence) and isinstance(value, (list, tuple))) or \
         (origin is dict and isinstance(value, dict))
 
@@ -264,6 +287,27 @@ class ExecutorRecord:
 
 
 @dataclass(frozen=True)
+class TrackerRecord:
+    """A tracker (MLflow, say): something that records runs elsewhere, switched on by a spec's
+    ``tracking: {NAME: {params}}``, or by the environment variable ``env`` when the spec does
+    not name it (with the default ``params``, which must then all be valid).
+
+    ``create(params)`` returns the tracker of one run (a :class:`fusion_engine.Tracker`): an
+    object with any of the lifecycle methods ``on_run_start(run)``, ``on_member_ready(run,
+    member)``, ``on_run_end(run, leaderboard)`` and ``on_run_finished(run, status)``, called as
+    the hooks of those names are. Whatever ``create`` or a method raises is contained: one
+    warning, the tracker is off for the rest of the run, ``run.json`` records it under
+    ``notes.<name>``, and the run goes on, its results unchanged.
+    """
+
+    name: str
+    create: Callable[..., Any]
+    params: type[Params] = NoParams
+    description: str = ""
+    env: str | None = None
+
+
+@dataclass(frozen=True)
 class Provided:
     """A record and the plugin it came from. ``code`` identifies that plugin's code: its
     distribution and version for an installed plugin, the sha256 of the file for a plugin file a
@@ -280,6 +324,7 @@ RECORD_KINDS: dict[str, type] = {
     "dataset": DatasetRecord,
     "metric": MetricRecord,
     "executor": ExecutorRecord,
+    "tracker": TrackerRecord,
 }
 
 __all__ = [
@@ -293,6 +338,7 @@ __all__ = [
     "MetricRecord",
     "NoParams",
     "Params",
+    "TrackerRecord",
     "normalize_name",
     "params_from_signature",
 ]

@@ -246,3 +246,17 @@ class RunFolder:
         if sizes:
             return {k: int(v) for k, v in sizes.items()}
         return {s: len(self.split[s]["ids"]) for s in SPLITS if s in self.split}
+
+
+def unindexed_run(reg, run_id: str) -> dict | None:
+    """A run folder of registry ``reg`` that its index does not list (written before the index
+    existed), by its exact id: the fields of ``Registry.find_run`` it has; None when there is none."""
+    from .zoo import ZooError
+
+    try:
+        summary = RunFolder(reg.run_dir(run_id)).summary
+    except (ZooError, OSError, ValueError):
+        return None
+    if not summary:
+        return None
+    return {"run_id": run_id, "experiment": summary.get("experiment", "?"), "status": summary.get("status", "?")}

@@ -4,9 +4,10 @@
 
 Each arrow is one stage with typed inputs and outputs: :func:`fusion_engine.spec.prepare` and
 :func:`fusion_engine.preflight.preflight` (before any run folder exists), :func:`fusion_engine.data.run_data`, :class:`fusion_engine.members.MemberStage`,
-:func:`fusion_engine.calibration.calibrate_members`, :func:`fusion_engine.fusion.fit_fusers`,
+:func:`fusion_engine.calibration.calibrate_member` (per member, as each is ready), :func:`fusion_engine.fusion.fit_fusers`,
 :func:`fusion_engine.leaderboard.build_leaderboard`, and :class:`fusion_engine.runfolder.RunFolder`,
 which writes everything. This module only strings them together and keeps the run's summary (``run.json``).
+Trackers hear the lifecycle hooks through :class:`fusion_engine.tracking.RunTrackers`, which contains their failures.
 
 The evaluation protocol: the data are split once; members train on train, choose their best
 epoch on val, and predict val and test once; fusers see member logits only, are fitted on val
@@ -26,12 +27,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from .errors import RUN_LOG_ONLY, RUN_STARTED
 from .executors import LazyExecutor
 from .fusion import fit_fusers
-from .leaderboard import Row, build_leaderboard, print_leaderboard
+from .leaderboard import Row, build_leaderboard, network_row, print_leaderboard
 from .members import MemberResult, MemberStage
 from .preflight import Preflight, preflight
 from .plugins import Plugins
@@ -39,6 +39,7 @@ from .provenance import library_versions
 from .records import SCORED_SPLITS
 from .runfolder import RunFolder
 from .spec import ResolvedSpec, prepare
+from .tracking import RunTrackers
 from .zoo import Registry, resolve_registry
 
 log = logging.getLogger("fusion_engine")
@@ -54,6 +55,11 @@ class RunContext:
     plugins: Plugins
     class_names: list[str] = field(default_factory=list)
     split_sizes: dict[str, int] = field(default_factory=dict)
+    notes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def note(self, section: str, **fields: Any) -> None:
+        """Record ``fields`` (JSON-able) in ``run.json`` under ``notes.<section>``, adding to or replacing its fields."""
+        self.notes.setdefault(section, {}).update(fields)
 
 
 @dataclass
@@ -109,7 +115,7 @@ class _Run:
             "run_id": ctx.run_id, "experiment": self.resolved.spec.name, "spec_file": str(spec_path.resolve()),
             "status": "running", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device": device, "executor": executor.name, "registry": str(reg.root.resolve()),
-            "versions": library_versions(), "members": {}, "warnings": self.warnings.messages,
+            "versions": library_versions(), "members": {}, "warnings": self.warnings.messages, "notes": ctx.notes,
         }
 
     def execute(self, checked: Preflight, retrain: tuple[str, ...]) -> RunResult:
@@ -125,6 +131,9 @@ class _Run:
                 stack.callback(log.removeHandler, h)
             stack.callback(log.setLevel, log.level)
             log.setLevel(logging.INFO)
+            if trackers := RunTrackers(self.resolved.trackers):
+                self.ctx.plugins.pm.register(trackers, name=f"trackers:{self.ctx.run_id}")
+                stack.callback(self.ctx.plugins.pm.unregister, trackers)
             log.info("run %s: %s", self.ctx.run_id, self.folder.path, extra={RUN_STARTED: True})
             self.reg.run_started(self.ctx.run_id, experiment=spec.name, spec_file=self.summary["spec_file"],
                                  n_members=len(spec.members), n_fusers=len(spec.fusers))
@@ -136,9 +145,11 @@ class _Run:
                 self.reg.run_finished(self.ctx.run_id, status="complete", seconds=seconds)
             except BaseException as exc:
                 self._failed(exc, round(time.perf_counter() - started, 3))
+                self._finished()
                 raise
             log.info("run %s complete in %.1fs", self.ctx.run_id, seconds)
             self._plots_and_report()
+            self._finished()
             return result
 
     def _stages(self, checked: Preflight, retrain: tuple[str, ...]) -> RunResult:
@@ -162,25 +173,24 @@ class _Run:
         members = MemberStage(resolved, checked, self.reg, data, self.executor, run_id=ctx.run_id, device=self.device,
                               quiet=self.quiet, console=self.console, retrain=retrain, on_ready=self._member_ready,
                               on_failed=self._member_failed).run()
-        self.executor.close()  # a Ray instance it started is stopped before anything forks to draw plots
 
         self.console.log(f"fitting {len(spec.fusers)} fuser{'' if len(spec.fusers) == 1 else 's'} on val")
         n_scored = sum(len(data.labels[s]) for s in SCORED_SPLITS)
         given = {m.name: m.infer_ms_per_image for m in spec.members}
-        member_costs = {name: _member_costs(m, n_scored, given[name]) for name, m in members.items()}
+        rows = [network_row(m, n_scored, given[m.name]) for m in members.values()]
         fitted = []
         for fuser in fit_fusers(resolved.fuser_entries, {n: m.logits for n, m in members.items()}, data.labels,
-                                spec.seed, costs={n: c["infer_ms_per_image"] for n, c in member_costs.items()}):
+                                spec.seed, costs={r.name: r.extra["infer_ms_per_image"] for r in rows}):
             folder.write_fuser(fuser.name, fuser.description())
             fitted.append(fuser)
+        students = self._students(checked, members, fitted, retrain)
+        self.executor.close()  # a Ray instance it started is stopped before anything forks to draw plots
 
-        rows = [Row(name=m.name, kind="member", source=m.source, members=[m.name],
-                    proba={s: _softmax(m.logits[s]) for s in SCORED_SPLITS}, extra=member_costs[m.name])
-                for m in members.values()]
         rows += [Row(name=f.name, kind="fuser", members=f.members, proba=f.proba, weights=f.weights,
                      consulted=f.consulted,
                      extra={"fit_seconds": f.fit_seconds, "predict_ms_per_image": f.predict_ms_per_image})
                  for f in fitted]
+        rows += [network_row(s, n_scored) for s in students.values()]
         metrics = [p.record for p in ctx.plugins.catalog().records["metric"].values()]
         leaderboard = build_leaderboard(rows, data.labels, metrics, rank_by=spec.rank_by, seed=spec.seed)
         folder.write_leaderboard(leaderboard, meta={
@@ -192,7 +202,29 @@ class _Run:
         ctx.plugins.hook.on_run_end(run=ctx, leaderboard=leaderboard)
         return RunResult(ctx.run_id, folder.path, leaderboard, members)
 
+    def _students(self, checked: Preflight, members: dict[str, MemberResult], fitted: list,
+                  retrain: tuple[str, ...]) -> dict[str, MemberResult]:
+        """The student stage: each student distilled from its teacher's probabilities on train."""
+        from .students import StudentStage, teachers
+
+        spec = self.resolved.spec
+        if not spec.students:
+            return {}
+        self.console.log(f"distilling {len(spec.students)} student{'' if len(spec.students) == 1 else 's'}")
+        taught = teachers(spec, members, {f.name: f for f in fitted})
+        return StudentStage(self.resolved, checked, self.reg, self.data, self.executor, taught, run_id=self.ctx.run_id,
+                            device=self.device, quiet=self.quiet, console=self.console, retrain=retrain,
+                            on_ready=self._student_ready, on_failed=self._member_failed).run()
+
     # -- the summary --------------------------------------------------------------------------------
+    def _student_ready(self, index: int, student: MemberResult) -> None:
+        """A student is trained (or reused): its run-folder files, the summary and the index."""
+        self.folder.write_member(student, str(self.reg.member_dir(student.key).relative_to(self.reg.root)))
+        self._note_member(student.name, {"key": student.key, "action": student.action, "source": "student",
+                                         "teacher": student.card.teacher["name"]})
+        self.reg.run_member(self.ctx.run_id, student.name, student.key, student.action)
+        log.info("student %s: %s, key %s, best epoch %s", student.name, student.action, student.key, student.best_epoch)
+
     def _member_ready(self, index: int, member: MemberResult) -> None:
         """A member's outputs are ready: the calibrate stage for it, its run-folder files, the
         summary, the index, and the hook (which sees the logits the fusers will)."""
@@ -236,6 +268,14 @@ class _Run:
         except Exception as index_exc:  # the run's own error is the one to report
             log.error("could not record the run's end in the registry index: %s", index_exc)
 
+    def _finished(self) -> None:
+        """``on_run_finished`` (its failure a warning: the outcome is settled), then the summary again."""
+        try:
+            self.ctx.plugins.hook.on_run_finished(run=self.ctx, status=self.summary["status"])
+        except Exception as exc:
+            log.warning("a plugin's on_run_finished failed: %s", " ".join(f"{type(exc).__name__}: {exc}".split()))
+        self.folder.write_summary(self.summary)
+
     def _plots_and_report(self) -> None:
         """Plots and report.html, drawn from the finished run folder. A failure here is a warning:
         the run's results are already written, and ``fusion-engine report`` can draw them again."""
@@ -260,20 +300,3 @@ class _WarningList(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
-
-
-def _member_costs(member: MemberResult, n_scored: int, given_ms: float | None = None) -> dict:
-    """A member's cost columns: what this engine measured, None (unknown) where it did not see the
-    cost: training done elsewhere, a network it never ran (predictions made elsewhere). An
-    inference cost the spec gives (``infer_ms_per_image``) replaces the measured one."""
-    ran = member.source != "predictions"
-    measured = 1000.0 * member.predict_seconds / max(1, n_scored) if ran else None
-    return {"n_params": member.n_params,
-            "train_seconds": member.train_seconds if member.source == "trained" else None,
-            "infer_ms_per_image": given_ms if given_ms is not None else measured}
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    from scipy.special import softmax
-
-    return softmax(logits.astype(np.float64), axis=1)

@@ -8,15 +8,18 @@ carry the same path (``members.0.params.model``).
 from __future__ import annotations
 
 import difflib
+import math
+import os
 import tomllib
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_serializer, field_validator,
+                      model_validator)
 
 from .errors import FusionEngineError, SpecError, format_loc
 from .records import Params, Provided, StrictModel, normalize_name
@@ -252,6 +255,32 @@ class MemberSpec(_Strict):
         return self
 
 
+class DistillSpec(_Strict):
+    """Knowledge distillation (Hinton et al. 2015): the student's loss is ``alpha`` times the
+    KL divergence between the teacher's and its own probabilities, both softened by
+    ``temperature`` (and scaled by its square, so the soft term's gradients keep their size),
+    plus ``1 - alpha`` times the usual cross-entropy with the labels."""
+
+    alpha: float = Field(0.9, ge=0, le=1, description="the weight of the soft (teacher) loss; 1 - alpha goes to the "
+                                                      "labels")
+    temperature: float = Field(4.0, gt=0, le=100, description="softens teacher and student alike; 1: no softening")
+
+
+class StudentSpec(_Strict):
+    """One network trained to imitate a teacher (a fuser's or a member's row) on the train split:
+    ensemble accuracy at one network's inference cost."""
+
+    name: str = Field(pattern=SAFE_NAME)
+    backbone: str = Field(description="a registered backbone, as for a member")
+    params: dict[str, Any] = Field(default_factory=dict)
+    train: TrainSpec = Field(default_factory=TrainSpec, description="how to train it, as for a member")
+    teacher: str = Field(description="the fuser (or member) whose probabilities on train it learns from")
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, description="default: the experiment's seed")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec,
+                                     description="CPUs and GPUs the student's task asks an executor for")
+
+
 class FuserSpec(_Strict):
     name: str = Field(pattern=SAFE_NAME)
     fuser: str
@@ -272,11 +301,33 @@ class ExperimentSpec(_Strict):
     data: DataSpec
     members: list[MemberSpec] = Field(min_length=1)
     fusers: list[FuserSpec] = Field(default_factory=list)
+    students: list[StudentSpec] = Field(default_factory=list, description="networks distilled from a fuser or member")
+    tracking: dict[str, Union[StrictBool, dict[str, Any]]] = Field(
+        default_factory=dict, description="trackers to switch on (mlflow: {params}), or off (mlflow: false)")
+
+    @field_validator("tracking", mode="before")
+    @classmethod
+    def _tracker_entries(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        for name, params in value.items():
+            if not isinstance(params, (bool, dict)) and params is not None:
+                raise _LocatedError((name,), f"give the tracker's params as a mapping, or true or false to "
+                                             f"switch it on or off (got {params!r})")  # loc: within tracking
+        return {name: True if params is None else params for name, params in value.items()}  # YAML's "mlflow:"
+
+    def teacher_members(self, student: StudentSpec) -> list[str]:
+        """The members whose outputs on train ``student``'s teacher needs: the teacher itself when
+        it is a member, else the members its fuser combines."""
+        for f in self.fusers:
+            if f.name == student.teacher:
+                return list(f.members or [m.name for m in self.members])
+        return [student.teacher]
 
     @model_validator(mode="after")
     def _names(self) -> "ExperimentSpec":
         seen: dict[str, str] = {}
-        for section, items in (("members", self.members), ("fusers", self.fusers)):
+        for section, items in (("members", self.members), ("fusers", self.fusers), ("students", self.students)):
             for i, item in enumerate(items):
                 key = item.name.lower()
                 if key in seen:
@@ -287,6 +338,13 @@ class ExperimentSpec(_Strict):
             for j, m in enumerate(f.members or ()):
                 if m not in member_names:
                     raise _LocatedError(("fusers", i, "members", j), f"no member named '{m}'; members: {', '.join(sorted(member_names))}")
+        teachers = [*(m.name for m in self.members), *(f.name for f in self.fusers)]
+        for i, s in enumerate(self.students):
+            if s.teacher not in teachers:
+                close = difflib.get_close_matches(s.teacher, teachers, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise _LocatedError(("students", i, "teacher"), f"no fuser or member named '{s.teacher}'; {hint}a "
+                                                                f"teacher is one of: {', '.join(teachers)}")
         return self
 
 
@@ -346,6 +404,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *anchor``: its keys are defaults the mapping's own override
+                continue
             key = self.construct_object(key_node, deep=deep)
             try:
                 first = seen.get(key)
@@ -359,10 +419,24 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def parse_spec(data: dict, *, file: str | None = None) -> ExperimentSpec:
+    check_finite(data, file=file)
     try:
         return ExperimentSpec.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc, ExperimentSpec, file=file) from None
+
+
+def check_finite(data: Any, *, file: str | None = None, loc: tuple = ()) -> None:
+    """Refuse an infinity or NaN anywhere in a spec (YAML's ``.inf`` and ``.nan``, TOML's ``inf``
+    and ``nan``), plugin parameters included: no setting means them, and a zoo key cannot hold them."""
+    if isinstance(data, float) and not math.isfinite(data):
+        raise SpecError(f"{data} is not a finite number; give a finite one", file=file, loc=format_loc(loc) or None)
+    if isinstance(data, dict):
+        for key, value in data.items():
+            check_finite(value, file=file, loc=loc + (key,))
+    elif isinstance(data, (list, tuple)):
+        for i, value in enumerate(data):
+            check_finite(value, file=file, loc=loc + (i,))
 
 
 def spec_label(path: str | Path, executor: dict | None = None) -> str:
@@ -413,6 +487,9 @@ def validation_error(exc: ValidationError, model: type[BaseModel] | None, *, fil
         value = err.get("input")
         if not isinstance(value, (dict, list)) and err["type"] != "missing" and value is not None:
             msg = f"{msg} (got {value!r})"
+        allowed = _allowed_range(model, loc) if err["type"] in _NUMBER_ERRORS and model is not None else None
+        if allowed:
+            msg = f"{msg}; allowed: {allowed}"
     if len(errors) > 1:
         msg += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
     return SpecError(msg, file=file, loc=format_loc(prefix + loc) or None)
@@ -434,6 +511,41 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     if isinstance(current, type) and issubclass(current, BaseModel):
         return list(current.model_fields)
     return []
+
+
+#: pydantic's errors for a number that is not one or out of its field's range
+_NUMBER_ERRORS = {"int_parsing", "int_parsing_size", "int_from_float", "int_type", "float_parsing", "float_type",
+                  "greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
+
+
+def _allowed_range(model: type[BaseModel], loc: tuple) -> str | None:
+    """The range the field at ``loc`` allows, from its ``Field(ge=..., le=...)`` bounds:
+    ``an integer from 0 to 4294967295``; None for a field without bounds."""
+    current: Any = model
+    info = None
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(part, int):
+            args = typing.get_args(current)
+            current, info = (args[0] if args else None), None
+        elif isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            info = current.model_fields[part]
+            current = info.annotation
+        else:
+            return None
+    if info is None:
+        return None
+    import annotated_types  # pydantic's own dependency: Field(ge=...) is kept as annotated_types.Ge(...)
+
+    bounds = {type(m).__name__: getattr(m, type(m).__name__.lower()) for m in info.metadata
+              if isinstance(m, (annotated_types.Ge, annotated_types.Gt, annotated_types.Le, annotated_types.Lt))}
+    if not bounds:
+        return None
+    kind = "an integer" if _unwrap(current) is int else "a number"
+    if "Ge" in bounds and "Le" in bounds:
+        return f"{kind} from {bounds['Ge']} to {bounds['Le']}"
+    signs = {"Ge": ">=", "Gt": ">", "Le": "<=", "Lt": "<"}
+    return f"{kind} " + " and ".join(f"{signs[k]} {v}" for k, v in bounds.items())
 
 
 def _unwrap(tp: Any) -> Any:
@@ -471,6 +583,8 @@ class ResolvedSpec:
     members: list[Bound | None]
     fusers: list[Bound]
     executor: Bound | None = None
+    students: list[Bound] = field(default_factory=list)
+    trackers: dict[str, Bound] = field(default_factory=dict)  # by record name: those switched on
 
     @property
     def fuser_entries(self) -> list[tuple["FuserSpec", Bound]]:
@@ -485,8 +599,12 @@ class ResolvedSpec:
                 entry["params"] = r.params.model_dump(mode="json")
         for entry, r in zip(data["fusers"], self.fusers):
             entry["params"] = r.params.model_dump(mode="json")
+        for entry, r in zip(data["students"], self.students):
+            entry["params"] = r.params.model_dump(mode="json")
         if self.executor is not None:
             data["executor"]["params"] = self.executor.params.model_dump(mode="json")
+        data["tracking"] = {**{k: v for k, v in data["tracking"].items() if v is False},
+                            **{name: r.params.model_dump(mode="json") for name, r in self.trackers.items()}}
         return data
 
 
@@ -509,10 +627,15 @@ def prepare(spec_path: str | Path, *, executor: dict | None = None):
 
 
 def resolve_spec(spec: ExperimentSpec, catalog, *, file: str | None = None, base_dir: Path | None = None) -> ResolvedSpec:
-    """Bind each dataset, backbone and fuser name to a plugin and validate its ``params``."""
+    """Bind each dataset, backbone, fuser, executor and tracker name to a plugin and validate its
+    ``params``."""
     base_dir = Path(base_dir) if base_dir is not None else (Path(file).resolve().parent if file else Path.cwd())
 
-    def bind(kind: str, name: str, params: dict, loc: tuple, field: str | None = None) -> Bound:
+    def bind(kind: str, name: str, params: dict, loc: tuple, field: str | None = None,
+             params_loc: tuple | None = None) -> Bound:
+        """An unknown name is reported at ``loc.<field or kind>``, a bad param under ``params_loc``
+        (default ``loc.params``)."""
+        params_loc = loc + ("params",) if params_loc is None else params_loc
         try:
             provided = catalog.get(kind, name)
         except SpecError as exc:
@@ -521,20 +644,43 @@ def resolve_spec(spec: ExperimentSpec, catalog, *, file: str | None = None, base
         try:
             value = model.model_validate(params, context={"base_dir": base_dir})
         except ValidationError as exc:
-            raise validation_error(exc, model, file=file, prefix=loc + ("params",)) from None
+            raise validation_error(exc, model, file=file, prefix=params_loc) from None
         return Bound(provided, value)
 
     dataset = bind("dataset", spec.data.dataset, spec.data.params, ("data",))
     members = [None if m.backbone is None else bind("backbone", m.backbone, m.params, ("members", i))
                for i, m in enumerate(spec.members)]
     fusers = [bind("fuser", f.fuser, f.params, ("fusers", i)) for i, f in enumerate(spec.fusers)]
+    students = [bind("backbone", s.backbone, s.params, ("students", i)) for i, s in enumerate(spec.students)]
     # bound when the spec names one; else the run uses the built-in local executor
     executor = (bind("executor", spec.executor.name, spec.executor.params, ("executor",), field="name")
                 if "executor" in spec.model_fields_set else None)
+    trackers = resolve_trackers(spec, catalog, bind, file=file)
     from .leaderboard import CORE_RANKABLE  # the core computes these whatever plugins are installed
 
     names = sorted({*catalog.names("metric"), *CORE_RANKABLE})
     if "rank_by" in spec.model_fields_set and normalize_name(spec.rank_by) not in {normalize_name(n) for n in names}:
         choices = ", ".join(names)
         raise SpecError(f"cannot rank by '{spec.rank_by}'; choose one of: {choices}", file=file, loc="rank_by")
-    return ResolvedSpec(spec, file, base_dir, dataset, members, fusers, executor)
+    return ResolvedSpec(spec, file, base_dir, dataset, members, fusers, executor, students, trackers)
+
+
+def resolve_trackers(spec: ExperimentSpec, catalog, bind, *, file: str | None) -> dict[str, Bound]:
+    """The trackers a run switches on: those the spec's ``tracking:`` names (``NAME: false``
+    keeps one off), then any other whose record's ``env`` variable is set, with default params."""
+    trackers: dict[str, Bound] = {}
+    named: dict[str, str] = {}  # normalised name -> as the spec wrote it
+    for name, params in spec.tracking.items():
+        key = normalize_name(name)
+        if key in named:
+            raise SpecError(f"names the tracker '{named[key]}' again; give it once", file=file, loc=("tracking", name))
+        named[key] = name
+        bound = bind("tracker", name, {} if isinstance(params, bool) else params, ("tracking",), field=name,
+                     params_loc=("tracking", name))  # a false one is checked too: a typo would hide
+        if params is not False:
+            trackers[bound.record.name] = bound
+    for key, provided in catalog.records["tracker"].items():
+        name, env = provided.record.name, provided.record.env
+        if key not in named and env and os.environ.get(env, "").strip():
+            trackers[name] = bind("tracker", name, {}, ("tracking",), field=name, params_loc=("tracking", name))
+    return trackers

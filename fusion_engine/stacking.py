@@ -142,6 +142,30 @@ class StackingFuser(Fuser):
             proba[:, self.classes_] = self.final_estimator_.predict_proba(self.features(logits))
         return proba / proba.sum(axis=1, keepdims=True)
 
+    def onnx_estimator(self, graph: Any, features: str) -> str:
+        """Optional, for ONNX export: add to ``graph`` the nodes computing the final estimator's
+        ``predict_proba`` from ``features`` (the float64 ``(batch, F)`` design matrix of
+        :meth:`features`); return the name of its float64 ``(batch, K)`` probabilities."""
+        raise NotImplementedError(f"fuser {type(self).__name__} has no ONNX graph for its final estimator "
+                                  f"(it does not implement onnx_estimator)")
+
+    def onnx_proba(self, graph: Any, logits: str) -> str:
+        """The features (log-softmax, member-major, then the logits with ``append_logits``), the
+        final estimator (:meth:`onnx_estimator`), its K columns put back among the C classes and
+        renormalised: :meth:`predict_proba` as a graph."""
+        n_members, n_classes = graph.n_members, graph.n_classes
+        if self.final_estimator_ is None:
+            return graph.rows(logits, np.eye(n_classes)[self.classes_[0]])
+        shape = graph.const([-1, n_members * n_classes], "int64")
+        parts = [graph.op("LogSoftmax", logits, axis=2)] + ([logits] if self.append_logits else [])
+        flat = [graph.op("Reshape", graph.op("Transpose", p, perm=[1, 0, 2]), shape) for p in parts]
+        features = flat[0] if len(flat) == 1 else graph.op("Concat", *flat, axis=1)
+        proba_k = self.onnx_estimator(graph, features)
+        scatter = np.zeros((len(self.classes_), n_classes))
+        scatter[np.arange(len(self.classes_)), self.classes_] = 1.0
+        proba = graph.op("MatMul", proba_k, graph.const(scatter))
+        return graph.op("Div", proba, graph.op("ReduceSum", proba, graph.const([1], "int64"), keepdims=1))
+
     def get_state(self, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         state = super().get_state(skip=(*skip, "final_estimator_"))
         if hasattr(self, "final_estimator_"):

@@ -87,11 +87,19 @@ def train_member(
     quiet: bool = False,
     checkpoint: "Checkpoint | None" = None,
     num_classes: int | None = None,
+    soft_targets: "torch.Tensor | None" = None,
+    distill: Any = None,
 ) -> TrainResult:
     """Train ``module``; keep the weights of the epoch with the lowest val loss.
 
+    With ``soft_targets`` (a teacher's probabilities on the train images, ``(N, C)``, row ``i``
+    for training image ``i``) the module is a student: its loss is :class:`DistillationLoss`
+    with ``distill``'s ``alpha`` and ``temperature``; the epoch is still chosen by the
+    cross-entropy on val labels. Each batch takes the rows of its own images, whichever way the
+    images are read (memory, the disk cache, decoded in workers).
+
     The module is left on the device, holding the best weights. ``num_classes`` (default: the
-    module's output width) matters only to mixup and cutmix.
+    module's output width) matters only to mixup and cutmix (which a student cannot use).
 
     With a ``checkpoint`` (an object with ``load() -> (tensors, state) | None`` and
     ``save(tensors, state)``, as :class:`fusion_engine.checkpoint.Checkpoint`), the full training state
@@ -137,6 +145,15 @@ def train_member(
     optimizer = _optimizer(module, train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_factor(train, steps_per_epoch * train.epochs, round(train.warmup_epochs * steps_per_epoch)))
+    criterion = None
+    teacher = None
+    if soft_targets is not None:  # softened once; each batch takes its images' rows by position
+        if len(soft_targets) != n:
+            raise FusionEngineError(f"member {label or '?'}: {len(soft_targets)} soft targets for {n} training images")
+        if train.augment.mixup > 0 or train.augment.cutmix > 0:
+            raise FusionEngineError(f"member {label or '?'}: mixup and cutmix cannot be used with distillation")
+        criterion = DistillationLoss(train.label_smoothing, distill.alpha, distill.temperature)
+        teacher = criterion.soften(torch.as_tensor(soft_targets).to(torch.float32)).to(data_dev)
     normalise = _Normaliser(input_cfg, dev)
     if (train.augment.mixup > 0 or train.augment.cutmix > 0) and num_classes is None:
         num_classes = _output_width(module, x_val, normalise, dev)
@@ -146,7 +163,10 @@ def train_member(
 
     def loss_of(logits: "torch.Tensor", target: "torch.Tensor") -> "torch.Tensor":
         """Cross-entropy against class indices (smoothed) or against class probabilities
-        (mixup's, with the smoothing already in them)."""
+        (mixup's, with the smoothing already in them); a student's distillation loss against
+        its labels and its teacher's softened probabilities."""
+        if criterion is not None:
+            return criterion(logits, target)
         if target.is_floating_point():
             return F.cross_entropy(logits, target)
         return F.cross_entropy(logits, target, label_smoothing=train.label_smoothing)
@@ -160,6 +180,8 @@ def train_member(
                 xb = (xb if xb.is_pinned() or not cuda else xb.pin_memory()).to(dev, non_blocking=True)
                 yb = yb.to(dev, non_blocking=True)
             x, target = augmenter(xb, yb)
+            if teacher is not None:  # the label, then the teacher's row for the same image (DistillationLoss)
+                target = torch.cat([target.to(torch.float32)[:, None], teacher[idx].to(dev, non_blocking=True)], dim=1)
             yield x, target, idx
 
     history: list[dict] = []
@@ -264,6 +286,32 @@ def _output_width(module, x_val: "ImageSet", normalise, dev) -> int:
         width = module(normalise(next(iter(x_val.sequential(1))).to(dev))).shape[-1]
     module.train(training)
     return int(width)
+
+
+class DistillationLoss:
+    """Hinton et al. (2015): ``alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(y, q)``, where
+    ``q_T`` is the student's softmax at temperature ``T`` and ``p_T`` the teacher's
+    probabilities softened the same way (:meth:`soften`: ``softmax(log p / T)``). The ``T^2``
+    keeps the soft term's gradients the size of the hard term's. Targets are ``(B, 1 + C)``: the
+    label, then ``p_T``."""
+
+    def __init__(self, label_smoothing: float, alpha: float, temperature: float):
+        self.label_smoothing, self.alpha, self.temperature = label_smoothing, alpha, temperature
+
+    def soften(self, proba: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        return torch.softmax(torch.log(proba.clamp_min(1e-12)) / self.temperature, dim=1)
+
+    def __call__(self, logits: "torch.Tensor", target: "torch.Tensor") -> "torch.Tensor":
+        import torch.nn.functional as F
+
+        logits = logits.float()
+        labels, teacher = target[:, 0].long(), target[:, 1:]
+        hard = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        t = self.temperature
+        soft = F.kl_div(F.log_softmax(logits / t, dim=1), teacher, reduction="batchmean") * (t * t)
+        return self.alpha * soft + (1.0 - self.alpha) * hard
 
 
 def predict_logits(

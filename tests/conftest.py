@@ -1,6 +1,7 @@
 """Shared fixtures and helpers. Tests make their own data; nothing is downloaded.
 
 - ``TOY_PLUGIN``: the plugin file a user would write (a tiny backbone, a dataset, a fuser);
+  ``LIST_TRACKER``: a tracker plugin file that lists the lifecycle events it hears;
 - :func:`toy_spec_data` / the ``toy_spec`` fixture: the toy experiment (two members on the toy
   dataset), as data or written to a file, with any top-level field replaced;
 - :func:`cli` (a subprocess, as a user runs it) and :func:`cli_json` (in-process, ``--json``);
@@ -27,6 +28,7 @@ from PIL import Image
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
 TOY_PLUGIN = TESTS / "plugins" / "toy_plugin.py"
+LIST_TRACKER = TESTS / "plugins" / "list_tracker.py"  # a tracker that lists the events it hears
 EXPERIMENTS = REPO / "experiments"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -91,6 +93,24 @@ def summary(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "run.json").read_text())
 
 
+def loaded(plugin: Path):
+    """The module a spec's plugin file was last loaded as."""
+    return next(m for n, m in sys.modules.items()
+                if n.startswith("fusion_engine_local_") and Path(getattr(m, "__file__", "")) == Path(plugin).resolve())
+
+
+def run_list_tracker(tmp_path: Path, registry: Path, tracking: dict | None = None):
+    """The toy spec with the list tracker (``LIST_TRACKER``) and ``tracking:`` (left out when
+    ``None``), run on ``registry``: its run folder and the events the tracker heard."""
+    from fusion_engine.runner import run_experiment
+
+    fields = {} if tracking is None else {"tracking": tracking}
+    spec = write_spec(tmp_path / "spec.yaml", toy_spec_data(name="tracked", plugins=[str(TOY_PLUGIN), str(LIST_TRACKER)],
+                                                            **fields))
+    result = run_experiment(spec, registry=registry, quiet=True)
+    return result.run_dir, loaded(LIST_TRACKER).EVENTS
+
+
 def latest_run(registry: Path) -> Path:
     return max((registry / "runs").iterdir(), key=lambda p: p.stat().st_mtime_ns)
 
@@ -134,7 +154,10 @@ def make_image_folder(tmp_path):
     """A factory for tiny image folders of solid-coloured squares.
 
     ``make_image_folder()`` gives ``root/<class>/<class>-<i>.png``; with ``splits=("train",
-    "val", "test")`` it gives ``root/<split>/<class>/...``. Returns ``root``.
+    "val", "test")`` it gives ``root/<split>/<class>/...``. ``suffix=".jpg"`` writes JPEG files
+    (any other suffix, PNG); ``noise=True`` adds seeded pixel noise to each square, so resizing
+    and JPEG decoding have detail to work on. Calling it again with the same ``name`` and another
+    suffix adds files beside the first ones. Returns ``root``.
     """
 
     def make(
@@ -144,14 +167,23 @@ def make_image_folder(tmp_path):
         size: int = 16,
         splits: tuple[str, ...] | None = None,
         suffix: str = ".png",
+        noise: bool = False,
     ) -> Path:
+        import numpy as np
+
         root = tmp_path / name
+        fmt = "JPEG" if suffix.lower() in (".jpg", ".jpeg") else "PNG"
         for part in splits or (None,):
             for c, class_name in enumerate(classes):
                 folder = root / part / class_name if part else root / class_name
                 folder.mkdir(parents=True, exist_ok=True)
                 for i in range(per_class):
-                    Image.new("RGB", (size, size), square_colour(c, i)).save(folder / f"{class_name}-{i}{suffix}", format="PNG")
+                    image = Image.new("RGB", (size, size), square_colour(c, i))
+                    if noise:
+                        rng = np.random.default_rng([c, i])
+                        pixels = np.asarray(image, np.int16) + rng.integers(-60, 61, (size, size, 3))
+                        image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+                    image.save(folder / f"{class_name}-{i}{suffix}", format=fmt)
         return root
 
     return make

@@ -272,3 +272,44 @@ def test_in_chans_is_what_images_load_as():
     assert BackboneParams(in_chans=1).in_chans == 1
     with pytest.raises(ValidationError, match="Input should be 1 or 3"):
         BackboneParams(in_chans=4)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2_100"])
+def test_the_ready_made_names_table_is_what_timm_says(name):
+    """``validate`` reads the ready-made names' input config and final feature map from a table
+    (no torch): the table must agree with timm's pretrained config and with a real pass."""
+    import torch
+
+    import timm
+
+    from fusion_engine_timm import READY, _final_map, _ready, adapt_small_input, model_input_config
+
+    ready = _ready(name)
+    for in_chans in (1, 3):
+        params = BackboneParams(in_chans=in_chans)
+        for image_size in (None, 28):
+            assert ready["input_config"](params, image_size=image_size) == \
+                model_input_config(name, params, image_size=image_size)
+    for small in (False, True):
+        halvings = READY[name]["small_input_halvings" if small else "halvings"]
+        for size in (8, 15, 16, 28, 33, 40, 64, 100, 224):
+            with torch.device("meta"):
+                model = timm.create_model(name, num_classes=3)
+                if small:
+                    assert adapt_small_input(model, size=size)
+            expected = size
+            for _ in range(halvings):
+                expected = -(-expected // 2)
+            assert _final_map(model, 3, size) == (expected, expected), (name, small, size)
+
+
+def test_the_ready_made_check_warns_as_the_full_check_does(caplog):
+    """The table's warning (no torch) and the full check's (a meta-device pass) are the same line."""
+    from fusion_engine_timm import _ready, check_model
+
+    params = BackboneParams(small_input=False, in_chans=1)
+    with caplog.at_level("WARNING", logger="fusion_engine"):
+        _ready("resnet18")["check"](params, num_classes=3, image_size=28)
+        check_model("resnet18", params, num_classes=3, image_size=28)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and lines[0] == lines[1] and "use data.image_size >= 40 or small_input: true" in lines[0]

@@ -147,8 +147,102 @@ def cascade_over_predictions(tmp: Path) -> dict:
     return spec
 
 
+#: a plugin whose code has bugs: a build that loads a state dict that does not fit (no input_config, so
+#: preflight builds the network to ask it), a check that raises ValueError, a dataset whose load raises KeyError
+BUGGY_PLUGIN = """
+from fusion_engine import BackboneRecord, BuiltBackbone, DatasetRecord, InputConfig, Params, hookimpl
+
+class P(Params):
+    width: int = 4
+
+def build(params, num_classes, image_size=None):
+    import torch
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, num_classes))
+    net.load_state_dict({"1.weight": torch.zeros(1)})
+    return BuiltBackbone(net, InputConfig(size=8, mean=(0.5,), std=(0.5,), in_chans=1))
+
+def check(params, num_classes, image_size=None):
+    raise ValueError("plugin check bug")
+
+def load(params, base_dir):
+    return {}["images"]
+
+@hookimpl
+def register_backbones():
+    return [BackboneRecord("bad-build", build, P),
+            BackboneRecord("bad-check", build, P, check=check,
+                           input_config=lambda p, image_size=None: InputConfig(size=8, mean=(0.5,), std=(0.5,),
+                                                                                in_chans=1))]
+
+@hookimpl
+def register_datasets():
+    return [DatasetRecord("bad-load", load)]
+"""
+
+
+def buggy_plugin(tmp: Path, **fields) -> dict:
+    (tmp / "buggy.py").write_text(BUGGY_PLUGIN)
+    return toy_spec_data(plugins=[str(TOY_PLUGIN), "buggy.py"], **fields)
+
+
+def csv_with_split(tmp: Path, rows: list[tuple[str, str]]) -> dict:
+    """A CSV manifest with a split column: ``rows`` of (class, split), one image each."""
+    images(tmp / "imgs", {label: sum(r[0] == label for r in rows) for label in dict.fromkeys(r[0] for r in rows)})
+    seen: dict[str, int] = {}
+    lines = ["path,label,split"]
+    for label, part in rows:
+        seen[label] = seen.get(label, -1) + 1
+        lines.append(f"imgs/{label}/{seen[label]}.png,{label},{part}")
+    (tmp / "m.csv").write_text("\n".join(lines) + "\n")
+    return toy_spec_data(data={"dataset": "csv", "params": {"path": "m.csv", "split_column": "split"},
+                               "image_size": 8})
+
+
+def with_train(**train) -> dict:
+    return only({"name": "a", "backbone": "toy-net", "train": train})
+
+
 # (id, how to make the spec and its files, a fragment of the one-line error)
 CASES = [
+    ("plugin-build-raises", lambda t, r: buggy_plugin(t, members=[{"name": "a", "backbone": "bad-build"}], fusers=[]),
+     "members.0.params: backbone 'bad-build' (plugin file buggy.py) of member a failed: RuntimeError: Error(s) in loading "
+     "state_dict for Sequential: Missing key(s) in state_dict: \"1.bias\". size mismatch for 1.weight"),
+    ("plugin-check-raises", lambda t, r: buggy_plugin(t, members=[{"name": "a", "backbone": "bad-check"}], fusers=[]),
+     "members.0.params: backbone 'bad-check' (plugin file buggy.py) of member a failed: ValueError: plugin check bug"),
+    ("plugin-load-raises", lambda t, r: buggy_plugin(t, data={"dataset": "bad-load"}),
+     "data: dataset 'bad-load' (plugin file buggy.py) failed: KeyError: 'images'"),
+    ("inf-lr", lambda t, r: with_train(lr=float("inf")), "members.0.train.lr: inf is not a finite number"),
+    ("nan-mean", lambda t, r: toy_spec_data(data={**toy_spec_data()["data"], "mean": [float("nan")]}),
+     "data.mean.0: nan is not a finite number"),
+    ("inf-in-free-params", lambda t, r: timm_spec(kwargs={"drop_path_rate": float("-inf")}),
+     "members.0.params.kwargs.drop_path_rate: -inf is not a finite number"),
+    ("inf-as-string", lambda t, r: with_train(lr="inf"), "members.0.train.lr: Input should be a finite number"),
+    ("mean-weights-for-other-member-count", lambda t, r: toy_spec_data(
+        fusers=[{"name": "m", "fuser": "mean", "params": {"weights": [1, 2, 3]}}]),
+     "fusers.0.params: fuser m (mean) with 2 members: weights: 3 given for 2 members; give one per member"),
+    ("vote-weights-for-fuser-members", lambda t, r: toy_spec_data(
+        fusers=[{"name": "v", "fuser": "vote", "members": ["net-a"], "params": {"weights": [1, 1]}}]),
+     "fusers.0.params: fuser v (vote) with 1 members: weights: 2 given for 1 members"),
+    ("boolean-as-literal-number", lambda t, r: timm_spec(in_chans=True),
+     "members.0.params.in_chans: expected a number, not true or false"),
+    ("number-as-boolean", lambda t, r: timm_spec(small_input=1),
+     "members.0.params.small_input: expected true or false, not a number"),
+    ("boolean-in-timm-kwargs", lambda t, r: timm_spec(kwargs={"drop_path_rate": True}),
+     "members.0.params: kwargs.drop_path_rate: expected a number, not true (ResNet's drop_path_rate defaults to 0.0)"),
+    ("seed-as-huge-float", lambda t, r: toy_spec_data(seed=1e23),
+     "seed: Unable to parse input string as an integer, exceeded maximum size (got 1e+23); allowed: an integer from 0 "
+     "to 4294967295"),
+    ("split-without-val", lambda t, r: csv_with_split(t, [(c, p) for c in ("cat", "dog") for p in ("train", "test")]),
+     "spec.yaml: data: the dataset's own split (csv manifest {tmp}/m.csv, column 'split') has no val samples"),
+    ("class-only-in-test", lambda t, r: csv_with_split(t, [("cat", p) for p in ("train", "val", "test")]
+                                                        + [("dog", "val"), ("dog", "test")]),
+     "spec.yaml: data: the dataset's own split (csv manifest {tmp}/m.csv, column 'split') gives train only class "
+     "'cat'; each split needs samples of at least 2 classes"),
+    ("class-missing-from-train", lambda t, r: csv_with_split(
+        t, [(c, p) for c in ("cat", "dog") for p in ("train", "val", "test")] + [("cow", "val"), ("cow", "test")]),
+     "gives train no samples of class 'cow'; a member cannot learn a class it never sees"),
+    ("csv-empty-image", lambda t, r: (csv_manifest(t, GOOD_CSV), (t / "imgs/dog/2.png").write_bytes(b""))[0],
+     "line 8: image {tmp}/imgs/dog/2.png is empty (0 bytes)"),
     ("predictions-fewer-rows-than-ids", lambda t, r: npz_predictions(t, 59),
      "{tmp}/p.npz: 60 ids for 59 rows of probabilities; give one id per row"),
     ("predictions-more-rows-than-ids", lambda t, r: npz_predictions(t, 61), "60 ids for 61 rows of probabilities"),
@@ -250,10 +344,49 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_registry_as_it_was(tmp_path
     assert tree(toy_registry) == before
 
 
+def test_yaml_anchors_and_merge_keys_are_read(tmp_path, capsys):
+    """``<<: *anchor`` copies a mapping's keys, the mapping's own keys win; only a key given twice
+    in the mapping itself is refused."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"""name: t
+plugins: [{TOY_PLUGIN}]
+data: {{dataset: toy-data}}
+members:
+  - &m {{name: a, backbone: toy-net, train: {{epochs: 1}}}}
+  - <<: *m
+    name: b
+fusers: [{{name: avg, fuser: toy-mean}}]
+""")
+    assert main(["validate", str(spec)]) == 0, capsys.readouterr().err
+    from fusion_engine.spec import load_spec
+
+    members = load_spec(spec).members
+    assert [(m.name, m.backbone, m.train.epochs) for m in members] == [("a", "toy-net", 1), ("b", "toy-net", 1)]
+    spec.write_text(spec.read_text().replace("    name: b\n", "    name: b\n    name: c\n"))
+    assert main(["validate", str(spec)]) == 2
+    assert "line 8: key 'name' is given twice (first on line 7); give it once" in capsys.readouterr().err
+
+
+def test_a_class_missing_from_test_is_a_warning_and_the_run_goes_on(tmp_path, capsys):
+    spec = write_spec(tmp_path / "spec.yaml", csv_with_split(
+        tmp_path, [(c, p) for c in ("cat", "dog") for p in ("train", "train", "val")] + [("cat", "test")] * 2
+        + [("cow", p) for p in ("train", "val", "test")]))
+    assert main(["validate", str(spec)]) == 0
+    assert (f"the dataset's own split (csv manifest {tmp_path}/m.csv, column 'split') gives test no samples of class "
+            f"'dog'; test scores leave that class out") in capsys.readouterr().err
+
+
 def test_an_unknown_member_for_retrain_is_refused_before_the_run(toy_spec, toy_registry, capsys):
     before = tree(toy_registry)
     assert main(["run", str(toy_spec()), "--registry", str(toy_registry), "--retrain", "net-z", "--quiet"]) == 2
     assert capsys.readouterr().err == "--retrain: no member of toy is called 'net-z'; members it trains: net-a, net-b\n"
+    assert tree(toy_registry) == before
+
+
+def test_retrain_naming_nothing_is_refused_before_the_run(toy_spec, toy_registry, capsys):
+    before = tree(toy_registry)
+    assert main(["run", str(toy_spec()), "--registry", str(toy_registry), "--retrain", ",", "--quiet"]) == 2
+    assert capsys.readouterr().err == "--retrain ',' names no member; give NAME[,NAME...] or all\n"
     assert tree(toy_registry) == before
 
 

@@ -376,3 +376,58 @@ def test_zoo_show_says_where_a_member_came_from_and_invents_nothing(fused, capsy
     assert not {"train", "seed", "best epoch", "trained in", "params"} & set(shown["sklearn"])
     card = json.loads((folder / "reg" / "zoo" / keys["sklearn"] / "card.json").read_text())
     assert card["spec"].get("train") is None and card["spec"].get("seed") is None
+
+
+def test_a_row_with_a_predictions_member_is_not_exported_but_a_weights_member_is(made_elsewhere, fused, tmp_path, capsys):
+    """Export (issue 14) of members from elsewhere: a row that fuses the CSV member is refused in
+    one line (there is no network to ship); the network trained elsewhere exports and predicts
+    the run's stored test probabilities from its own folder."""
+    import fusion_engine
+    from fusion_engine.runfolder import RunFolder
+
+    folder, _, ids = made_elsewhere
+    _, result = fused
+    args = [result.run_id, "--registry", str(folder / "reg"), "--out"]
+    assert main(["export", args[0], "mean", *args[1:], str(tmp_path / "mean")]) == 2
+    assert capsys.readouterr().err == ("row mean uses member sklearn, which was brought as predictions only (no "
+                                       "weights): it cannot be exported; export a row without it\n")
+    assert not (tmp_path / "mean").exists()
+    assert main(["export", args[0], "pytorch", *args[1:], str(tmp_path / "pytorch"), "-q"]) == 0
+    ens = fusion_engine.load(tmp_path / "pytorch", device="cpu")
+    assert ens.card.members[0].source == "weights" and ens.card.kind == "member"
+    test_ids = list(ids[ids.split == "test"].id)
+    got = ens.predict_proba(digits_images(test_ids))
+    stored = RunFolder(result.run_dir).probabilities("test")["pytorch"]
+    assert np.abs(got - stored).max() <= 1e-5
+
+
+@pytest.mark.skipif(not all(__import__("importlib").util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript")),
+                    reason="needs the onnx extra")
+def test_weights_in_another_class_order_export_reordered_in_torch_and_onnx(made_elsewhere, tmp_path):
+    """A network whose outputs are in reversed class order (class_names in the spec): the run
+    reorders its outputs, and so must the exported folder and its ONNX graph."""
+    import fusion_engine
+    from fusion_engine.runfolder import RunFolder
+
+    folder, net, ids = made_elsewhere
+    reverse = list(range(9, -1, -1))
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    head = net.get_classifier()
+    name = next(n for n, m in net.named_modules() if m is head)
+    for part in ("weight", "bias"):
+        state[f"{name}.{part}"] = state[f"{name}.{part}"][reverse].contiguous()
+    save_file(state, str(tmp_path / "reversed.safetensors"))
+    spec = write_spec(tmp_path / "rev.yaml", {"name": "rev", "data": DATA, "members": [
+        {"name": "rev", "backbone": "timm", "params": TIMM, "train": False, "weights": "reversed.safetensors",
+         "class_names": [str(c) for c in reverse]}]})
+    result = run_experiment(spec, registry=tmp_path / "reg", quiet=True)
+    fusion_engine.export_ensemble(result.run_id, "rev", out=tmp_path / "ens", registry=tmp_path / "reg", onnx=True)
+    test_ids = list(ids[ids.split == "test"].id)
+    stored = RunFolder(result.run_dir).probabilities("test")["rev"]
+    with torch.no_grad():
+        assert np.abs(stored - softmax(net(engine_pixels(test_ids)).double().numpy(), axis=1)).max() < 1e-4
+    images = digits_images(test_ids)
+    for runtime, tolerance in (("torch", 1e-5), ("onnx", 1e-4)):
+        ens = fusion_engine.load(tmp_path / "ens", runtime=runtime, device="cpu")
+        assert np.abs(ens.predict_proba(images) - stored).max() <= tolerance, runtime
+    assert fusion_engine.load(tmp_path / "ens").card.members[0].class_order == reverse

@@ -32,6 +32,16 @@ def test_validate_accepts_a_good_spec_without_importing_torch(toy_spec):
     assert out.stdout.strip() == f"{spec}: ok (2 members, 2 fusers, dataset toy-data)"
 
 
+def test_validate_of_the_quickstart_imports_neither_torch_nor_timm():
+    """Its resnet18 and mobilenetv2 give their input config and feature-map check from a table."""
+    spec = EXPERIMENTS / "quickstart.yaml"
+    code = f"import sys; from fusion_engine.cli import main; rc = main(['validate', {str(spec)!r}]); " \
+           "print(sorted(m for m in ('torch', 'timm') if m in sys.modules)); sys.exit(rc)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "[]"
+
+
 def test_shipped_experiments_validate(cifar10_cached):
     specs = sorted(EXPERIMENTS.glob("*.yaml")) + sorted(EXPERIMENTS.glob("*.toml"))
     assert {"quickstart.yaml", "cifar10.yaml"} <= {p.name for p in specs}
@@ -265,3 +275,14 @@ def test_cuda_without_cuda_is_bad_input_before_anything_is_written(tmp_path, toy
     assert (out.returncode, out.stderr) == (2, "device 'cuda' was asked for but CUDA is not available; "
                                                "use device: auto or cpu\n")
     assert not (tmp_path / "reg" / "runs").exists()
+
+
+def test_warnings_logged_from_worker_threads_do_not_hang_a_run(toy_registry, tmp_path):
+    """Fusers are cross-fitted on threads; a warning logged on one of them (a cascade whose budget
+    no thresholds meet) reaches stderr, and the run ends (the stderr handler once kept its lock)."""
+    spec = write_spec(tmp_path / "spec.yaml", toy_spec_data(
+        fusers=[{"name": "tight", "fuser": "cascade", "params": {"budget": 1e-9}}]))
+    out = subprocess.run([sys.executable, "-m", "fusion_engine", "run", str(spec), "--registry", str(toy_registry)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "cascade: no thresholds meet a budget" in out.stderr

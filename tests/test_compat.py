@@ -91,3 +91,30 @@ def test_its_index_is_rebuilt_from_version_1_cards(old_registry, capsys):
     with Registry(old_registry) as reg:
         assert {e.key for e in reg.entries()} == keys
         assert all(reg.verify(e).version == 1 for e in reg.entries())
+
+
+def test_its_run_exports_and_predicts_its_stored_test_probabilities(old_registry, tmp_path, capsys):
+    """Export (issue 14) of a 0.1 run: its rows are exported from the old zoo and predict what
+    the run stored. The run's spec named the toy plugin at the path it had then; it is pointed at
+    the plugin's path here, as a user whose files moved would."""
+    import numpy as np
+
+    import fusion_engine
+    from conftest import TOY_PLUGIN
+    from fusion_engine.runfolder import RunFolder
+
+    spec_path = old_registry / "runs" / OLD_RUN / "spec.json"
+    spec = json.loads(spec_path.read_text())
+    spec["plugins"] = [str(TOY_PLUGIN)]
+    spec_path.write_text(json.dumps(spec))
+    out = tmp_path / "stack"
+    assert main(["export", OLD_RUN, "stack", "--registry", str(old_registry), "--out", str(out), "-q"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    ens = fusion_engine.load(out, device="cpu")
+    folder = RunFolder(old_registry / "runs" / OLD_RUN)
+    record = fusion_engine.get_plugins([TOY_PLUGIN]).catalog().get("dataset", "toy-data").record
+    dataset = record.load(record.params(n_per_class=20))
+    where = {i: k for k, i in enumerate(dataset.ids)}
+    images = dataset.images[[where[i] for i in folder.split["test"]["ids"]]]
+    assert np.abs(ens.predict_proba(images) - folder.probabilities("test")["stack"]).max() <= 1e-5
+    assert ens.card.members[1].temperature == folder.cards["net-b"]["temperature"] is not None

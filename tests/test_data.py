@@ -222,6 +222,49 @@ def test_non_uint8_arrays_are_rejected():
         load_images(np.zeros((2, 4, 4)), [0, 1], size=4, in_chans=1)
 
 
+# -- decoding new images as a dataset's were (exported ensembles) ---------------------------------
+
+@pytest.mark.parametrize("size", [8, 5, 13])
+@pytest.mark.parametrize("in_chans", [1, 3])
+@pytest.mark.parametrize("channels", [None, 3, 4], ids=["gray", "rgb", "rgba"])
+def test_new_images_are_made_exactly_as_a_datasets_arrays_were(size, in_chans, channels):
+    import torch
+
+    from fusion_engine.preprocess import RESIZE_TENSOR, batch_pixels, decode_images, resize_method
+
+    rng = np.random.default_rng(size)
+    shape = (12, 8, 8) if channels is None else (12, 8, 8, channels)
+    arrays = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    assert resize_method(arrays) == resize_method(list(arrays)) == RESIZE_TENSOR
+    expected = load_images(arrays, np.arange(12), size=size, in_chans=in_chans)
+    decoded, errors = decode_images(list(arrays), size, in_chans, RESIZE_TENSOR)
+    assert errors == {} and torch.equal(decoded, expected)
+    nchw = torch.from_numpy(arrays[..., None] if channels is None else arrays).permute(0, 3, 1, 2)
+    assert torch.equal(batch_pixels(nchw, size, in_chans), expected)
+
+
+def test_new_image_files_are_made_as_the_dataset_resized_them(tmp_path):
+    """Files of an array dataset are decoded at their size and resized in torch; files of a file
+    dataset through PIL: the two differ by a grey level here and there, so the method matters."""
+    from fusion_engine.preprocess import RESIZE_PIL, RESIZE_TENSOR, decode_images, resize_method
+
+    arrays = np.random.default_rng(0).integers(0, 256, size=(6, 8, 8), dtype=np.uint8)
+    paths = []
+    for i, a in enumerate(arrays):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(a).save(paths[-1])
+    assert resize_method(paths) == RESIZE_PIL
+    from_arrays = load_images(arrays, np.arange(6), size=13, in_chans=3)
+    from_files = load_images(paths, np.arange(6), size=13, in_chans=3)
+    assert not np.array_equal(from_arrays.numpy(), from_files.numpy())
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    tensor, errors = decode_images([*paths[:3], tmp_path / "bad.png", *paths[3:]], 13, 3, RESIZE_TENSOR)
+    assert list(errors) == [3] and errors[3] == f"cannot read image {tmp_path / 'bad.png'}: not an image format Pillow can decode"
+    assert np.array_equal(tensor.numpy(), from_arrays.numpy())
+    tensor, errors = decode_images(paths, 13, 3, RESIZE_PIL)
+    assert errors == {} and np.array_equal(tensor.numpy(), from_files.numpy())
+
+
 # -- import cost -----------------------------------------------------------------------------------
 
 def test_importing_the_data_modules_does_not_import_torch():

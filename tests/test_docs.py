@@ -32,9 +32,9 @@ def test_every_spec_field_is_in_the_reference(field):
     assert f"`{leaf}`" in SPEC_DOC or f"`{field.split('.', 1)[-1]}`" in SPEC_DOC, field
 
 
-@pytest.mark.parametrize("kind", ["backbone", "dataset", "fuser", "executor"])
+@pytest.mark.parametrize("kind", ["backbone", "dataset", "fuser", "executor", "tracker"])
 def test_every_first_party_plugin_param_is_documented(kind):
-    docs = SPEC_DOC + (ROOT / "docs" / "fusers.md").read_text()
+    docs = SPEC_DOC + (ROOT / "docs" / "fusers.md").read_text() + (ROOT / "docs" / "tracking.md").read_text()
     catalog = get_plugins().catalog()
     for provided in catalog.records[kind].values():
         if not provided.plugin.startswith("fusion_engine_"):

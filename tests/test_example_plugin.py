@@ -61,4 +61,5 @@ def test_bad_params_for_a_third_party_backbone(site, tmp_path):
     spec.write_text("name: bad\ndata: {dataset: sklearn-digits}\nmembers:\n  - {name: t, backbone: tiny-cnn, params: {width: 0}}\n")
     out = cli(site, "validate", spec)
     assert out.returncode == 2
-    assert out.stderr == f"{spec}: members.0.params.width: Input should be greater than or equal to 1 (got 0)\n"
+    assert out.stderr == (f"{spec}: members.0.params.width: Input should be greater than or equal to 1 (got 0); allowed: "
+                          "an integer from 1 to 512\n")

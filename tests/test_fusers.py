@@ -191,7 +191,7 @@ def test_mean_respects_fixed_weights():
 
 def test_mean_rejects_weights_for_another_number_of_members():
     logits, _ = simulate_members([0.8, 0.4], n_samples=10)
-    with pytest.raises(ValueError, match="3 weights given for 2 members"):
+    with pytest.raises(ValueError, match="weights: 3 given for 2 members"):
         Mean(weights=[1, 1, 1]).predict_proba(logits)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import fusion_engine
-from conftest import TOY_PLUGIN, toy_spec_data, write_spec
+from conftest import TOY_PLUGIN, latest_run, loaded, run_list_tracker, summary, toy_spec_data, write_spec
 from fusion_engine import hookspecs
 from fusion_engine.plugins import get_plugins
 from fusion_engine.runner import run_experiment
@@ -25,8 +25,9 @@ HOOKS = sorted(name for name, fn in vars(hookspecs).items()
 
 
 def test_hooks_are_the_documented_set():
-    assert HOOKS == ["on_member_ready", "on_run_end", "on_run_start", "register_backbones",
-                     "register_datasets", "register_executors", "register_fusers", "register_metrics"]
+    assert HOOKS == ["on_member_ready", "on_run_end", "on_run_finished", "on_run_start", "register_backbones",
+                     "register_datasets", "register_executors", "register_fusers", "register_metrics",
+                     "register_trackers"]
 
 
 @pytest.mark.parametrize("hook", HOOKS)
@@ -137,6 +138,12 @@ LIFECYCLE = """
     @hookimpl
     def on_run_end(run, leaderboard):
         EVENTS.append(("end", list(leaderboard["name"]), run.split_sizes))
+        run.note("tracker", rows=len(leaderboard))
+
+    @hookimpl
+    def on_run_finished(run, status):
+        EVENTS.append(("finished", status, (run.run_dir / "report.html").is_file()))
+        run.note("tracker", finished=status)
 """
 
 
@@ -170,6 +177,45 @@ def test_hook_on_run_end(lifecycle_run):
     kind, names, split_sizes = events[3]
     assert kind == "end" and sorted(names) == ["avg", "avg-a", "net-a", "net-b"]
     assert split_sizes == {"train": 30, "val": 15, "test": 15}
+
+
+def test_hook_on_run_finished(lifecycle_run):
+    """Last, after the report is drawn; what it notes reaches run.json."""
+    result, events = lifecycle_run
+    assert events[4:] == [("finished", "complete", True)]
+    assert summary(result.run_dir)["notes"]["tracker"] == {"rows": 4, "finished": "complete"}
+
+
+def test_on_run_finished_hears_a_failed_run_and_cannot_change_its_outcome(tmp_path, toy_registry):
+    plugin = plugin_file(tmp_path, """
+        from fusion_engine import hookimpl
+        SEEN = []
+
+        @hookimpl
+        def on_member_ready(run, member):
+            raise RuntimeError("a plugin's hook raising aborts the run")
+
+        @hookimpl
+        def on_run_finished(run, status):
+            SEEN.append(status)
+            raise ValueError("too late to matter")
+    """)
+    spec = write_spec(tmp_path / "spec.yaml", toy_spec_data(name="late", plugins=[str(TOY_PLUGIN), str(plugin)]))
+    with pytest.raises(RuntimeError, match="aborts the run"):
+        run_experiment(spec, registry=toy_registry, quiet=True)
+    record = summary(latest_run(toy_registry))
+    assert record["status"] == "failed" and record["error"] == "RuntimeError: a plugin's hook raising aborts the run"
+    assert record["warnings"][-1] == "a plugin's on_run_finished failed: ValueError: too late to matter"
+    assert loaded(plugin).SEEN == ["failed"]
+
+
+def test_hook_register_trackers(tmp_path, toy_registry):
+    run_dir, events = run_list_tracker(tmp_path, toy_registry, {"list": {}})
+    assert events == [("on_run_start", run_dir.name), ("on_member_ready", "net-a"), ("on_member_ready", "net-b"),
+                      ("on_run_end", 4), ("on_run_finished", ("complete", True))]
+    record = summary(run_dir)
+    assert record["notes"]["list"] == {"status": "ok", "heard": "start"} and record["warnings"] == []
+    assert (run_dir / "spec.yaml").read_text().endswith("tracking:\n  list:\n    fail_in: null\n")
 
 
 def test_public_api_exports_resolve():

@@ -15,7 +15,8 @@ from conftest import TOY_PLUGIN
 from fusion_engine import PluginError, SpecError
 from fusion_engine.plugins import DISABLE_ENV, get_plugins
 
-FIRST_PARTY = {"fusion_engine_datasets", "fusion_engine_executors", "fusion_engine_fusers", "fusion_engine_metrics", "fusion_engine_timm"}
+FIRST_PARTY = {"fusion_engine_datasets", "fusion_engine_executors", "fusion_engine_fusers", "fusion_engine_metrics",
+               "fusion_engine_mlflow", "fusion_engine_timm"}
 
 
 def install_fake_distribution(site: Path, dist: str, module: str, source: str, *, ep_name: str | None = None) -> None:
@@ -166,6 +167,8 @@ def test_plugins_command_json_lists_versions_hooks_and_records():
     assert "nll" in rows["fusion_engine_metrics"]["metrics"]
     assert rows["fusion_engine_metrics"]["version"]
     assert rows["fusion_engine_executors"]["executors"] == ["local", "ray"]
+    assert (rows["fusion_engine_mlflow"]["trackers"], rows["fusion_engine_mlflow"]["hooks"]) == (["mlflow"],
+                                                                                              ["register_trackers"])
 
 
 def test_plugins_in_a_pipe_cut_nothing_and_list_every_record_with_its_description():

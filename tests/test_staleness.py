@@ -4,6 +4,7 @@ is not. ``run --retrain`` trains members again on request."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import shutil
@@ -53,8 +54,9 @@ def one_member(path: Path, member: dict, plugins: list[str]) -> Path:
         "epochs": 1, "batch_size": 16}}], fusers=[{"name": "avg", "fuser": "toy-mean"}]))
 
 
-def install(site: Path, version: str, kernel: int) -> None:
-    """The distribution ``pkg-net-plugin`` at ``version``, as pip leaves it."""
+def install(site: Path, version: str, kernel: int, *, editable: bool = False) -> None:
+    """The distribution ``pkg-net-plugin`` at ``version``, as pip leaves it: from a wheel (its
+    RECORD lists the module), or ``editable`` (pip install -e: a direct_url.json saying so)."""
     for old in site.glob("pkg_net_plugin-*.dist-info"):
         shutil.rmtree(old)
     (site / "fe_pkg_net.py").write_text(textwrap.dedent(BACKBONE_PACKAGE.format(kernel=kernel)))
@@ -62,6 +64,9 @@ def install(site: Path, version: str, kernel: int) -> None:
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: pkg-net-plugin\nVersion: {version}\n")
     (info / "entry_points.txt").write_text("[fusion_engine]\npkg-net-plugin = fe_pkg_net\n")
+    (info / "RECORD").write_text(f"fe_pkg_net.py,,\n{info.name}/METADATA,,\n{info.name}/RECORD,,\n")
+    if editable:
+        (info / "direct_url.json").write_text(json.dumps({"url": f"file://{site}", "dir_info": {"editable": True}}))
     sys.modules.pop("fe_pkg_net", None)
     importlib.invalidate_caches()
 
@@ -80,9 +85,75 @@ def test_a_new_version_of_the_plugin_package_is_a_new_member(tmp_path, monkeypat
     assert second["trained"] == ["m"] and second["members"]["m"]["key"] != first["members"]["m"]["key"]
     with Registry(tmp_path / "reg") as reg:
         code = reg.verify(reg.get(second["members"]["m"]["key"])).key_material["code"]
-    assert code["plugin"] == {"distribution": "pkg-net-plugin", "version": "0.2.0"}
-    assert set(code) == {"engine", "plugin", "torch", "timm"} and code["torch"].count(".") == 1
+    assert code["plugin"] == {"distribution": "pkg-net-plugin", "version": "0.2.0"}  # a release: its version
+    assert set(code) - {"engine_source_sha256"} == {"engine", "plugin", "torch", "timm"}
+    assert code["torch"].count(".") == 1
     sys.modules.pop("fe_pkg_net", None)
+
+
+def test_an_edited_plugin_package_installed_editable_is_a_new_member_at_the_same_version(tmp_path, monkeypatch):
+    """pip install -e: the version stays while the code changes, so the source's sha256 is the key's."""
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    install(site, "0.1.0", kernel=3, editable=True)
+    spec = one_member(tmp_path / "spec.yaml", {"backbone": "pkg-net"}, [str(TOY_PLUGIN)])
+    first = run(spec, tmp_path / "reg")
+    assert run(spec, tmp_path / "reg")["reused"] == ["m"]  # nothing changed: the same key
+    install(site, "0.1.0", kernel=5, editable=True)
+    second = run(spec, tmp_path / "reg")
+    assert second["trained"] == ["m"] and second["members"]["m"]["key"] != first["members"]["m"]["key"]
+    with Registry(tmp_path / "reg") as reg:
+        code = reg.verify(reg.get(second["members"]["m"]["key"])).key_material["code"]
+    assert set(code["plugin"]) == {"distribution", "version", "source_sha256"}
+    sys.modules.pop("fe_pkg_net", None)
+
+
+def test_the_engine_and_first_party_plugins_from_a_source_tree_enter_keys_by_their_source(tmp_path, toy_run):
+    """This checkout is an editable install: its versions do not move as its code does, so the
+    engine's and the timm plugin's sources are in a member's key; an edit to any file of a
+    package changes its sha256."""
+    import fusion_engine
+    from fusion_engine.plugins import get_plugins
+    from fusion_engine.provenance import member_code, package_sha256, source_identity
+
+    if not source_identity("fusion-engine", fusion_engine.__file__):
+        pytest.skip("fusion-engine is installed from a wheel here: its version is its identity")
+    code = member_code(get_plugins([]).catalog().get("backbone", "resnet18"))
+    assert code["engine_source_sha256"] == package_sha256(str(Path(fusion_engine.__file__).resolve()))
+    assert code["plugin"]["distribution"] == "fusion-engine" and len(code["plugin"]["source_sha256"]) == 64
+    with Registry(toy_run.registry) as reg:
+        stored = reg.verify(reg.get(toy_run.keys["net-a"])).key_material["code"]
+    assert stored["engine_source_sha256"] == code["engine_source_sha256"]
+
+    package = tmp_path / "pkg"
+    shutil.copytree(Path(fusion_engine.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = package_sha256(str(package / "__init__.py"))
+    assert package_sha256(str(package / "__init__.py")) == before  # unchanged: the same
+    (package / "training.py").write_text((package / "training.py").read_text() + "\n# an edit\n")
+    assert package_sha256(str(package / "__init__.py")) != before
+
+
+def test_files_anywhere_in_params_enter_the_key_by_content_relative_to_the_spec(tmp_path, monkeypatch):
+    from fusion_engine.provenance import params_for_key
+
+    spec_dir = tmp_path / "spec"
+    (spec_dir / "ckpts").mkdir(parents=True)
+    weights = spec_dir / "w.bin"
+    weights.write_bytes(b"one")
+    (spec_dir / "ckpts" / "a.bin").write_bytes(b"a")
+    params = {"files": ["w.bin"], "nested": {"ckpt": str(weights)}, "folder": "ckpts", "name": "w"}
+    monkeypatch.chdir(tmp_path)  # not the spec's folder: relative paths are the spec's, not the cwd's
+    first = params_for_key(params, spec_dir)
+    assert first["files"][0] == first["nested"]["ckpt"] == {"sha256": hashlib.sha256(b"one").hexdigest()}
+    assert set(first["folder"]) == {"tree_sha256"} and first["name"] == "w"
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(spec_dir, moved)
+    assert params_for_key(params, moved) == first  # the same bytes elsewhere: the same key
+    weights.write_bytes(b"two")
+    assert params_for_key(params, spec_dir)["files"][0] != first["files"][0]
+    (spec_dir / "ckpts" / "b.bin").write_bytes(b"b")  # a file added to the folder
+    assert params_for_key(params, spec_dir)["folder"] != first["folder"]
 
 
 def test_an_edited_plugin_file_is_a_new_member(tmp_path):

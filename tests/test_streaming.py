@@ -22,15 +22,15 @@ from fusion_engine.runner import run_experiment
 CFG = InputConfig(size=8, mean=(0.5,), std=(0.5,), in_chans=1)
 
 
-def folder_spec(tmp_path: Path, name: str, **data) -> Path:
-    """The toy members on a folder of tiny PNGs, with ``data`` fields added."""
+def folder_spec(tmp_path: Path, name: str, students: list | None = None, **data) -> Path:
+    """The toy members on a folder of tiny PNGs, with ``data`` fields (and ``students``) added."""
     return write_spec(tmp_path / f"{name}.yaml", toy_spec_data(
         name=name, data={"dataset": "imagefolder", "params": {"root": "images"}, "image_size": 8,
                          "split": {"val": 0.25, "test": 0.25}, **data},
         members=[{"name": "net-a", "backbone": "toy-net", "train": {"epochs": 2, "batch_size": 8}},
                  {"name": "net-b", "backbone": "toy-net", "seed": 5,
                   "train": {"epochs": 1, "batch_size": 5, "augment": {"hflip": True, "shift": 0.25}}}],
-        fusers=[{"name": "avg", "fuser": "toy-mean"}]))
+        fusers=[{"name": "avg", "fuser": "toy-mean"}], students=students or []))
 
 
 def outputs(registry: Path, run: dict) -> dict:
@@ -59,6 +59,25 @@ def test_a_member_trains_to_the_same_weights_from_memory_from_disk_and_streamed(
     log = (other.run_dir / "run.log").read_text()
     expected = "reading them from the decoded-image cache" if storage == "disk" else "decoding them per batch"
     assert expected in log and "data.storage: " + storage in log
+
+
+@pytest.mark.parametrize("storage", ["disk", "stream"])
+def test_a_student_distils_to_the_same_weights_from_memory_from_disk_and_streamed(make_image_folder, tmp_path, storage):
+    """Its teacher's probabilities follow its images into each shuffled batch, whichever way they are read."""
+    make_image_folder(per_class=8, size=20)
+    pupil = [{"name": "pupil", "backbone": "toy-net", "teacher": "avg", "distill": {"alpha": 0.9, "temperature": 2.0},
+              "train": {"epochs": 2, "batch_size": 5, "augment": {"hflip": True}}}]
+    memory = run_experiment(folder_spec(tmp_path, "memory", pupil, storage="memory"), registry=tmp_path / "a", quiet=True)
+    other = run_experiment(folder_spec(tmp_path, storage, pupil, storage=storage, workers=2 if storage == "stream" else 0),
+                           registry=tmp_path / "b", quiet=True)
+    first = json.loads((memory.run_dir / "run.json").read_text())
+    second = json.loads((other.run_dir / "run.json").read_text())
+    assert first["members"]["pupil"]["source"] == "student"
+    assert first["members"]["pupil"]["key"] == second["members"]["pupil"]["key"]  # the same soft targets
+    a, b = outputs(tmp_path / "a", first)["pupil"], outputs(tmp_path / "b", second)["pupil"]
+    assert a.keys() == b.keys() and "val_logits" in a
+    for tensor in a:
+        np.testing.assert_array_equal(a[tensor], b[tensor], err_msg=f"pupil {tensor}")
 
 
 def test_data_over_the_budget_is_streamed_or_read_from_disk_and_the_choice_is_logged(make_image_folder, tmp_path):

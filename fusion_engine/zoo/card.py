@@ -85,12 +85,15 @@ class MemberCard(_Part):
 
     ``source`` says where the member's outputs came from: ``trained`` by the engine, run from
     ``weights`` trained elsewhere, or read from ``predictions`` made elsewhere (no weights then);
-    ``origin`` identifies that file (its name, sha256, and the class order it was read in).
+    ``origin`` identifies that file (its name, sha256, and the class order it was read in). A
+    ``student`` was trained by the engine to imitate ``teacher`` (a fuser's or member's
+    probabilities on train: its name, kind, members' keys and the sha256 of those targets).
     """
 
     version: int = CARD_VERSION
-    source: Literal["trained", "weights", "predictions"] = "trained"
+    source: Literal["trained", "weights", "predictions", "student"] = "trained"
     origin: Optional[dict[str, Any]] = None
+    teacher: Optional[dict[str, Any]] = None
     format: int = 1  # the key format (:data:`fusion_engine.zoo.keys.ZOO_FORMAT`) the member was keyed with
     key: Optional[str] = None
     created: Optional[str] = None

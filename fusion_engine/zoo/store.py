@@ -62,7 +62,8 @@ def resolve_registry(registry: str | os.PathLike | None = None) -> Path:
 
 @dataclass
 class MemberOutputs:
-    """A stored member's raw (uncalibrated) logits, labels and sample ids on val and test."""
+    """A stored member's raw (uncalibrated) logits, labels and sample ids on val and test, and on
+    train when it was predicted there (a teacher's member, for distillation)."""
 
     logits: dict[str, np.ndarray]
     labels: dict[str, np.ndarray]
@@ -209,13 +210,14 @@ class Registry:
         except SafetensorError as exc:
             raise CorruptArtifact(entry.key, "outputs.safetensors", f"not a safetensors file ({exc})") from None
         ids = json.loads(read_checked(entry.key, folder / "ids.json", entry.files["ids.json"]))
+        splits = [*SCORED_SPLITS, *(["train"] if "train_logits" in arrays else [])]
         try:
-            logits = {s: arrays[f"{s}_logits"].astype(np.float32, copy=False) for s in SCORED_SPLITS}
-            labels = {s: arrays[f"{s}_labels"].astype(np.int64, copy=False) for s in SCORED_SPLITS}
-            ids = {s: [str(i) for i in ids[s]] for s in SCORED_SPLITS}
+            logits = {s: arrays[f"{s}_logits"].astype(np.float32, copy=False) for s in splits}
+            labels = {s: arrays[f"{s}_labels"].astype(np.int64, copy=False) for s in splits}
+            ids = {s: [str(i) for i in ids[s]] for s in splits}
         except (KeyError, TypeError) as exc:
             raise CorruptArtifact(entry.key, "outputs.safetensors", f"missing {exc}") from None
-        for s in SCORED_SPLITS:
+        for s in splits:
             if logits[s].ndim != 2 or len(logits[s]) != len(labels[s]) or len(ids[s]) != len(labels[s]):
                 raise CorruptArtifact(entry.key, "outputs.safetensors", f"{s} logits, labels and ids disagree in shape")
         return MemberOutputs(logits, labels, ids)
@@ -256,7 +258,8 @@ class Registry:
             files = {**files, CARD_FILE: seal(tmp / CARD_FILE)}
             fsync_dir(tmp)
             if dest.exists():
-                self._discard_folder(dest, key)  # a leftover nobody indexes: we hold the lock
+                # a leftover nobody indexes, or the member --retrain replaces: we hold the lock
+                self._discard_folder(dest, key)
             os.rename(tmp, dest)
             fsync_dir(self.zoo_dir)
         except BaseException:
@@ -300,6 +303,30 @@ class Registry:
         self.index.insert(row)
         log.warning("recovered zoo member %s, stored by a run that stopped before indexing it", short(key))
         return row
+
+    def add_outputs(self, stored: StoredMember, split: str, logits: np.ndarray, labels: np.ndarray,
+                    ids: list[str]) -> StoredMember:
+        """Store ``stored`` again with its outputs on one more ``split`` (hold its lock): a member
+        predicted on train after it was stored, because a student's teacher needs it. Its key is
+        unchanged (the same weights give the same outputs); its other files are copied and checked."""
+        from safetensors.numpy import save_file as save_arrays
+
+        key, folder, outputs = stored.entry.key, self.member_dir(stored.entry.key), stored.outputs
+        all_logits = {**outputs.logits, split: logits}
+        all_labels = {**outputs.labels, split: labels}
+        all_ids = {**outputs.ids, split: list(ids)}
+
+        def write(tmp: Path) -> None:
+            if "model.safetensors" in stored.entry.files:
+                shutil.copyfile(folder / "model.safetensors", tmp / "model.safetensors")
+                check_file(key, tmp / "model.safetensors", stored.entry.files["model.safetensors"])
+            save_arrays({**{f"{s}_logits": np.ascontiguousarray(v, dtype=np.float32) for s, v in all_logits.items()},
+                         **{f"{s}_labels": np.ascontiguousarray(v, dtype=np.int64) for s, v in all_labels.items()}},
+                        str(tmp / "outputs.safetensors"))
+            (tmp / "ids.json").write_text(json.dumps(all_ids) + "\n", encoding="utf-8")
+
+        entry, card = self.publish(key, stored.card.model_copy(update={"files": {}}), write)
+        return StoredMember(entry, card, MemberOutputs(all_logits, all_labels, all_ids))
 
     def discard(self, key: str) -> None:
         """Drop a damaged member (hold its lock): its folder first, then its row."""

@@ -23,14 +23,15 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
 
-from fusion_engine import SPLITS, FusionEngineError, ImageDataset, Params
+from fusion_engine import IMAGE_EXTENSIONS, SPLITS, FusionEngineError, ImageDataset, Params, image_files
 
 from .paths import check_at_validation, missing_directory, resolve_path
 
 log = logging.getLogger("fusion_engine")
 
-# torchvision.datasets.folder.IMG_EXTENSIONS, without importing torchvision (it imports torch).
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# torchvision.datasets.folder.IMG_EXTENSIONS, without importing torchvision (it imports torch);
+# the core's, which ``fusion-engine predict`` walks folders with too
+IMG_EXTENSIONS = IMAGE_EXTENSIONS
 
 
 class ImageFolderParams(Params):
@@ -132,20 +133,3 @@ def _scan_classes(folder: Path, class_names: list[str], skipped: Counter) -> tup
         paths += images
         labels += [label] * len(images)
     return paths, labels
-
-
-def image_files(folder: Path, skipped: Counter | None = None) -> list[Path]:
-    """Every image under ``folder``, in a stable order, skipping hidden files and folders; the
-    other files skipped are counted by extension in ``skipped``."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in sorted(filenames):
-            if f.startswith("."):
-                continue
-            if f.lower().endswith(IMG_EXTENSIONS):
-                found.append(Path(dirpath, f))
-            elif skipped is not None:
-                skipped[os.path.splitext(f)[1].lower()] += 1
-    return found
-

@@ -65,6 +65,8 @@ def load_csv_manifest(params: CsvParams, base_dir: Path | str = ".") -> ImageDat
                 image = (manifest.parent / values[params.path_column]).resolve()
                 if not image.is_file():
                     raise FusionEngineError(f"{where}: no such image: {image}")
+                if image.stat().st_size == 0:  # is_file's stat is cached by the OS: this costs nothing more
+                    raise FusionEngineError(f"{where}: image {image} is empty (0 bytes)")
                 if image in first_line:
                     raise FusionEngineError(f"{where}: {image} is already listed on line {first_line[image]}")
                 first_line[image] = reader.line_num
@@ -87,5 +89,5 @@ def load_csv_manifest(params: CsvParams, base_dir: Path | str = ".") -> ImageDat
         class_names=[str(c) for c in class_names],
         ids=ids,
         split=np.asarray(split, dtype=object) if params.split_column else None,
-        description=f"csv manifest {manifest}",
+        description=f"csv manifest {manifest}" + (f", column '{params.split_column}'" if params.split_column else ""),
     )

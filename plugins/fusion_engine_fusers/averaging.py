@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Sequence
+from typing import TYPE_CHECKING, Annotated, Literal, Sequence
 
 import numpy as np
 from pydantic import AfterValidator, Field, NonNegativeFloat
 from scipy.special import log_softmax, softmax
 
 from fusion_engine import Fuser, check_logits
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fusion_engine import FuserGraph
 
 
 def member_weights(weights: Sequence[float] | None, n_members: int) -> np.ndarray:
@@ -17,7 +20,8 @@ def member_weights(weights: Sequence[float] | None, n_members: int) -> np.ndarra
         return np.full(n_members, 1.0 / n_members)
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (n_members,):
-        raise ValueError(f"{len(w)} weights given for {n_members} members")
+        raise ValueError(f"weights: {len(w)} given for {n_members} members; give one per member, in the fuser's "
+                         f"members' order")
     if np.any(w < 0) or not w.sum() > 0:
         raise ValueError(f"weights must be non-negative with a positive sum, got {list(weights)}")
     return w / w.sum()
@@ -70,6 +74,9 @@ class Mean(Fuser):
         self.space = space
         self.weights = weights
 
+    def check_members(self, n_members: int) -> None:
+        member_weights(self.weights, n_members)
+
     def fit(self, logits: np.ndarray, y: np.ndarray) -> "Mean":
         super().fit(logits, y)
         self.weights_ = member_weights(self.weights, self.n_members_)
@@ -81,6 +88,12 @@ class Mean(Fuser):
         if self.space == "logprob":
             return softmax(np.tensordot(w, log_softmax(logits, axis=2), axes=1), axis=1)
         return np.tensordot(w, softmax(logits, axis=2), axes=1)
+
+    def onnx_proba(self, graph: FuserGraph, logits: str) -> str:
+        w = member_weights(self.weights, graph.n_members)
+        if self.space == "logprob":
+            return graph.op("Softmax", graph.weighted_sum(w, graph.op("LogSoftmax", logits, axis=2)), axis=1)
+        return graph.weighted_sum(w, graph.op("Softmax", logits, axis=2))
 
 
 class Weighted(Fuser):
@@ -101,3 +114,6 @@ class Weighted(Fuser):
     def predict_proba(self, logits: np.ndarray) -> np.ndarray:
         logits = check_logits(logits)
         return np.tensordot(member_weights(self.weights_, logits.shape[0]), softmax(logits, axis=2), axes=1)
+
+    def onnx_proba(self, graph: FuserGraph, logits: str) -> str:
+        return graph.weighted_sum(member_weights(self.weights_, graph.n_members), graph.op("Softmax", logits, axis=2))

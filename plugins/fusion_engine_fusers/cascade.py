@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
 from pydantic import Field, PositiveFloat
 from scipy.special import softmax
 
 from fusion_engine import Fuser, apply_temperature, check_logits, fit_temperature
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fusion_engine import FuserGraph
 
 log = logging.getLogger("fusion_engine")
 
@@ -123,6 +126,33 @@ class Cascade(Fuser):
         for k, member in enumerate(self.order_):
             used[:, member] = stage >= k
         return used
+
+    def consult_order(self) -> list[int]:
+        """Stage k needs member ``order_[k]`` only when stages 0..k-1 (the members before it)
+        were not confident enough: an exported cascade runs each member on the images that reach it."""
+        return [int(m) for m in self.order_]
+
+    def onnx_proba(self, graph: FuserGraph, logits: str) -> str:
+        """:meth:`predict_proba` as a graph: the running means, each stage's confidence, the first
+        stage that reaches its threshold (the last stage's threshold is -inf), that stage's mean.
+        A graph has no early exit: it runs every member on every image, so it gives the cascade's
+        probabilities at the cost of all its members."""
+        k = len(self.order_)
+        proba = graph.op("Gather", graph.op("Softmax", logits, axis=2), graph.const(self.order_, "int64"), axis=0)
+        means = graph.op("Div", graph.op("CumSum", proba, graph.const(0, "int64")),
+                         graph.const(np.arange(1, k + 1, dtype=np.float64).reshape(-1, 1, 1)))
+        scores = means
+        if self.confidence == "calibrated":  # as apply_temperature(log(clip(m, 1e-12)), t) per stage
+            temperatures = np.asarray([*self.temperatures_, 1.0], dtype=np.float64).reshape(-1, 1, 1)
+            log_means = graph.op("Log", graph.op("Max", means, graph.const(1e-12)))
+            scores = graph.op("Softmax", graph.op("Div", log_means, graph.const(temperatures)), axis=2)
+        conf = graph.op("ReduceMax", scores, graph.const([2], "int64"), keepdims=0)  # (K, N)
+        thresholds = np.asarray([*self.thresholds_, -np.inf], dtype=np.float64).reshape(-1, 1)
+        passes = graph.cast(graph.op("GreaterOrEqual", conf, graph.const(thresholds)), "float64")
+        stage = graph.op("ArgMax", passes, axis=0, keepdims=1, select_last_index=0)  # (1, N): the first stage that passes
+        chosen = graph.cast(graph.op("Equal", stage, graph.const(np.arange(k).reshape(-1, 1), "int64")), "float64")
+        picked = graph.op("Mul", means, graph.op("Unsqueeze", chosen, graph.const([2], "int64")))
+        return graph.op("ReduceSum", picked, graph.const([0], "int64"), keepdims=0)  # exact: one term is not zero
 
     def _running_means(self, logits: np.ndarray) -> np.ndarray:
         """``(K, N, C)``: stage k's mean of the probabilities of the first k + 1 members in order."""

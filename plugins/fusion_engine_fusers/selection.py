@@ -17,13 +17,16 @@ less greedy when there are many members and few validation samples.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
 from pydantic import Field, NonNegativeInt, PositiveInt
 from scipy.special import softmax
 
 from fusion_engine import Fuser, check_logits
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fusion_engine import FuserGraph
 
 from .averaging import member_weights
 
@@ -90,3 +93,6 @@ class Caruana(Fuser):
     def predict_proba(self, logits: np.ndarray) -> np.ndarray:
         logits = check_logits(logits)
         return np.tensordot(member_weights(self.weights_, logits.shape[0]), softmax(logits, axis=2), axes=1)
+
+    def onnx_proba(self, graph: FuserGraph, logits: str) -> str:
+        return graph.weighted_sum(member_weights(self.weights_, graph.n_members), graph.op("Softmax", logits, axis=2))

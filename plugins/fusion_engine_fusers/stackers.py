@@ -9,12 +9,15 @@ validation sets: a regularised model with few degrees of freedom.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 from pydantic import Field, PositiveFloat, PositiveInt
 
 from fusion_engine import StackingFuser
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fusion_engine import FuserGraph
 
 #: the parameters every stacker shares (see :class:`fusion_engine.StackingFuser`)
 Folds = Annotated[int, Field(ge=2, description="folds for scoring the stacker out-of-fold on val")]
@@ -47,6 +50,18 @@ class LogisticStacking(StackingFuser):
             setattr(estimator, name, np.asarray(value, dtype=np.int64 if name == "classes_" else np.float64))
         estimator.n_features_in_ = estimator.coef_.shape[1]
         return estimator
+
+    def onnx_estimator(self, graph: FuserGraph, features: str) -> str:
+        """scikit-learn's ``predict_proba``: ``softmax(X W^T + b)``, or for two classes (one row of
+        coefficients) ``[1 - sigmoid(d), sigmoid(d)]``."""
+        estimator = self.final_estimator_
+        coef = np.atleast_2d(np.asarray(estimator.coef_, dtype=np.float64))
+        decision = graph.op("Add", graph.op("MatMul", features, graph.const(coef.T)),
+                            graph.const(np.asarray(estimator.intercept_, dtype=np.float64).reshape(-1)))
+        if coef.shape[0] == 1:
+            positive = graph.op("Sigmoid", decision)
+            return graph.op("Concat", graph.op("Sub", graph.const([[1.0]]), positive), positive, axis=1)
+        return graph.op("Softmax", decision, axis=1)
 
 
 Fraction = Annotated[float, Field(gt=0, le=1)]
@@ -91,6 +106,26 @@ class XGBoostStacking(StackingFuser):
         estimator = self.make_estimator()
         estimator.load_model(bytearray(json.dumps(state["booster"]).encode()))
         return estimator
+
+    def onnx_estimator(self, graph: FuserGraph, features: str) -> str:
+        """The booster as onnxmltools converts it (a ``TreeEnsembleClassifier``), fed float32
+        features as XGBoost's DMatrix rounds them. Trees jump at their thresholds: members whose
+        logits move by float32 noise can move a sample across one, so the graph matches
+        :meth:`predict_proba` on its own members' logits, not always to 1e-4 on the engine's."""
+        try:
+            from onnxmltools import convert_xgboost
+            from onnxmltools.convert.common.data_types import FloatTensorType
+        except ImportError:
+            raise NotImplementedError("fuser xgboost-stacking needs onnxmltools for its ONNX graph "
+                                      "(pip install 'fusion-engine[onnx]')") from None
+        n_features = self.final_estimator_.get_booster().num_features()
+        try:
+            trees = convert_xgboost(self.final_estimator_, initial_types=[("features", FloatTensorType([None, n_features]))])
+        except Exception as exc:  # the converter refuses what it cannot express
+            raise NotImplementedError(f"onnxmltools cannot convert this XGBoost model: {type(exc).__name__}: "
+                                      f"{' '.join(str(exc).split())}") from None
+        _, proba = graph.include(trees, {"features": graph.cast(features, "float32")}, ["label", "probabilities"])
+        return graph.cast(proba, "float64")
 
     def feature_importances(self, estimator: Any) -> np.ndarray:
         """How many tree splits use each feature (XGBoost's ``weight`` importance)."""

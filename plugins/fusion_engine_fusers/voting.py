@@ -16,12 +16,15 @@ argmax is exactly the tie-broken vote, which is how the engine scores accuracy. 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from scipy.special import softmax
 
 from fusion_engine import Fuser, check_logits
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fusion_engine import FuserGraph
 
 from .averaging import MemberWeights, learn_weights, member_weights
 
@@ -58,6 +61,10 @@ class Vote(Fuser):
     def requires_fit(self) -> bool:
         return self.weights == "learned"
 
+    def check_members(self, n_members: int) -> None:
+        if not self.requires_fit:
+            member_weights(self.weights, n_members)
+
     def fit(self, logits: np.ndarray, y: np.ndarray) -> "Vote":
         super().fit(logits, y)
         if self.requires_fit:
@@ -71,3 +78,22 @@ class Vote(Fuser):
         weights = self.weights_ if self.requires_fit else self.weights
         shares, winner = vote(logits, member_weights(weights, logits.shape[0]))
         return (1 - TIE_BREAK) * shares + TIE_BREAK * np.eye(logits.shape[2])[winner]
+
+    def onnx_proba(self, graph: FuserGraph, logits: str) -> str:
+        """:func:`vote` and :meth:`predict_proba` node for node: the first highest logit of each
+        member, the weighted shares, the tie-break on the weighted mean probability."""
+        w = member_weights(self.weights_ if self.requires_fit else self.weights, graph.n_members)
+        classes = graph.const(np.arange(graph.n_classes), "int64")
+
+        def one_hot(index: str) -> str:
+            return graph.cast(graph.op("Equal", index, classes), "float64")
+
+        top = graph.op("ArgMax", logits, axis=2, keepdims=1, select_last_index=0)  # (M, N, 1): the first maximum
+        shares = graph.weighted_sum(w, one_hot(top))
+        mean_proba = graph.weighted_sum(w, graph.op("Softmax", logits, axis=2))
+        best = graph.op("ReduceMax", shares, graph.const([1], "int64"), keepdims=1)
+        tied = graph.op("GreaterOrEqual", shares, graph.op("Sub", best, graph.const(TIE_TOLERANCE)))
+        masked = graph.op("Where", tied, mean_proba, graph.const(-np.inf))
+        winner = graph.op("ArgMax", masked, axis=1, keepdims=1, select_last_index=0)
+        return graph.op("Add", graph.op("Mul", shares, graph.const(1 - TIE_BREAK)),
+                        graph.op("Mul", one_hot(winner), graph.const(TIE_BREAK)))

@@ -122,16 +122,47 @@ def timm_weights(params: TimmParams) -> dict | None:
     return weights_identity(params.model, params)
 
 
+#: what ``validate`` needs of the ready-made names, known without importing torch or timm: timm's
+#: pretrained config (input size, mean, std, and the evaluation resize and crop) and how many times the network halves its input (all
+#: its downsampling steps are 3x3 stride-2 convolutions or pools with padding 1, or ResNet's 7x7
+#: stem with padding 3: each gives ceil(size / 2)), and how many with ``small_input``'s stem.
+#: tests/test_backbones.py checks both against timm.
+READY = {
+    "resnet18": {"size": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+                 "interpolation": "bicubic", "crop_pct": 0.95, "crop_mode": "center", "halvings": 5,
+                 "small_input_halvings": 3},
+    "mobilenetv2_100": {"size": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+                        "interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center", "halvings": 5,
+                        "small_input_halvings": 3},
+}
+
+
 def _ready(model_name: str) -> dict[str, Any]:
-    """``build``, ``input_config`` and ``check`` of a ready-made name for one timm architecture."""
+    """``build``, ``input_config`` and ``check`` of a ready-made name for one timm architecture.
+    Its ``input_config``, and its ``check`` when the member has no ``pretrained_file``, no hub
+    weights and no ``kwargs``, need neither torch nor timm (:data:`READY`): ``validate`` of the quickstart stays fast."""
+    known = READY[model_name]
+
     def build(params: BackboneParams, num_classes: int, image_size: int | None = None) -> BuiltBackbone:
         return build_model(model_name, params, num_classes=num_classes, image_size=image_size)
 
     def input_config(params: BackboneParams, image_size: int | None = None) -> InputConfig:
-        return model_input_config(model_name, params, image_size=image_size)
+        return _input({"input_size": (3, known["size"], known["size"]),
+                       **{k: known[k] for k in ("mean", "std", "interpolation", "crop_pct", "crop_mode")}},
+                      params, image_size)
 
     def check(params: BackboneParams, *, num_classes: int, image_size: int | None = None) -> None:
-        check_model(model_name, params, num_classes=num_classes, image_size=image_size)
+        if params.pretrained_file is not None or params.kwargs or uses_hub(model_name, params):  # weights to fit
+            return check_model(model_name, params, num_classes=num_classes, image_size=image_size)
+        small = _small(params, image_size)
+        halvings = known["small_input_halvings" if small else "halvings"]
+
+        def final(width: int) -> tuple[int, int]:
+            for _ in range(halvings):
+                width = -(-width // 2)
+            return (width, width)
+
+        _warn_if_collapsed(model_name, params, image_size, image_size or known["size"], final, adapted=small)
 
     def weights(params: BackboneParams) -> dict | None:
         return weights_identity(model_name, params)
@@ -255,6 +286,7 @@ def check_model(name: str, params: BackboneParams, *, num_classes: int, image_si
     with torch.device("meta"):
         model = _bare_model(name, params, num_classes)
         adapted = small and adapt_small_input(model, size=size)
+    _check_kwargs_types(model, params.kwargs)
     if small and not adapted and params.small_input is True:
         raise FusionEngineError(_cannot_adapt(name, model))
     try:
@@ -268,15 +300,48 @@ def check_model(name: str, params: BackboneParams, *, num_classes: int, image_si
         except Exception as exc:
             raise FusionEngineError(f"timm model '{name}' cannot take {size} px images ({_first_line(exc)}); "
                                     f"change data.image_size") from None
-    if final is not None and min(final) < 2:
-        smallest = _smallest_size_for(model, params.in_chans, size)
-        stem = ("even with small_input's stem" if adapted else
-                "small_input could not adapt its stem" if small else "small_input is off")
-        hint = f"use data.image_size >= {smallest}" if smallest else "use a larger data.image_size"
-        if not _small(params, image_size) and params.small_input is not True:
-            hint += " or small_input: true"
-        log.warning("timm model '%s' at %d px ends in a %dx%d feature map (%s), which leaves little to classify; %s "
-                    "to keep a 2x2 map", name, size, final[0], final[1], stem, hint)
+    if final is not None:
+        _warn_if_collapsed(name, params, image_size, size, lambda width: _final_map(model, params.in_chans, width),
+                           adapted=adapted, final=final)
+
+
+def _warn_if_collapsed(name: str, params: BackboneParams, image_size: int | None, size: int, final_map, *,
+                       adapted: bool, final: tuple[int, int] | None = None) -> None:
+    """Warn when the network's last feature map at ``size`` px is smaller than 2x2, naming the
+    smallest ``data.image_size`` that keeps one; ``final_map(width)`` gives the map's size."""
+    final = final if final is not None else final_map(size)
+    if min(final) >= 2:
+        return
+    small = _small(params, image_size)
+    smallest = _smallest_size_for(final_map, size)
+    stem = ("even with small_input's stem" if adapted else
+            "small_input could not adapt its stem" if small else "small_input is off")
+    hint = f"use data.image_size >= {smallest}" if smallest else "use a larger data.image_size"
+    if not small and params.small_input is not True:
+        hint += " or small_input: true"
+    log.warning("timm model '%s' at %d px ends in a %dx%d feature map (%s), which leaves little to classify; %s "
+                "to keep a 2x2 map", name, size, final[0], final[1], stem, hint)
+
+
+def _check_kwargs_types(model: Any, kwargs: dict[str, Any]) -> None:
+    """``kwargs`` are free-form, so pydantic cannot tell a boolean from a number there: a
+    boolean given for a parameter of the model's class whose default is a number is refused
+    (timm would read ``drop_path_rate: true`` as 1.0), and a number for one whose default is a
+    boolean."""
+    import inspect
+
+    try:
+        defaults = {p.name: p.default for p in inspect.signature(type(model).__init__).parameters.values()}
+    except (TypeError, ValueError):
+        return
+    for key, value in kwargs.items():
+        default = defaults.get(key, inspect.Parameter.empty)
+        if isinstance(default, bool) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise FusionEngineError(f"kwargs.{key}: expected true or false, not {value!r} ({type(model).__name__}'s "
+                                    f"{key} defaults to {default})")
+        if isinstance(value, bool) and isinstance(default, (int, float)) and not isinstance(default, bool):
+            raise FusionEngineError(f"kwargs.{key}: expected a number, not {str(value).lower()} "
+                                    f"({type(model).__name__}'s {key} defaults to {default})")
 
 
 def model_input_config(name: str, params: BackboneParams, *, image_size: int | None = None) -> InputConfig:
@@ -375,11 +440,12 @@ def _final_map(model: Any, in_chans: int, size: int) -> tuple[int, int] | None:
     return tuple(out.shape[-2:]) if out.ndim == 4 else None
 
 
-def _smallest_size_for(model: Any, in_chans: int, size: int, limit: int = 1024) -> int | None:
-    """The smallest multiple of 8 above ``size`` whose final feature map is at least 2x2."""
+def _smallest_size_for(final_map, size: int, limit: int = 1024) -> int | None:
+    """The smallest multiple of 8 above ``size`` whose final feature map (``final_map(width)``)
+    is at least 2x2."""
     def fits(width: int) -> bool:
         try:
-            final = _final_map(model, in_chans, width)
+            final = final_map(width)
         except Exception:
             return False
         return final is not None and min(final) >= 2

@@ -68,6 +68,8 @@ def build_file_net(params: FileNetParams, num_classes: int, image_size: int | No
 
 class ToyDataParams(Params):
     n_per_class: int = Field(12, ge=4)
+    own_split: bool = Field(False, description="the dataset's own split: per class, half train, a quarter val and test")
+    scramble_test: bool = Field(False, description="with own_split: the test labels shuffled (nothing may read them)")
 
 
 def load_toy_data(params: ToyDataParams, base_dir=None) -> ImageDataset:
@@ -83,8 +85,17 @@ def load_toy_data(params: ToyDataParams, base_dir=None) -> ImageDataset:
                 img[4:] += 200
             images.append(img)
             labels.append(label)
-    return ImageDataset(np.stack(images), np.array(labels), ["top", "bottom", "dark"],
-                        [f"toy-{i}" for i in range(len(labels))])
+    labels = np.array(labels)
+    split = None
+    if params.own_split:
+        n = params.n_per_class
+        per_class = ["train"] * (n - 2 * (n // 4)) + ["val"] * (n // 4) + ["test"] * (n // 4)
+        split = np.array(per_class * 3, dtype=object)
+        if params.scramble_test:
+            test = np.flatnonzero(split == "test")
+            labels[test] = np.random.default_rng(1).permutation(labels[test])
+    return ImageDataset(np.stack(images), labels, ["top", "bottom", "dark"],
+                        [f"toy-{i}" for i in range(len(labels))], split=split)
 
 
 class ToyMean(Fuser):
