@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fusion_engine import FusionEngineError, ImageDataset
+from fusion_engine import FusionEngineError, ImageDataset, InputConfig
 from fusion_engine.data import dataset_fingerprint, split_indices
 from fusion_engine.preprocess import load_images
 from fusion_engine.spec import SplitSpec
@@ -263,6 +263,36 @@ def test_new_image_files_are_made_as_the_dataset_resized_them(tmp_path):
     assert np.array_equal(tensor.numpy(), from_arrays.numpy())
     tensor, errors = decode_images(paths, 13, 3, RESIZE_PIL)
     assert errors == {} and np.array_equal(tensor.numpy(), from_files.numpy())
+
+
+@pytest.mark.parametrize("method", ["pil", "tensor"])
+def test_new_images_for_a_photo_member_get_its_resize_and_centre_crop(tmp_path, method):
+    """A member on the photo path saw timm's evaluation resize and centre crop (not a squash) in
+    its run; new files, arrays and batches get exactly that, whichever resize the dataset's squash
+    used, and an unreadable file is reported by position."""
+    import torch
+
+    from fusion_engine.preprocess import batch_pixels, decode_images, is_squash
+
+    cfg = InputConfig(size=24, mean=(0.5,) * 3, std=(0.5,) * 3, in_chans=3, interpolation="bicubic",
+                      crop_pct=0.875, crop_mode="center")
+    assert not is_squash(cfg)
+    rng = np.random.default_rng(1)
+    arrays = rng.integers(0, 256, size=(4, 40, 56, 3), dtype=np.uint8)  # not square: the crop shows
+    paths = []
+    for i, a in enumerate(arrays):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(a).save(paths[-1])
+    expected = load_images(paths, np.arange(4), cfg)
+    squashed = load_images(paths, np.arange(4), size=24, in_chans=3)
+    assert not torch.equal(expected, squashed)
+    assert torch.equal(load_images(arrays, np.arange(4), cfg), expected)
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    decoded, errors = decode_images([*paths[:2], tmp_path / "bad.png", *paths[2:]], cfg, method=method)
+    assert list(errors) == [2] and torch.equal(decoded, expected)
+    decoded, errors = decode_images(list(arrays), cfg, method=method)
+    assert errors == {} and torch.equal(decoded, expected)
+    assert torch.equal(batch_pixels(torch.from_numpy(arrays).permute(0, 3, 1, 2), cfg), expected)
 
 
 # -- import cost -----------------------------------------------------------------------------------
