@@ -109,12 +109,7 @@ def preflight(resolved: ResolvedSpec, *, registry: Path | None = None, retrain: 
                     checked.origins[i], checked.predictions[i] = read_member_predictions(resolved, i, checked)
             if bound is None:
                 continue
-            with _located(resolved, ("members", i, "params"), plugin=plugin_code(bound, "member", mspec.name)):
-                checked.inputs[i] = member_input(bound, num_classes=checked.num_classes, data_spec=spec.data,
-                                                 seed=spec.seed if mspec.seed is None else mspec.seed)
-                if bound.record.check is not None:
-                    bound.record.check(bound.params, num_classes=checked.num_classes,
-                                       image_size=checked.inputs[i].size)
+            checked.inputs[i] = _network_input(resolved, ("members", i), bound, mspec, checked)
             if mspec.weights is not None:
                 with _located(resolved, ("members", i, "weights"), plugin=plugin_code(bound, "member", mspec.name)):
                     checked.origins[i] = check_member_weights(resolved, i, checked)
@@ -122,12 +117,7 @@ def preflight(resolved: ResolvedSpec, *, registry: Path | None = None, retrain: 
             checked.references, checked.fingerprint = resolve_references(resolved, registry, dataset, indices)
         check_fusers(resolved, checked)
         for j, (sspec, bound) in enumerate(zip(spec.students, resolved.students)):
-            with _located(resolved, ("students", j, "params"), plugin=plugin_code(bound, "student", sspec.name)):
-                checked.student_inputs[j] = member_input(bound, num_classes=checked.num_classes, data_spec=spec.data,
-                                                         seed=spec.seed if sspec.seed is None else sspec.seed)
-                if bound.record.check is not None:
-                    bound.record.check(bound.params, num_classes=checked.num_classes,
-                                       image_size=checked.student_inputs[j].size)
+            checked.student_inputs[j] = _network_input(resolved, ("students", j), bound, sspec, checked)
         if spec.students:
             check_teachers(resolved, checked, registry)
     return checked
@@ -161,6 +151,17 @@ def check_fusers(resolved: ResolvedSpec, checked: Preflight) -> None:
                 raise SpecError(f"fuser {fspec.name} ({fspec.fuser}) needs each member's inference cost, and member "
                                 f"{name} has none (its predictions were made elsewhere): give that member "
                                 f"infer_ms_per_image", file=resolved.file, loc=("fusers", j, "fuser"))
+
+
+def _network_input(resolved: ResolvedSpec, loc: tuple, bound, entry, checked: Preflight) -> InputConfig:
+    """A member's or student's input config, and its backbone's own check, reported at ``loc``."""
+    spec = resolved.spec
+    with _located(resolved, (*loc, "params"), plugin=plugin_code(bound, loc[0].rstrip("s"), entry.name)):
+        cfg = member_input(bound, num_classes=checked.num_classes, data_spec=spec.data,
+                           seed=spec.seed if entry.seed is None else entry.seed)
+        if bound.record.check is not None:
+            bound.record.check(bound.params, num_classes=checked.num_classes, image_size=cfg.size)
+    return cfg
 
 
 def check_teachers(resolved: ResolvedSpec, checked: Preflight, registry: Path | None) -> None:
