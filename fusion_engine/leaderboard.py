@@ -203,7 +203,7 @@ class BudgetChoice:
         """One line for a person: the row, its test accuracy with its interval, and its cost."""
         budget = f"{self.budget_ms:g} ms per image"
         unknown = f" ({self.n_unknown} rows of unknown cost left out)" if self.n_unknown else ""
-        if self.row is None and self.n_fit == 0 and self.n_unknown and not self.n_known:
+        if self.n_unknown and not self.n_known:
             return f"no row of this leaderboard has a known inference cost, so none can be chosen within {budget}"
         if self.row is None:
             return f"no row's inference cost fits {budget}{unknown}"

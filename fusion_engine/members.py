@@ -278,7 +278,7 @@ class MemberStage:
         same_key: dict[str, list[tuple[PlannedMember, MemberJob]]] = {}
         for p, job in jobs:  # members alike in all but their names share a key: trained once
             same_key.setdefault(p.key, []).append((p, job))
-        for key, group in same_key.items():  # members alike but in name: train too if any one's teacher needs it
+        for key, group in same_key.items():  # train too when a student's teacher needs it (any of the group's names)
             if key not in self._completing and any(p.name in self.need_train for p, _ in group):
                 group[0][1].splits = SPLITS
         for key, lock in held.items():
@@ -346,7 +346,6 @@ class MemberStage:
             pretrained=self.pretrained.get(p.index) if p.source in ("trained", "student") else None,
             weights=origin.path if origin is not None else None, class_order=origin.order if origin is not None else None,
             weights_sha256=origin.sha256 if origin is not None else None,
-            splits=SPLITS if p.name in self.need_train else SCORED_SPLITS,
         )
         stored = self._completing.get(p.key)
         if stored is not None:  # its stored weights, run on train alone (in the class order they were stored in)

@@ -114,21 +114,7 @@ def preflight(resolved: ResolvedSpec, *, registry: Path | None = None, retrain: 
                     checked.origins[i], checked.predictions[i] = read_member_predictions(resolved, i, checked)
             if bound is None:
                 continue
-            with _located(resolved, ("members", i, "params"), plugin=plugin_code(bound, "member", mspec.name)):
-                checked.inputs[i] = member_input(bound, num_classes=checked.num_classes, data_spec=spec.data,
-                                                 seed=spec.seed if mspec.seed is None else mspec.seed,
-                                                 train=mspec.train)
-                if bound.record.check is not None:
-                    bound.record.check(bound.params, num_classes=checked.num_classes,
-                                       image_size=checked.inputs[i].size)
-                if bound.record.weights is not None:
-                    checked.pretrained[i] = bound.record.weights(bound.params)
-            if mspec.train is not None:
-                try:
-                    check_augment(mspec.train.augment, checked.inputs[i])
-                except AugmentError as exc:
-                    raise SpecError(str(exc), file=resolved.file,
-                                    loc=("members", i, "train", "augment", exc.field)) from None
+            checked.inputs[i], checked.pretrained[i] = _network_input(resolved, ("members", i), bound, mspec, checked)
             if mspec.weights is not None:
                 with _located(resolved, ("members", i, "weights"), plugin=plugin_code(bound, "member", mspec.name)):
                     checked.origins[i] = check_member_weights(resolved, i, checked)
@@ -136,20 +122,9 @@ def preflight(resolved: ResolvedSpec, *, registry: Path | None = None, retrain: 
             checked.references, checked.fingerprint = resolve_references(resolved, registry, dataset, indices)
         check_fusers(resolved, checked)
         for j, (sspec, bound) in enumerate(zip(spec.students, resolved.students)):
-            with _located(resolved, ("students", j, "params"), plugin=plugin_code(bound, "student", sspec.name)):
-                checked.student_inputs[j] = member_input(bound, num_classes=checked.num_classes, data_spec=spec.data,
-                                                         seed=spec.seed if sspec.seed is None else sspec.seed,
-                                                         train=sspec.train)
-                if bound.record.check is not None:
-                    bound.record.check(bound.params, num_classes=checked.num_classes,
-                                       image_size=checked.student_inputs[j].size)
-                if bound.record.weights is not None:
-                    checked.student_pretrained[j] = bound.record.weights(bound.params)
+            checked.student_inputs[j], checked.student_pretrained[j] = _network_input(
+                resolved, ("students", j), bound, sspec, checked)
             augment = sspec.train.augment
-            try:
-                check_augment(augment, checked.student_inputs[j])
-            except AugmentError as exc:
-                raise SpecError(str(exc), file=resolved.file, loc=("students", j, "train", "augment", exc.field)) from None
             if augment.mixup > 0 or augment.cutmix > 0:  # its teacher's targets are for whole images, not mixed pairs
                 raise SpecError(f"student {sspec.name}: mixup and cutmix cannot be used with distillation (its teacher's "
                                 f"probabilities are for unmixed images); set them to 0",
@@ -188,6 +163,26 @@ def check_fusers(resolved: ResolvedSpec, checked: Preflight) -> None:
                 raise SpecError(f"fuser {fspec.name} ({fspec.fuser}) needs each member's inference cost, and member "
                                 f"{name} has none (its predictions were made elsewhere): give that member "
                                 f"infer_ms_per_image", file=resolved.file, loc=("fusers", j, "fuser"))
+
+
+def _network_input(resolved: ResolvedSpec, loc: tuple, bound, entry, checked: Preflight):
+    """A member's or student's input config and pretrained weights' identity, its backbone's own
+    check and its augmentation settings against that input, reported at ``loc``."""
+    spec = resolved.spec
+    pretrained = None
+    with _located(resolved, (*loc, "params"), plugin=plugin_code(bound, loc[0].rstrip("s"), entry.name)):
+        cfg = member_input(bound, num_classes=checked.num_classes, data_spec=spec.data,
+                           seed=spec.seed if entry.seed is None else entry.seed, train=entry.train)
+        if bound.record.check is not None:
+            bound.record.check(bound.params, num_classes=checked.num_classes, image_size=cfg.size)
+        if bound.record.weights is not None:
+            pretrained = bound.record.weights(bound.params)
+    if entry.train is not None:
+        try:
+            check_augment(entry.train.augment, cfg)
+        except AugmentError as exc:
+            raise SpecError(str(exc), file=resolved.file, loc=(*loc, "train", "augment", exc.field)) from None
+    return cfg, pretrained
 
 
 def check_teachers(resolved: ResolvedSpec, checked: Preflight, registry: Path | None) -> None:

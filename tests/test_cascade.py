@@ -160,6 +160,10 @@ def test_the_best_row_within_a_budget_is_chosen_on_val_never_on_test():
     assert best_within_budget(ROWS, 0.5).sentence() == "no row's inference cost fits 0.5 ms per image (1 rows of " \
                                                        "unknown cost left out)"
     assert best_within_budget(ROWS, 5.0, ranked_by="nll").chosen_by == "val_nll"
+    # a board whose costs are all unknown (members from predictions made elsewhere) says so
+    none_known = best_within_budget(ROWS[-1:], 5.0)
+    assert none_known.row is None and none_known.sentence() == (
+        "no row of this leaderboard has a known inference cost, so none can be chosen within 5 ms per image")
 
 
 def test_leaderboard_names_the_best_row_within_a_budget(toy_run):
