@@ -43,10 +43,10 @@ _EXPORTS = {
     "nll": "evaluation",
     "expected_calibration_error": "evaluation",
     # members trained elsewhere: the images as the engine feeds them, weights files
-    "load_images": "data",
-    "image_files": "data",
-    "decode_images": "data",
-    "IMAGE_EXTENSIONS": "data",
+    "load_images": "preprocess",
+    "image_files": "preprocess",
+    "decode_images": "preprocess",
+    "IMAGE_EXTENSIONS": "preprocess",
     "read_state_dict": "weights",
     "read_weight_shapes": "weights",
     "weights_mismatch": "weights",
@@ -73,6 +73,7 @@ _EXPORTS = {
     "FittedMember": "executors",
     "JobOutcome": "executors",
     "fit_member": "executors",
+    "ImageSet": "imagesets",
     # what a run leaves: the zoo and the run folder
     "Registry": "zoo",
     "MemberCard": "zoo",

@@ -91,12 +91,13 @@ class Checkpoint:
 
 def snapshot(module, optimizer, scheduler, order_gen, aug_gen, dev, *, epoch: int, history: list[dict],
               best_loss: float, best_epoch: int, best_state, train_time: float, images: int,
-              elapsed: float) -> tuple[dict, dict]:
+              elapsed: float, host_rng: dict | None = None) -> tuple[dict, dict]:
     """The training state after ``epoch``: tensors (for safetensors) and the rest (for JSON).
 
     Tensors: ``model/*`` (current weights), ``best/*`` (best epoch's), ``optim/<param>/<name>``.
     JSON: epoch, history, best loss and epoch, the optimizer's groups and scalar state, the
-    scheduler's state, and the torch, data-order and augmentation RNG states as lists.
+    scheduler's state, and the torch, data-order and augmentation RNG states as lists (and
+    ``host_rng``, the Python and NumPy generators of batch augmentations, when given).
     """
     import torch
 
@@ -115,6 +116,8 @@ def snapshot(module, optimizer, scheduler, order_gen, aug_gen, dev, *, epoch: in
            "augment": aug_gen.get_state().tolist()}
     if dev.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(dev).tolist()
+    if host_rng is not None:
+        rng["host"] = host_rng
     state = {
         "epoch": epoch, "history": history, "best_loss": best_loss if math.isfinite(best_loss) else None,
         "best_epoch": best_epoch, "train_time": train_time, "images": images, "elapsed": elapsed,
@@ -154,4 +157,4 @@ def restore(saved: tuple[dict, dict], module, optimizer, scheduler, order_gen, a
     return {"epoch": int(state["epoch"]), "history": list(state["history"]),
             "best_loss": math.inf if best_loss is None else float(best_loss), "best_epoch": int(state["best_epoch"]),
             "best_state": best_state, "train_time": float(state["train_time"]), "images": int(state["images"]),
-            "elapsed": float(state["elapsed"])}
+            "elapsed": float(state["elapsed"]), "host_rng": rng.get("host")}

@@ -38,6 +38,11 @@ class SpecError(FusionEngineError):
         return SpecError(self.message, file=file or self.file, loc=loc or None)
 
 
+class UnreadableImage(FusionEngineError):
+    """An image that cannot be decoded: bad data, which stops the run (it would fail every member
+    that reads it), exit status 2, wherever in the run it is met."""
+
+
 class PluginError(FusionEngineError):
     """A plugin that cannot be used as asked: a duplicate name, a broken record."""
 

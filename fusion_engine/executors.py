@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .errors import FusionEngineError
+from .errors import FusionEngineError, UnreadableImage
 from .records import SCORED_SPLITS, BackboneRecord, InputConfig, Params
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,10 +29,13 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from .checkpoint import Checkpoint
+    from .imagesets import ImageSet
     from .spec import Bound, ResourcesSpec, TrainSpec
 
-#: what an executor is given to find a job's images: the train/val/test ``uint8`` tensors at an input config
-Pixels = Callable[[InputConfig], "dict[str, torch.Tensor]"]
+#: what an executor is given to find a job's images: the train/val/test image sets at an input config
+#: (:class:`fusion_engine.imagesets.ImageSet`: opened when first read, and, pickled to another
+#: process, what reopens them there rather than their pixels)
+Pixels = Callable[[InputConfig], "dict[str, ImageSet]"]
 
 
 @dataclass
@@ -42,8 +45,8 @@ class MemberJob:
     in the dataset's class order by ``class_order``) and which only predicts.
 
     Everything a worker needs travels in the job, except the images and labels, which an
-    executor gets once per run and shares between jobs (the ``ray`` executor puts them in the
-    object store once). ``checkpoint`` is the zoo's per-epoch checkpoint on this machine; an
+    executor gets once per run and shares between jobs (the ``ray`` executor puts what opens the
+    images in the object store once). ``checkpoint`` is the zoo's per-epoch checkpoint on this machine; an
     executor that runs jobs elsewhere leaves it out, and the job starts from epoch 1.
     """
 
@@ -60,6 +63,7 @@ class MemberJob:
     resources: "ResourcesSpec | None" = None
     label: str = ""  # "member 2/3", for progress lines
     checkpoint: "Checkpoint | None" = None
+    pretrained: dict | None = None  # the identity of its pretrained weights from a hub, as its key has it
     weights: "Path | None" = None  # a member that is not trained: its weights file
     weights_sha256: "str | None" = None  # the bytes of that file the run checked (and keyed the member by)
     #: the splits it predicts: val and test, and train too for a member a student's teacher uses
@@ -94,6 +98,7 @@ class FittedMember:
     device: str
     resumed_from_epoch: int = 0
     host: str = field(default_factory=platform.node)
+    pipeline: str | None = "batch"  # the augmentation pipeline it trained with (None: not trained here)
 
 
 @dataclass
@@ -130,7 +135,7 @@ class Executor:
     def run(self, jobs: list[MemberJob], pixels: Pixels, labels: dict[str, "np.ndarray"], *,
             quiet: bool = False, console=None) -> Iterator[JobOutcome]:
         """Yield one :class:`JobOutcome` per job, in the order they finish. ``pixels(cfg)`` gives
-        the images at a job's input config; ``labels`` the ``train`` and ``val`` labels."""
+        the image sets at a job's input config; ``labels`` the ``train`` and ``val`` labels."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -152,10 +157,12 @@ class LocalExecutor(Executor):
 
     def run(self, jobs, pixels, labels, *, quiet=False, console=None):
         for job in jobs:
-            images = pixels(job.input)  # unreadable data fails the run, not the member
+            images = pixels(job.input)
             t0 = time.perf_counter()
             try:
                 result = fit_member(job, images, labels, quiet=quiet, checkpoint=job.checkpoint)
+            except UnreadableImage:  # bad data fails the run, not the member (every member would meet it)
+                raise
             except Exception as exc:  # the member fails alone; KeyboardInterrupt stops the run
                 yield JobOutcome.failure(job, exc, time.perf_counter() - t0)
             else:
@@ -176,18 +183,19 @@ def build_member(job: MemberJob):
                          seed=job.seed)
 
 
-def fit_member(job: MemberJob, images: dict[str, "torch.Tensor"], labels: dict[str, "np.ndarray"], *,
+def fit_member(job: MemberJob, images: dict[str, "ImageSet | torch.Tensor"], labels: dict[str, "np.ndarray"], *,
                quiet: bool = True, checkpoint: "Checkpoint | None" = None) -> FittedMember:
     """Build, train and predict one member: the whole of a member's compute, run by executors.
     A member that is not trained (``job.train`` None) is built, given its weights and predicts.
 
-    ``images`` holds ``uint8`` tensors for ``train``, ``val`` and ``test`` at ``job.input``;
-    ``labels`` the ``train`` and ``val`` labels. Deterministic on CPU for a given job.
+    ``images`` holds the ``train``, ``val`` and ``test`` image sets at ``job.input`` (or ``uint8``
+    tensors); ``labels`` the ``train`` and ``val`` labels. Deterministic on CPU for a given job.
     """
     import torch
 
     from .training import resolve_device, train_member
 
+    check_weights(job)
     built = build_member(job)
     if job.train is None:
         return _predict_from_weights(job, built, images)
@@ -196,7 +204,7 @@ def fit_member(job: MemberJob, images: dict[str, "torch.Tensor"], labels: dict[s
     result = train_member(
         built.module, job.input, job.train, images["train"], y["train"], images["val"], y["val"],
         seed=job.seed, device=job.device, label=job.name, quiet=quiet, checkpoint=checkpoint,
-        soft_targets=soft, distill=job.distill,
+        num_classes=job.num_classes, soft_targets=soft, distill=job.distill,
     )  # leaves the module holding the best epoch's weights
     logits, predict_seconds = _predict(job, built.module, images)
     return FittedMember(
@@ -204,7 +212,26 @@ def fit_member(job: MemberJob, images: dict[str, "torch.Tensor"], labels: dict[s
         train_seconds=result.train_seconds, predict_seconds=predict_seconds,
         images_per_second=result.images_per_second, n_params=sum(p.numel() for p in built.module.parameters()),
         device=str(resolve_device(job.device)), resumed_from_epoch=result.resumed_from_epoch,
+        pipeline=result.pipeline,
     )
+
+
+def check_weights(job: MemberJob) -> None:
+    """The pretrained weights this machine would load are the ones the member's key names (a
+    Ray worker's Hugging Face cache may hold another revision than the driver's)."""
+    if job.pretrained is None or job.backbone.weights is None:
+        return
+    found = job.backbone.weights(job.params)
+    if found != job.pretrained:
+        raise FusionEngineError(
+            f"member {job.name}: the pretrained weights here ({_describe(found)}) are not the ones its zoo key names "
+            f"({_describe(job.pretrained)}); give every machine the same Hugging Face cache")
+
+
+def _describe(weights: dict | None) -> str:
+    if not weights:
+        return "none"
+    return f"{weights.get('repo', '?')}@{str(weights.get('revision', '?'))[:12]}/{weights.get('file', '?')}"
 
 
 def _predict_from_weights(job: MemberJob, built, images: dict) -> FittedMember:
@@ -231,6 +258,7 @@ def _predict_from_weights(job: MemberJob, built, images: dict) -> FittedMember:
         history=[], best_epoch=None, train_seconds=0.0, predict_seconds=predict_seconds,
         images_per_second=n_images / predict_seconds if predict_seconds else 0.0,
         n_params=sum(p.numel() for p in built.module.parameters()), device=str(resolve_device(job.device)),
+        pipeline=None,
     )
 
 

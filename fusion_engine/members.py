@@ -70,7 +70,8 @@ class MemberResult:
         inp = self.card.input
         if inp is None:
             return None
-        return InputConfig(size=inp.size, mean=tuple(inp.mean), std=tuple(inp.std), in_chans=inp.in_chans)
+        return InputConfig(size=inp.size, mean=tuple(inp.mean), std=tuple(inp.std), in_chans=inp.in_chans,
+                           interpolation=inp.interpolation, crop_pct=inp.crop_pct, crop_mode=inp.crop_mode)
 
     @property
     def source(self) -> str:
@@ -127,7 +128,9 @@ class PlannedMember:
 
 
 def plan(resolved: ResolvedSpec, data: RunData, checked: Preflight) -> list[PlannedMember]:
-    """The zoo key of every member the spec makes (members given by ``zoo:`` have one already)."""
+    """The zoo key of every member the spec makes (members given by ``zoo:`` have one already);
+    a trained member's key names the pretrained weights it starts from when they come from a
+    hub (``checked.pretrained``)."""
     spec = resolved.spec
     planned = []
     for i, (mspec, bound) in enumerate(zip(spec.members, resolved.members)):
@@ -148,6 +151,7 @@ def plan(resolved: ResolvedSpec, data: RunData, checked: Preflight) -> list[Plan
                 train=None if source == "weights" else train_config(mspec.train), seed=seed,
                 image_size=spec.data.image_size, mean=spec.data.mean, std=spec.data.std,
                 code=member_code(bound.provided), **common,
+                weights=checked.pretrained.get(i) if source == "trained" else None,
                 source={"weights": checked.origins[i].for_key()} if source == "weights" else None,
             )
         planned.append(PlannedMember(i, mspec.name, source, member_key(material), material, seed))
@@ -167,8 +171,8 @@ class MemberStage:
     """Settles every member of a spec (see the module docstring).
 
     A subclass settles other networks the same way (:class:`fusion_engine.students.StudentStage`):
-    it sets ``items`` and ``bound`` (their spec entries and bound backbones), ``inputs`` and
-    ``origins`` by index, and overrides :meth:`_plan`.
+    it sets ``items`` and ``bound`` (their spec entries and bound backbones), ``inputs``,
+    ``origins`` and ``pretrained`` by index, and overrides :meth:`_plan`.
 
     ``on_ready(index, member)`` is called for each member as its outputs are ready, in the order
     they become ready; ``on_failed(name, key, error)`` for each one that fails.
@@ -190,6 +194,7 @@ class MemberStage:
         # what this stage settles: the spec's members (a subclass settles its students)
         self.items, self.bound = self.spec.members, self.resolved.members
         self.inputs, self.origins, self.references = checked.inputs, checked.origins, checked.references
+        self.pretrained = checked.pretrained  # by index: the hub weights a network starts from (its key names them)
         #: members a student's teacher uses: they predict train too (stored with val and test)
         self.need_train = {n for s in self.spec.students for n in self.spec.teacher_members(s)}
         self._completing: dict[str, StoredMember] = {}  # key -> a stored member being predicted on train
@@ -338,6 +343,7 @@ class MemberStage:
             seed=p.seed if p.seed is not None else 0, num_classes=num_classes, image_size=self.spec.data.image_size,
             input=self.inputs[p.index], device=self.device, resources=mspec.resources,
             label=f"{self.kind} {p.index + 1}/{len(self.items)}",
+            pretrained=self.pretrained.get(p.index) if p.source in ("trained", "student") else None,
             weights=origin.path if origin is not None else None, class_order=origin.order if origin is not None else None,
             weights_sha256=origin.sha256 if origin is not None else None,
         )
@@ -372,7 +378,9 @@ class MemberStage:
                      "train": mspec.train.model_dump(mode="json") if mspec.train is not None else False,
                      "seed": p.seed},
             backbone=bound.record.name, plugin=bound.provided.plugin, logits=fitted.logits,
-            input={"size": cfg.size, "mean": list(cfg.mean), "std": list(cfg.std), "in_chans": cfg.in_chans},
+            input={"size": cfg.size, "mean": list(cfg.mean), "std": list(cfg.std), "in_chans": cfg.in_chans,
+                   "interpolation": cfg.interpolation, "crop_pct": cfg.crop_pct, "crop_mode": cfg.crop_mode,
+                   "pipeline": fitted.pipeline},
             val_loss=best.get("val_loss"), best_epoch=fitted.best_epoch, history=fitted.history,
             resumed_from_epoch=fitted.resumed_from_epoch or None, n_params=fitted.n_params,
             timings={"train_seconds": round(fitted.train_seconds, 3), "predict_seconds": round(fitted.predict_seconds, 3),

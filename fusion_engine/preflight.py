@@ -9,9 +9,11 @@ checks, beyond the spec's fields and plugin names (:func:`fusion_engine.spec.pre
   labels; nothing is decoded), two classes at least, a split that can be made (enough samples
   per class), and a dataset's own split per class;
 - each member to train: its network's input config (``data.mean``/``data.std`` of the right
-  length) and whatever its backbone plugin checks without training (``BackboneRecord.check``:
+  length), whatever its backbone plugin checks without training (``BackboneRecord.check``:
   for timm, the architecture's name, a ``pretrained_file``'s checksum and its tensors' names
-  and shapes against the architecture, a feature map that small images shrink to nothing);
+  and shapes against the architecture, a feature map that small images shrink to nothing), its
+  pretrained weights found (``BackboneRecord.weights``: timm's in the Hugging Face cache), and
+  augmentation settings its pipeline uses (and a timm transform that builds);
 - each member run from ``weights``: the file is a state dict that fits its network exactly
   (classifier included), in classes that are the dataset's;
 - each member read from ``predictions``: the whole file is read and checked (every val and test
@@ -41,6 +43,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .augment import AugmentError, check_augment
 from .errors import FusionEngineError, SpecError, first_line, located, plugin_code
 from .records import ImageDataset, InputConfig
 from .spec import ResolvedSpec
@@ -75,10 +78,12 @@ class Preflight:
     indices: dict[str, np.ndarray]
     fingerprint: str | None = None  # the dataset's, when a check needed it
     inputs: dict[int, InputConfig] = field(default_factory=dict)
+    pretrained: dict[int, dict] = field(default_factory=dict)  # spec index -> pretrained weights' identity (a hub's)
     origins: dict[int, Origin] = field(default_factory=dict)
     predictions: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     references: dict[int, object] = field(default_factory=dict)  # spec index -> ZooEntry
     student_inputs: dict[int, InputConfig] = field(default_factory=dict)  # by index in ``students``
+    student_pretrained: dict[int, dict] = field(default_factory=dict)  # by index in ``students``, as ``pretrained``
     warnings: list[logging.LogRecord] = field(default_factory=list)
 
     @property
@@ -109,7 +114,7 @@ def preflight(resolved: ResolvedSpec, *, registry: Path | None = None, retrain: 
                     checked.origins[i], checked.predictions[i] = read_member_predictions(resolved, i, checked)
             if bound is None:
                 continue
-            checked.inputs[i] = _network_input(resolved, ("members", i), bound, mspec, checked)
+            checked.inputs[i], checked.pretrained[i] = _network_input(resolved, ("members", i), bound, mspec, checked)
             if mspec.weights is not None:
                 with _located(resolved, ("members", i, "weights"), plugin=plugin_code(bound, "member", mspec.name)):
                     checked.origins[i] = check_member_weights(resolved, i, checked)
@@ -117,7 +122,14 @@ def preflight(resolved: ResolvedSpec, *, registry: Path | None = None, retrain: 
             checked.references, checked.fingerprint = resolve_references(resolved, registry, dataset, indices)
         check_fusers(resolved, checked)
         for j, (sspec, bound) in enumerate(zip(spec.students, resolved.students)):
-            checked.student_inputs[j] = _network_input(resolved, ("students", j), bound, sspec, checked)
+            checked.student_inputs[j], checked.student_pretrained[j] = _network_input(
+                resolved, ("students", j), bound, sspec, checked)
+            augment = sspec.train.augment
+            if augment.mixup > 0 or augment.cutmix > 0:  # its teacher's targets are for whole images, not mixed pairs
+                raise SpecError(f"student {sspec.name}: mixup and cutmix cannot be used with distillation (its teacher's "
+                                f"probabilities are for unmixed images); set them to 0",
+                                file=resolved.file, loc=("students", j, "train", "augment",
+                                                         "mixup" if augment.mixup > 0 else "cutmix"))
         if spec.students:
             check_teachers(resolved, checked, registry)
     return checked
@@ -153,15 +165,24 @@ def check_fusers(resolved: ResolvedSpec, checked: Preflight) -> None:
                                 f"infer_ms_per_image", file=resolved.file, loc=("fusers", j, "fuser"))
 
 
-def _network_input(resolved: ResolvedSpec, loc: tuple, bound, entry, checked: Preflight) -> InputConfig:
-    """A member's or student's input config, and its backbone's own check, reported at ``loc``."""
+def _network_input(resolved: ResolvedSpec, loc: tuple, bound, entry, checked: Preflight):
+    """A member's or student's input config and pretrained weights' identity, its backbone's own
+    check and its augmentation settings against that input, reported at ``loc``."""
     spec = resolved.spec
+    pretrained = None
     with _located(resolved, (*loc, "params"), plugin=plugin_code(bound, loc[0].rstrip("s"), entry.name)):
         cfg = member_input(bound, num_classes=checked.num_classes, data_spec=spec.data,
-                           seed=spec.seed if entry.seed is None else entry.seed)
+                           seed=spec.seed if entry.seed is None else entry.seed, train=entry.train)
         if bound.record.check is not None:
             bound.record.check(bound.params, num_classes=checked.num_classes, image_size=cfg.size)
-    return cfg
+        if bound.record.weights is not None:
+            pretrained = bound.record.weights(bound.params)
+    if entry.train is not None:
+        try:
+            check_augment(entry.train.augment, cfg)
+        except AugmentError as exc:
+            raise SpecError(str(exc), file=resolved.file, loc=(*loc, "train", "augment", exc.field)) from None
+    return cfg, pretrained
 
 
 def check_teachers(resolved: ResolvedSpec, checked: Preflight, registry: Path | None) -> None:
@@ -197,13 +218,17 @@ def check_teachers(resolved: ResolvedSpec, checked: Preflight, registry: Path | 
                             loc=("students", j, "teacher"))
 
 
-def member_input(bound, *, num_classes: int, data_spec, seed: int) -> InputConfig:
-    """What a member's network takes, with the spec's ``data.mean``/``data.std`` applied.
+def member_input(bound, *, num_classes: int, data_spec, seed: int, train=None) -> InputConfig:
+    """What a member's network takes, with the spec's ``data.mean``/``data.std`` applied, and
+    how its images are prepared for evaluation: the backbone's resize and crop on the timm
+    pipeline, a plain resize to a square on the batch pipeline (:mod:`fusion_engine.augment`).
 
     Read from the backbone record's ``input_config`` when it has one; otherwise the network is
     built once to ask it.
     """
+    from .augment import resolve_pipeline
     from .executors import build_network
+    from .spec import TrainSpec
 
     record = bound.record
     if record.input_config is not None:
@@ -217,7 +242,11 @@ def member_input(bound, *, num_classes: int, data_spec, seed: int) -> InputConfi
         if len(values) != cfg.in_chans:
             raise FusionEngineError(f"data.{label} has {len(values)} values but the backbone takes {cfg.in_chans} "
                                     f"channels; give {cfg.in_chans}")
-    return InputConfig(size=data_spec.image_size or cfg.size, mean=mean, std=std, in_chans=cfg.in_chans)
+    size = data_spec.image_size or cfg.size
+    if resolve_pipeline((train or TrainSpec()).augment, size) == "batch":
+        return InputConfig(size=size, mean=mean, std=std, in_chans=cfg.in_chans)
+    return InputConfig(size=size, mean=mean, std=std, in_chans=cfg.in_chans, interpolation=cfg.interpolation,
+                       crop_pct=cfg.crop_pct, crop_mode=cfg.crop_mode)
 
 
 def member_file(resolved: ResolvedSpec, path: Path, allowed: tuple[str, ...]) -> Path:

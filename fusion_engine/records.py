@@ -143,12 +143,22 @@ def normalize_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class InputConfig:
-    """What a backbone expects: square input size, channels, and normalisation."""
+    """What a backbone expects: square input size, channels, normalisation, and how an image is
+    prepared for evaluation (:mod:`fusion_engine.preprocess`).
+
+    ``interpolation``, ``crop_pct`` and ``crop_mode`` are timm's data-config names. Their
+    defaults (bilinear, 1.0, squash) resize the whole image to a square: the small-image path.
+    A backbone's own values (a timm model's data config: bicubic, 0.875, center, say) apply on
+    the photo path: the shorter side resized to ``size / crop_pct``, then a centre crop.
+    """
 
     size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     in_chans: int = 3
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+    crop_mode: str = "squash"
 
 
 @dataclass
@@ -174,6 +184,13 @@ class BackboneRecord:
     without training (weight files against the architecture, say) before a run starts and in
     ``validate``: it raises :class:`~fusion_engine.FusionEngineError` naming the problem, and
     logs warnings on the ``fusion_engine`` logger.
+
+    ``weights(params) -> dict | None``, optional, identifies the pretrained weights ``params``
+    select from somewhere other than a file the params name (a model hub's cache): a JSON
+    mapping that says which weights exactly (``{"source": "hf-hub", "repo": ..., "revision":
+    <commit>, "file": ..., "sha256": ...}``), ``None`` for none. It enters the member's zoo
+    key, and a worker that trains the member checks it finds the same weights. Raise
+    :class:`~fusion_engine.FusionEngineError` (one line) when they cannot be found.
     """
 
     name: str
@@ -182,6 +199,7 @@ class BackboneRecord:
     description: str = ""
     input_config: Callable[..., InputConfig] | None = None
     check: Callable[..., None] | None = None
+    weights: Callable[..., dict | None] | None = None
 
 
 @dataclass(frozen=True)

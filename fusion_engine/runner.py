@@ -163,7 +163,7 @@ class _Run:
 
         self.console.log(f"fingerprinting dataset [bold]{spec.data.dataset}[/]")
         data = run_data(checked.dataset, checked.indices, cache_dir=self.reg.image_cache_dir,
-                        fingerprint=checked.fingerprint)
+                        fingerprint=checked.fingerprint, data_spec=spec.data)
         ctx.class_names, ctx.split_sizes = data.class_names, data.split_sizes
         self.summary["data"] = {"split_sizes": data.split_sizes, "classes": data.class_names,
                                "fingerprint": data.fingerprint, "split_sha256": data.split}

@@ -53,6 +53,16 @@ class DataSpec(_Strict):
     mean: Optional[tuple[float, ...]] = Field(None, description="normalisation mean; default: the backbone's")
     std: Optional[tuple[float, ...]] = Field(None, description="normalisation std; default: the backbone's")
     split: SplitSpec = Field(default_factory=SplitSpec)
+    memory_budget: Optional[Union[float, str]] = Field(
+        None, description="decoded images held in memory at most: a fraction of the available memory (0.5) or a "
+                          "size ('8GB'); default 0.5. Larger data is read from the decoded cache on disk or decoded "
+                          "per batch")
+    storage: Literal["auto", "memory", "disk", "stream"] = Field(
+        "auto", description="where decoded images live: auto (memory if they fit the budget, else disk or stream, "
+                            "whichever measures faster), memory, disk (the decoded-image cache) or stream (decoded "
+                            "per batch)")
+    workers: Optional[int] = Field(None, ge=0, le=256, description="DataLoader worker processes that decode and "
+                                   "augment images; default: one per core, at most 8; 0: in the run's process")
 
     @field_validator("std")
     @classmethod
@@ -61,10 +71,47 @@ class DataSpec(_Strict):
             raise ValueError("every std must be > 0")
         return v
 
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget(cls, v):
+        from .memory import parse_budget
+
+        parse_budget(v)  # raises ValueError saying what is allowed
+        return v
+
 
 class AugmentSpec(_Strict):
-    shift: float = Field(0.125, ge=0, le=0.5, description="max random translation, as a fraction of the image size")
-    hflip: bool = Field(False, description="random horizontal flips (off: digits are not flip-invariant)")
+    """Training augmentation. ``pipeline`` picks how (see docs/spec.md); the other fields are
+    each used by one pipeline or both, as their descriptions say."""
+
+    pipeline: Literal["auto", "batch", "timm"] = Field(
+        "auto", description="batch: shifts and flips of whole batches on the device (small images); timm: timm's "
+                            "per-image transforms in worker processes (photos); auto: batch up to 64 px, timm above")
+    shift: float = Field(0.125, ge=0, le=0.5, description="batch: max random translation, as a fraction of the size")
+    hflip: Optional[bool] = Field(None, description="random horizontal flips; default: off for batch (digits are not "
+                                                    "flip-invariant), on for timm")
+    scale: tuple[float, float] = Field((0.08, 1.0), description="timm: random-resized-crop area range")
+    ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="timm: random-resized-crop aspect-ratio range")
+    auto_augment: Optional[str] = Field(
+        None, description="timm: rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2, original (AutoAugment) or "
+                          "trivialaugment (TrivialAugmentWide)")
+    color_jitter: Optional[float] = Field(0.4, ge=0, description="timm: colour jitter strength (off with auto_augment)")
+    interpolation: Optional[Literal["bilinear", "bicubic", "random"]] = Field(
+        None, description="timm: resampling of the random crops; default: the backbone's")
+    re_prob: float = Field(0.0, ge=0, le=1, description="both: random-erasing probability (on the device)")
+    mixup: float = Field(0.0, ge=0, description="both: mixup alpha (0: off)")
+    cutmix: float = Field(0.0, ge=0, description="both: cutmix alpha (0: off)")
+    mixup_prob: float = Field(1.0, ge=0, le=1, description="both: probability a batch is mixed when mixup or cutmix is on")
+    mixup_switch_prob: float = Field(0.5, ge=0, le=1, description="both: probability of cutmix over mixup when both are on")
+
+    @field_validator("scale", "ratio")
+    @classmethod
+    def _ordered(cls, v, info):
+        low, high = v
+        if not 0 < low <= high or (info.field_name == "scale" and high > 1):
+            allowed = "0 < low <= high <= 1" if info.field_name == "scale" else "0 < low <= high"
+            raise ValueError(f"expected [low, high] with {allowed}")
+        return v
 
 
 class TrainSpec(_Strict):

@@ -87,6 +87,7 @@ class StudentStage(MemberStage):
         super().__init__(resolved, checked, reg, data, executor, **kwargs)
         self.items, self.bound = self.spec.students, self.resolved.students
         self.inputs, self.origins, self.references = checked.student_inputs, {}, {}
+        self.pretrained = checked.student_pretrained
         self.need_train = set()
         self.teachers = teachers
 
@@ -100,6 +101,7 @@ class StudentStage(MemberStage):
                 params=params_for_key(bound.params.model_dump(mode="json"), self.resolved.base_dir),
                 train=train_config(sspec.train), seed=seed, image_size=spec.data.image_size, mean=spec.data.mean,
                 std=spec.data.std, code=member_code(bound.provided), fingerprint=data.fingerprint, split=data.split,
+                weights=self.pretrained.get(i),
                 source={"student": {**self.teachers[sspec.name].for_key(),
                                     "distill": sspec.distill.model_dump(mode="json")}})
             planned.append(PlannedMember(i, sspec.name, "student", member_key(material), material, seed))

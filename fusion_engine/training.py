@@ -1,10 +1,17 @@
 """Training one member and predicting with it: the only code that runs a network.
 
-Images arrive as ``uint8`` tensors ``(N, C, S, S)`` already at the backbone's size and stay that
-way in memory; each batch is indexed from them whole, augmented on the device (random
-translation, optional flips) and normalised there, so the loop does no per-sample Python work
-and costs what a bare PyTorch loop costs. On CPU a run is reproducible: the same seed gives the
-same history and weights.
+Images arrive as :class:`~fusion_engine.imagesets.ImageSet` (or ``uint8`` tensors
+``(N, C, S, S)``), prepared at the backbone's size and held in memory, on disk or decoded per
+batch (:mod:`fusion_engine.imagesets`). Training takes one of two augmentation pipelines
+(:mod:`fusion_engine.augment`): **batch**, for small images held as ``uint8``, indexes each batch
+whole and shifts and flips it on the device, so the loop does no per-sample Python work and
+costs what a bare PyTorch loop costs; **timm**, for photos, transforms each raw image in
+DataLoader worker processes. Both normalise on the device. On CPU a run is reproducible: the
+same seed gives the same history and weights, whatever the storage and the number of workers.
+
+The loop draws each epoch's order itself and takes its batches as ``(x, target, positions)``:
+``positions`` (indices into the train split) is how a per-sample target (soft labels, say) is
+gathered for a batch.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
+from .augment import shift_flip as augment  # noqa: F401  (the batch pipeline's shifts and flips)
 from .errors import FusionEngineError
 from .records import InputConfig
 
@@ -24,8 +32,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
 
-    from .spec import TrainSpec
     from .checkpoint import Checkpoint
+    from .imagesets import ImageSet
+    from .spec import TrainSpec
 
 # Training images up to this size are copied to a CUDA device once; larger sets stream from
 # pinned host memory batch by batch.
@@ -42,6 +51,7 @@ class TrainResult:
     train_seconds: float = 0.0
     images_per_second: float = 0.0
     resumed_from_epoch: int = 0  # the checkpointed epoch training resumed after (0: from the start)
+    pipeline: str = "batch"  # the augmentation pipeline it took: batch or timm
 
 
 def resolve_device(device: str = "auto") -> "torch.device":
@@ -61,13 +71,14 @@ def resolve_device(device: str = "auto") -> "torch.device":
     return dev
 
 
+
 def train_member(
     module: "torch.nn.Module",
     input_cfg: InputConfig,
     train: "TrainSpec",
-    x_train: "torch.Tensor",
+    x_train: "ImageSet | torch.Tensor",
     y_train: "torch.Tensor",
-    x_val: "torch.Tensor",
+    x_val: "ImageSet | torch.Tensor",
     y_val: "torch.Tensor",
     *,
     seed: int,
@@ -75,16 +86,20 @@ def train_member(
     label: str = "",
     quiet: bool = False,
     checkpoint: "Checkpoint | None" = None,
+    num_classes: int | None = None,
     soft_targets: "torch.Tensor | None" = None,
     distill: Any = None,
 ) -> TrainResult:
-    """Train ``module`` on uint8 images; keep the weights of the epoch with the lowest val loss.
+    """Train ``module``; keep the weights of the epoch with the lowest val loss.
 
-    With ``soft_targets`` (a teacher's probabilities on the train images, ``(N, C)``) the module
-    is a student: its loss is :class:`DistillationLoss` with ``distill``'s ``alpha`` and
-    ``temperature``; the epoch is still chosen by the cross-entropy on val labels.
+    With ``soft_targets`` (a teacher's probabilities on the train images, ``(N, C)``, row ``i``
+    for training image ``i``) the module is a student: its loss is :class:`DistillationLoss`
+    with ``distill``'s ``alpha`` and ``temperature``; the epoch is still chosen by the
+    cross-entropy on val labels. Each batch takes the rows of its own images, whichever way the
+    images are read (memory, the disk cache, decoded in workers).
 
-    The module is left on the device, holding the best weights.
+    The module is left on the device, holding the best weights. ``num_classes`` (default: the
+    module's output width) matters only to mixup and cutmix (which a student cannot use).
 
     With a ``checkpoint`` (an object with ``load() -> (tensors, state) | None`` and
     ``save(tensors, state)``, as :class:`fusion_engine.checkpoint.Checkpoint`), the full training state
@@ -92,15 +107,21 @@ def train_member(
     training resumes after the last saved epoch; on CPU the result equals an uninterrupted run's.
     """
     import torch
+    import torch.nn.functional as F
 
+    from .augment import BatchAugment, resolve_pipeline
     from .checkpoint import restore, snapshot
+    from .imagesets import ImageSet
 
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
+    x_train, x_val = ImageSet.of(x_train, input_cfg), ImageSet.of(x_val, input_cfg)
     n = len(x_train)
     if n == 0 or len(x_val) == 0:
         raise FusionEngineError(f"member {label or '?'}: the train and val splits must not be empty")
-    _check_images(x_train, input_cfg, "train")
+    pipeline = resolve_pipeline(train.augment, input_cfg.size)
+    if pipeline == "batch":
+        _check_images(x_train, input_cfg, "train")
     _check_images(x_val, input_cfg, "val")
 
     torch.manual_seed(seed)
@@ -110,12 +131,13 @@ def train_member(
     else:
         module.to(dev)
 
-    data_dev = dev if cuda and x_train.nbytes <= DEVICE_RESIDENT_BYTES else torch.device("cpu")
-    x_train, y_train = x_train.to(data_dev), y_train.to(data_dev)
-    if cuda and data_dev.type == "cpu":
-        x_train, y_train = x_train.pin_memory(), y_train.pin_memory()
-    if cuda and x_val.nbytes <= DEVICE_RESIDENT_BYTES:
-        x_val = x_val.to(dev)
+    # batches are gathered where the training images are: on the GPU when they fit there
+    if cuda and pipeline == "batch" and x_train.storage == "memory" and x_train.nbytes <= DEVICE_RESIDENT_BYTES:
+        x_train = x_train.on(dev)
+    if cuda and x_val.storage == "memory" and x_val.nbytes <= DEVICE_RESIDENT_BYTES:
+        x_val = x_val.on(dev)
+    data_dev = x_train.device if pipeline == "batch" else torch.device("cpu")
+    y_train = torch.as_tensor(y_train).to(data_dev)
     order_gen = torch.Generator(device=data_dev).manual_seed(seed)
     aug_gen = torch.Generator(device=dev).manual_seed(seed + 1)
 
@@ -123,26 +145,49 @@ def train_member(
     optimizer = _optimizer(module, train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_factor(train, steps_per_epoch * train.epochs, round(train.warmup_epochs * steps_per_epoch)))
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
-    if soft_targets is not None:  # the labels travel with the softened teacher probabilities, batch by batch
+    criterion = None
+    teacher = None
+    if soft_targets is not None:  # softened once; each batch takes its images' rows by position
+        if len(soft_targets) != n:
+            raise FusionEngineError(f"member {label or '?'}: {len(soft_targets)} soft targets for {n} training images")
+        if train.augment.mixup > 0 or train.augment.cutmix > 0:
+            raise FusionEngineError(f"member {label or '?'}: mixup and cutmix cannot be used with distillation")
         criterion = DistillationLoss(train.label_smoothing, distill.alpha, distill.temperature)
-        y_train = torch.cat([y_train.to(torch.float32)[:, None],
-                             criterion.soften(soft_targets.to(torch.float32)).to(y_train.device)], dim=1)
+        teacher = criterion.soften(torch.as_tensor(soft_targets).to(torch.float32)).to(data_dev)
     normalise = _Normaliser(input_cfg, dev)
-    shift_px = round(train.augment.shift * input_cfg.size)
+    if (train.augment.mixup > 0 or train.augment.cutmix > 0) and num_classes is None:
+        num_classes = _output_width(module, x_val, normalise, dev)
+    augmenter = BatchAugment(train.augment, input_cfg, pipeline, normalise, dev, aug_gen, num_classes=num_classes or 0,
+                             label_smoothing=train.label_smoothing, seed=seed + 2)
+    images = _train_images(x_train, train, input_cfg, pipeline, order_gen, pin=cuda)
 
-    def batches() -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
-        """One epoch of shuffled, augmented, normalised batches on the device."""
-        for idx in torch.tensor_split(torch.randperm(n, generator=order_gen, device=data_dev), steps_per_epoch):
-            xb, yb = x_train[idx], y_train[idx]
-            if data_dev != dev:
-                xb, yb = xb.pin_memory().to(dev, non_blocking=True), yb.pin_memory().to(dev, non_blocking=True)
-            yield normalise(augment(xb, shift_px, train.augment.hflip, aug_gen)), yb
+    def loss_of(logits: "torch.Tensor", target: "torch.Tensor") -> "torch.Tensor":
+        """Cross-entropy against class indices (smoothed) or against class probabilities
+        (mixup's, with the smoothing already in them); a student's distillation loss against
+        its labels and its teacher's softened probabilities."""
+        if criterion is not None:
+            return criterion(logits, target)
+        if target.is_floating_point():
+            return F.cross_entropy(logits, target)
+        return F.cross_entropy(logits, target, label_smoothing=train.label_smoothing)
+
+    def batches() -> Iterator[tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]]:
+        """One epoch of shuffled, augmented, normalised batches on the device, with their positions."""
+        positions = torch.tensor_split(torch.randperm(n, generator=order_gen, device=data_dev), steps_per_epoch)
+        for idx, xb in zip(positions, images(positions)):
+            yb = y_train[idx]
+            if xb.device != dev:
+                xb = (xb if xb.is_pinned() or not cuda else xb.pin_memory()).to(dev, non_blocking=True)
+                yb = yb.to(dev, non_blocking=True)
+            x, target = augmenter(xb, yb)
+            if teacher is not None:  # the label, then the teacher's row for the same image (DistillationLoss)
+                target = torch.cat([target.to(torch.float32)[:, None], teacher[idx].to(dev, non_blocking=True)], dim=1)
+            yield x, target, idx
 
     history: list[dict] = []
     best_loss, best_epoch, best_state = math.inf, 0, None
     train_time = 0.0
-    images = 0
+    images_seen = 0
     started = time.perf_counter()
     resumed_from, elapsed_before = 0, 0.0
     saved = checkpoint.load() if checkpoint is not None else None
@@ -150,7 +195,9 @@ def train_member(
         resumed = restore(saved, module, optimizer, scheduler, order_gen, aug_gen, dev)
         resumed_from, elapsed_before = resumed["epoch"], resumed["elapsed"]
         history, best_loss, best_epoch, best_state = resumed["history"], resumed["best_loss"], resumed["best_epoch"], resumed["best_state"]
-        train_time, images = resumed["train_time"], resumed["images"]
+        train_time, images_seen = resumed["train_time"], resumed["images"]
+        if resumed["host_rng"] is not None:
+            augmenter.host.load_json(resumed["host_rng"])
     stopped = bool(resumed_from) and train.patience is not None and resumed_from - best_epoch >= train.patience
     last_epoch = resumed_from if stopped else train.epochs
     with _Progress(label, train.epochs, quiet) as progress:
@@ -161,20 +208,20 @@ def train_member(
             progress.start_epoch(steps_per_epoch)
             loss_sum = torch.zeros((), device=dev)
             seen = 0
-            for step, (xb, yb) in enumerate(batches()):
+            for step, (xb, target, _) in enumerate(batches()):
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-                    loss = criterion(module(xb), yb)
+                    loss = loss_of(module(xb), target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
-                loss_sum += loss.detach() * len(yb)
-                seen += len(yb)
+                loss_sum += loss.detach() * len(xb)
+                seen += len(xb)
                 progress.step(step, lambda: loss_sum.item() / seen)
             train_loss = loss_sum.item() / n
             train_time += time.perf_counter() - t0
-            images += n
+            images_seen += n
 
             val_loss, val_acc = _evaluate(module, x_val, y_val, normalise, train.eval_batch_size, dev)
             history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc,
@@ -187,7 +234,8 @@ def train_member(
                 checkpoint.save(*snapshot(
                     module, optimizer, scheduler, order_gen, aug_gen, dev, epoch=epoch, history=history,
                     best_loss=best_loss, best_epoch=best_epoch, best_state=best_state, train_time=train_time,
-                    images=images, elapsed=elapsed_before + time.perf_counter() - started))
+                    images=images_seen, elapsed=elapsed_before + time.perf_counter() - started,
+                    host_rng=augmenter.host.to_json() if augmenter.draws_from_host else None))
             if train.patience is not None and epoch - best_epoch >= train.patience:
                 break
 
@@ -197,8 +245,47 @@ def train_member(
     return TrainResult(
         state_dict=best_state, history=history, best_epoch=best_epoch,
         train_seconds=elapsed_before + time.perf_counter() - started,
-        images_per_second=images / train_time if train_time else 0.0, resumed_from_epoch=resumed_from,
+        images_per_second=images_seen / train_time if train_time else 0.0, resumed_from_epoch=resumed_from,
+        pipeline=pipeline,
     )
+
+
+def _train_images(x_train: "ImageSet", train: "TrainSpec", cfg: InputConfig, pipeline: str,
+                  order_gen: "torch.Generator", *, pin: bool):
+    """``images(positions) -> iterator of uint8 batches``. The batch pipeline reads the prepared
+    images; the timm pipeline transforms each raw image in worker processes, each seeded from a
+    seed drawn for it from ``order_gen``, so the number of workers does not change what is drawn."""
+    import torch
+
+    if pipeline == "batch":
+        return x_train.batches
+    from .augment import train_transform
+    from .imagesets import Transformed, worker_batches
+
+    if x_train.items is None:
+        raise FusionEngineError("the timm pipeline transforms each raw image, and these training images came as "
+                                "pixels only")
+    dataset = Transformed(x_train.items, train_transform(train.augment, cfg), cfg.in_chans)
+    n = len(x_train)
+
+    def images(positions):
+        seeds = torch.randint(0, 2**62, (n,), generator=order_gen, device=order_gen.device)
+        keys = (list(zip(idx.tolist(), seeds[idx].tolist())) for idx in positions)  # made as the workers ask
+        return worker_batches(dataset, keys, x_train.workers, pin_memory=pin)
+
+    return images
+
+
+def _output_width(module, x_val: "ImageSet", normalise, dev) -> int:
+    """The number of classes a module predicts, from one forward pass in eval mode."""
+    import torch
+
+    training = module.training
+    module.eval()
+    with torch.inference_mode():
+        width = module(normalise(next(iter(x_val.sequential(1))).to(dev))).shape[-1]
+    module.train(training)
+    return int(width)
 
 
 class DistillationLoss:
@@ -228,16 +315,19 @@ class DistillationLoss:
 
 
 def predict_logits(
-    module: "torch.nn.Module", input_cfg: InputConfig, x: "torch.Tensor", *, batch_size: int, device: str = "auto",
+    module: "torch.nn.Module", input_cfg: InputConfig, x: "ImageSet | torch.Tensor", *, batch_size: int,
+    device: str = "auto",
 ) -> "np.ndarray":
-    """Logits ``(N, num_classes)`` as float32 for uint8 images, in eval mode.
+    """Logits ``(N, num_classes)`` as float32 for prepared ``uint8`` images, in eval mode.
 
     Batches of ``batch_size``, halved until they fit whenever the device runs out of memory.
     """
     import torch
 
+    from .imagesets import ImageSet
+
     dev = resolve_device(device)
-    x = torch.as_tensor(x)
+    x = ImageSet.of(x, input_cfg)
     _check_images(x, input_cfg, "input")
     module.to(dev)
     if dev.type == "cuda":
@@ -246,7 +336,7 @@ def predict_logits(
     out: list = []
     while True:  # the largest batch that fits: halve it when the device runs out of memory
         try:
-            for logits in _batch_logits(module, x[sum(len(o) for o in out):], normalise, batch_size, dev):
+            for logits in _batch_logits(module, x, normalise, batch_size, dev, start=sum(len(o) for o in out)):
                 out.append(logits.cpu())
             break
         except torch.cuda.OutOfMemoryError:
@@ -257,32 +347,6 @@ def predict_logits(
                 torch.cuda.empty_cache()
             log.warning("out of device memory predicting; batch size lowered to %d", batch_size)
     return torch.cat(out).numpy() if out else torch.zeros((0, 0)).numpy()
-
-
-def augment(x: "torch.Tensor", shift_px: int, hflip: bool, generator: "torch.Generator") -> "torch.Tensor":
-    """Random translation by up to ``shift_px`` pixels (zero padding) and optional flips, per image.
-
-    One gather for the whole batch: each image's crop window of the padded batch, with its
-    columns reversed where it is flipped.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    if not shift_px and not hflip:
-        return x
-    b, _, h, w = x.shape
-    dev = x.device
-    p = shift_px
-    if p:
-        x = F.pad(x, (p, p, p, p))
-    oy, ox = torch.randint(0, 2 * p + 1, (2, b, 1), generator=generator, device=dev)
-    rows = oy + torch.arange(h, device=dev)
-    cols = ox + torch.arange(w, device=dev)
-    if hflip:
-        flip = torch.rand(b, 1, generator=generator, device=dev) < 0.5
-        cols = torch.where(flip, cols.flip(1), cols)
-    out = x[torch.arange(b, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
-    return out.permute(0, 3, 1, 2)
 
 
 class _Normaliser:
@@ -303,25 +367,24 @@ class _Normaliser:
         return torch.addcmul(-self.shift, x.float(), self.scale).contiguous(memory_format=self.memory_format)
 
 
-def _batch_logits(module, x, normalise, batch_size: int, dev) -> Iterator["torch.Tensor"]:
+def _batch_logits(module, x: "ImageSet", normalise, batch_size: int, dev, start: int = 0) -> Iterator["torch.Tensor"]:
     import torch
 
     module.eval()
     cuda = dev.type == "cuda"
     with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-        for start in range(0, len(x), batch_size):
-            xb = x[start:start + batch_size]
+        for xb in x.sequential(batch_size, start):
             if xb.device != dev:
                 xb = (xb.pin_memory() if cuda else xb).to(dev, non_blocking=True)
             yield module(normalise(xb)).float()
 
 
-def _evaluate(module, x, y, normalise, batch_size: int, dev) -> tuple[float, float]:
+def _evaluate(module, x: "ImageSet", y, normalise, batch_size: int, dev) -> tuple[float, float]:
     """Plain cross-entropy (no smoothing) and accuracy: what the best epoch is chosen on."""
     import torch
     import torch.nn.functional as F
 
-    y = y.to(dev)
+    y = torch.as_tensor(y).to(dev)
     loss = torch.zeros((), device=dev)
     correct = torch.zeros((), device=dev, dtype=torch.long)
     start = 0
@@ -374,9 +437,10 @@ def _lr_factor(train: "TrainSpec", total_steps: int, warmup_steps: int):
 def _check_images(x, cfg: InputConfig, split: str) -> None:
     import torch
 
-    if x.dtype != torch.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != (cfg.in_chans, cfg.size, cfg.size):
+    shape = tuple(x.shape)
+    if x.dtype != torch.uint8 or len(shape) != 4 or shape[1:] != (cfg.in_chans, cfg.size, cfg.size):
         raise FusionEngineError(
-            f"{split} images must be uint8 (N, {cfg.in_chans}, {cfg.size}, {cfg.size}), got {x.dtype} {tuple(x.shape)}")
+            f"{split} images must be uint8 (N, {cfg.in_chans}, {cfg.size}, {cfg.size}), got {x.dtype} {shape}")
 
 
 class _Progress:

@@ -232,8 +232,11 @@ CASES = [
     ("seed-as-huge-float", lambda t, r: toy_spec_data(seed=1e23),
      "seed: Unable to parse input string as an integer, exceeded maximum size (got 1e+23); allowed: an integer from 0 "
      "to 4294967295"),
+    # a dataset's own split without val has val drawn from its train split: here too few to draw from
     ("split-without-val", lambda t, r: csv_with_split(t, [(c, p) for c in ("cat", "dog") for p in ("train", "test")]),
-     "spec.yaml: data: the dataset's own split (csv manifest {tmp}/m.csv, column 'split') has no val samples"),
+     "spec.yaml: data: a stratified split of 2 samples would put 1 in val, fewer than the 2 classes"),
+    ("split-without-train", lambda t, r: csv_with_split(t, [(c, p) for c in ("cat", "dog") for p in ("val", "test")]),
+     "spec.yaml: data: the dataset's own split (csv manifest {tmp}/m.csv, column 'split') has no train samples"),
     ("class-only-in-test", lambda t, r: csv_with_split(t, [("cat", p) for p in ("train", "val", "test")]
                                                         + [("dog", "val"), ("dog", "test")]),
      "spec.yaml: data: the dataset's own split (csv manifest {tmp}/m.csv, column 'split') gives train only class "

@@ -42,11 +42,47 @@ def test_validate_of_the_quickstart_imports_neither_torch_nor_timm():
     assert out.stdout.splitlines()[-1] == "[]"
 
 
-def test_shipped_experiments_validate():
+def test_shipped_experiments_validate(cifar10_cached):
     specs = sorted(EXPERIMENTS.glob("*.yaml")) + sorted(EXPERIMENTS.glob("*.toml"))
-    assert any(p.name == "quickstart.yaml" for p in specs)
+    assert {"quickstart.yaml", "cifar10.yaml"} <= {p.name for p in specs}
     for spec in specs:
         assert main(["validate", str(spec)]) == 0, spec
+
+
+@pytest.fixture
+def cifar10_cached(tmp_path, monkeypatch):
+    """What experiments/cifar10.yaml needs, in a Hugging Face cache made here as `hf download`
+    leaves one: the dataset (a few generated images with CIFAR-10's columns and classes) and
+    weights of the right shapes for both members' tags. Nothing is downloaded."""
+    import io
+
+    import datasets
+    import timm
+    from huggingface_hub import constants
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from hub_cache import populate_hub_cache
+
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
+    files = {}
+    for split, n in (("train", 10), ("test", 1)):
+        rows = [(c, i) for c in range(10) for i in range(n)]
+        images = []
+        for c, i in rows:
+            out = io.BytesIO()
+            Image.new("RGB", (32, 32), (25 * c, 40 * i, 90)).save(out, format="PNG")
+            images.append({"bytes": out.getvalue(), "path": None})
+        path = tmp_path / f"{split}.parquet"
+        datasets.Dataset.from_dict({"img": images, "label": [c for c, _ in rows]}, features=features).to_parquet(str(path))
+        files[f"plain_text/{split}-00000-of-00001.parquet"] = path
+    populate_hub_cache(tmp_path / "hub", "uoft-cs/cifar10", files, repo_type="dataset")
+    for tag in ("resnet18.a1_in1k", "mobilenetv2_100.ra_in1k"):
+        weights = tmp_path / f"{tag}.safetensors"
+        save_file({k: v.contiguous() for k, v in timm.create_model(tag).state_dict().items()}, str(weights))
+        populate_hub_cache(tmp_path / "hub", f"timm/{tag}", {"model.safetensors": weights})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
 
 
 def _set(path: tuple, value):

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fusion_engine import FusionEngineError, ImageDataset
-from fusion_engine.data import dataset_fingerprint, load_images, split_indices
+from fusion_engine import FusionEngineError, ImageDataset, InputConfig
+from fusion_engine.data import dataset_fingerprint, split_indices
+from fusion_engine.preprocess import load_images
 from fusion_engine.spec import SplitSpec
 from fusion_engine_datasets.digits import DigitsParams, load_digits_dataset
 from fusion_engine_datasets.folder import ImageFolderParams, load_image_folder
@@ -64,9 +65,20 @@ def test_a_dataset_split_is_kept_and_the_fractions_ignored(make_image_folder):
 
 
 def test_a_dataset_split_with_an_empty_part_is_an_error():
-    ds = toy_dataset([3, 3], split=["train"] * 4 + ["test"] * 2)
-    with pytest.raises(FusionEngineError, match="the dataset's own split has no val samples"):
+    ds = toy_dataset([3, 3], split=["train"] * 4 + ["val"] * 2)
+    with pytest.raises(FusionEngineError, match="the dataset's own split has no test samples"):
         split_indices(ds, SplitSpec(), seed=0)
+
+
+def test_a_dataset_split_without_val_draws_val_from_its_train_split():
+    # 2 classes x 10 train samples, then 2 x 3 test samples
+    ds = toy_dataset([13, 13], split=(["train"] * 10 + ["test"] * 3) * 2)
+    parts = split_indices(ds, SplitSpec(val=0.2), seed=0)
+    assert parts["test"].tolist() == [10, 11, 12, 23, 24, 25]  # the dataset's test split, untouched
+    assert len(parts["val"]) == 4 and np.bincount(ds.labels[parts["val"]]).tolist() == [2, 2]  # 20% of train, stratified
+    assert sorted([*parts["train"], *parts["val"]]) == [*range(10), *range(13, 23)]
+    assert split_indices(ds, SplitSpec(val=0.2), seed=0)["val"].tolist() == parts["val"].tolist()  # seeded
+    assert split_indices(ds, SplitSpec(val=0.2), seed=1)["val"].tolist() != parts["val"].tolist()
 
 
 def test_a_dataset_split_with_an_unknown_part_is_an_error():
@@ -218,7 +230,7 @@ def test_non_uint8_arrays_are_rejected():
 def test_new_images_are_made_exactly_as_a_datasets_arrays_were(size, in_chans, channels):
     import torch
 
-    from fusion_engine.data import RESIZE_TENSOR, batch_pixels, decode_images, resize_method
+    from fusion_engine.preprocess import RESIZE_TENSOR, batch_pixels, decode_images, resize_method
 
     rng = np.random.default_rng(size)
     shape = (12, 8, 8) if channels is None else (12, 8, 8, channels)
@@ -234,7 +246,7 @@ def test_new_images_are_made_exactly_as_a_datasets_arrays_were(size, in_chans, c
 def test_new_image_files_are_made_as_the_dataset_resized_them(tmp_path):
     """Files of an array dataset are decoded at their size and resized in torch; files of a file
     dataset through PIL: the two differ by a grey level here and there, so the method matters."""
-    from fusion_engine.data import RESIZE_PIL, RESIZE_TENSOR, decode_images, resize_method
+    from fusion_engine.preprocess import RESIZE_PIL, RESIZE_TENSOR, decode_images, resize_method
 
     arrays = np.random.default_rng(0).integers(0, 256, size=(6, 8, 8), dtype=np.uint8)
     paths = []
@@ -251,6 +263,36 @@ def test_new_image_files_are_made_as_the_dataset_resized_them(tmp_path):
     assert np.array_equal(tensor.numpy(), from_arrays.numpy())
     tensor, errors = decode_images(paths, 13, 3, RESIZE_PIL)
     assert errors == {} and np.array_equal(tensor.numpy(), from_files.numpy())
+
+
+@pytest.mark.parametrize("method", ["pil", "tensor"])
+def test_new_images_for_a_photo_member_get_its_resize_and_centre_crop(tmp_path, method):
+    """A member on the photo path saw timm's evaluation resize and centre crop (not a squash) in
+    its run; new files, arrays and batches get exactly that, whichever resize the dataset's squash
+    used, and an unreadable file is reported by position."""
+    import torch
+
+    from fusion_engine.preprocess import batch_pixels, decode_images, is_squash
+
+    cfg = InputConfig(size=24, mean=(0.5,) * 3, std=(0.5,) * 3, in_chans=3, interpolation="bicubic",
+                      crop_pct=0.875, crop_mode="center")
+    assert not is_squash(cfg)
+    rng = np.random.default_rng(1)
+    arrays = rng.integers(0, 256, size=(4, 40, 56, 3), dtype=np.uint8)  # not square: the crop shows
+    paths = []
+    for i, a in enumerate(arrays):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(a).save(paths[-1])
+    expected = load_images(paths, np.arange(4), cfg)
+    squashed = load_images(paths, np.arange(4), size=24, in_chans=3)
+    assert not torch.equal(expected, squashed)
+    assert torch.equal(load_images(arrays, np.arange(4), cfg), expected)
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    decoded, errors = decode_images([*paths[:2], tmp_path / "bad.png", *paths[2:]], cfg, method=method)
+    assert list(errors) == [2] and torch.equal(decoded, expected)
+    decoded, errors = decode_images(list(arrays), cfg, method=method)
+    assert errors == {} and torch.equal(decoded, expected)
+    assert torch.equal(batch_pixels(torch.from_numpy(arrays).permute(0, 3, 1, 2), cfg), expected)
 
 
 # -- import cost -----------------------------------------------------------------------------------

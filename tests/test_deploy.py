@@ -152,7 +152,10 @@ def test_a_float32_graph_takes_images_in_0_1(deploy_run):
     assert [(i.name, i.type) for i in session.get_inputs()] == [("images_12_gray", "tensor(float)")]
     ens = fusion_engine.load(out, runtime="onnx")
     pixels, _ = ens.pixels(list(deploy_run.test_images()))
-    x = pixels[(12, 1)].numpy().astype(np.float32) / 255
+    from fusion_engine.preprocess import pixels_key
+
+    assert list(pixels) == [pixels_key(ens.input_configs[0])] == [(12, 1, "bilinear", 1.0, "squash")]
+    x = pixels[(12, 1, "bilinear", 1.0, "squash")].numpy().astype(np.float32) / 255
     got = session.run(["proba"], {"images_12_gray": x})[0]
     assert np.abs(got - deploy_run.stored("stack-lr-t")).max() <= 1e-4
 
@@ -185,7 +188,8 @@ def test_the_folder_holds_weights_state_card_and_checksums_and_no_pickle(deploy_
     assert card["spec"]["name"] == "toy"
     net_a, net_b = card["members"]
     assert net_a["temperature"] == deploy_run.folder.cards["net-a"]["temperature"] and net_b["temperature"] is None
-    assert net_a["input"] == {"size": 12, "mean": [0.5], "std": [0.5], "in_chans": 1}
+    assert net_a["input"] == {"size": 12, "mean": [0.5], "std": [0.5], "in_chans": 1, "interpolation": "bilinear",
+                              "crop_pct": 1.0, "crop_mode": "squash"}  # the small-image squash, as the run prepared it
     assert card["fuser"]["temperature"] is True and card["fuser"]["fuser"] == "xgboost-stacking"
     booster = json.loads((out / "fuser.json").read_text())["state"]["fuser_"]["final_estimator_"]["booster"]
     assert "learner" in booster  # XGBoost's own JSON model

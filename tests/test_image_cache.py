@@ -10,15 +10,16 @@ import pytest
 
 from conftest import toy_spec_data, write_spec
 from fusion_engine.cli import main
-from fusion_engine.data import cached_images, load_images
+from fusion_engine.data import cached_images
+from fusion_engine.preprocess import load_images
 from fusion_engine.runner import run_experiment
 
 
 def run(tmp_path: Path, member: str, seed: int) -> tuple[dict, str]:
     spec = write_spec(tmp_path / f"{member}.yaml", toy_spec_data(
-        name="cached", seed=seed,
+        name="cached", seed=0,
         data={"dataset": "imagefolder", "params": {"root": "images"}, "image_size": 8, "split": {"val": 0.25, "test": 0.25}},
-        members=[{"name": member, "backbone": "toy-net", "train": {"epochs": 1, "batch_size": 8}}],
+        members=[{"name": member, "backbone": "toy-net", "seed": seed, "train": {"epochs": 1, "batch_size": 8}}],
         fusers=[{"name": "avg", "fuser": "toy-mean"}]))
     result = run_experiment(spec, registry=tmp_path / "reg", quiet=True)
     return json.loads((result.run_dir / "run.json").read_text()), (result.run_dir / "run.log").read_text()
@@ -33,16 +34,19 @@ def test_a_second_run_reads_the_decoded_images_from_the_cache(make_image_folder,
     first, first_log = run(tmp_path, "net-a", seed=0)
     assert first["trained"] == ["net-a"]
     assert "read from the cache" not in first_log
-    [cached] = cache_files(tmp_path)
+    cached = cache_files(tmp_path)
+    assert len(cached) == 3  # one file per split: train, val and test
 
-    second, second_log = run(tmp_path, "net-b", seed=1)  # another member: trains, so it needs pixels
+    second, second_log = run(tmp_path, "net-b", seed=1)  # another member on the same split: it needs pixels
     assert second["trained"] == ["net-b"]
-    assert f"decoded images read from the cache {cached}" in second_log
+    for path in cached:
+        assert f"decoded images read from the cache {path}" in second_log
+    assert cache_files(tmp_path) == cached
 
-    size = cached.stat().st_size
+    size = sum(path.stat().st_size for path in cached)
     assert main(["zoo", "gc", "--cache", "--registry", str(tmp_path / "reg"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert [r["what"] for r in report["removed"]] == ["decoded-image cache"]
+    assert [r["what"] for r in report["removed"]] == ["decoded-image cache"] * 3
     assert report["bytes_freed"] == size
     assert cache_files(tmp_path) == []
 
@@ -80,9 +84,8 @@ def test_an_unreadable_cache_is_decoded_again_with_a_warning(make_image_folder, 
         save_file({"images": decoded[:2].contiguous()}, str(path))
     else:
         path.write_bytes(damage)
-    log = logging.getLogger("test-cache")
-    with caplog.at_level(logging.WARNING, logger="test-cache"):
-        again = cached_images(paths, "f" * 64, 8, 3, tmp_path / "cache", log=log)
+    with caplog.at_level(logging.WARNING, logger="fusion_engine"):
+        again = cached_images(paths, "f" * 64, 8, 3, tmp_path / "cache")
     assert again.equal(decoded)
     assert f"image cache {path} is unreadable" in caplog.text
     assert cached_images(paths, "f" * 64, 8, 3, tmp_path / "cache").equal(decoded)  # rewritten whole

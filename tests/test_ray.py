@@ -78,6 +78,33 @@ def test_a_ray_run_equals_the_local_run_of_the_same_spec(local_ray, tmp_path):
                 np.testing.assert_array_equal(a[k], b[k])
 
 
+def test_workers_read_images_from_the_dataset_not_from_pixels_the_driver_sent(local_ray, tmp_path, make_image_folder):
+    """Under Ray the object store holds what opens a folder's images (paths, a cache path), and
+    each task decodes them itself: the stored members equal a local run's, bit for bit."""
+    import torch
+    from safetensors.numpy import load_file
+
+    make_image_folder(per_class=6, size=14)
+    specs = {executor: write_spec(tmp_path / f"{executor}.yaml", toy_spec_data(
+        name="folder", executor=executor,
+        data={"dataset": "imagefolder", "params": {"root": "images"}, "image_size": 8, "split": {"val": 0.25, "test": 0.25}},
+        fusers=[{"name": "avg", "fuser": "toy-mean"}])) for executor in ("local", "ray")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each 1-CPU Ray task runs
+    try:
+        local = record_of(run_experiment(specs["local"], registry=tmp_path / "local-reg", quiet=True).run_dir)
+    finally:
+        torch.set_num_threads(threads)
+    remote = record_of(run_experiment(specs["ray"], registry=tmp_path / "ray-reg", quiet=True).run_dir)
+    assert remote["executor"] == "ray" and sorted(remote["trained"]) == ["net-a", "net-b"]
+    for name, member in remote["members"].items():
+        assert member["key"] == local["members"][name]["key"]
+        for f in ("model.safetensors", "outputs.safetensors"):
+            a, b = (load_file(reg / "zoo" / member["key"] / f) for reg in (tmp_path / "local-reg", tmp_path / "ray-reg"))
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
+
+
 def test_a_failing_member_fails_alone_and_a_rerun_trains_only_it(local_ray, tmp_path):
     flag = tmp_path / "flag"
     flag.touch()
@@ -137,7 +164,9 @@ def test_a_file_a_member_params_name_travels_with_its_task(tmp_path):
     assert list(files) == ["weights"]
     job_bytes = _dumps(job)
     weights.unlink()  # as on a worker node
-    images = {s: np.zeros((6, 1, 8, 8), dtype=np.uint8) for s in ("train", "val", "test")}
+    from fusion_engine.imagesets import ImageSet
+
+    images = {s: ImageSet.of(torch.zeros((6, 1, 8, 8), dtype=torch.uint8)) for s in ("train", "val", "test")}
     threads = torch.get_num_threads()
     try:  # a worker sets its thread count to its task's CPUs; this process's must not change
         fitted = _fit_on_worker({}, job_bytes, images, {"train": np.arange(6) % 3, "val": np.arange(6) % 3}, files)

@@ -199,3 +199,11 @@ def test_students_bad_input_is_one_line_before_a_run(tmp_path):
     assert "student pupil" in out.stderr and "has no rows for the train split" in out.stderr
     out = cli("run", spec, "--registry", tmp_path / "registry")
     assert out.returncode == 2 and not (tmp_path / "registry" / "runs").exists()
+
+
+def test_a_student_cannot_mix_images_its_teacher_scored_whole(tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", toy_spec_data(
+        fusers=[STACK], students=[student(train={"epochs": 1, "augment": {"cutmix": 1.0}})]))
+    out = cli("validate", spec)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "students.0.train.augment.cutmix" in out.stderr and "cannot be used with distillation" in out.stderr

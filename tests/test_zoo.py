@@ -535,6 +535,7 @@ class _StopAfter:
     ("adamw", 2, {}),
     ("sgd", 1, {"augment": {"shift": 0.25, "hflip": True}}),
     ("adamw", 3, {"patience": 1, "lr": 0.5}),  # early stopping decided before or at the interruption
+    ("adamw", 2, {"augment": {"mixup": 0.4, "cutmix": 1.0, "re_prob": 0.5}}),  # their generators resume too
 ])
 def test_training_resumed_from_a_checkpoint_equals_uninterrupted_training(tmp_path, optimizer, stop_after, extra):
     """BatchNorm buffers, dropout and augmentation RNG, optimizer and scheduler state all resume."""

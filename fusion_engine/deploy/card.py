@@ -47,12 +47,17 @@ class _Part(BaseModel):
 
 
 class ExportedInput(_Part):
-    """What a member's network takes: a square ``size``, normalisation, channels."""
+    """What a member's network takes: a square ``size``, normalisation, channels, and how its
+    images were prepared (:mod:`fusion_engine.preprocess`): the small-image squash by default,
+    or, for a member on the photo path, timm's evaluation resize and centre crop."""
 
     size: int
     mean: list[float]
     std: list[float]
     in_chans: int = 3
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+    crop_mode: str = "squash"
 
 
 class PluginRef(_Part):
@@ -99,11 +104,14 @@ class ExportedFuser(_Part):
 
 
 class OnnxInput(_Part):
-    """One input of ``model.onnx``: the images every member of one (size, channels) takes."""
+    """One input of ``model.onnx``: the images every member of one (size, channels, preparation) takes."""
 
     name: str
     size: int
     in_chans: int
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+    crop_mode: str = "squash"
     dtype: Literal["uint8", "float32"]
     members: list[str]
 
@@ -128,7 +136,7 @@ class ExportCard(_Part):
     kind: Literal["member", "fuser", "student"]  # a student: a network distilled from ``teacher``
     teacher: Optional[dict[str, Any]] = None  # a student row's teacher: its ``name`` and ``kind`` (fuser or member)
     classes: list[str]
-    resize: Literal["tensor", "pil"]  # :func:`fusion_engine.data.resize_method` of the run's dataset
+    resize: Literal["tensor", "pil"]  # :func:`fusion_engine.preprocess.resize_method` of the run's dataset
     members: list[ExportedMember]
     fuser: Optional[ExportedFuser] = None
     onnx: Optional[ExportedOnnx] = None

@@ -4,7 +4,7 @@ The guarantee: predicting the run's own test images through an export gives the 
 test probabilities for that row (to 1e-5 on CPU in torch; 1e-4 in ONNX Runtime for every
 first-party fuser but XGBoost stacking, whose trees jump at thresholds). It holds because every
 step is the run's own code, not a re-implementation: images are decoded and resized as the run's
-dataset was (:func:`fusion_engine.data.decode_images`, with the resize method the card records),
+dataset was (:func:`fusion_engine.preprocess.decode_images`, with the resize method the card records),
 members predict through :func:`fusion_engine.training.predict_logits`, their temperatures divide
 float32 logits as the calibrate stage does, and the fuser is the plugin's own class restored from
 its JSON state. ``fusion-engine predict`` calls the same methods.
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from ..data import RESIZE_TENSOR
+from ..preprocess import RESIZE_TENSOR
 from ..errors import FusionEngineError
 from .card import ExportCard, ExportedMember, PluginRef, read_card, require_listed, verify_sums
 
@@ -139,7 +139,8 @@ class Ensemble:
         from ..records import InputConfig
 
         return [InputConfig(size=m.input.size, mean=tuple(m.input.mean), std=tuple(m.input.std),
-                            in_chans=m.input.in_chans) for m in self.card.members]
+                            in_chans=m.input.in_chans, interpolation=m.input.interpolation,
+                            crop_pct=m.input.crop_pct, crop_mode=m.input.crop_mode) for m in self.card.members]
 
     # -- predicting --------------------------------------------------------------------------------
     def predict_proba(self, images: Any, *, batch_size: int = 64) -> np.ndarray:
@@ -168,12 +169,11 @@ class Ensemble:
             raise FusionEngineError(f"batch size must be at least 1, got {batch_size}")
         batch = as_batch(images, colour=self.takes_colour) if self.card.resize == RESIZE_TENSOR else None
         if batch is not None:  # one uint8 tensor: resized as a dataset's arrays, with no per-image work
-            from ..data import batch_pixels
+            from ..preprocess import batch_pixels, pixels_key
 
             for start in range(0, len(batch), batch_size):
                 chunk = batch[start:start + batch_size]
-                pixels = {(cfg.size, cfg.in_chans): batch_pixels(chunk, cfg.size, cfg.in_chans)
-                          for cfg in self.input_configs}
+                pixels = {pixels_key(cfg): batch_pixels(chunk, cfg) for cfg in self.input_configs}
                 yield PredictedBatch(start, self.proba_from_pixels(pixels), {})
             return
         items = as_items(images, colour=self.takes_colour)
@@ -186,14 +186,15 @@ class Ensemble:
                 proba[ok] = self.proba_from_pixels(pixels)
             yield PredictedBatch(start, proba, errors)
 
-    def pixels(self, items: Sequence[Any]) -> tuple[dict[tuple[int, int], "torch.Tensor"], dict[int, str]]:
-        """``items`` decoded and resized once per distinct member input ``(size, in_chans)``, as
-        the run's data were; the images that fail at any size are left out of every tensor."""
-        from ..data import decode_images
+    def pixels(self, items: Sequence[Any]) -> tuple[dict[tuple, "torch.Tensor"], dict[int, str]]:
+        """``items`` decoded and resized once per distinct member input (size, channels and
+        preparation: :func:`fusion_engine.preprocess.pixels_key`), as the run's data were; the
+        images that fail for any input are left out of every tensor."""
+        from ..preprocess import decode_images, pixels_key
 
         decoded, errors = {}, {}
-        for key in dict.fromkeys((cfg.size, cfg.in_chans) for cfg in self.input_configs):
-            x, failed = decode_images(items, key[0], key[1], self.card.resize)
+        for key, cfg in {pixels_key(cfg): cfg for cfg in self.input_configs}.items():
+            x, failed = decode_images(items, cfg, method=self.card.resize)
             decoded[key] = (x, [i for i in range(len(items)) if i not in failed])
             for i, why in failed.items():
                 errors.setdefault(i, why)
@@ -204,7 +205,7 @@ class Ensemble:
             pixels[key] = x[keep]
         return pixels, errors
 
-    def proba_from_pixels(self, pixels: dict[tuple[int, int], "torch.Tensor"]) -> np.ndarray:
+    def proba_from_pixels(self, pixels: dict[tuple, "torch.Tensor"]) -> np.ndarray:
         """Probabilities for decoded images (:meth:`pixels`), in this ensemble's runtime. A fuser
         that stops early (a cascade: ``Fuser.consult_order``) runs each member only on the images
         that reach it, in torch; an ONNX graph runs every member."""
@@ -215,17 +216,21 @@ class Ensemble:
             return self.fuse(self.member_logits(pixels))
         return self.fuse(self._consulted_logits(pixels, order))
 
-    def member_logits(self, pixels: dict[tuple[int, int], "torch.Tensor"]) -> np.ndarray:
+    def member_logits(self, pixels: dict[tuple, "torch.Tensor"]) -> np.ndarray:
         """Each member's float32 logits ``(M, N, C)`` as the run fused them (divided by the
         member's temperature when it was calibrated)."""
-        return np.stack([self._logits_of(k, pixels[(cfg.size, cfg.in_chans)]) for k, cfg in enumerate(self.input_configs)])
+        from ..preprocess import pixels_key
 
-    def _consulted_logits(self, pixels: dict[tuple[int, int], "torch.Tensor"], order: Sequence[int]) -> np.ndarray:
+        return np.stack([self._logits_of(k, pixels[pixels_key(cfg)]) for k, cfg in enumerate(self.input_configs)])
+
+    def _consulted_logits(self, pixels: dict[tuple, "torch.Tensor"], order: Sequence[int]) -> np.ndarray:
         """Member logits ``(M, N, C)`` with each member run, in the fuser's ``order``, only on the
         images the fuser consults it for; zeros where it was not run, which the fuser does not read
         (``consult_order``'s promise: whether member ``order[k]`` is consulted depends only on the
         members before it, whose logits are already real)."""
         import torch
+
+        from ..preprocess import pixels_key
 
         cfgs = self.input_configs
         n = len(next(iter(pixels.values())))
@@ -233,7 +238,7 @@ class Ensemble:
         for m in order:
             rows = np.flatnonzero(self.fuser.consulted(logits)[:, m])
             if len(rows):
-                x = pixels[(cfgs[m].size, cfgs[m].in_chans)]
+                x = pixels[pixels_key(cfgs[m])]
                 logits[m, rows] = self._logits_of(m, x if len(rows) == n else x[torch.from_numpy(rows)])
         return logits
 
@@ -354,10 +359,12 @@ class Ensemble:
 
         return session(self._file(self.card.onnx.file).read_bytes(), device)
 
-    def _onnx_proba(self, pixels: dict[tuple[int, int], "torch.Tensor"]) -> np.ndarray:
+    def _onnx_proba(self, pixels: dict[tuple, "torch.Tensor"]) -> np.ndarray:
+        from ..preprocess import pixels_key
+
         feeds = {}
         for spec in self.card.onnx.inputs:
-            x = pixels[(spec.size, spec.in_chans)].numpy()
+            x = pixels[pixels_key(spec)].numpy()
             feeds[spec.name] = x if spec.dtype == "uint8" else (x.astype(np.float32) / np.float32(255.0))
         return self._session.run([self.card.onnx.output], feeds)[0].astype(np.float64)
 

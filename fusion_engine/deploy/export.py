@@ -242,7 +242,7 @@ class _Exporter:
                                   params=fuser_desc.get("params") or {}, temperature=bool(fuser_desc.get("temperature")))
             write_json(tmp / FUSER_FILE, fuser_desc)
         dataset = self._dataset()
-        from ..data import RESIZE_PIL, resize_method
+        from ..preprocess import RESIZE_PIL, resize_method
 
         summary_data = self.folder.summary.get("data", {})
         card = ExportCard(
@@ -326,7 +326,8 @@ class _Exporter:
                                     trained_with=(zoo_card.key_material.get("code") or {}).get("plugin")),
             params=params, files=files, image_size=image_size, num_classes=len(zoo_card.data.classes),
             seed=zoo_card.spec.seed or 0, class_order=order, input=ExportedInput(size=inp.size, mean=list(inp.mean), std=list(inp.std),
-                                                         in_chans=inp.in_chans),
+                                                         in_chans=inp.in_chans, interpolation=inp.interpolation,
+                                                         crop_pct=inp.crop_pct, crop_mode=inp.crop_mode),
             temperature=run_card.get("temperature"), weights=weights.relative_to(tmp).as_posix())
 
     def _param_files(self, params: dict, keyed: dict, tmp: Path, who: str) -> tuple[dict, dict[str, str]]:
@@ -424,10 +425,16 @@ def write_onnx(ensemble, folder: Path, dtype: str = "uint8", check_images: Any =
     from .graph import head_model, merge, opset_of
 
     card = ensemble.card
-    keys = list(dict.fromkeys((m.input.size, m.input.in_chans) for m in card.members))
-    inputs = [OnnxInput(name=f"images_{size}" + ("_gray" if chans == 1 else ""), size=size, in_chans=chans, dtype=dtype,
-                        members=[m.name for m in card.members if (m.input.size, m.input.in_chans) == (size, chans)])
-              for size, chans in keys]
+    from ..preprocess import pixels_key
+
+    inputs = []
+    for key in dict.fromkeys(pixels_key(m.input) for m in card.members):  # one input per distinct preparation
+        size, chans, interpolation, crop_pct, crop_mode = key
+        name = f"images_{size}" + ("_gray" if chans == 1 else "")
+        name = name if all(i.name != name for i in inputs) else f"{name}_{len(inputs)}"
+        inputs.append(OnnxInput(name=name, size=size, in_chans=chans, interpolation=interpolation, crop_pct=crop_pct,
+                                crop_mode=crop_mode, dtype=dtype,
+                                members=[m.name for m in card.members if pixels_key(m.input) == key]))
     if console is not None:
         console.log(f"exporting {len(card.members)} member network{'s' if len(card.members) != 1 else ''} to ONNX "
                     f"(torch.onnx, dynamo; tens of seconds each on a CPU)")
@@ -462,6 +469,7 @@ def _check_onnx(ensemble, members, path: Path, spec: ExportedOnnx, images, conso
     alone, on ORT's own member logits, against the engine's fuser."""
     import torch
 
+    from ..preprocess import pixels_key
     from .graph import session
 
     if images is not None:
@@ -471,13 +479,13 @@ def _check_onnx(ensemble, members, path: Path, spec: ExportedOnnx, images, conso
         what = "test images"
     else:
         rng = np.random.default_rng(0)
-        pixels = {(i.size, i.in_chans): torch.from_numpy(rng.integers(0, 256, (16, i.in_chans, i.size, i.size),
+        pixels = {pixels_key(i): torch.from_numpy(rng.integers(0, 256, (16, i.in_chans, i.size, i.size),
                                                                      dtype=np.uint8)) for i in spec.inputs}
         what = "random images"
     engine = ensemble.proba_from_pixels(pixels)
     feeds = {}
     for i in spec.inputs:
-        x = pixels[(i.size, i.in_chans)].numpy()
+        x = pixels[pixels_key(i)].numpy()
         feeds[i.name] = x if i.dtype == "uint8" else x.astype(np.float32) / np.float32(255.0)
     got = session(path.read_bytes(), "cpu").run([spec.output], feeds)[0].astype(np.float64)
     member_logits = session(members.SerializeToString(), "cpu").run(["logits"], feeds)[0]

@@ -17,7 +17,7 @@ never passes through the exporter's optimiser, which rewrites ``x * (1 - 1e-6)``
 so changes vote tie-breaks; members are exported once however many fusers follow; and XGBoost's
 trees (through onnxmltools) fit the same path. Images are not resized inside the graph: ONNX's
 antialiased ``Resize`` differs from the engine's by one grey level on a pixel in a hundred, so
-the caller resizes, as :func:`fusion_engine.data.decode_images` does.
+the caller resizes, as :func:`fusion_engine.preprocess.decode_images` does.
 """
 
 from __future__ import annotations

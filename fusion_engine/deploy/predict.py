@@ -1,7 +1,7 @@
 """``fusion-engine predict``: images in, one row per image out.
 
 INPUTs are image files, folders (searched recursively for image files by
-:func:`fusion_engine.data.image_files`, the ``imagefolder`` dataset's own walker: the same
+:func:`fusion_engine.preprocess.image_files`, the ``imagefolder`` dataset's own walker: the same
 extensions, hidden files skipped, symlinked folders followed) or CSV manifests (a ``path`` column, relative to the CSV's folder). Each image is predicted by
 :meth:`fusion_engine.deploy.Ensemble.proba_batches`, the Python API's own path. An image that
 cannot be read gets a row saying why and the others go on; the exit status is then 1, and the
@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..data import IMAGE_EXTENSIONS, image_files
+from ..preprocess import IMAGE_EXTENSIONS, image_files
 from ..errors import FusionEngineError
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".json": "json"}

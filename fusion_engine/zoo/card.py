@@ -49,12 +49,19 @@ class CardData(_Part):
 
 
 class CardInput(_Part):
-    """What its network takes: square size, normalisation, channels."""
+    """What its network takes: square size, normalisation, channels; and how its images were
+    prepared for evaluation (:mod:`fusion_engine.preprocess`: the defaults are the small-image
+    path's plain resize, which cards written before these fields used) and the augmentation
+    pipeline it trained with."""
 
     size: int
     mean: list[float]
     std: list[float]
     in_chans: int = 3
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+    crop_mode: str = "squash"
+    pipeline: Optional[str] = None
 
 
 class CardMetrics(_Part):

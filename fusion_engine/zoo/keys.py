@@ -40,16 +40,20 @@ def split_digest(ids: dict[str, list[str]]) -> str:
 
 def key_material(*, backbone: str | None, params: dict, train: dict | None, seed: int | None, image_size: int | None,
                  mean: list | None, std: list | None, fingerprint: str, split: str, code: dict,
-                 source: dict | None = None) -> dict:
+                 weights: dict | None = None, source: dict | None = None) -> dict:
     """What a member's key hashes: everything that decides its weights and its outputs.
 
     ``params`` with every file a parameter names given by its content's sha256 (not its path);
     ``code`` identifies the code that trains it (:func:`fusion_engine.provenance.member_code`);
+    ``weights`` the pretrained weights it starts from when they come from elsewhere than a
+    file its params name (a hub's cache: repository, commit, file and sha256; left out when
+    ``None``, so members without such weights keep their keys);
     ``source``, for a member not trained here, the file it comes from (``{"weights": ...}`` or
     ``{"predictions": ...}``: its sha256 and the class order it is read in); ``train`` and
     ``seed`` are None then.
     Not in it: the member's name, the device (CPU and CUDA runs of one member are the same
-    member), ``calibrate`` (applied to the stored logits at load time) and the fusers.
+    member), ``calibrate`` (applied to the stored logits at load time), the fusers, and where
+    the images were held (memory, disk or streamed: the same pixels either way).
     """
     material = {
         "format": ZOO_FORMAT,
@@ -61,6 +65,8 @@ def key_material(*, backbone: str | None, params: dict, train: dict | None, seed
                  "std": None if std is None else list(std), "fingerprint": fingerprint, "split": split},
         "code": code,
     }
+    if weights is not None:
+        material["weights"] = weights
     if source is not None:
         material["source"] = source
     return material

@@ -6,6 +6,8 @@ Written exactly as a third-party plugin would be: it uses only ``fusion_engine``
 - ``imagefolder``: ``root/<class>/<image>``, or ``root/{train,val,test}/<class>/<image>`` for a
   dataset that brings its own split.
 - ``csv``: a manifest of image paths, labels and, optionally, each sample's split.
+- ``hf``: a Hugging Face dataset, from the hub's cache or local parquet files
+  (``pip install 'fusion-engine[hf]'``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from fusion_engine import DatasetRecord, hookimpl
 
 from .digits import DigitsParams, load_digits_dataset
 from .folder import ImageFolderParams, load_image_folder
+from .hf import HFParams, load_hf_dataset
 from .manifest import CsvParams, load_csv_manifest
 
 
@@ -37,5 +40,11 @@ def register_datasets():
             load=load_csv_manifest,
             params=CsvParams,
             description="a CSV manifest of image paths and class names, optionally with a split column",
+        ),
+        DatasetRecord(
+            name="hf",
+            load=load_hf_dataset,
+            params=HFParams,
+            description="a Hugging Face dataset: a hub name (from its cache) or local parquet files",
         ),
     ]

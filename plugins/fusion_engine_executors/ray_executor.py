@@ -1,12 +1,16 @@
 """The ``ray`` executor: members train and predict as Ray tasks; results come back through Ray's
 object store, and the run stores them in the zoo on the driver, as a local run would.
 
-Nothing is assumed shared between the driver and the workers but the Python environment
-(fusion-engine, torch, timm and the plugin packages installed alike on every node): the images go
-to the object store once per input size and every task reads them from there; weights and logits
-come back as numpy arrays; a plugin loaded from a ``.py`` file named in the spec travels with the
-task as its source text. Nothing is written on the workers, so a member's task starts from epoch 1
-(zoo checkpoints are on the driver's disk).
+Images never travel as pixels (unless pixels are all a dataset has: arrays a plugin returned in
+memory). What goes to the object store, once per input config, is what opens them (the
+dataset's items: file paths, a Hugging Face dataset's Arrow files by name, and the path of the
+decoded-image cache): each task reads the cache file where that path holds one (this machine, a
+shared registry) and otherwise decodes from the dataset's own storage (a shared folder, the
+Hugging Face cache), holding the images in memory when they fit the worker's own memory budget
+and streaming them otherwise, with as many decoding workers as the task has CPUs. Weights and
+logits come back as numpy arrays; a plugin loaded from a ``.py`` file named in the spec travels
+with the task as its source text. Zoo checkpoints are on the driver's disk, so a member's task
+starts from epoch 1.
 """
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ class RayExecutor(Executor):
         task = ray.remote(_fit_on_worker)
         plugin_sources = loaded_plugin_files()
         labels_ref = ray.put({s: v for s, v in labels.items()})
-        images_ref: dict[tuple, Any] = {}
+        images_ref: dict[Any, Any] = {}
         files_ref: dict[Path, Any] = {}
         pending: dict[Any, tuple] = {}
         try:
@@ -93,9 +97,9 @@ class RayExecutor(Executor):
                     continue
                 if reason:
                     log.warning("%s; its task waits until such a node joins", reason)
-                size = (job.input.size, job.input.in_chans)
-                if size not in images_ref:  # once per input size, shared by every task that needs it
-                    images_ref[size] = ray.put({s: x.numpy() for s, x in pixels(job.input).items()})
+                size = job.input
+                if size not in images_ref:  # once per input config, shared by every task that needs it
+                    images_ref[size] = ray.put(pixels(job.input))  # what opens the images, not their pixels
                 files = {}
                 for field, path in _local_files(job).items():  # e.g. pretrained_file: only on this disk
                     if path not in files_ref:
@@ -174,7 +178,6 @@ def _fit_on_worker(plugin_sources: dict, job_bytes: bytes, images: dict, labels:
     predict the member. Runs on a worker."""
     import tempfile
 
-    import numpy as np
     import ray.cloudpickle as cloudpickle
     import torch
 
@@ -183,8 +186,10 @@ def _fit_on_worker(plugin_sources: dict, job_bytes: bytes, images: dict, labels:
     for name, (path, source) in plugin_sources.items():
         import_plugin_source(name, path, source)
     job = cloudpickle.loads(job_bytes)
-    torch.set_num_threads(max(1, int(job.resources.cpus)))  # what the task was given, not the node's count
-    images = {s: torch.from_numpy(np.array(x)) for s, x in images.items()}  # the object store's arrays are read-only
+    cpus = max(1, int(job.resources.cpus))
+    torch.set_num_threads(cpus)  # what the task was given, not the node's count
+    for image_set in images.values():  # decoding workers: the task's other CPUs (none for a 1-CPU task)
+        image_set.workers = cpus if cpus > 1 else 0
     with tempfile.TemporaryDirectory(prefix="fusion-engine-") as tmp:
         local = {}
         for field, (name, data) in files.items():

@@ -1,9 +1,17 @@
 """fusion-engine first-party plugin: backbones from timm.
 
 ``timm`` builds any timm architecture by name; ``resnet18`` and ``mobilenetv2`` are ready-made
-names for the two members of the quickstart. Weights come only from a local file
-(``pretrained_file``), never from the hub. torch and timm load inside the factories, so listing
+names for the two members of the quickstart. torch and timm load inside the factories, so listing
 and validating plugins stays fast.
+
+Pretrained weights come from a local file (``pretrained_file``, checked against
+``pretrained_sha256``) or, with ``pretrained: true`` or a model name with a tag
+(``resnet18.a1_in1k``), from timm's own source for them: the Hugging Face hub, through its local
+cache. :func:`hub_weights` finds the file timm would load (its repository, revision, file name,
+the order timm tries them in) in the cache without touching the network when ``HF_HUB_OFFLINE=1``
+(downloading it otherwise), and names it by repository, commit, file and sha256: that identity
+enters the member's zoo key, and the member is built from that very file. Weights neither cached
+nor downloadable are one line saying so, before any run starts.
 
 ``small_input`` adapts a stem built for 224 px ImageNet images to images of 64 px or less, as
 CIFAR-style networks do, so that a 16 or 32 px input is not pooled down to a single pixel:
@@ -26,6 +34,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -44,6 +55,9 @@ _RESERVED_KWARGS = {"model_name", "pretrained", "pretrained_cfg", "pretrained_cf
 class BackboneParams(Params):
     """Parameters of every timm backbone; ``timm`` adds the architecture name."""
 
+    pretrained: Optional[bool] = Field(
+        None, description="start from timm's pretrained weights (the model's tag, or timm's default one), from the "
+                          "Hugging Face cache (downloaded when online); default: on when model names a tag (arch.tag)")
     pretrained_file: Optional[Path] = Field(
         None, description="local weights (.safetensors, or .pth/.pt/.bin read with weights_only); relative to the spec's folder")
     pretrained_sha256: Optional[str] = Field(
@@ -81,6 +95,9 @@ class BackboneParams(Params):
     def _checksum_needs_file(self) -> "BackboneParams":
         if self.pretrained_sha256 and self.pretrained_file is None:
             raise ValueError("pretrained_sha256 is given but pretrained_file is not")
+        if self.pretrained and self.pretrained_file is not None:
+            raise ValueError("give pretrained: true (timm's weights, from the Hugging Face cache) or pretrained_file "
+                             "(a local file), not both")
         return self
 
 
@@ -101,34 +118,41 @@ def check_timm(params: TimmParams, *, num_classes: int, image_size: int | None =
     check_model(params.model, params, num_classes=num_classes, image_size=image_size)
 
 
+def timm_weights(params: TimmParams) -> dict | None:
+    return weights_identity(params.model, params)
+
+
 #: what ``validate`` needs of the ready-made names, known without importing torch or timm: timm's
-#: pretrained config (input size, mean, std) and how many times the network halves its input (all
+#: pretrained config (input size, mean, std, and the evaluation resize and crop) and how many times the network halves its input (all
 #: its downsampling steps are 3x3 stride-2 convolutions or pools with padding 1, or ResNet's 7x7
 #: stem with padding 3: each gives ceil(size / 2)), and how many with ``small_input``'s stem.
 #: tests/test_backbones.py checks both against timm.
 READY = {
-    "resnet18": {"size": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "halvings": 5,
+    "resnet18": {"size": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+                 "interpolation": "bicubic", "crop_pct": 0.95, "crop_mode": "center", "halvings": 5,
                  "small_input_halvings": 3},
-    "mobilenetv2_100": {"size": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "halvings": 5,
+    "mobilenetv2_100": {"size": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+                        "interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center", "halvings": 5,
                         "small_input_halvings": 3},
 }
 
 
 def _ready(model_name: str) -> dict[str, Any]:
     """``build``, ``input_config`` and ``check`` of a ready-made name for one timm architecture.
-    Its ``input_config``, and its ``check`` when the member has no ``pretrained_file`` and no
-    ``kwargs``, need neither torch nor timm (:data:`READY`): ``validate`` of the quickstart stays fast."""
+    Its ``input_config``, and its ``check`` when the member has no ``pretrained_file``, no hub
+    weights and no ``kwargs``, need neither torch nor timm (:data:`READY`): ``validate`` of the quickstart stays fast."""
     known = READY[model_name]
 
     def build(params: BackboneParams, num_classes: int, image_size: int | None = None) -> BuiltBackbone:
         return build_model(model_name, params, num_classes=num_classes, image_size=image_size)
 
     def input_config(params: BackboneParams, image_size: int | None = None) -> InputConfig:
-        return _input({"input_size": (3, known["size"], known["size"]), "mean": known["mean"], "std": known["std"]},
+        return _input({"input_size": (3, known["size"], known["size"]),
+                       **{k: known[k] for k in ("mean", "std", "interpolation", "crop_pct", "crop_mode")}},
                       params, image_size)
 
     def check(params: BackboneParams, *, num_classes: int, image_size: int | None = None) -> None:
-        if params.pretrained_file is not None or params.kwargs:
+        if params.pretrained_file is not None or params.kwargs or uses_hub(model_name, params):  # weights to fit
             return check_model(model_name, params, num_classes=num_classes, image_size=image_size)
         small = _small(params, image_size)
         halvings = known["small_input_halvings" if small else "halvings"]
@@ -140,10 +164,106 @@ def _ready(model_name: str) -> dict[str, Any]:
 
         _warn_if_collapsed(model_name, params, image_size, image_size or known["size"], final, adapted=small)
 
-    for fn, what in ((build, "build"), (input_config, "input_config"), (check, "check")):
+    def weights(params: BackboneParams) -> dict | None:
+        return weights_identity(model_name, params)
+
+    for fn, what in ((build, "build"), (input_config, "input_config"), (check, "check"), (weights, "weights")):
         fn.__name__ = f"{what}_{model_name}"
     build.__doc__ = f"timm ``{model_name}``."
-    return {"build": build, "input_config": input_config, "check": check}
+    return {"build": build, "input_config": input_config, "check": check, "weights": weights}
+
+
+# -- pretrained weights from the Hugging Face cache -------------------------------------------------
+
+@dataclass(frozen=True)
+class HubWeights:
+    """A pretrained-weights file in the Hugging Face cache, and what identifies its bytes."""
+
+    repo: str
+    revision: str  # the commit of the snapshot that holds it
+    file: str
+    path: str
+    sha256: str
+
+    def identity(self) -> dict:
+        """What enters a member's zoo key (no local path: another machine's copy is the same weights)."""
+        return {"source": "hf-hub", "repo": self.repo, "revision": self.revision, "file": self.file,
+                "sha256": self.sha256}
+
+
+def uses_hub(name: str, params: BackboneParams) -> bool:
+    """Whether the member starts from timm's pretrained weights through the hub's cache."""
+    if params.pretrained_file is not None:
+        return False
+    return params.pretrained if params.pretrained is not None else "." in name
+
+
+def weights_identity(name: str, params: BackboneParams) -> dict | None:
+    """The identity of the hub weights ``params`` select for ``name`` (None for none): found in
+    the Hugging Face cache, else downloaded unless offline; a one-line error otherwise."""
+    return hub_weights(name).identity() if uses_hub(name, params) else None
+
+
+def hub_weights(name: str) -> HubWeights:
+    """The file ``timm.create_model(name, pretrained=True)`` loads, found as timm looks for it:
+    the pretrained config's ``hf_hub_id`` (``repo`` or ``repo@revision``) and ``hf_hub_filename``,
+    else ``model.safetensors`` then ``pytorch_model.bin``. From the Hugging Face cache
+    (``HF_HUB_CACHE``, or ``HF_HOME``/hub); downloaded into it when ``HF_HUB_OFFLINE`` is unset."""
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    from timm.models import get_pretrained_cfg
+
+    _check_model_name(name)
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise FusionEngineError(f"timm has no pretrained weights for '{name}'; drop pretrained, or give "
+                                f"pretrained_file")
+    if not cfg.hf_hub_id:
+        where = cfg.url or cfg.file
+        raise FusionEngineError(f"timm's pretrained weights for '{name}' are not on the Hugging Face hub (they are at "
+                                f"{where}); download them and give pretrained_file")
+    repo, _, revision = cfg.hf_hub_id.partition("@")
+    revision = revision or "main"
+    files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    for file in files:
+        path = try_to_load_from_cache(repo, file, revision=revision)
+        if isinstance(path, str):  # not None, nor the "known to be absent" marker
+            return _found(repo, file, path)
+    offline = constants.HF_HUB_OFFLINE
+    reason = "HF_HUB_OFFLINE=1" if offline else ""
+    if not offline:
+        for file in files:
+            try:
+                return _found(repo, file, hf_hub_download(repo, file, revision=revision))
+            except (EntryNotFoundError, LocalEntryNotFoundError) as exc:
+                cause = exc.__cause__ or exc
+                reason = f"the hub cannot be reached ({_first_line(cause)})" if isinstance(
+                    exc, LocalEntryNotFoundError) else f"the hub has no {file}"
+            except (HfHubHTTPError, OSError, ValueError) as exc:
+                reason = f"downloading failed ({_first_line(exc)})"
+                break
+    raise FusionEngineError(
+        f"pretrained weights for timm model '{name}' ({repo}@{revision}: {' or '.join(files)}) are not in the Hugging "
+        f"Face cache {constants.HF_HUB_CACHE} and {reason}; download them once with `hf download {repo}` where there "
+        f"is network (or point HF_HOME or HF_HUB_CACHE at a cache that has them)")
+
+
+def _found(repo: str, file: str, path: str) -> HubWeights:
+    snapshot = Path(path).parents[len(Path(file).parts) - 1]  # .../snapshots/<commit>/<file>
+    return HubWeights(repo, snapshot.name, file, path, _file_sha256(path))
+
+
+def _file_sha256(path: str) -> str:
+    stat = os.stat(path)
+    return _hashed(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _hashed(path: str, size: int, mtime_ns: int) -> str:
+    """A file's sha256, once per (file, size, date) in a process: weights are hashed when checked
+    and again when a key is made."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def check_model(name: str, params: BackboneParams, *, num_classes: int, image_size: int | None = None) -> None:
@@ -157,7 +277,10 @@ def check_model(name: str, params: BackboneParams, *, num_classes: int, image_si
     if params.pretrained_file is not None:
         if params.pretrained_sha256:
             verify_sha256(params.pretrained_file, params.pretrained_sha256)
-        _check_weights_fit(name, params)
+        _check_weights_fit(name, params, str(params.pretrained_file), "pretrained_file")
+    elif uses_hub(name, params):
+        hub = hub_weights(name)
+        _check_weights_fit(name, params, hub.path, f"the pretrained weights of {hub.repo}")
     size = image_size or model_input_config(name, params).size
     small = _small(params, image_size)
     with torch.device("meta"):
@@ -235,32 +358,41 @@ def model_input_config(name: str, params: BackboneParams, *, image_size: int | N
 
 
 def _input(data_cfg: dict, params: BackboneParams, image_size: int | None) -> InputConfig:
+    """The engine's input config from timm's data config: size, normalisation, and the
+    evaluation resize and crop (the photo path uses them; the small-image path resizes whole)."""
     size = image_size or int(data_cfg["input_size"][-1])
     mean, std = (_per_channel(data_cfg[k], params.in_chans) for k in ("mean", "std"))
-    return InputConfig(size=size, mean=mean, std=std, in_chans=params.in_chans)
+    return InputConfig(size=size, mean=mean, std=std, in_chans=params.in_chans,
+                       interpolation=str(data_cfg.get("interpolation") or "bilinear"),
+                       crop_pct=float(data_cfg.get("crop_pct") or 1.0), crop_mode=str(data_cfg.get("crop_mode") or "center"))
 
 
 def build_model(name: str, params: BackboneParams, *, num_classes: int, image_size: int | None = None) -> BuiltBackbone:
-    """A timm model for ``num_classes`` with its input config, weights from ``pretrained_file`` if given."""
+    """A timm model for ``num_classes`` with its input config, weights from ``pretrained_file``
+    or from timm's pretrained weights in the Hugging Face cache (:func:`hub_weights`)."""
     import timm
     from timm.data import resolve_data_config
 
     _check_model_name(name)
     kwargs = dict(params.kwargs, in_chans=params.in_chans, drop_rate=params.drop_rate)
+    pretrained = params.pretrained_file is not None or uses_hub(name, params)
     try:
-        if params.pretrained_file is None:
+        if params.pretrained_file is not None:
+            model = _create_pretrained(name, str(params.pretrained_file), params.pretrained_sha256, num_classes, kwargs)
+        elif pretrained:
+            hub = hub_weights(name)
+            model = _create_pretrained(name, hub.path, hub.sha256, num_classes, kwargs)
+        else:
             model = timm.create_model(name, num_classes=num_classes, **kwargs)
             _init_head(model)
             _zero_init_residual_branches(model)
-        else:
-            model = _create_pretrained(name, params, num_classes, kwargs)
     except FusionEngineError:
         raise
     except (RuntimeError, TypeError, ValueError, KeyError) as exc:
         raise FusionEngineError(f"cannot build timm model '{name}': {_first_line(exc)}") from None
 
     if _small(params, image_size):
-        adapted = adapt_small_input(model, resample=params.pretrained_file is not None, size=image_size or 32)
+        adapted = adapt_small_input(model, resample=pretrained, size=image_size or 32)
         if not adapted and params.small_input is True:
             raise FusionEngineError(_cannot_adapt(name, model))
 
@@ -471,8 +603,9 @@ def _check_model_name(name: str) -> None:
             raise FusionEngineError(f"timm model '{arch}' has no pretrained tag '{tag}'; its tags: {known}")
 
 
-def _create_pretrained(name: str, params: BackboneParams, num_classes: int, kwargs: dict) -> Any:
-    """Load ``pretrained_file`` through timm (which adapts ``in_chans``), then fit the head.
+def _create_pretrained(name: str, path: str, sha256: str | None, num_classes: int, kwargs: dict) -> Any:
+    """Load the weights file ``path`` through timm's pretrained loading (which adapts
+    ``in_chans``), checked against ``sha256`` first, then fit the head.
 
     The model is first built with the file's own head, so loading is strict: a file for another
     architecture fails instead of leaving layers silently random. A head for a different number
@@ -481,9 +614,8 @@ def _create_pretrained(name: str, params: BackboneParams, num_classes: int, kwar
     import timm
     from timm.models import get_pretrained_cfg
 
-    path = str(params.pretrained_file)
-    if params.pretrained_sha256:
-        verify_sha256(path, params.pretrained_sha256)
+    if sha256:
+        verify_sha256(path, sha256)
     cfg = get_pretrained_cfg(name)
     shapes = read_weight_shapes(path)
     overlay: dict[str, Any] = {"file": path}
@@ -530,15 +662,14 @@ def verify_sha256(path: str | Path, expected: str) -> None:
         raise FusionEngineError(f"checksum mismatch for {path}: expected sha256 {expected.lower()}, got {actual}")
 
 
-def _check_weights_fit(name: str, params: BackboneParams) -> None:
-    """A ``pretrained_file``'s tensors against the architecture's: names and shapes, the
-    classifier aside (it is replaced for another class count), and the first convolution's input
-    channels aside (timm adapts them to ``in_chans``). One line naming the file and the first
-    missing, unexpected and mis-shaped tensors, with their counts."""
+def _check_weights_fit(name: str, params: BackboneParams, path: str, what: str) -> None:
+    """A weights file's tensors against the architecture's: names and shapes, the classifier
+    aside (it is replaced for another class count), and the first convolution's input channels
+    aside (timm adapts them to ``in_chans``). One line naming the file and the first missing,
+    unexpected and mis-shaped tensors, with their counts."""
     import torch
     from timm.models import get_pretrained_cfg
 
-    path = str(params.pretrained_file)
     shapes = read_weight_shapes(path)
     cfg = get_pretrained_cfg(name)
     head = _names(cfg.classifier) if cfg else ()
@@ -549,7 +680,7 @@ def _check_weights_fit(name: str, params: BackboneParams) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     problems = weights_mismatch(expected, shapes, any_shape=(*head, *stem))
     if problems:
-        raise FusionEngineError(f"pretrained_file {path} does not fit timm model '{name}': {problems}; is it the "
+        raise FusionEngineError(f"{what} {path} does not fit timm model '{name}': {problems}; is it the "
                                 f"weights of another architecture?")
 
 
@@ -576,6 +707,7 @@ def _first_line(exc: BaseException) -> str:
 def register_backbones():
     return [
         BackboneRecord("timm", build_timm, TimmParams, input_config=timm_input_config, check=check_timm,
+                       weights=timm_weights,
                        description="any timm architecture by name (model: resnet50, convnext_tiny, ...)"),
         BackboneRecord("resnet18", params=BackboneParams, description="timm resnet18", **_ready("resnet18")),
         BackboneRecord("mobilenetv2", params=BackboneParams, description="timm mobilenetv2_100",

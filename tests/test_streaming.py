@@ -1,0 +1,258 @@
+"""Images within a memory budget: the same member, whether its images are held in memory, read
+per batch from the decoded-image cache on disk, or decoded per batch in worker processes; the
+choice logged with its figures; the budget and storage settable in the spec."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import cli, toy_spec_data, write_spec
+from fusion_engine import FusionEngineError, InputConfig
+from fusion_engine.preprocess import load_images
+from fusion_engine.imagesets import (DecodedCache, ImageSet, available_memory, decoded_cache, memory_budget,
+                                     open_images, open_store, parse_budget)
+from fusion_engine.runner import run_experiment
+
+CFG = InputConfig(size=8, mean=(0.5,), std=(0.5,), in_chans=1)
+
+
+def folder_spec(tmp_path: Path, name: str, students: list | None = None, **data) -> Path:
+    """The toy members on a folder of tiny PNGs, with ``data`` fields (and ``students``) added."""
+    return write_spec(tmp_path / f"{name}.yaml", toy_spec_data(
+        name=name, data={"dataset": "imagefolder", "params": {"root": "images"}, "image_size": 8,
+                         "split": {"val": 0.25, "test": 0.25}, **data},
+        members=[{"name": "net-a", "backbone": "toy-net", "train": {"epochs": 2, "batch_size": 8}},
+                 {"name": "net-b", "backbone": "toy-net", "seed": 5,
+                  "train": {"epochs": 1, "batch_size": 5, "augment": {"hflip": True, "shift": 0.25}}}],
+        fusers=[{"name": "avg", "fuser": "toy-mean"}], students=students or []))
+
+
+def outputs(registry: Path, run: dict) -> dict:
+    """Each member's stored weights and logits."""
+    found = {}
+    for name, member in run["members"].items():
+        folder = registry / "zoo" / member["key"]
+        found[name] = {**load_file(str(folder / "model.safetensors")), **load_file(str(folder / "outputs.safetensors"))}
+    return found
+
+
+@pytest.mark.parametrize("storage", ["disk", "stream"])
+def test_a_member_trains_to_the_same_weights_from_memory_from_disk_and_streamed(make_image_folder, tmp_path, storage):
+    make_image_folder(per_class=8, size=20)
+    memory = run_experiment(folder_spec(tmp_path, "memory", storage="memory"), registry=tmp_path / "a", quiet=True)
+    other = run_experiment(folder_spec(tmp_path, storage, storage=storage, workers=2 if storage == "stream" else 0),
+                           registry=tmp_path / "b", quiet=True)
+    first = json.loads((memory.run_dir / "run.json").read_text())
+    second = json.loads((other.run_dir / "run.json").read_text())
+    assert first["members"]["net-a"]["key"] == second["members"]["net-a"]["key"]  # where images live is not in the key
+    a, b = outputs(tmp_path / "a", first), outputs(tmp_path / "b", second)
+    for member in a:
+        assert a[member].keys() == b[member].keys()
+        for tensor in a[member]:
+            np.testing.assert_array_equal(a[member][tensor], b[member][tensor], err_msg=f"{member} {tensor}")
+    log = (other.run_dir / "run.log").read_text()
+    expected = "reading them from the decoded-image cache" if storage == "disk" else "decoding them per batch"
+    assert expected in log and "data.storage: " + storage in log
+
+
+@pytest.mark.parametrize("storage", ["disk", "stream"])
+def test_a_student_distils_to_the_same_weights_from_memory_from_disk_and_streamed(make_image_folder, tmp_path, storage):
+    """Its teacher's probabilities follow its images into each shuffled batch, whichever way they are read."""
+    make_image_folder(per_class=8, size=20)
+    pupil = [{"name": "pupil", "backbone": "toy-net", "teacher": "avg", "distill": {"alpha": 0.9, "temperature": 2.0},
+              "train": {"epochs": 2, "batch_size": 5, "augment": {"hflip": True}}}]
+    memory = run_experiment(folder_spec(tmp_path, "memory", pupil, storage="memory"), registry=tmp_path / "a", quiet=True)
+    other = run_experiment(folder_spec(tmp_path, storage, pupil, storage=storage, workers=2 if storage == "stream" else 0),
+                           registry=tmp_path / "b", quiet=True)
+    first = json.loads((memory.run_dir / "run.json").read_text())
+    second = json.loads((other.run_dir / "run.json").read_text())
+    assert first["members"]["pupil"]["source"] == "student"
+    assert first["members"]["pupil"]["key"] == second["members"]["pupil"]["key"]  # the same soft targets
+    a, b = outputs(tmp_path / "a", first)["pupil"], outputs(tmp_path / "b", second)["pupil"]
+    assert a.keys() == b.keys() and "val_logits" in a
+    for tensor in a:
+        np.testing.assert_array_equal(a[tensor], b[tensor], err_msg=f"pupil {tensor}")
+
+
+def test_data_over_the_budget_is_streamed_or_read_from_disk_and_the_choice_is_logged(make_image_folder, tmp_path):
+    make_image_folder(per_class=8, size=20)
+    result = run_experiment(folder_spec(tmp_path, "small", memory_budget="100B"), registry=tmp_path / "reg", quiet=True)
+    log = (result.run_dir / "run.log").read_text()
+    # 12 train images of 1 x 8 x 8 are 768 bytes: over a 100-byte budget; the cache is written, then measured
+    assert "12 images at 8 px (0.0 MB decoded) exceed the memory budget (0.0 MB, data.memory_budget 0.0 MB)" in log
+    assert "decoding them once into the decoded-image cache" in log
+    assert "measured per image: reading the cache" in log and " ms, decoding " in log
+    assert json.loads((result.run_dir / "run.json").read_text())["status"] == "complete"
+
+
+def test_every_storage_gives_the_same_batches_in_the_order_asked(make_image_folder, tmp_path):
+    root = make_image_folder(per_class=6, size=13)
+    paths = sorted(root.rglob("*.png"))
+    rows = {"train": np.array([0, 3, 5, 7, 8, 9, 12, 15, 16, 17]), "val": np.array([1, 2, 4, 6])}
+    positions = [np.array([3, 0, 9]), np.array([1]), np.array([8, 2, 5, 4, 6, 7])]
+    expected = load_images(paths, rows["train"], CFG)
+    for storage, workers in (("memory", 0), ("disk", 0), ("stream", 0), ("stream", 2)):
+        sets = open_images(paths, rows, CFG, fingerprint="f" * 64, cache_dir=tmp_path / storage, storage=storage,
+                           workers=workers)
+        assert sets["train"].storage == storage
+        got = list(sets["train"].batches(positions))
+        for idx, batch in zip(positions, got):
+            assert batch.equal(expected[idx]), (storage, workers)
+        assert sets["val"].tensor().equal(load_images(paths, rows["val"], CFG))
+
+
+def test_an_image_set_pickles_as_what_reopens_it_not_its_pixels(make_image_folder, tmp_path):
+    root = make_image_folder(per_class=20, size=16)
+    paths = sorted(root.rglob("*.png"))
+    cfg = InputConfig(size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    sets = open_images(paths, {"train": np.arange(60)}, cfg, fingerprint="e" * 64, cache_dir=tmp_path / "cache")
+    pixels = sets["train"].tensor()  # opened: decoded and cached
+    wire = pickle.dumps(sets["train"])
+    assert len(wire) < pixels.nbytes / 4  # 60 x 3 x 32 x 32 = 184 kB of pixels; the paths are a few kB
+    again = pickle.loads(wire)
+    assert not again.opened
+    assert again.tensor().equal(pixels)  # reopened from the cache file the driver wrote
+
+
+def test_a_corrupt_image_met_while_streaming_is_one_line_naming_it(make_image_folder, tmp_path):
+    root = make_image_folder(per_class=4, size=12)
+    paths = sorted(root.rglob("*.png"))
+    paths[5].write_bytes(b"not a png")
+    sets = open_images(paths, {"train": np.arange(len(paths))}, CFG, fingerprint="d" * 64, cache_dir=None,
+                       storage="stream", workers=2)
+    with pytest.raises(FusionEngineError) as error:
+        list(sets["train"].sequential(4))
+    assert str(error.value) == f"cannot read image {paths[5]}: not an image format Pillow can decode"
+
+
+def test_the_decoded_cache_is_a_safetensors_file_read_by_rows(tmp_path, make_image_folder):
+    from safetensors.torch import load_file as load_tensors
+
+    root = make_image_folder(per_class=3, size=10)
+    paths = sorted(root.rglob("*.png"))
+    cache = decoded_cache(tmp_path, "c" * 64, CFG, len(paths))
+    cache.write(paths, CFG)
+    everything = load_tensors(str(cache.path))["images"]  # a plain safetensors file
+    assert everything.equal(load_images(paths, np.arange(len(paths)), CFG))
+    assert cache.check() is None
+    assert cache.read(np.array([7, 2, 3])).equal(everything[[7, 2, 3]])
+    assert cache.read(np.array([3, 4, 5])).equal(everything[3:6])
+    other = DecodedCache(cache.path, cache.shape, {"fingerprint": "0" * 64})
+    assert other.check() == "was written for other data"
+
+
+def test_the_budget_is_a_fraction_of_available_memory_or_a_size():
+    assert parse_budget(None) == (0.5, None)
+    assert parse_budget(0.25) == (0.25, None)
+    assert parse_budget("8GB") == (None, 8_000_000_000)
+    assert parse_budget("512MiB") == (None, 512 * 2**20)
+    budget, why = memory_budget(0.25)
+    assert budget == pytest.approx(0.25 * available_memory(), rel=0.05) and why.startswith("25% of ")
+    assert memory_budget("2GB") == (2_000_000_000, "data.memory_budget 2.00 GB")
+    for bad, message in ((2, "a fraction of the available memory, in \\(0, 1\\]"), ("lots", "'lots' is not a size")):
+        with pytest.raises(ValueError, match=message):
+            parse_budget(bad)
+
+
+def test_bad_loading_settings_are_one_line_errors(tmp_path):
+    for data, message in (({"memory_budget": 3}, "data.memory_budget: a number is a fraction of the available memory"),
+                          ({"memory_budget": "a lot"}, "data.memory_budget: 'a lot' is not a size"),
+                          ({"memory_budget": True}, "data.memory_budget: expected a number, not true or false"),
+                          ({"storage": "tape"}, "data.storage: Input should be 'auto', 'memory', 'disk' or 'stream'"),
+                          ({"workers": -1}, "data.workers: Input should be greater than or equal to 0")):
+        spec = write_spec(tmp_path / "bad.yaml", toy_spec_data(data={"dataset": "toy-data", **data}))
+        result = cli("validate", spec)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_arrays_over_the_budget_are_resized_per_batch(caplog):
+    import logging
+
+    images = np.random.default_rng(0).integers(0, 255, (10, 6, 6), dtype=np.uint8)
+    with caplog.at_level(logging.INFO, logger="fusion_engine"):
+        store = open_store(images, CFG, cache=None, budget=10, budget_text="test")
+    assert store.storage == "stream" and "they are arrays in memory, resized per batch" in caplog.text
+    [batch] = list(store.batches([np.array([4, 1])]))
+    assert batch.equal(load_images(images, [4, 1], CFG))
+
+
+def test_a_tensor_is_an_image_set_in_memory():
+    import torch
+
+    x = torch.randint(0, 255, (5, 1, 8, 8), dtype=torch.uint8)
+    images = ImageSet.of(x, CFG)
+    assert len(images) == 5 and images.storage == "memory" and images.tensor() is x
+    assert np.array_equal(images.items[2], x[2, 0].numpy())  # its own images, for a training transform
+
+
+PEAK_RSS = """
+import resource, sys
+from fusion_engine.cli import main
+status = main(sys.argv[1:])
+print("peak_rss_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+sys.exit(status)
+"""
+
+
+def test_a_run_over_its_memory_budget_never_holds_its_images_and_scores_the_same(make_image_folder, tmp_path):
+    import subprocess
+    import sys
+
+    # 1,002 images that decode to 256 x 256 grayscale: 66 MB of pixels, held whole in memory by
+    # the first run, and within a 4 MB budget by the second (nothing but a few batches held)
+    make_image_folder(per_class=334, size=24)
+    peaks, boards = {}, {}
+    for name, data in (("held", {"storage": "memory"}), ("budget", {"memory_budget": "4MB", "workers": 0})):
+        spec = write_spec(tmp_path / f"{name}.yaml", toy_spec_data(
+            name=name, data={"dataset": "imagefolder", "params": {"root": "images"}, "image_size": 256,
+                             "split": {"val": 0.25, "test": 0.25}, **data},
+            members=[{"name": "net", "backbone": "toy-net",
+                      "train": {"epochs": 1, "batch_size": 32, "augment": {"pipeline": "batch"}}}],
+            fusers=[{"name": "avg", "fuser": "toy-mean"}]))
+        out = subprocess.run([sys.executable, "-c", PEAK_RSS, "run", str(spec), "--registry", str(tmp_path / name),
+                              "--quiet"], capture_output=True, text=True, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        peaks[name] = int(out.stdout.split("peak_rss_kb")[-1]) / 1024
+        [run_dir] = (tmp_path / name / "runs").iterdir()
+        boards[name] = json.loads((run_dir / "leaderboard.json").read_text())
+        log = (run_dir / "run.log").read_text()
+    assert "exceed the memory budget (4.0 MB, data.memory_budget 4.0 MB)" in log
+    assert "held in memory" not in log
+    pixels_mb = 1002 * 256 * 256 / 2**20
+    assert peaks["budget"] < peaks["held"] - 0.6 * pixels_mb, peaks
+    scores = {name: [(r["name"], r["accuracy"], r["nll"]) for r in board["rows"]] for name, board in boards.items()}
+    assert scores["held"] == scores["budget"]  # the same member, the same test scores
+
+
+@pytest.mark.parametrize("storage", ["disk", "stream"])
+def test_a_member_from_its_weights_file_predicts_streamed_images_as_from_memory(make_image_folder, tmp_path, storage):
+    import shutil
+
+    make_image_folder(per_class=8, size=20)
+    trained = run_experiment(folder_spec(tmp_path, "trained", storage="memory"), registry=tmp_path / "a", quiet=True)
+    first = json.loads((trained.run_dir / "run.json").read_text())
+    folder = tmp_path / "a" / "zoo" / first["members"]["net-a"]["key"]
+    shutil.copy(folder / "model.safetensors", tmp_path / "net-a.safetensors")
+    spec = write_spec(tmp_path / "byo.yaml", toy_spec_data(
+        name="byo", data={"dataset": "imagefolder", "params": {"root": "images"}, "image_size": 8,
+                          "split": {"val": 0.25, "test": 0.25}, "storage": storage, "memory_budget": "100B",
+                          "workers": 2 if storage == "stream" else 0},
+        members=[{"name": "mine", "backbone": "toy-net", "train": False, "weights": "net-a.safetensors"}],
+        fusers=[{"name": "avg", "fuser": "toy-mean"}]))
+    result = run_experiment(spec, registry=tmp_path / "b", quiet=True)
+    second = json.loads((result.run_dir / "run.json").read_text())
+    assert second["members"]["mine"]["source"] == "weights"
+    mine = load_file(str(tmp_path / "b" / "zoo" / second["members"]["mine"]["key"] / "outputs.safetensors"))
+    net_a = load_file(str(folder / "outputs.safetensors"))
+    for split in ("val", "test"):
+        np.testing.assert_array_equal(mine[f"{split}_logits"], net_a[f"{split}_logits"])
+    log = (result.run_dir / "run.log").read_text()
+    assert "exceed the memory budget" in log and f"data.storage is {storage}" in log
