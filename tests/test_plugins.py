@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from conftest import TOY_PLUGIN
+from conftest import TOY_PLUGIN, cli
 from fusion_engine import PluginError, SpecError
 from fusion_engine.plugins import DISABLE_ENV, get_plugins
 
@@ -195,9 +194,9 @@ def test_managers_are_independent():
 
 
 def test_plugins_command_json_lists_versions_hooks_and_records():
-    out = subprocess.run([sys.executable, "-m", "fusion_engine", "plugins", "--json"],
-                         capture_output=True, text=True, check=True).stdout
-    rows = {row["name"]: row for row in json.loads(out)}
+    out = cli("plugins", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = {row["name"]: row for row in json.loads(out.stdout)}
     assert FIRST_PARTY <= set(rows)
     assert rows["fusion_engine_metrics"]["hooks"] == ["register_metrics"]
     assert "nll" in rows["fusion_engine_metrics"]["metrics"]
@@ -208,8 +207,6 @@ def test_plugins_command_json_lists_versions_hooks_and_records():
 
 
 def test_plugins_in_a_pipe_cut_nothing_and_list_every_record_with_its_description():
-    from conftest import cli
-
     out = cli("plugins", env={"COLUMNS": "60"})
     assert out.returncode == 0, out.stderr
     assert "…" not in out.stdout
