@@ -202,6 +202,8 @@ class Catalog:
                 plugin = impl.plugin_name
                 try:
                     result = impl.function()
+                except PluginError as exc:  # a record that refused what it was given says why
+                    raise PluginError(f"plugin {plugin}: {exc}") from None
                 except Exception as exc:
                     raise PluginError(f"plugin {plugin}: register_{kind}s() failed: {type(exc).__name__}: {exc}") from None
                 for record in result or ():

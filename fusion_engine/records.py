@@ -206,8 +206,11 @@ class BackboneRecord:
 class FuserRecord:
     """``cls(**params)`` is a fresh, unfitted fuser (see :class:`fusion_engine.Fuser`).
 
-    ``params`` defaults to the model of ``cls.__init__``'s keyword parameters
-    (:func:`params_from_signature`), so a fuser's parameters are written once, in ``__init__``.
+    A fuser's parameters are ``cls.__init__``'s keyword parameters, and ``params`` is the model
+    read off them (:func:`params_from_signature`). A model given as ``params`` (plugins written
+    against 0.1 give one) is accepted only when its fields match the signature's: the same names,
+    defaults, types and constraints; any difference is a :class:`PluginError` naming the field and
+    both values, so the two cannot drift apart.
     """
 
     name: str
@@ -216,8 +219,51 @@ class FuserRecord:
     description: str = ""
 
     def __post_init__(self) -> None:
+        derived = params_from_signature(self.cls)
         if self.params is None:
-            object.__setattr__(self, "params", params_from_signature(self.cls))
+            object.__setattr__(self, "params", derived)
+            return
+        if not (isinstance(self.params, type) and issubclass(self.params, Params)):
+            raise PluginError(f"fuser {self.name}: params must be a fusion_engine.Params model, not {self.params!r} "
+                              f"(or leave it out: it is read off {self.cls.__name__}.__init__)")
+        mismatch = _params_mismatch(self.params, derived, f"{self.cls.__name__}.__init__")
+        if mismatch:
+            raise PluginError(f"fuser {self.name}: {mismatch}; leave params out and the model is read off "
+                              f"{self.cls.__name__}.__init__")
+
+
+def _params_mismatch(given: type[Params], derived: type[Params], init: str) -> str | None:
+    """The first field on which ``given`` and ``derived`` (read off ``init``) differ, in words, or
+    None when they have the same names, defaults, types and constraints."""
+    model = given.__name__
+    for name in [*derived.model_fields, *(n for n in given.model_fields if n not in derived.model_fields)]:
+        if name not in given.model_fields:
+            return f"{init} takes {name}, which {model} lacks"
+        if name not in derived.model_fields:
+            return f"{model} has {name}, which {init} does not take"
+        ours, theirs = given.model_fields[name], derived.model_fields[name]
+        a, b = _default_text(ours), _default_text(theirs)
+        if a != b:
+            return f"{model}.{name} has default {a}, {init} has {b}"
+        a, b = _type_text(ours), _type_text(theirs)
+        if a != b:
+            return f"{model}.{name} has type {a}, {init} has {b}"
+    return None
+
+
+def _default_text(field: Any) -> str:
+    if field.is_required():
+        return "none (required)"
+    value = field.get_default(call_default_factory=True)
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _type_text(field: Any) -> str:
+    annotation = field.annotation
+    text = annotation.__name__ if isinstance(annotation, type) and not typing.get_args(annotation) else repr(annotation)
+    text = text.replace("typing.", "")
+    constraints = sorted(repr(m) for m in field.metadata)
+    return f"{text} ({', '.join(constraints)})" if constraints else text
 
 
 @dataclass

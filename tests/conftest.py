@@ -73,10 +73,13 @@ def toy_spec(tmp_path):
     return make
 
 
-def cli(*args, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """``python -m fusion_engine ARGS`` in a fresh process, as a user runs it."""
+def cli(*args, env: dict | None = None, cwd: Path | None = None,
+        timeout: float | None = None) -> subprocess.CompletedProcess:
+    """``python -m fusion_engine ARGS`` in a fresh process, as a user runs it: ``env`` adds to
+    (or replaces) this process's environment variables; past ``timeout`` seconds the process is
+    killed and :class:`subprocess.TimeoutExpired` fails the test."""
     return subprocess.run([sys.executable, "-m", "fusion_engine", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd)
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout)
 
 
 def cli_json(capsys, *args) -> object:

@@ -282,7 +282,6 @@ def test_warnings_logged_from_worker_threads_do_not_hang_a_run(toy_registry, tmp
     no thresholds meet) reaches stderr, and the run ends (the stderr handler once kept its lock)."""
     spec = write_spec(tmp_path / "spec.yaml", toy_spec_data(
         fusers=[{"name": "tight", "fuser": "cascade", "params": {"budget": 1e-9}}]))
-    out = subprocess.run([sys.executable, "-m", "fusion_engine", "run", str(spec), "--registry", str(toy_registry)],
-                         capture_output=True, text=True, timeout=600)
+    out = cli("run", spec, "--registry", toy_registry, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "cascade: no thresholds meet a budget" in out.stderr

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from conftest import cli
 
 EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "fusion-engine-example"
 
@@ -22,13 +23,8 @@ def site(tmp_path_factory):
     return target
 
 
-def cli(site, *args):
-    env = {**os.environ, "PYTHONPATH": str(site)}
-    return subprocess.run([sys.executable, "-m", "fusion_engine", *map(str, args)], capture_output=True, text=True, env=env)
-
-
 def test_installed_package_is_listed(site):
-    out = cli(site, "plugins", "--json")
+    out = cli("plugins", "--json", env={"PYTHONPATH": str(site)})
     assert out.returncode == 0, out.stderr
     rows = {row["name"]: row for row in json.loads(out.stdout)}
     example = rows["fusion-engine-example"]
@@ -49,7 +45,7 @@ def test_installed_package_runs_in_a_spec(site, tmp_path):
         "fusers:\n"
         "  - {name: median, fuser: median}\n"
     )
-    out = cli(site, "run", spec, "--registry", tmp_path / "reg", "--quiet")
+    out = cli("run", spec, "--registry", tmp_path / "reg", "--quiet", env={"PYTHONPATH": str(site)})
     assert out.returncode == 0, out.stderr
     board = pd.read_csv(Path(out.stdout.strip()) / "leaderboard.csv")
     assert sorted(board["name"]) == ["median", "tiny", "tiny2"]
@@ -59,7 +55,7 @@ def test_installed_package_runs_in_a_spec(site, tmp_path):
 def test_bad_params_for_a_third_party_backbone(site, tmp_path):
     spec = tmp_path / "bad.yaml"
     spec.write_text("name: bad\ndata: {dataset: sklearn-digits}\nmembers:\n  - {name: t, backbone: tiny-cnn, params: {width: 0}}\n")
-    out = cli(site, "validate", spec)
+    out = cli("validate", spec, env={"PYTHONPATH": str(site)})
     assert out.returncode == 2
     assert out.stderr == (f"{spec}: members.0.params.width: Input should be greater than or equal to 1 (got 0); allowed: "
                           "an integer from 1 to 512\n")

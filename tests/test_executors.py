@@ -21,17 +21,13 @@ def flaky_spec(path: Path, flag: Path, **fields) -> Path:
         fusers=[{"name": "avg", "fuser": "toy-mean"}], **fields))
 
 
-def run_cli(spec: Path, registry: Path):
-    return cli("run", spec, "--registry", registry, "--quiet")
-
-
 def test_a_failing_member_does_not_stop_the_others_and_a_rerun_trains_only_it(tmp_path):
     flag = tmp_path / "flag"
     flag.touch()
     spec = flaky_spec(tmp_path / "spec.yaml", flag)
     registry = tmp_path / "reg"
 
-    out = run_cli(spec, registry)
+    out = cli("run", spec, "--registry", registry, "--quiet")
     assert out.returncode == 1
     assert out.stderr == (f"1 of 2 members failed: flaky: RuntimeError: flaky-net refuses to train while {flag} exists; "
                           "the other member is ready in the zoo, so a re-run trains only flaky\n")
@@ -43,7 +39,7 @@ def test_a_failing_member_does_not_stop_the_others_and_a_rerun_trains_only_it(tm
     assert not (run_dir / "leaderboard.csv").exists()
 
     flag.unlink()
-    out = run_cli(spec, registry)
+    out = cli("run", spec, "--registry", registry, "--quiet")
     assert out.returncode == 0, out.stderr
     record = json.loads((Path(out.stdout.strip()) / "run.json").read_text())
     assert (record["status"], record["trained"], record["reused"]) == ("complete", ["flaky"], ["steady"])
@@ -69,7 +65,7 @@ def test_a_job_an_executor_never_reports_fails_by_name_and_a_repeat_report_is_ig
     """))
     spec = flaky_spec(tmp_path / "spec.yaml", tmp_path / "absent", plugins=[str(TOY_PLUGIN), str(plugin)],
                       executor="sloppy")
-    out = run_cli(spec, tmp_path / "reg")
+    out = cli("run", spec, "--registry", tmp_path / "reg", "--quiet")
     assert out.returncode == 1
     assert "executor sloppy reported flaky again, or a job it was not given; ignored" in out.stderr
     assert out.stderr.splitlines()[-1] == ("1 of 2 members failed: member steady: the sloppy executor never reported it; "

@@ -9,11 +9,11 @@ from typing import Annotated, Literal
 
 import numpy as np
 import pytest
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, create_model
 from scipy.special import softmax
 from threadpoolctl import threadpool_limits
 
-from fusion_engine import Fuser, FuserRecord
+from fusion_engine import Fuser, FuserRecord, Params, PluginError
 from fusion_engine.calibration import TemperatureScaled
 from fusion_engine.plugins import get_plugins
 from fusion_engine_fusers import Caruana, Mean, Vote, Weighted, register_fusers
@@ -60,6 +60,45 @@ def test_a_fusers_params_are_read_off_its_init():
         with pytest.raises(ValidationError):
             params(**bad)
     assert Shrink(**params(alpha=0.25).model_dump()).alpha == 0.25
+
+
+class ShrinkParams(Params):
+    """Shrink's parameters as a plugin written against 0.1 gave them: a model beside ``__init__``."""
+
+    alpha: float = Field(0.5, gt=0, le=1, description="how far to shrink")
+    mode: Literal["prob", "logprob"] = "prob"
+    weights: list[float] | None = None
+
+
+def test_a_params_model_that_matches_init_is_accepted():
+    assert FuserRecord("shrink", Shrink, ShrinkParams).params is ShrinkParams
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"alpha": (float, Field(0.25, gt=0, le=1))},
+     "ShrinkParams.alpha has default 0.25 (float), Shrink.__init__ has 0.5 (float)"),
+    ({"alpha": (float, 0.5)}, "ShrinkParams.alpha has type float, Shrink.__init__ has float (Gt(gt=0), Le(le=1))"),
+    ({"mode": (Literal["prob"], "prob")},
+     "ShrinkParams.mode has type Literal['prob'], Shrink.__init__ has Literal['prob', 'logprob']"),
+    ({"weights": (list[int] | None, None)},
+     "ShrinkParams.weights has type list[int] | None, Shrink.__init__ has list[float] | None"),
+    ({"weights": (list[float] | None, ...)},
+     "ShrinkParams.weights has default none (required), Shrink.__init__ has None (NoneType)"),
+    ({"shift": (float, 0.0)}, "ShrinkParams has shift, which Shrink.__init__ does not take"),
+])
+def test_a_params_model_that_differs_from_init_is_refused_naming_the_field_and_both_values(fields, message):
+    drifted = create_model("ShrinkParams", __base__=ShrinkParams, **fields)
+    with pytest.raises(PluginError) as info:
+        FuserRecord("shrink", Shrink, drifted)
+    assert str(info.value) == (f"fuser shrink: {message}; leave params out and the model is read off "
+                               "Shrink.__init__")
+
+
+def test_a_params_model_missing_a_parameter_of_init_is_refused():
+    fewer = create_model("ShrinkParams", __base__=Params, alpha=(float, Field(0.5, gt=0, le=1)),
+                         mode=(Literal["prob", "logprob"], "prob"))
+    with pytest.raises(PluginError, match=r"^fuser shrink: Shrink.__init__ takes weights, which ShrinkParams lacks; "):
+        FuserRecord("shrink", Shrink, fewer)
 
 
 @pytest.mark.parametrize("name, params", [

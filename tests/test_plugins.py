@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from conftest import TOY_PLUGIN
+from conftest import TOY_PLUGIN, cli
 from fusion_engine import PluginError, SpecError
 from fusion_engine.plugins import DISABLE_ENV, get_plugins
 
@@ -131,6 +130,42 @@ def test_wrong_record_type_is_an_error(site):
         get_plugins().catalog()
 
 
+OLD_STYLE_FUSER = """
+    from typing import Annotated
+    from pydantic import Field
+    from fusion_engine import hookimpl, FuserRecord, Fuser, Params
+
+    class MedianParams(Params):
+        trim: int = Field(WRITTEN, ge=0)
+
+    class Median(Fuser):
+        requires_fit = False
+
+        def __init__(self, trim: Annotated[int, Field(ge=0)] = 0):
+            self.trim = trim
+
+    @hookimpl
+    def register_fusers():
+        return [FuserRecord("median", Median, MedianParams)]
+"""
+
+
+def test_a_fusers_params_model_is_accepted_only_as_its_init_says(site):
+    """A plugin written against 0.1 gives its fuser a Params model: one that matches ``__init__``
+    is used; one that has drifted from it stops the catalog with one line naming the plugin, the
+    fuser, the field and both values."""
+    install_fake_distribution(site, "fe-median", "fe_test_median", OLD_STYLE_FUSER.replace("WRITTEN", "0"))
+    record = get_plugins().catalog().get("fuser", "median").record
+    assert record.params.__name__ == "MedianParams" and record.params().model_dump() == {"trim": 0}
+
+    del sys.modules["fe_test_median"]
+    (site / "fe_test_median.py").write_text(textwrap.dedent(OLD_STYLE_FUSER.replace("WRITTEN", "1")))
+    with pytest.raises(PluginError) as info:
+        get_plugins().catalog()
+    assert str(info.value) == ("plugin fe-median: fuser median: MedianParams.trim has default 1 (int), Median.__init__ "
+                               "has 0 (int); leave params out and the model is read off Median.__init__")
+
+
 def test_plugin_file_registers_everything():
     plugins = get_plugins([TOY_PLUGIN], entry_points=False)
     catalog = plugins.catalog()
@@ -159,9 +194,9 @@ def test_managers_are_independent():
 
 
 def test_plugins_command_json_lists_versions_hooks_and_records():
-    out = subprocess.run([sys.executable, "-m", "fusion_engine", "plugins", "--json"],
-                         capture_output=True, text=True, check=True).stdout
-    rows = {row["name"]: row for row in json.loads(out)}
+    out = cli("plugins", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = {row["name"]: row for row in json.loads(out.stdout)}
     assert FIRST_PARTY <= set(rows)
     assert rows["fusion_engine_metrics"]["hooks"] == ["register_metrics"]
     assert "nll" in rows["fusion_engine_metrics"]["metrics"]
@@ -172,8 +207,6 @@ def test_plugins_command_json_lists_versions_hooks_and_records():
 
 
 def test_plugins_in_a_pipe_cut_nothing_and_list_every_record_with_its_description():
-    from conftest import cli
-
     out = cli("plugins", env={"COLUMNS": "60"})
     assert out.returncode == 0, out.stderr
     assert "…" not in out.stdout

@@ -32,10 +32,6 @@ def build_tiny_cnn(params: TinyCNNParams, num_classes: int, image_size: int | No
     return BuiltBackbone(module, InputConfig(size=size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
 
 
-class MedianParams(Params):
-    """Parameters are validated by this model before ``MedianFuser(**params)`` is called."""
-
-
 class MedianFuser(Fuser):
     """The per-class median of member probabilities, renormalised: robust to one wild member."""
 
@@ -55,4 +51,4 @@ def register_backbones():
 
 @hookimpl
 def register_fusers():
-    return [FuserRecord("median", MedianFuser, MedianParams, description="median of member probabilities")]
+    return [FuserRecord("median", MedianFuser, description="median of member probabilities")]
