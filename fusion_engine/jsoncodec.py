@@ -11,8 +11,8 @@ become JSON, in four modes, each for one use.
   for showing values (the CLI's ``--json``, MLflow params), never for a file read back.
 - **frame rows** (:func:`frame_rows`): a pandas frame's rows as pandas' own encoder writes them,
   NaN as null and floats to 15 decimal places: the values ``leaderboard.json`` has always held.
-  (Python's ``round`` is not a substitute: pandas rounds by its own rule, and one float in twenty
-  comes out one digit apart.)
+  (Python's ``round`` is not a substitute: pandas rounds by its own rule, and about one float in
+  fifty comes out one digit apart.)
 """
 
 from __future__ import annotations
