@@ -77,8 +77,11 @@ _EXPORTS = {
     "Registry": "zoo",
     "MemberCard": "zoo",
     "RunFolder": "runfolder",
+    "RunMemberCard": "runfolder",
     "write_plots": "plots",
     "write_report": "report",
+    # values as JSON: numpy scalars and arrays, paths, as the engine writes them
+    "encode_json": "jsoncodec",
     # shipping a row: export it, load it, predict with it; what a fuser writes its ONNX graph with
     "export_ensemble": "deploy.export",
     "load": "deploy.ensemble",

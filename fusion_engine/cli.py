@@ -325,6 +325,7 @@ def cmd_plugins(args) -> int:
 
 
 def _plugin_params(plugins, name: str, *, as_json: bool) -> int:
+    from .jsoncodec import encode_json
     from .plugins import describe_params
 
     catalog = plugins.catalog()
@@ -338,7 +339,7 @@ def _plugin_params(plugins, name: str, *, as_json: bool) -> int:
                   "params": describe_params(p.record.params) if getattr(p.record, "params", None) else []}
                  for kind, p in found]
     if as_json:
-        print(json.dumps(described, indent=2, default=str))
+        print(encode_json(described, indent=2, fallback=str))
         return 0
     for item in described:
         title = f"{item['kind']} {item['name']} ({item['plugin']}): {item['description']}"
@@ -346,7 +347,7 @@ def _plugin_params(plugins, name: str, *, as_json: bool) -> int:
             print(f"{title}\n  no parameters")
             continue
         _table(["param", "type", "default", "constraints", "description"],
-               [[f["name"], f["type"], json.dumps(f["default"], default=str), ", ".join(f["constraints"]),
+               [[f["name"], f["type"], encode_json(f["default"], fallback=str), ", ".join(f["constraints"]),
                  f["description"]] for f in item["params"]], title=title)
     return 0
 
@@ -359,7 +360,11 @@ def _open_registry(args, *, create: bool = False):
 
 
 def _print_json(data) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    """``data`` as indented JSON, for reading: numpy values as numbers, anything else the codec
+    cannot encode as its ``str``."""
+    from .jsoncodec import encode_json
+
+    print(encode_json(data, indent=2, fallback=str))
 
 
 def _size(n: int) -> str:
@@ -600,7 +605,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from .runfolder import LEADERBOARD, RunFolder
+    from .runfolder import RunFolder
 
     if args.budget is not None and args.format not in ("table", "json"):
         raise FusionEngineError(f"leaderboard: --budget prints with --format table or json, not {args.format}")
@@ -614,11 +619,11 @@ def cmd_leaderboard(args) -> int:
             _print_json(choice.as_dict())
             return 0
     if args.format != "table":
-        path = run_dir / {"csv": LEADERBOARD[0], "md": LEADERBOARD[1], "json": LEADERBOARD[2]}[args.format]
+        folder = RunFolder(run_dir)
         try:
-            sys.stdout.write(path.read_text(encoding="utf-8"))
+            sys.stdout.write(folder.leaderboard_text(args.format))
         except OSError as exc:
-            raise FusionEngineError(f"cannot read {path}: {exc.strerror or exc}") from None
+            raise FusionEngineError(f"cannot read {folder.leaderboard_path(args.format)}: {exc.strerror or exc}") from None
         return 0
     from .leaderboard import print_leaderboard
 

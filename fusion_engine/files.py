@@ -1,4 +1,4 @@
-"""Writing files whole, and the one JSON codec for numpy values.
+"""Writing files whole.
 
 Everything the engine writes (run folders, zoo cards, checkpoints, caches, reports) goes through
 :func:`atomic_path`: the bytes land in a uniquely named temporary file in the destination's
@@ -6,9 +6,8 @@ folder, which is renamed over the destination only once it is complete, so a rea
 killed half-way) sees the old file or the new one, never half of one. ``fsync=True`` also syncs
 the file before the rename, for what must survive a power cut (the zoo).
 
-Numpy values cross into JSON through :func:`to_jsonable` and back through :func:`from_jsonable`:
-an array is ``{"__ndarray__": [...], "dtype": "..."}`` (so it comes back as the same array),
-a numpy scalar its Python value, a path its string.
+JSON files are written by :func:`write_json` in the plain mode of :mod:`fusion_engine.jsoncodec`,
+the one codec for numpy values.
 """
 
 from __future__ import annotations
@@ -22,10 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
+from .jsoncodec import encode_json
 
-__all__ = ["atomic_path", "checksum", "from_jsonable", "fsync_dir", "read_json", "seal", "to_jsonable", "write_atomic",
-           "write_json"]
+__all__ = ["atomic_path", "checksum", "fsync_dir", "read_json", "seal", "write_atomic", "write_json"]
 
 
 @contextmanager
@@ -57,8 +55,10 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, *, fsync: bool = Fa
 
 
 def write_json(path: str | os.PathLike, value: Any, *, fsync: bool = False, allow_nan: bool = True) -> Path:
-    """``value`` as indented JSON, numpy values and paths encoded by :func:`to_jsonable`."""
-    return write_atomic(path, json.dumps(value, indent=2, allow_nan=allow_nan, default=_default) + "\n", fsync=fsync)
+    """``value`` as indented JSON, numpy values and paths in the codec's plain mode
+    (:mod:`fusion_engine.jsoncodec`); a value that must come back as an array is tagged by
+    :func:`~fusion_engine.jsoncodec.to_jsonable` first, as fusers' states are."""
+    return write_atomic(path, encode_json(value, indent=2, allow_nan=allow_nan) + "\n", fsync=fsync)
 
 
 def checksum(path: str | os.PathLike) -> dict:
@@ -100,42 +100,3 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return default
-
-
-def to_jsonable(value: Any) -> Any:
-    """``value`` with numpy arrays, numpy scalars and paths made JSON-able (see the module)."""
-    if isinstance(value, np.ndarray):
-        return {"__ndarray__": value.tolist(), "dtype": str(value.dtype)}
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    raise TypeError(f"cannot store a {type(value).__name__} as JSON")
-
-
-def from_jsonable(value: Any) -> Any:
-    """The inverse of :func:`to_jsonable`: tagged arrays become numpy arrays again."""
-    if isinstance(value, dict):
-        if "__ndarray__" in value:
-            return np.asarray(value["__ndarray__"], dtype=value.get("dtype", "float64"))
-        return {k: from_jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [from_jsonable(v) for v in value]
-    return value
-
-
-def _default(value: Any) -> Any:
-    """``json.dumps``' fallback in :func:`write_json`: numpy scalars as numbers, arrays as plain
-    lists, paths as strings (a value that must come back as an array is tagged by
-    :func:`to_jsonable` first, as fusers' states are)."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (np.generic, os.PathLike)):
-        return to_jsonable(value)
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")

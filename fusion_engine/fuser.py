@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from scipy.special import log_softmax, softmax
 
-from .files import from_jsonable, to_jsonable
+from .jsoncodec import from_jsonable, to_jsonable
 
 __all__ = ["Fuser", "check_logits", "log_softmax", "softmax"]
 

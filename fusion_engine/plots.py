@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .evaluation import DEFAULT_BINS, reliability_bins
-from .files import atomic_path
-from .runfolder import RunFolder
+from .runfolder import RunFolder, RunMemberCard
 
 DPI = 100
 MEMBER_COLOUR = "#1f77b4"
@@ -50,7 +49,7 @@ def write_plots(run_dir: str | Path, *, processes: int | None = None) -> list[Pl
     torch or Ray is loaded, when forking is unsafe and they are drawn here.
     """
     run = RunFolder.complete(run_dir)
-    run.plots_dir.mkdir(exist_ok=True)
+    run.plots_folder()  # made once here, before any worker writes into it
     names = [row["name"] for row in run.rows if row["name"] in run.probabilities("test")]
     tasks = [("confusion", name) for name in names] + [("reliability", None)] * bool(names) + [
         ("pareto", None), ("training", None)]
@@ -97,7 +96,6 @@ def _draw(run_dir: str | Path, tasks: list[tuple[str, str | None]]) -> list[Plot
     """Draw ``tasks`` (``("confusion", row)``, ``("reliability", None)``, ...); None where
     the folder lacks a plot's inputs."""
     run = RunFolder.complete(run_dir)
-    out = run.plots_dir
     proba = run.probabilities("test")
     y = run.labels("test")
     rows = {r["name"]: r for r in run.rows if r["name"] in proba}
@@ -114,18 +112,12 @@ def _draw(run_dir: str | Path, tasks: list[tuple[str, str | None]]) -> list[Plot
             fig, file = pareto_figure(run.rows, best_member=run.leaderboard.get("best_member")), "pareto.png"
         else:
             fig, file = training_figure(run.cards), "training_curves.png"
-        drawn.append(None if fig is None else Plot(kind, _save(fig, out / file), name))
+        drawn.append(None if fig is None else Plot(kind, run.write_plot(file, fig, dpi=DPI), name))
     return drawn
 
 
 def safe_filename(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "_", name) or "_"
-
-
-def _save(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=DPI, format="png")
-    return path
 
 
 def _figure(width: float, height: float):
@@ -311,10 +303,10 @@ def _finite(value) -> bool:
 
 # -- training curves ------------------------------------------------------------------------------
 
-def training_figure(cards: dict[str, dict]):
+def training_figure(cards: dict[str, RunMemberCard]):
     """Loss (train dashed, val solid) and val accuracy per epoch for every member with a history;
     the best epoch is marked. None when no member has one."""
-    members = {name: card for name, card in cards.items() if card.get("history")}
+    members = {name: card for name, card in cards.items() if card.history}
     if not members:
         return None
     from matplotlib import colormaps
@@ -325,13 +317,13 @@ def training_figure(cards: dict[str, dict]):
     cmap = colormaps["tab10"]
     for i, (name, card) in enumerate(members.items()):
         colour = cmap(i % 10)
-        hist = card["history"]
+        hist = card.history
         epochs = [h.get("epoch", k + 1) for k, h in enumerate(hist)]
         if any("train_loss" in h for h in hist):
             ax_loss.plot(epochs, [h.get("train_loss", np.nan) for h in hist], color=colour, linestyle="--", linewidth=1)
         ax_loss.plot(epochs, [h.get("val_loss", np.nan) for h in hist], color=colour, marker=".", label=name)
         ax_acc.plot(epochs, [h.get("val_accuracy", np.nan) for h in hist], color=colour, marker=".", label=name)
-        best = card.get("best_epoch")
+        best = card.best_epoch
         if best in epochs:
             k = epochs.index(best)
             ax_loss.scatter([best], [hist[k].get("val_loss", np.nan)], s=70, facecolor="none", edgecolor=colour, zorder=3)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .files import from_jsonable, write_atomic
+from .jsoncodec import from_jsonable
 from .records import SPLITS
 from .runfolder import RunFolder
 
@@ -31,7 +31,7 @@ def write_report(run_dir: str | Path, plots: list["Plot"], *, budget_ms: float |
     :func:`~fusion_engine.plots.write_plots` drew) embedded; return its path. ``budget_ms``
     (default: the spec's ``budget_ms``) names the best row that fits it in the summary."""
     run = RunFolder.complete(run_dir)
-    return write_atomic(run.report_path, render_report(run, plots, budget_ms=budget_ms))
+    return run.write_report(render_report(run, plots, budget_ms=budget_ms))
 
 
 # -- rendering ------------------------------------------------------------------------------------
@@ -299,16 +299,17 @@ def _members(run: RunFolder) -> str:
     if not run.cards:
         return ""
     val_accuracy = {r["name"]: r.get("val_accuracy") for r in run.rows}
-    with_action = any("action" in card for card in run.cards.values())
+    with_action = any(card.action is not None for card in run.cards.values())
     header = ["member", "backbone", *(["this run"] if with_action else []), "params", "epochs run", "best epoch",
               "val accuracy", "train s", "predict s", "temperature"]
     body = []
     for name, card in run.cards.items():
-        body.append([name, card.get("backbone", ""), *([str(card.get("action", ""))] if with_action else []),
-                     _num(card.get("n_params"), "n_params"), str(len(card.get("history") or [])),
-                     str(card.get("best_epoch", "")), _num(val_accuracy.get(name, card.get("val_accuracy"))),
-                     _num(card.get("train_seconds"), "train_seconds"), _num(card.get("predict_seconds"), "train_seconds"),
-                     _num(card.get("temperature"))])
+        body.append([name, card.backbone or "", *([str(card.action or "")] if with_action else []),
+                     _num(card.n_params, "n_params"), str(len(card.history or [])),
+                     str(card.best_epoch),  # "None" for a member not trained: as reports have always shown it
+                     _num(val_accuracy.get(name, card.val_accuracy)),
+                     _num(card.train_seconds, "train_seconds"), _num(card.predict_seconds, "train_seconds"),
+                     _num(card.temperature)])
     first_number = 3 if with_action else 2
     return _table(header, body, numeric=set(range(first_number, len(header))))
 

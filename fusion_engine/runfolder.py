@@ -5,8 +5,9 @@
 ``run.json``                        status, timings, split sizes, data fingerprint, versions
 ``run.log``                         the run's log
 ``split.json``                      classes, and the sample ids and labels of train, val and test
-``members/<name>/card.json``        the member as this run used it: zoo key, trained or reused,
-                                    input config, history, timings, temperature
+``members/<name>/card.json``        the member as this run used it (:class:`RunMemberCard`): zoo
+                                    key, trained or reused, input config, history, timings,
+                                    temperature
 ``members/<name>/outputs.safetensors``  its val and test logits as fused (after calibration)
 ``fusers/<name>.json``              a fitted fuser: plugin, members, params, learned state
 ``leaderboard.csv|md|json``         one row per member and fuser, scored on test
@@ -17,23 +18,27 @@
 =================================  ==============================================================
 
 Every file is written whole or not at all (:func:`fusion_engine.files.atomic_path`), so a run
-killed at any moment leaves each file as it was or complete. Folders written by earlier versions
-read the same way.
+killed at any moment leaves each file as it was or complete; JSON goes through the one codec
+(:mod:`fusion_engine.jsoncodec`). Folders written by earlier versions read the same way. Nothing
+else writes into the folder or reads a file of it by name: the runner, plots, report, export and
+trackers all go through :class:`RunFolder`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import FusionEngineError
 from .files import atomic_path, read_json, write_atomic, write_json
+from .jsoncodec import frame_rows
 from .records import SCORED_SPLITS, SPLITS
+from .zoo.card import CardInput
 
 if TYPE_CHECKING:  # pragma: no cover
     from .leaderboard import Row
@@ -45,9 +50,67 @@ SUMMARY = "run.json"
 LOG = "run.log"
 SPLIT = "split.json"
 LEADERBOARD = ("leaderboard.csv", "leaderboard.md", "leaderboard.json")
+LEADERBOARD_FORMATS = ("csv", "md", "json")
 PROBABILITIES = "probabilities.safetensors"
 REPORT = "report.html"
 PLOTS = "plots"
+
+
+class RunMemberCard(BaseModel):
+    """``members/<name>/card.json``: a member as one run used it; the member itself is described
+    once, by its zoo card (``zoo``, ``key``).
+
+    Cards of every version read: a field a version did not write is None (``action`` before
+    members could be reused, ``source`` before the zoo: ``trained``), a field this version does not
+    know is kept (``plugin``, ``params``). ``val_accuracy`` is written only by versions before the
+    zoo, whose card held it. :meth:`to_json` gives back the fields a card was made or read with.
+    """
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    name: str
+    key: Optional[str] = None
+    action: Optional[str] = None  # trained, predicted, read or reused (MemberResult.action)
+    source: str = "trained"  # trained, weights, predictions or student (MemberCard.source)
+    zoo: Optional[str] = None  # its folder in the registry, relative to the registry's root
+    backbone: Optional[str] = None
+    temperature: Optional[float] = None  # set when its logits were temperature-scaled
+    resumed_from_epoch: Optional[int] = None
+    input: Optional[CardInput] = None
+    best_epoch: Optional[int] = None
+    history: Optional[list[dict[str, Any]]] = None
+    n_params: Optional[int] = None
+    train_seconds: Optional[float] = None
+    predict_seconds: Optional[float] = None
+    val_accuracy: Optional[float] = None
+
+    @classmethod
+    def of(cls, member: "MemberResult", zoo_path: str) -> "RunMemberCard":
+        inp = member.input
+        return cls(
+            name=member.name, key=member.key, action=member.action, source=member.source, zoo=zoo_path,
+            backbone=member.backbone, temperature=member.temperature, resumed_from_epoch=member.resumed_from_epoch,
+            input=None if inp is None else {"size": inp.size, "mean": list(inp.mean), "std": list(inp.std),
+                                            "in_chans": inp.in_chans},
+            best_epoch=member.best_epoch, history=member.history, n_params=member.n_params,
+            train_seconds=round(member.train_seconds, 3), predict_seconds=round(member.predict_seconds, 3))
+
+    @classmethod
+    def read(cls, path: Path) -> "RunMemberCard":
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise FusionEngineError(f"{path}: not a member card (a JSON object)")
+        try:
+            return cls.model_validate({"name": path.parent.name, **data})
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise FusionEngineError(f"{path}: does not read as a run's member card ({where}: {err['msg']})") from None
+
+    def to_json(self) -> dict[str, Any]:
+        """The card as ``card.json`` holds it: the fields it was made or read with, in the order
+        above, then those this version does not know."""
+        return self.model_dump(exclude_unset=True)
 
 
 class RunFolder:
@@ -84,6 +147,12 @@ class RunFolder:
     def report_path(self) -> Path:
         return self.path / REPORT
 
+    def leaderboard_path(self, fmt: str) -> Path:
+        """``leaderboard.<fmt>``, ``fmt`` one of ``csv``, ``md``, ``json``."""
+        if fmt not in LEADERBOARD_FORMATS:
+            raise ValueError(f"a leaderboard is written as {', '.join(LEADERBOARD_FORMATS)}, not {fmt!r}")
+        return self.path / LEADERBOARD[LEADERBOARD_FORMATS.index(fmt)]
+
     # -- writing -----------------------------------------------------------------------------------
     def log_handler(self) -> logging.Handler:
         """A handler appending the run's log records to ``run.log``."""
@@ -116,16 +185,8 @@ class RunFolder:
         with atomic_path(out / "outputs.safetensors") as tmp:
             save_file({f"{s}_logits": np.ascontiguousarray(member.logits[s], dtype=np.float32) for s in SCORED_SPLITS},
                       str(tmp))
-        inp = member.input
-        write_json(out / "card.json", {
-            "name": member.name, "key": member.key, "action": member.action, "source": member.source, "zoo": zoo_path,
-            "backbone": member.backbone, "temperature": member.temperature,
-            "resumed_from_epoch": member.resumed_from_epoch,
-            "input": None if inp is None else {"size": inp.size, "mean": list(inp.mean), "std": list(inp.std),
-                                               "in_chans": inp.in_chans},
-            "best_epoch": member.best_epoch, "history": member.history, "n_params": member.n_params,
-            "train_seconds": round(member.train_seconds, 3), "predict_seconds": round(member.predict_seconds, 3),
-        })
+        write_json(out / "card.json", RunMemberCard.of(member, zoo_path).to_json())
+        self.__dict__.pop("cards", None)
 
     def write_fuser(self, name: str, description: dict) -> None:
         folder = self.path / "fusers"
@@ -135,15 +196,14 @@ class RunFolder:
     def write_leaderboard(self, df, *, meta: dict[str, Any]) -> list[Path]:
         """``leaderboard.csv``, ``.md`` and ``.json``. The JSON holds ``meta``, then how the board
         was built (its ``attrs``: the ranking metric, the best member, the bootstrap settings),
-        then the rows."""
+        then the rows (in the codec's frame-rows mode)."""
         from .leaderboard import to_markdown
 
-        paths = [self.path / name for name in LEADERBOARD]
+        paths = [self.leaderboard_path(fmt) for fmt in LEADERBOARD_FORMATS]
         with atomic_path(paths[0]) as tmp:
             df.to_csv(tmp, index=False)
         write_atomic(paths[1], to_markdown(df))
-        payload = {**meta, **df.attrs, "rows": json.loads(df.to_json(orient="records", double_precision=15))}
-        write_atomic(paths[2], json.dumps(payload, indent=2) + "\n")
+        write_json(paths[2], {**meta, **df.attrs, "rows": frame_rows(df)})
         for name in ("leaderboard", "rows"):
             self.__dict__.pop(name, None)
         return paths
@@ -164,6 +224,21 @@ class RunFolder:
             with atomic_path(self.path / f"predictions_{s}.csv") as tmp:
                 df.to_csv(tmp, index=False)
 
+    def plots_folder(self) -> Path:
+        """``plots/``, made if need be."""
+        self.plots_dir.mkdir(exist_ok=True)
+        return self.plots_dir
+
+    def write_plot(self, name: str, fig, *, dpi: float) -> Path:
+        """A matplotlib ``Figure`` as ``plots/<name>`` (PNG at ``dpi``); its path. Forked workers
+        may write plots into one folder at once."""
+        with atomic_path(self.plots_folder() / name) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+        return self.plots_dir / name
+
+    def write_report(self, html: str) -> Path:
+        return write_atomic(self.report_path, html)
+
     # -- reading -----------------------------------------------------------------------------------
     @cached_property
     def summary(self) -> dict:
@@ -178,6 +253,11 @@ class RunFolder:
     @property
     def rows(self) -> list[dict]:
         return self.leaderboard.get("rows", [])
+
+    def leaderboard_text(self, fmt: str) -> str:
+        """``leaderboard.<fmt>`` (``csv``, ``md`` or ``json``) as written; FileNotFoundError when
+        the folder has none."""
+        return self.leaderboard_path(fmt).read_text(encoding="utf-8")
 
     def leaderboard_frame(self):
         """The leaderboard as a pandas frame, with its ``attrs`` (ranking, best member, ...)."""
@@ -225,9 +305,9 @@ class RunFolder:
         return {k[: -len(suffix)]: v for k, v in self._probabilities.items() if k.endswith(suffix)}
 
     @cached_property
-    def cards(self) -> dict[str, dict]:
+    def cards(self) -> dict[str, RunMemberCard]:
         """``members/<name>/card.json`` by member name, in the spec's order."""
-        found = {p.parent.name: read_json(p) for p in sorted((self.path / "members").glob("*/card.json"))}
+        found = {p.parent.name: RunMemberCard.read(p) for p in sorted((self.path / "members").glob("*/card.json"))}
         return self._in_spec_order(found, "members")
 
     @cached_property
@@ -236,7 +316,7 @@ class RunFolder:
         found = {p.stem: read_json(p) for p in sorted((self.path / "fusers").glob("*.json"))}
         return self._in_spec_order(found, "fusers")
 
-    def _in_spec_order(self, found: dict[str, dict], section: str) -> dict[str, dict]:
+    def _in_spec_order(self, found: dict[str, Any], section: str) -> dict[str, Any]:
         order = [item.get("name") for item in self.spec.get(section, [])]
         return dict(sorted(found.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 

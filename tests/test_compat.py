@@ -117,4 +117,4 @@ def test_its_run_exports_and_predicts_its_stored_test_probabilities(old_registry
     where = {i: k for k, i in enumerate(dataset.ids)}
     images = dataset.images[[where[i] for i in folder.split["test"]["ids"]]]
     assert np.abs(ens.predict_proba(images) - folder.probabilities("test")["stack"]).max() <= 1e-5
-    assert ens.card.members[1].temperature == folder.cards["net-b"]["temperature"] is not None
+    assert ens.card.members[1].temperature == folder.cards["net-b"].temperature is not None

@@ -187,7 +187,7 @@ def test_the_folder_holds_weights_state_card_and_checksums_and_no_pickle(deploy_
     assert card["scores"]["accuracy"] == next(r for r in deploy_run.folder.rows if r["name"] == "stack-xgb-t")["accuracy"]
     assert card["spec"]["name"] == "toy"
     net_a, net_b = card["members"]
-    assert net_a["temperature"] == deploy_run.folder.cards["net-a"]["temperature"] and net_b["temperature"] is None
+    assert net_a["temperature"] == deploy_run.folder.cards["net-a"].temperature and net_b["temperature"] is None
     assert net_a["input"] == {"size": 12, "mean": [0.5], "std": [0.5], "in_chans": 1, "interpolation": "bilinear",
                               "crop_pct": 1.0, "crop_mode": "squash"}  # the small-image squash, as the run prepared it
     assert card["fuser"]["temperature"] is True and card["fuser"]["fuser"] == "xgboost-stacking"

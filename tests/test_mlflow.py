@@ -19,6 +19,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Iterator
 
@@ -351,6 +352,9 @@ def test_names_and_values_are_made_what_mlflow_accepts(store):
     assert values.key("x" * 300) == "x" * 250 and values.key("ünï code:1") == "ünï code:1"
     assert values.text("y" * 7000).endswith("...") and len(values.text("y" * 7000)) == 6000
     assert values.text({"a": [1, None]}) == '{"a": [1, null]}' and values.text(True) == "true"
+    # numpy values as numbers (through the engine's codec), an object JSON has no form for as its str
+    assert values.text({"x": np.float32(0.5), "n": np.int64(3), "a": np.arange(2)}) == '{"x": 0.5, "n": 3, "a": [0, 1]}'
+    assert values.text([Path("/p"), date(2026, 1, 2)]) == '["/p", "2026-01-02"]'
     assert values.flatten({"data": {"split": {"val": 0.2}}, "members": [{"name": "m", "lr": 1}], "mean": [0.5]}) == \
         {"data.split.val": 0.2, "members.m.lr": 1, "mean": [0.5]}
     client = MlflowClient(store)

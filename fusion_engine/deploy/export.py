@@ -37,6 +37,7 @@ import numpy as np
 
 from ..errors import FusionEngineError, SpecError
 from ..files import write_json
+from ..jsoncodec import encode_json
 from .card import (CARD_FILE, FUSER_FILE, ONNX_FILE, WEIGHTS_FILE, ExportCard, ExportedFuser, ExportedInput,
                    ExportedMember, ExportedOnnx, OnnxInput, PluginRef, file_sha256, write_sums)
 
@@ -277,8 +278,7 @@ class _Exporter:
         run_card = self.folder.cards.get(name)
         if run_card is None:
             raise FusionEngineError(f"run {self.run_id}: no members/{name}/card.json")
-        key = run_card.get("key")
-        source = run_card.get("source", "trained")
+        key, source = run_card.key, run_card.source
         if source == "predictions":
             raise FusionEngineError(f"row {self.row['name']} uses member {name}, which was brought as predictions only "
                                     f"(no weights): it cannot be exported; export a row without it")
@@ -328,7 +328,7 @@ class _Exporter:
             seed=zoo_card.spec.seed or 0, class_order=order, input=ExportedInput(size=inp.size, mean=list(inp.mean), std=list(inp.std),
                                                          in_chans=inp.in_chans, interpolation=inp.interpolation,
                                                          crop_pct=inp.crop_pct, crop_mode=inp.crop_mode),
-            temperature=run_card.get("temperature"), weights=weights.relative_to(tmp).as_posix())
+            temperature=run_card.temperature, weights=weights.relative_to(tmp).as_posix())
 
     def _param_files(self, params: dict, keyed: dict, tmp: Path, who: str) -> tuple[dict, dict[str, str]]:
         """Files a member's params name (pretrained weights its backbone reads when built), copied
@@ -522,7 +522,7 @@ def _members_graph(ensemble, tmp: Path, inputs: list[OnnxInput], dtype: str):
     names = [i.name for i in inputs]
     input_of = [next(k for k, i in enumerate(inputs) if m.name in i.members) for m in card.members]
     key = (dtype, tuple(names), tuple(input_of), tuple(
-        (m.backbone, json.dumps(m.params, sort_keys=True, default=str), file_sha256(tmp / m.weights), m.image_size,
+        (m.backbone, encode_json(m.params, sort_keys=True, fallback=str), file_sha256(tmp / m.weights), m.image_size,
          m.input.model_dump_json(), tuple(m.class_order or ())) for m in card.members))
     if key not in _MEMBER_GRAPHS:
         try:

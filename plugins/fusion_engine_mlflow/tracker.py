@@ -140,16 +140,18 @@ class MlflowTracker(Tracker):
                                  synchronous=True)
                 client.set_terminated(row_run, "FINISHED")
                 self.open.pop(name, None)
-            data = RunFolder(run.run_dir).summary.get("data", {})
+            folder = RunFolder(run.run_dir)
+            data = folder.summary.get("data", {})
             tags = {"fusion.data.dataset": run.spec.spec.data.dataset, "fusion.data.fingerprint": data.get("fingerprint"),
                     "fusion.data.split_sha256": data.get("split_sha256"), "fusion.data.classes": data.get("classes"),
                     "fusion.data.split_sizes": data.get("split_sizes"),
                     "fusion.ranked_by": leaderboard.attrs.get("ranked_by", run.spec.spec.rank_by)}
             if rows:
                 tags["fusion.top_row"] = rows[0]["name"]
-            markdown = run.run_dir / "leaderboard.md"
-            if markdown.is_file():  # shown as the run's description in MLflow's UI
-                tags["mlflow.note.content"] = markdown.read_text(encoding="utf-8")
+            try:  # shown as the run's description in MLflow's UI
+                tags["mlflow.note.content"] = folder.leaderboard_text("md")
+            except FileNotFoundError:
+                pass
             client.log_batch(self.run_id, metrics=row_metrics(rows[0], timestamp=now) if rows else [],
                              tags=values.tags(tags), synchronous=True)
 

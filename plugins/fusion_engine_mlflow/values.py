@@ -9,11 +9,12 @@ whole. Everything the tracker sends goes through here, so none of that can happe
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import re
 from typing import Any, Iterable, Mapping
+
+from fusion_engine import encode_json
 
 MAX_KEY, MAX_PARAM, MAX_TAG = 250, 6000, 8000
 _BAD = re.compile(r"[^\w\-. :/]")
@@ -28,8 +29,9 @@ def key(name: Any) -> str:
 
 
 def text(value: Any, limit: int = MAX_PARAM) -> str:
-    """A param or tag value: strings as they are, anything else as JSON, cut to ``limit``."""
-    out = value if isinstance(value, str) else json.dumps(value, default=str)
+    """A param or tag value: strings as they are, anything else as JSON (numpy values as numbers,
+    an object JSON has no form for as its ``str``), cut to ``limit``."""
+    out = value if isinstance(value, str) else encode_json(value, fallback=str)
     return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
