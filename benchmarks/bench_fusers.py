@@ -58,7 +58,7 @@ def fuser_seconds(resolved, logits, y) -> tuple[float, dict]:
     from fusion_engine.fusion import fit_fusers
 
     t0 = time.perf_counter()
-    fitted = list(fit_fusers(resolved.fuser_entries, logits, y, resolved.spec.seed))
+    fitted = list(fit_fusers(resolved.bound_fusers, logits, y, resolved.spec.seed))
     total = time.perf_counter() - t0
     return total, {f.name: f.fit_seconds for f in fitted}
 

@@ -15,12 +15,17 @@ What the engine calls:
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.special import log_softmax, softmax
 
 from .fuser import Fuser, check_logits
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .members import MemberResult
+    from .spec import MemberSpec
 
 __all__ = ["TemperatureScaled", "apply_temperature", "calibrate_member", "fit_temperature", "log_proba"]
 
@@ -132,9 +137,12 @@ class TemperatureScaled(Fuser):
         return super().set_state(state)
 
 
-def calibrate_member(member, spec, y_val: np.ndarray) -> None:
+def calibrate_member(member: "MemberResult", spec: "MemberSpec", y_val: np.ndarray) -> "MemberResult":
     """The calibrate stage of a run, for one member: when its spec asks ``calibrate: temperature``,
-    a temperature is fitted on its val logits, and its logits on every split are divided by it."""
-    if spec.calibrate == "temperature":
-        member.temperature = fit_temperature(member.logits["val"], y_val)
-        member.logits = {s: (v / member.temperature).astype(np.float32) for s, v in member.logits.items()}
+    the member with a temperature fitted on its val logits and its logits on every split divided
+    by it; otherwise the member as it came."""
+    if spec.calibrate != "temperature":
+        return member
+    temperature = fit_temperature(member.logits["val"], y_val)
+    return dataclasses.replace(member, temperature=temperature,
+                               logits={s: (v / temperature).astype(np.float32) for s, v in member.logits.items()})

@@ -445,8 +445,8 @@ def zoo_show(args, reg) -> int:
         print(f"{'source':>13}: {card.source}")
         if card.origin is not None:
             origin = card.origin
-            print(f"{'from file':>13}: {origin.get('file')} (sha256 {str(origin.get('sha256'))[:16]}...)"
-                  + (f", classes {', '.join(origin['class_names'])}" if origin.get("class_names") else ""))
+            print(f"{'from file':>13}: {origin.file} (sha256 {str(origin.sha256)[:16]}...)"
+                  + (f", classes {', '.join(origin.class_names)}" if origin.class_names else ""))
         if card.source != "predictions":
             print(f"{'params':>13}: {json.dumps(card.spec.params)}")
         if card.source == "trained":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -96,3 +97,28 @@ def plugin_code(bound, kind: str, name: str = "") -> str:
     file = bound.provided.code.get("file")
     plugin = f"plugin file {file}" if file else f"plugin {bound.provided.plugin}"
     return f"{what} '{bound.record.name}' ({plugin}){owner}"
+
+
+class KeptWarnings(logging.Handler):
+    """The warnings logged while it is attached to a logger: their records, and their messages
+    (a list that grows as they come, which ``run.json`` holds)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def kept_warnings(logger: logging.Logger) -> Iterator[list[logging.LogRecord]]:
+    """The warnings ``logger`` logs inside the block, kept (they are still logged as usual)."""
+    handler = KeptWarnings()
+    logger.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)

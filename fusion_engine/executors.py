@@ -62,6 +62,9 @@ class MemberJob:
     device: str = "auto"
     resources: "ResourcesSpec | None" = None
     label: str = ""  # "member 2/3", for progress lines
+    #: its position in the spec's ``members`` (or ``students``); of members that share a key (and so
+    #: one job), the first one's
+    index: int = 0
     checkpoint: "Checkpoint | None" = None
     pretrained: dict | None = None  # the identity of its pretrained weights from a hub, as its key has it
     weights: "Path | None" = None  # a member that is not trained: its weights file

@@ -87,7 +87,7 @@ def network_row(network, n_scored: int, given_ms: float | None = None) -> Row:
              "train_seconds": network.train_seconds if source in ("trained", "student") else None,
              "infer_ms_per_image": given_ms if given_ms is not None else measured}
     if source == "student":
-        extra["teacher"] = network.card.teacher["name"]
+        extra["teacher"] = network.card.teacher.name
     return Row(name=network.name, kind="student" if source == "student" else "member", source=source,
                members=[network.name], proba={s: softmax(network.logits[s].astype(np.float64), axis=1)
                                               for s in SCORED_SPLITS}, extra=extra)

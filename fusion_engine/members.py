@@ -17,7 +17,6 @@ members trained again even when the zoo has them; the new ones replace the store
 
 from __future__ import annotations
 
-import json
 import logging
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from .preflight import Preflight
 from .provenance import engine_version, member_code, params_for_key
 from .spec import ResolvedSpec
 from .zoo import Busy, CorruptArtifact, MemberCard, Registry, StoredMember, ZooError, key_material, member_key, short
+from .zoo.artifacts import WEIGHTS_FILE
 
 log = logging.getLogger("fusion_engine")
 
@@ -174,15 +174,17 @@ class MemberStage:
     it sets ``items`` and ``bound`` (their spec entries and bound backbones), ``inputs``,
     ``origins`` and ``pretrained`` by index, and overrides :meth:`_plan`.
 
-    ``on_ready(index, member)`` is called for each member as its outputs are ready, in the order
-    they become ready; ``on_failed(name, key, error)`` for each one that fails.
+    ``on_ready(index, member) -> member`` is called for each member as its outputs are ready, in
+    the order they become ready, and gives back the member as the run keeps it (the run's
+    calibrate stage gives it back temperature-scaled); ``on_failed(name, key, error)`` is called
+    for each one that fails.
     """
 
     kind = "member"  # what it settles, in its messages
 
     def __init__(self, resolved: ResolvedSpec, checked: Preflight, reg: Registry, data: RunData,
                  executor: LazyExecutor, *, run_id: str, device: str, quiet: bool, console, retrain: tuple[str, ...] = (),
-                 on_ready: Callable[[int, MemberResult], None],
+                 on_ready: Callable[[int, MemberResult], MemberResult],
                  on_failed: Callable[[str, str, str], None]):
         self.resolved, self.spec, self.checked = resolved, resolved.spec, checked
         self.reg, self.data, self.executor = reg, data, executor
@@ -234,8 +236,7 @@ class MemberStage:
 
     # -- callbacks ------------------------------------------------------------------------------------
     def _ready(self, index: int, member: MemberResult) -> None:
-        self.results[member.name] = member
-        self._on_ready(index, member)
+        self.results[member.name] = self._on_ready(index, member)
 
     def _fail(self, name: str, key: str, outcome: JobOutcome) -> None:
         self.failures[name] = outcome.error
@@ -269,12 +270,7 @@ class MemberStage:
                 self.console.log(f"read [bold]{p.name}[/] from {self.checked.origins[p.index].path.name}")
                 self._ready(p.index, MemberResult(p.name, card, dict(self.checked.predictions[p.index]), action="read"))
                 continue
-            try:
-                jobs.append((p, self._job(p)))
-            except FusionEngineError:
-                raise  # bad input (mean/std against the backbone's channels): the run's error
-            except Exception as exc:  # the backbone plugin failed to build: this member fails alone
-                self._fail(p.name, p.key, JobOutcome.failure(None, exc))
+            jobs.append((p, self._job(p)))  # builds nothing: the network is built where it trains
         same_key: dict[str, list[tuple[PlannedMember, MemberJob]]] = {}
         for p, job in jobs:  # members alike in all but their names share a key: trained once
             same_key.setdefault(p.key, []).append((p, job))
@@ -342,7 +338,7 @@ class MemberStage:
             name=mspec.name, key=p.key, backbone=bound.record, params=bound.params, train=mspec.train,
             seed=p.seed if p.seed is not None else 0, num_classes=num_classes, image_size=self.spec.data.image_size,
             input=self.inputs[p.index], device=self.device, resources=mspec.resources,
-            label=f"{self.kind} {p.index + 1}/{len(self.items)}",
+            label=f"{self.kind} {p.index + 1}/{len(self.items)}", index=p.index,
             pretrained=self.pretrained.get(p.index) if p.source in ("trained", "student") else None,
             weights=origin.path if origin is not None else None, class_order=origin.order if origin is not None else None,
             weights_sha256=origin.sha256 if origin is not None else None,
@@ -350,8 +346,8 @@ class MemberStage:
         stored = self._completing.get(p.key)
         if stored is not None:  # its stored weights, run on train alone (in the class order they were stored in)
             job.train, job.splits = None, ("train",)
-            job.weights = self.reg.member_dir(p.key) / "model.safetensors"
-            job.weights_sha256 = stored.entry.files["model.safetensors"]["sha256"]
+            job.weights = self.reg.member_dir(p.key) / WEIGHTS_FILE
+            job.weights_sha256 = stored.entry.files[WEIGHTS_FILE]["sha256"]
         return job
 
     def _announce(self, job: MemberJob, in_process: bool) -> None:
@@ -416,18 +412,15 @@ class MemberStage:
 
     def _publish(self, p: PlannedMember, card: MemberCard, logits: dict, *, weights) -> MemberCard:
         """Store a new member under its key: ``weights(path)`` writes its weights (None: it has none)."""
-        from safetensors.numpy import save_file as save_arrays
+        from .zoo.artifacts import write_outputs
 
         data = self.data
         stored = [s for s in SPLITS if s in logits]  # train too, when a member has its outputs there
 
         def write(folder: Path) -> None:
             if weights is not None:
-                weights(folder / "model.safetensors")
-            save_arrays({**{f"{s}_logits": np.ascontiguousarray(logits[s], dtype=np.float32) for s in stored},
-                         **{f"{s}_labels": np.ascontiguousarray(data.labels[s], dtype=np.int64) for s in stored}},
-                        str(folder / "outputs.safetensors"))
-            (folder / "ids.json").write_text(json.dumps({s: data.ids[s] for s in stored}) + "\n", encoding="utf-8")
+                weights(folder / WEIGHTS_FILE)
+            write_outputs(folder, {s: logits[s] for s in stored}, data.labels, data.ids)
 
         _, card = self.reg.publish(p.key, card, write)
         log.info("stored %s (%s) in the zoo as %s", p.name, p.source, p.key)
@@ -528,7 +521,7 @@ def import_members(resolved: ResolvedSpec, reg: Registry, names: list[str], *, c
     data = run_data(checked.dataset, checked.indices, cache_dir=reg.image_cache_dir, fingerprint=checked.fingerprint)
     with LazyExecutor(resolved.executor) as executor:
         stage = MemberStage(resolved, checked, reg, data, executor, run_id=None, device=resolved.spec.device,
-                            quiet=True, console=console, on_ready=lambda i, m: None,
+                            quiet=True, console=console, on_ready=lambda i, m: m,
                             on_failed=lambda name, key, error: None)
         return stage.run(only=wanted)
 

@@ -36,15 +36,13 @@ they are found and kept, so that the run can record them in ``run.log`` and ``ru
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from .augment import AugmentError, check_augment
-from .errors import FusionEngineError, SpecError, first_line, located, plugin_code
+from .errors import FusionEngineError, SpecError, first_line, kept_warnings, located, plugin_code
 from .records import ImageDataset, InputConfig
 from .spec import ResolvedSpec
 
@@ -103,7 +101,7 @@ def preflight(resolved: ResolvedSpec, *, registry: Path | None = None, retrain: 
     """
     from .data import load_dataset
 
-    with _kept_warnings() as kept:
+    with kept_warnings(log) as kept:
         check_retrain(resolved, retrain)
         dataset, indices = load_dataset(resolved)
         checked = Preflight(dataset, indices, warnings=kept)
@@ -144,7 +142,7 @@ def check_fusers(resolved: ResolvedSpec, checked: Preflight) -> None:
 
     spec = resolved.spec
     index = {m.name: i for i, m in enumerate(spec.members)}
-    for j, (fspec, bound) in enumerate(resolved.fuser_entries):
+    for j, (fspec, bound) in enumerate(resolved.bound_fusers):
         n_members = len(fspec.members or spec.members)
         with _located(resolved, ("fusers", j, "params"), plugin=plugin_code(bound, "fuser", fspec.name)):
             fuser = make_fuser(fspec, bound, seed=spec.seed)
@@ -165,21 +163,21 @@ def check_fusers(resolved: ResolvedSpec, checked: Preflight) -> None:
                                 f"infer_ms_per_image", file=resolved.file, loc=("fusers", j, "fuser"))
 
 
-def _network_input(resolved: ResolvedSpec, loc: tuple, bound, entry, checked: Preflight):
+def _network_input(resolved: ResolvedSpec, loc: tuple, bound, network, checked: Preflight):
     """A member's or student's input config and pretrained weights' identity, its backbone's own
     check and its augmentation settings against that input, reported at ``loc``."""
     spec = resolved.spec
     pretrained = None
-    with _located(resolved, (*loc, "params"), plugin=plugin_code(bound, loc[0].rstrip("s"), entry.name)):
+    with _located(resolved, (*loc, "params"), plugin=plugin_code(bound, loc[0].rstrip("s"), network.name)):
         cfg = member_input(bound, num_classes=checked.num_classes, data_spec=spec.data,
-                           seed=spec.seed if entry.seed is None else entry.seed, train=entry.train)
+                           seed=spec.seed if network.seed is None else network.seed, train=network.train)
         if bound.record.check is not None:
             bound.record.check(bound.params, num_classes=checked.num_classes, image_size=cfg.size)
         if bound.record.weights is not None:
             pretrained = bound.record.weights(bound.params)
-    if entry.train is not None:
+    if network.train is not None:
         try:
-            check_augment(entry.train.augment, cfg)
+            check_augment(network.train.augment, cfg)
         except AugmentError as exc:
             raise SpecError(str(exc), file=resolved.file, loc=(*loc, "train", "augment", exc.field)) from None
     return cfg, pretrained
@@ -189,9 +187,8 @@ def check_teachers(resolved: ResolvedSpec, checked: Preflight, registry: Path | 
     """Every member a student's teacher uses can have outputs on train: one read from predictions
     has train rows in its file, one named by ``zoo:`` was stored with them (a member the spec
     trains or runs from weights predicts train in the run)."""
-    from safetensors import safe_open
-
     from .zoo import Registry, resolve_registry
+    from .zoo.artifacts import output_splits
 
     spec = resolved.spec
     for i, mspec in enumerate(spec.members):
@@ -206,10 +203,8 @@ def check_teachers(resolved: ResolvedSpec, checked: Preflight, registry: Path | 
         elif i in checked.references:
             entry = checked.references[i]
             with Registry(resolve_registry(registry), create=False) as reg:
-                path = reg.member_dir(entry.key) / "outputs.safetensors"
-            with safe_open(str(path), "np") as f:
-                has_train = "train_logits" in f.keys()
-            if not has_train:
+                folder = reg.member_dir(entry.key)
+            if "train" not in output_splits(folder):
                 problem = (f"member {mspec.name} (zoo: {mspec.zoo}) was stored without outputs on train, which the "
                            f"teacher '{spec.students[j].teacher}' needs to teach; list it by its backbone in this "
                            f"spec (the zoo reuses it and predicts train once)")
@@ -224,18 +219,17 @@ def member_input(bound, *, num_classes: int, data_spec, seed: int, train=None) -
     pipeline, a plain resize to a square on the batch pipeline (:mod:`fusion_engine.augment`).
 
     Read from the backbone record's ``input_config`` when it has one; otherwise the network is
-    built once to ask it.
+    built to ask it, on the meta device where the plugin allows (:func:`network_shapes`).
     """
     from .augment import resolve_pipeline
-    from .executors import build_network
     from .spec import TrainSpec
 
     record = bound.record
     if record.input_config is not None:
         cfg = record.input_config(bound.params, image_size=data_spec.image_size)
     else:
-        cfg = build_network(record, bound.params, num_classes=num_classes, image_size=data_spec.image_size,
-                            seed=seed).input
+        cfg = network_shapes(record, bound.params, num_classes=num_classes, image_size=data_spec.image_size,
+                             seed=seed).input
     mean = tuple(data_spec.mean) if data_spec.mean is not None else tuple(cfg.mean)
     std = tuple(data_spec.std) if data_spec.std is not None else tuple(cfg.std)
     for label, values in (("mean", mean), ("std", std)):
@@ -259,10 +253,24 @@ def member_file(resolved: ResolvedSpec, path: Path, allowed: tuple[str, ...]) ->
     return path
 
 
+def network_shapes(record, params, *, num_classes: int, image_size: int | None, seed: int):
+    """A backbone's network as the driver needs it, for its shapes and input config only: built
+    on the meta device (nothing allocated or initialised), or for real when the plugin's build
+    cannot run there (it reads a file, say). The driver trains nothing it builds here."""
+    import torch
+
+    from .executors import build_network
+
+    try:
+        with torch.device("meta"):
+            return build_network(record, params, num_classes=num_classes, image_size=image_size, seed=seed)
+    except Exception:
+        return build_network(record, params, num_classes=num_classes, image_size=image_size, seed=seed)
+
+
 def check_member_weights(resolved: ResolvedSpec, i: int, checked: Preflight) -> Origin:
     """A member run from its weights: the file fits the network the member's backbone builds
     for the classes it was trained on, and those classes are the dataset's."""
-    from .executors import build_network
     from .provenance import file_sha256
     from .weights import WEIGHT_SUFFIXES, class_order, file_class_names, read_weight_shapes, weights_mismatch
 
@@ -271,15 +279,8 @@ def check_member_weights(resolved: ResolvedSpec, i: int, checked: Preflight) -> 
     names = mspec.class_names or file_class_names(path)
     order = class_order(names, checked.dataset.class_names, what=f"weights {path}")
     shapes = read_weight_shapes(path)
-    import torch
-
-    try:
-        with torch.device("meta"):  # shapes only: nothing allocated
-            built = build_network(bound.record, bound.params, num_classes=checked.num_classes,
-                                  image_size=resolved.spec.data.image_size, seed=0)
-    except Exception:  # a plugin whose build cannot run on meta (it reads a file, say): build it for real
-        built = build_network(bound.record, bound.params, num_classes=checked.num_classes,
-                              image_size=resolved.spec.data.image_size, seed=0)
+    built = network_shapes(bound.record, bound.params, num_classes=checked.num_classes,
+                           image_size=resolved.spec.data.image_size, seed=0)
     expected = {k: tuple(v.shape) for k, v in built.module.state_dict().items()}
     problems = weights_mismatch(expected, shapes)
     if problems:
@@ -354,20 +355,3 @@ def resolve_references(resolved: ResolvedSpec, registry: Path | None, dataset: I
 def _located(resolved: ResolvedSpec, loc: tuple, *, plugin: str | None = None):
     """A problem found inside the block, reported at ``loc`` of the spec (:func:`located`)."""
     return located(resolved.file, loc, plugin=plugin)
-
-
-@contextmanager
-def _kept_warnings() -> Iterator[list[logging.LogRecord]]:
-    """The warnings logged inside the block, kept (they are still logged as usual)."""
-    kept: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            kept.append(record)
-
-    handler = Keep(logging.WARNING)
-    log.addHandler(handler)
-    try:
-        yield kept
-    finally:
-        log.removeHandler(handler)

@@ -27,8 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-
-from .errors import RUN_LOG_ONLY, RUN_STARTED
+from .errors import RUN_LOG_ONLY, RUN_STARTED, KeptWarnings
 from .executors import LazyExecutor
 from .fusion import fit_fusers
 from .leaderboard import Row, build_leaderboard, network_row, print_leaderboard
@@ -110,7 +109,7 @@ class _Run:
         self.ctx, self.reg, self.folder, self.device, self.quiet, self.executor = ctx, reg, folder, device, quiet, executor
         self.resolved = ctx.spec
         self.console = console
-        self.warnings = _WarningList()
+        self.warnings = KeptWarnings()
         self.summary: dict[str, Any] = {
             "run_id": ctx.run_id, "experiment": self.resolved.spec.name, "spec_file": str(spec_path.resolve()),
             "status": "running", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -179,7 +178,7 @@ class _Run:
         given = {m.name: m.infer_ms_per_image for m in spec.members}
         rows = [network_row(m, n_scored, given[m.name]) for m in members.values()]
         fitted = []
-        for fuser in fit_fusers(resolved.fuser_entries, {n: m.logits for n, m in members.items()}, data.labels,
+        for fuser in fit_fusers(resolved.bound_fusers, {n: m.logits for n, m in members.items()}, data.labels,
                                 spec.seed, costs={r.name: r.extra["infer_ms_per_image"] for r in rows}):
             folder.write_fuser(fuser.name, fuser.description())
             fitted.append(fuser)
@@ -217,40 +216,43 @@ class _Run:
                             on_ready=self._student_ready, on_failed=self._member_failed).run()
 
     # -- the summary --------------------------------------------------------------------------------
-    def _student_ready(self, index: int, student: MemberResult) -> None:
+    def _student_ready(self, index: int, student: MemberResult) -> MemberResult:
         """A student is trained (or reused): its run-folder files, the summary and the index."""
         self.folder.write_member(student, str(self.reg.member_dir(student.key).relative_to(self.reg.root)))
         self._note_member(student.name, {"key": student.key, "action": student.action, "source": "student",
-                                         "teacher": student.card.teacher["name"]})
+                                         "teacher": student.card.teacher.name})
         self.reg.run_member(self.ctx.run_id, student.name, student.key, student.action)
         log.info("student %s: %s, key %s, best epoch %s", student.name, student.action, student.key, student.best_epoch)
+        return student
 
-    def _member_ready(self, index: int, member: MemberResult) -> None:
+    def _member_ready(self, index: int, member: MemberResult) -> MemberResult:
         """A member's outputs are ready: the calibrate stage for it, its run-folder files, the
-        summary, the index, and the hook (which sees the logits the fusers will)."""
+        summary, the index, and the hook (which sees the logits the fusers will); the member as the
+        run keeps it."""
         from .calibration import calibrate_member
         from .evaluation import accuracy
 
-        calibrate_member(member, self.resolved.spec.members[index], self.data.labels["val"])
+        member = calibrate_member(member, self.resolved.spec.members[index], self.data.labels["val"])
         self.folder.write_member(member, str(self.reg.member_dir(member.key).relative_to(self.reg.root)))
-        entry = {"key": member.key, "action": member.action,
+        noted = {"key": member.key, "action": member.action,
                  "source": self.resolved.spec.members[index].source}
         if member.resumed_from_epoch:
-            entry["resumed_from_epoch"] = member.resumed_from_epoch
+            noted["resumed_from_epoch"] = member.resumed_from_epoch
         if member.action in ("trained", "predicted"):
-            entry["executor"] = self.executor.name
-        self._note_member(member.name, entry)
+            noted["executor"] = self.executor.name
+        self._note_member(member.name, noted)
         self.reg.run_member(self.ctx.run_id, member.name, member.key, member.action)
         log.info("member %s: %s, key %s, best epoch %s, val accuracy %.4f", member.name, member.action, member.key,
                  member.best_epoch, accuracy(self.data.labels["val"], member.logits["val"]))
         self.ctx.plugins.hook.on_member_ready(run=self.ctx, member=member)
+        return member
 
     def _member_failed(self, name: str, key: str, error: str) -> None:
         self._note_member(name, {"key": key, "action": "failed", "error": error, "executor": self.executor.name})
 
-    def _note_member(self, name: str, entry: dict) -> None:
+    def _note_member(self, name: str, noted: dict) -> None:
         members = self.summary["members"]
-        members[name] = entry
+        members[name] = noted
         actions = {action: [n for n, m in members.items() if m["action"] == action]
                    for action in ("trained", "predicted", "read", "reused", "failed")}
         self.summary.update(trained=actions["trained"], predicted=actions["trained"] + actions["predicted"],
@@ -289,14 +291,3 @@ class _Run:
         except Exception as exc:
             log.warning("could not draw the plots and report of %s: %s: %s (retry with: fusion-engine report %s)",
                         run_id, type(exc).__name__, exc, run_id)
-
-
-class _WarningList(logging.Handler):
-    """The run's warnings, kept for ``run.json``."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())

@@ -587,20 +587,20 @@ class ResolvedSpec:
     trackers: dict[str, Bound] = field(default_factory=dict)  # by record name: those switched on
 
     @property
-    def fuser_entries(self) -> list[tuple["FuserSpec", Bound]]:
+    def bound_fusers(self) -> list[tuple["FuserSpec", Bound]]:
         return list(zip(self.spec.fusers, self.fusers))
 
     def resolved_dict(self) -> dict:
         """The spec with every default filled in, plugin parameters included."""
         data = self.spec.model_dump(mode="json")
         data["data"]["params"] = self.dataset.params.model_dump(mode="json")
-        for entry, r in zip(data["members"], self.members):
+        for item, r in zip(data["members"], self.members):
             if r is not None:
-                entry["params"] = r.params.model_dump(mode="json")
-        for entry, r in zip(data["fusers"], self.fusers):
-            entry["params"] = r.params.model_dump(mode="json")
-        for entry, r in zip(data["students"], self.students):
-            entry["params"] = r.params.model_dump(mode="json")
+                item["params"] = r.params.model_dump(mode="json")
+        for item, r in zip(data["fusers"], self.fusers):
+            item["params"] = r.params.model_dump(mode="json")
+        for item, r in zip(data["students"], self.students):
+            item["params"] = r.params.model_dump(mode="json")
         if self.executor is not None:
             data["executor"]["params"] = self.executor.params.model_dump(mode="json")
         data["tracking"] = {**{k: v for k, v in data["tracking"].items() if v is False},

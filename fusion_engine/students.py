@@ -110,7 +110,7 @@ class StudentStage(MemberStage):
     def _job(self, p: PlannedMember):
         job = super()._job(p)
         job.soft_targets = np.ascontiguousarray(self.teachers[p.name].proba, dtype=np.float32)
-        job.distill = self.items[p.index].distill
+        job.distill = self.items[job.index].distill
         return job
 
     def _card(self, p: PlannedMember, **fields) -> MemberCard:

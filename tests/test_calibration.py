@@ -134,3 +134,21 @@ def test_wrapper_state_round_trips_through_json():
     wrapped = TemperatureScaled(Vote(weights="learned")).fit(logits, y)
     restored = TemperatureScaled(Vote(weights="learned")).set_state(json.loads(json.dumps(wrapped.get_state())))
     np.testing.assert_array_equal(restored.predict_proba(logits), wrapped.predict_proba(logits))
+
+
+def test_the_calibrate_stage_alone_gives_back_a_scaled_member_and_leaves_the_one_it_got():
+    from types import SimpleNamespace
+
+    from fusion_engine.calibration import calibrate_member
+    from fusion_engine.members import MemberResult
+
+    logits, y = calibrated_scores(n_samples=600, seed=3)
+    hot = {"val": logits[:300] * 3.0, "test": logits[300:] * 3.0}  # overconfident by a factor 3
+    member = MemberResult("m", card=None, logits=dict(hot))
+    scaled = calibrate_member(member, SimpleNamespace(calibrate="temperature"), y[:300])
+    assert scaled is not member and member.temperature is None and member.logits["val"] is hot["val"]
+    assert scaled.temperature == pytest.approx(3.0, rel=0.2)
+    for split in ("val", "test"):
+        assert scaled.logits[split].dtype == np.float32
+        np.testing.assert_allclose(scaled.logits[split], hot[split] / scaled.temperature, rtol=1e-6)
+    assert calibrate_member(member, SimpleNamespace(calibrate=None), y[:300]) is member

@@ -303,16 +303,16 @@ class _Exporter:
             shutil.copyfile(self.reg.member_dir(key) / WEIGHTS_FILE, weights)
             if file_sha256(weights) != entry.files[WEIGHTS_FILE]["sha256"]:
                 raise FusionEngineError(f"member {name}: zoo/{short(key)}/{WEIGHTS_FILE} changed while it was copied")
-        teacher = getattr(zoo_card, "teacher", None)
-        if teacher:
-            self.teachers[name] = {"name": teacher.get("name"), "kind": teacher.get("kind")}
+        teacher = zoo_card.teacher
+        if teacher is not None:
+            self.teachers[name] = {"name": teacher.name, "kind": teacher.kind}
         who = f"member {name}"
         params, files = self._param_files(dict(zoo_card.spec.params), zoo_card.key_material.get("params", {}), tmp, who)
         material_data = zoo_card.key_material.get("data") or {}
         image_size = material_data["image_size"] if "image_size" in material_data else self.spec.get("data", {}).get("image_size")
         inp = zoo_card.input
         order = None
-        names = (zoo_card.origin or {}).get("class_names")
+        names = zoo_card.origin.class_names if zoo_card.origin is not None else None
         if names is not None:  # weights trained elsewhere in another class order: as the run reordered them
             from ..weights import class_order
 

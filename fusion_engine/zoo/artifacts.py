@@ -17,9 +17,35 @@ from pathlib import Path
 
 from .errors import CorruptArtifact, PlantedFile
 
-#: what a member's folder holds besides its card
-PAYLOAD_FILES = ("model.safetensors", "outputs.safetensors", "ids.json")
+#: what a member's folder holds besides its card: its weights (not for a member read from
+#: predictions), its logits and labels per split, and its sample ids per split
+WEIGHTS_FILE, OUTPUTS_FILE, IDS_FILE = "model.safetensors", "outputs.safetensors", "ids.json"
+PAYLOAD_FILES = (WEIGHTS_FILE, OUTPUTS_FILE, IDS_FILE)
 CARD_FILE = "card.json"
+#: the order splits are written in
+_SPLIT_ORDER = ("train", "val", "test")
+
+
+def write_outputs(folder: Path, logits: dict, labels: dict, ids: dict) -> None:
+    """A member's outputs in ``folder``: ``outputs.safetensors`` (``<split>_logits`` float32,
+    ``<split>_labels`` int64) and ``ids.json`` (``{split: [id, ...]}``), for the splits in
+    ``logits`` (each of which ``labels`` and ``ids`` have)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    splits = sorted(logits, key=_SPLIT_ORDER.index)
+    save_file({**{f"{s}_logits": np.ascontiguousarray(logits[s], dtype=np.float32) for s in splits},
+               **{f"{s}_labels": np.ascontiguousarray(labels[s], dtype=np.int64) for s in splits}},
+              str(folder / OUTPUTS_FILE))
+    (folder / IDS_FILE).write_text(json.dumps({s: list(ids[s]) for s in splits}) + "\n", encoding="utf-8")
+
+
+def output_splits(folder: Path) -> set[str]:
+    """The splits a member's stored outputs cover (read from the file's header alone)."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / OUTPUTS_FILE), "np") as f:
+        return {k[:-len("_logits")] for k in f.keys() if k.endswith("_logits")}
 
 
 def required_files(source: str) -> tuple[str, ...]:

@@ -80,6 +80,28 @@ class Checksum(_Part):
     bytes: int
 
 
+class CardOrigin(_Part):
+    """The file a member not trained by the engine came from: its name, sha256, and the class
+    names its outputs were in (None: the dataset's order)."""
+
+    file: Optional[str] = None
+    sha256: Optional[str] = None
+    class_names: Optional[list[str]] = None
+
+
+class CardTeacher(_Part):
+    """What a student was distilled from: the teacher's name and kind (``fuser`` or ``member``),
+    its members' zoo keys, a fuser teacher's spec, the sha256 of its probabilities on train, and
+    the distillation settings."""
+
+    name: str
+    kind: str
+    members: dict[str, Optional[str]] = Field(default_factory=dict)
+    fuser: Optional[dict[str, Any]] = None
+    targets_sha256: Optional[str] = None
+    distill: Optional[dict[str, Any]] = None
+
+
 class MemberCard(_Part):
     """``zoo/<key>/card.json``. ``key``, ``created`` and ``files`` are set when it is published.
 
@@ -92,8 +114,8 @@ class MemberCard(_Part):
 
     version: int = CARD_VERSION
     source: Literal["trained", "weights", "predictions", "student"] = "trained"
-    origin: Optional[dict[str, Any]] = None
-    teacher: Optional[dict[str, Any]] = None
+    origin: Optional[CardOrigin] = None
+    teacher: Optional[CardTeacher] = None
     format: int = 1  # the key format (:data:`fusion_engine.zoo.keys.ZOO_FORMAT`) the member was keyed with
     key: Optional[str] = None
     created: Optional[str] = None

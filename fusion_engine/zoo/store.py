@@ -41,7 +41,8 @@ from pydantic import ValidationError
 from ..checkpoint import Checkpoint
 from ..files import checksum, fsync_dir, seal, write_atomic
 from ..records import SCORED_SPLITS
-from .artifacts import CARD_FILE, PAYLOAD_FILES, check_file, required_files, read_checked, read_json_object, tree_bytes
+from .artifacts import (CARD_FILE, IDS_FILE, OUTPUTS_FILE, PAYLOAD_FILES, WEIGHTS_FILE, check_file, read_checked,
+                        read_json_object, required_files, tree_bytes, write_outputs)
 from .card import CARD_VERSION, MemberCard
 from .errors import Busy, CorruptArtifact, PlantedFile, UnreadableCard, ZooError, short
 from .index import Index, ZooEntry, now
@@ -204,22 +205,22 @@ class Registry:
         from safetensors.numpy import load
 
         folder = self.member_dir(entry.key)
-        data = read_checked(entry.key, folder / "outputs.safetensors", entry.files["outputs.safetensors"])
+        data = read_checked(entry.key, folder / OUTPUTS_FILE, entry.files[OUTPUTS_FILE])
         try:
             arrays = load(data)
         except SafetensorError as exc:
-            raise CorruptArtifact(entry.key, "outputs.safetensors", f"not a safetensors file ({exc})") from None
-        ids = json.loads(read_checked(entry.key, folder / "ids.json", entry.files["ids.json"]))
+            raise CorruptArtifact(entry.key, OUTPUTS_FILE, f"not a safetensors file ({exc})") from None
+        ids = json.loads(read_checked(entry.key, folder / IDS_FILE, entry.files[IDS_FILE]))
         splits = [*SCORED_SPLITS, *(["train"] if "train_logits" in arrays else [])]
         try:
             logits = {s: arrays[f"{s}_logits"].astype(np.float32, copy=False) for s in splits}
             labels = {s: arrays[f"{s}_labels"].astype(np.int64, copy=False) for s in splits}
             ids = {s: [str(i) for i in ids[s]] for s in splits}
         except (KeyError, TypeError) as exc:
-            raise CorruptArtifact(entry.key, "outputs.safetensors", f"missing {exc}") from None
+            raise CorruptArtifact(entry.key, OUTPUTS_FILE, f"missing {exc}") from None
         for s in splits:
             if logits[s].ndim != 2 or len(logits[s]) != len(labels[s]) or len(ids[s]) != len(labels[s]):
-                raise CorruptArtifact(entry.key, "outputs.safetensors", f"{s} logits, labels and ids disagree in shape")
+                raise CorruptArtifact(entry.key, OUTPUTS_FILE, f"{s} logits, labels and ids disagree in shape")
         return MemberOutputs(logits, labels, ids)
 
     def open_member(self, key: str) -> StoredMember | None:
@@ -309,21 +310,16 @@ class Registry:
         """Store ``stored`` again with its outputs on one more ``split`` (hold its lock): a member
         predicted on train after it was stored, because a student's teacher needs it. Its key is
         unchanged (the same weights give the same outputs); its other files are copied and checked."""
-        from safetensors.numpy import save_file as save_arrays
-
         key, folder, outputs = stored.entry.key, self.member_dir(stored.entry.key), stored.outputs
         all_logits = {**outputs.logits, split: logits}
         all_labels = {**outputs.labels, split: labels}
         all_ids = {**outputs.ids, split: list(ids)}
 
         def write(tmp: Path) -> None:
-            if "model.safetensors" in stored.entry.files:
-                shutil.copyfile(folder / "model.safetensors", tmp / "model.safetensors")
-                check_file(key, tmp / "model.safetensors", stored.entry.files["model.safetensors"])
-            save_arrays({**{f"{s}_logits": np.ascontiguousarray(v, dtype=np.float32) for s, v in all_logits.items()},
-                         **{f"{s}_labels": np.ascontiguousarray(v, dtype=np.int64) for s, v in all_labels.items()}},
-                        str(tmp / "outputs.safetensors"))
-            (tmp / "ids.json").write_text(json.dumps(all_ids) + "\n", encoding="utf-8")
+            if WEIGHTS_FILE in stored.entry.files:
+                shutil.copyfile(folder / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
+                check_file(key, tmp / WEIGHTS_FILE, stored.entry.files[WEIGHTS_FILE])
+            write_outputs(tmp, all_logits, all_labels, all_ids)
 
         entry, card = self.publish(key, stored.card.model_copy(update={"files": {}}), write)
         return StoredMember(entry, card, MemberOutputs(all_logits, all_labels, all_ids))

@@ -92,11 +92,11 @@ class MlflowTracker(Tracker):
         spec_entry = next((m for m in run.spec.spec.members if m.name == member.name), None)
         # as the leaderboard's source column says: trained, weights, predictions or zoo
         source = spec_entry.source if spec_entry is not None else card.source
-        origin = card.origin or {}  # the weights or predictions file it came from
+        origin = card.origin  # the weights or predictions file it came from
         tags = {"fusion.kind": "member", "fusion.action": member.action, "fusion.source": source,
                 "fusion.key": member.key, "fusion.backbone": member.backbone or None,
                 "fusion.trained_in_run": card.run_id if card.source == "trained" else None,
-                "fusion.resumed_from_epoch": member.resumed_from_epoch, "fusion.origin.file": origin.get("file"),
+                "fusion.resumed_from_epoch": member.resumed_from_epoch, "fusion.origin.file": origin.file if origin is not None else None,
                 "fusion.data.fingerprint": card.data.fingerprint, "fusion.data.split_sha256": card.data.split_sha256,
                 **{f"fusion.version.{k}": v for k, v in card.versions.items()}}
         # the card's spec: params and train (false: run from its weights), or predictions and kind
