@@ -15,19 +15,14 @@ What the engine calls:
 
 from __future__ import annotations
 
-import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from scipy.special import log_softmax, softmax
 
 from .fuser import Fuser, check_logits
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .members import MemberResult
-    from .spec import MemberSpec
-
-__all__ = ["TemperatureScaled", "apply_temperature", "calibrate_member", "fit_temperature", "log_proba"]
+__all__ = ["TemperatureScaled", "apply_temperature", "fit_temperature", "log_proba"]
 
 BOUNDS = (0.05, 20.0)
 PROBA_FLOOR = 1e-12
@@ -135,14 +130,3 @@ class TemperatureScaled(Fuser):
         if "fuser_" in state:
             self.fuser_ = self.fuser.clone().set_state(state.pop("fuser_"))
         return super().set_state(state)
-
-
-def calibrate_member(member: "MemberResult", spec: "MemberSpec", y_val: np.ndarray) -> "MemberResult":
-    """The calibrate stage of a run, for one member: when its spec asks ``calibrate: temperature``,
-    the member with a temperature fitted on its val logits and its logits on every split divided
-    by it; otherwise the member as it came."""
-    if spec.calibrate != "temperature":
-        return member
-    temperature = fit_temperature(member.logits["val"], y_val)
-    return dataclasses.replace(member, temperature=temperature,
-                               logits={s: (v / temperature).astype(np.float32) for s, v in member.logits.items()})

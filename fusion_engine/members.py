@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import closing, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +32,7 @@ from .executors import FittedMember, JobOutcome, LazyExecutor, MemberJob
 from .records import SCORED_SPLITS, SPLITS, InputConfig
 from .preflight import Preflight
 from .provenance import engine_version, member_code, params_for_key
-from .spec import ResolvedSpec
+from .spec import MemberSpec, ResolvedSpec
 from .zoo import Busy, CorruptArtifact, MemberCard, Registry, StoredMember, ZooError, key_material, member_key, short
 from .zoo.artifacts import WEIGHTS_FILE
 
@@ -425,6 +425,20 @@ class MemberStage:
         _, card = self.reg.publish(p.key, card, write)
         log.info("stored %s (%s) in the zoo as %s", p.name, p.source, p.key)
         return card
+
+
+def calibrate_member(member: MemberResult, spec: MemberSpec, y_val: np.ndarray) -> MemberResult:
+    """The calibrate stage of a run, for one member: when its spec asks ``calibrate: temperature``,
+    the member with a temperature fitted on its val logits
+    (:func:`fusion_engine.calibration.fit_temperature`) and its logits on every split divided by
+    it; otherwise the member as it came."""
+    from .calibration import fit_temperature
+
+    if spec.calibrate != "temperature":
+        return member
+    temperature = fit_temperature(member.logits["val"], y_val)
+    return replace(member, temperature=temperature,
+                   logits={s: (v / temperature).astype(np.float32) for s, v in member.logits.items()})
 
 
 def from_stored(name: str, stored: StoredMember, *, action: str) -> MemberResult:

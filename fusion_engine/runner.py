@@ -4,7 +4,7 @@
 
 Each arrow is one stage with typed inputs and outputs: :func:`fusion_engine.spec.prepare` and
 :func:`fusion_engine.preflight.preflight` (before any run folder exists), :func:`fusion_engine.data.run_data`, :class:`fusion_engine.members.MemberStage`,
-:func:`fusion_engine.calibration.calibrate_member` (per member, as each is ready), :func:`fusion_engine.fusion.fit_fusers`,
+:func:`fusion_engine.members.calibrate_member` (per member, as each is ready), :func:`fusion_engine.fusion.fit_fusers`,
 :func:`fusion_engine.leaderboard.build_leaderboard`, and :class:`fusion_engine.runfolder.RunFolder`,
 which writes everything. This module only strings them together and keeps the run's summary (``run.json``).
 Trackers hear the lifecycle hooks through :class:`fusion_engine.tracking.RunTrackers`, which contains their failures.
@@ -31,7 +31,7 @@ from .errors import RUN_LOG_ONLY, RUN_STARTED, KeptWarnings
 from .executors import LazyExecutor
 from .fusion import fit_fusers
 from .leaderboard import Row, build_leaderboard, network_row, print_leaderboard
-from .members import MemberResult, MemberStage
+from .members import MemberResult, MemberStage, calibrate_member
 from .preflight import Preflight, preflight
 from .plugins import Plugins
 from .provenance import library_versions
@@ -229,7 +229,6 @@ class _Run:
         """A member's outputs are ready: the calibrate stage for it, its run-folder files, the
         summary, the index, and the hook (which sees the logits the fusers will); the member as the
         run keeps it."""
-        from .calibration import calibrate_member
         from .evaluation import accuracy
 
         member = calibrate_member(member, self.resolved.spec.members[index], self.data.labels["val"])

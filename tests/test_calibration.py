@@ -139,8 +139,7 @@ def test_wrapper_state_round_trips_through_json():
 def test_the_calibrate_stage_alone_gives_back_a_scaled_member_and_leaves_the_one_it_got():
     from types import SimpleNamespace
 
-    from fusion_engine.calibration import calibrate_member
-    from fusion_engine.members import MemberResult
+    from fusion_engine.members import MemberResult, calibrate_member
 
     logits, y = calibrated_scores(n_samples=600, seed=3)
     hot = {"val": logits[:300] * 3.0, "test": logits[300:] * 3.0}  # overconfident by a factor 3

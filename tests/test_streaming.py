@@ -256,3 +256,45 @@ def test_a_member_from_its_weights_file_predicts_streamed_images_as_from_memory(
         np.testing.assert_array_equal(mine[f"{split}_logits"], net_a[f"{split}_logits"])
     log = (result.run_dir / "run.log").read_text()
     assert "exceed the memory budget" in log and f"data.storage is {storage}" in log
+
+
+def test_a_streamed_photo_run_exports_and_predicts_its_photos_as_it_scored_them(make_image_folder, tmp_path):
+    """A photo run end to end at the photo path's settings: JPEGs larger than the input, decoded
+    per batch under a budget they do not fit (``storage: auto``), a timm network trained on timm's
+    transforms and evaluated with its resize and centre crop. Its export checks itself on the run's
+    test images; ``predict`` on those files gives the probabilities the run scored, and a corrupt
+    file among them is reported in its own row."""
+    import pandas as pd
+
+    import fusion_engine
+    from fusion_engine import RunFolder
+
+    root = make_image_folder(classes=("cat", "dog"), per_class=10, size=90, suffix=".jpg", noise=True)
+    spec = write_spec(tmp_path / "photos.yaml", toy_spec_data(
+        name="photos", data={"dataset": "imagefolder", "params": {"root": "images"}, "image_size": 72,
+                             "split": {"val": 0.25, "test": 0.25}, "memory_budget": "64KB", "workers": 0},
+        members=[{"name": "net", "backbone": "timm", "params": {"model": "test_resnet"},
+                  "train": {"epochs": 1, "batch_size": 4, "augment": {"auto_augment": "trivialaugment"}}}],
+        fusers=[]))
+    result = run_experiment(spec, registry=tmp_path / "reg", quiet=True)
+    log = (result.run_dir / "run.log").read_text()
+    assert "exceed the memory budget" in log and "decoded-image cache" in log, log  # 72 px images do not fit in 64 KB
+    folder = RunFolder(result.run_dir)
+    export = fusion_engine.export_ensemble(result.run_id, "net", out=tmp_path / "export", registry=tmp_path / "reg")
+    card = json.loads((tmp_path / "export" / "ensemble.json").read_text())["members"][0]["input"]
+    assert (card["size"], card["crop_mode"], card["crop_pct"]) == (72, "center", 0.95)  # test_resnet's eval crop
+    assert export is not None
+
+    test_ids = folder.split["test"]["ids"]
+    files = [root / i for i in test_ids]
+    assert all(f.is_file() for f in files), test_ids
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    out = tmp_path / "preds.csv"
+    done = cli("predict", tmp_path / "export", *files[:2], broken, *files[2:], "--out", out, "--probs")
+    assert done.returncode == 1, done.stderr
+    preds = pd.read_csv(out)
+    assert preds["error"].notna().tolist() == [False, False, True] + [False] * (len(files) - 2)
+    good = preds[preds["error"].isna()]
+    proba = good[[c for c in preds.columns if c.startswith("proba_")]].to_numpy()
+    np.testing.assert_allclose(proba, folder.probabilities("test")["net"], atol=1e-5)

@@ -244,7 +244,7 @@ class Ensemble:
 
     def _logits_of(self, k: int, x: "torch.Tensor") -> np.ndarray:
         """Member ``k``'s float32 logits for images ``x``, divided by its temperature if it has
-        one (as calibration.calibrate_member: float32 logits / T); counted in :attr:`usage`."""
+        one (as members.calibrate_member: float32 logits / T); counted in :attr:`usage`."""
         from ..training import predict_logits
 
         member, cfg = self.card.members[k], self.input_configs[k]

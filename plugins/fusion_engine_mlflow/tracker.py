@@ -104,7 +104,7 @@ class MlflowTracker(Tracker):
                 if k not in ("name", "backbone", "seed") and v is not None}
         params = {"backbone": member.backbone or None, "key": member.key, "action": member.action, "source": source,
                   "seed": card.spec.seed, "best_epoch": member.best_epoch, "n_params": member.n_params,
-                  **values.flatten(made), **{f"origin.{k}": v for k, v in origin.items()}}
+                  **values.flatten(made), **{f"origin.{k}": v for k, v in (origin.model_dump(mode="json") if origin is not None else {}).items()}}
         if spec_entry is not None:
             params.update(calibrate=spec_entry.calibrate, zoo=spec_entry.zoo,
                           infer_ms_per_image=spec_entry.infer_ms_per_image)
