@@ -610,6 +610,10 @@ class Transformed:
     items: Any
     transform: Any
     in_chans: int
+    #: ``normalise.image(uint8 (C, S, S)) -> float32``, applied here when training on the CPU (each image
+    #: normalised where it was made, while it is in cache, as timm's own loader does); None: ``uint8`` out,
+    #: normalised on the device
+    normalise: Any = None
 
     def __getitem__(self, key: tuple[int, int]):
         from torch.utils.data import get_worker_info
@@ -622,7 +626,8 @@ class Transformed:
             seed_everything(seed)
             with open_image(self.items[row]) as image:
                 mode = "L" if self.in_chans == 1 else "RGB"
-                return self.transform(image.convert(mode) if image.mode != mode else image)
+                x = self.transform(image.convert(mode) if image.mode != mode else image)
+        return x if self.normalise is None else self.normalise.image(x)
 
     def __len__(self) -> int:
         return len(self.items)

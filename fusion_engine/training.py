@@ -159,7 +159,8 @@ def train_member(
         num_classes = _output_width(module, x_val, normalise, dev)
     augmenter = BatchAugment(train.augment, input_cfg, pipeline, normalise, dev, aug_gen, num_classes=num_classes or 0,
                              label_smoothing=train.label_smoothing, seed=seed + 2)
-    images = _train_images(x_train, train, input_cfg, pipeline, order_gen, pin=cuda)
+    images = _train_images(x_train, train, input_cfg, pipeline, order_gen, pin=cuda,
+                           normalise=None if cuda else normalise)
 
     def loss_of(logits: "torch.Tensor", target: "torch.Tensor") -> "torch.Tensor":
         """Cross-entropy against class indices (smoothed) or against class probabilities
@@ -251,10 +252,13 @@ def train_member(
 
 
 def _train_images(x_train: "ImageSet", train: "TrainSpec", cfg: InputConfig, pipeline: str,
-                  order_gen: "torch.Generator", *, pin: bool):
-    """``images(positions) -> iterator of uint8 batches``. The batch pipeline reads the prepared
-    images; the timm pipeline transforms each raw image in worker processes, each seeded from a
-    seed drawn for it from ``order_gen``, so the number of workers does not change what is drawn."""
+                  order_gen: "torch.Generator", *, pin: bool, normalise: "_Normaliser | None" = None):
+    """``images(positions) -> iterator of batches``. The batch pipeline reads the prepared
+    ``uint8`` images; the timm pipeline transforms each raw image in worker processes, each seeded
+    from a seed drawn for it from ``order_gen``, so the number of workers does not change what is
+    drawn, and, given ``normalise`` (training on the CPU), normalises it there too: one image at a
+    time, while it is in cache, costs less than the whole batch at once in the training process
+    (docs/benchmarks.md, "Photos")."""
     import torch
 
     if pipeline == "batch":
@@ -265,7 +269,7 @@ def _train_images(x_train: "ImageSet", train: "TrainSpec", cfg: InputConfig, pip
     if x_train.items is None:
         raise FusionEngineError("the timm pipeline transforms each raw image, and these training images came as "
                                 "pixels only")
-    dataset = Transformed(x_train.items, train_transform(train.augment, cfg), cfg.in_chans)
+    dataset = Transformed(x_train.items, train_transform(train.augment, cfg), cfg.in_chans, normalise)
     n = len(x_train)
 
     def images(positions):
@@ -362,9 +366,18 @@ class _Normaliser:
         self.memory_format = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
 
     def __call__(self, x: "torch.Tensor") -> "torch.Tensor":
+        """A batch ``(B, C, S, S)``: ``uint8`` normalised; floats were normalised already (:meth:`image`)."""
         import torch
 
+        if x.is_floating_point():
+            return x.contiguous(memory_format=self.memory_format)
         return torch.addcmul(-self.shift, x.float(), self.scale).contiguous(memory_format=self.memory_format)
+
+    def image(self, x: "torch.Tensor") -> "torch.Tensor":
+        """One ``uint8`` image ``(C, S, S)`` normalised as :meth:`__call__` normalises a batch."""
+        import torch
+
+        return torch.addcmul(-self.shift[0], x.float(), self.scale[0])
 
 
 def _batch_logits(module, x: "ImageSet", normalise, batch_size: int, dev, start: int = 0) -> Iterator["torch.Tensor"]:
