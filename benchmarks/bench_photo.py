@@ -15,13 +15,16 @@ transforms (random-resized crop, flip, ``--auto-augment``), ``--workers`` DataLo
 
 Two networks: a pooling-and-linear head, so that the data path alone is measured, and timm's
 ``test_resnet`` (a small ResNet), where the model's compute takes its share. Interleaved
-repetitions; the fastest of each side is compared.
+repetitions; the fastest of each side is compared. Each side's CPU time per image is reported
+too (the training process and its worker processes, from ``getrusage``, over the whole call):
+on a machine other jobs keep busy, images/s measure the neighbours as well, CPU time much less.
 
     python benchmarks/bench_photo.py [--images 512] [--workers 2] [--json out.json]
 """
 
 from __future__ import annotations
 
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +46,12 @@ def make_folder(root: Path, n: int, size: int = 256) -> None:
         field = (rng.uniform(0, 200, 3)[None, None, :] + 60 * np.sin(8 * xx[..., None] * rng.uniform(0.5, 2, 3))
                  * np.cos(6 * yy[..., None]) + rng.normal(0, 10, (size, size, 3)))
         Image.fromarray(np.clip(field, 0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that have ended (DataLoader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main() -> None:
@@ -128,12 +137,26 @@ def main() -> None:
                 sync()
                 timm_rates.append(seen / (time.perf_counter() - t0))
 
-            side_by_side({"engine": engine, "timm": bare}, repeats=args.repeats, warmup=1, sync=sync)
+            cpu: dict[str, list[float]] = {"engine": [], "timm": []}
+
+            def timed_cpu(side, fn):
+                def call():
+                    before = cpu_seconds()
+                    fn()
+                    cpu[side].append((cpu_seconds() - before) / args.images * 1e3)
+                return call
+
+            side_by_side({"engine": timed_cpu("engine", engine), "timm": timed_cpu("timm", bare)},
+                         repeats=args.repeats, warmup=1, sync=sync)
             e, t = max(engine_rates[1:]), max(timm_rates[1:])
+            ce, ct = min(cpu["engine"][1:]), min(cpu["timm"][1:])
             report.add(f"{name} at {args.size} px, {args.workers} workers",
-                       f"engine {e:7.1f} img/s   timm create_loader {t:7.1f} img/s   ratio {e / t:5.2f}",
+                       f"engine {e:7.1f} img/s   timm create_loader {t:7.1f} img/s   ratio {e / t:5.2f}   "
+                       f"CPU per image: engine {ce:6.2f} ms, timm {ct:6.2f} ms",
                        model=name, engine_images_per_s=e, timm_images_per_s=t, ratio=e / t,
-                       engine_all=engine_rates, timm_all=timm_rates, workers=args.workers, images=args.images)
+                       engine_cpu_ms_per_image=ce, timm_cpu_ms_per_image=ct,
+                       engine_all=engine_rates, timm_all=timm_rates, engine_cpu_all=cpu["engine"],
+                       timm_cpu_all=cpu["timm"], workers=args.workers, images=args.images)
             report.check(f"{name}: timm path", e / t >= 0.95, "engine >= 0.95x timm's create_loader, same transforms")
     report.finish()
 

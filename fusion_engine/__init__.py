@@ -33,6 +33,7 @@ _EXPORTS = {
     "Fuser": "fuser",
     "check_logits": "fuser",
     "StackingFuser": "stacking",
+    "StackingParams": "stacking",  # kept for stackers written against 0.1; new ones need no Params model
     "cross_val_proba": "crossfit",
     "TemperatureScaled": "calibration",
     "fit_temperature": "calibration",

@@ -34,7 +34,7 @@ from .preflight import Preflight
 from .provenance import engine_version, member_code, params_for_key
 from .spec import MemberSpec, ResolvedSpec
 from .zoo import Busy, CorruptArtifact, MemberCard, Registry, StoredMember, ZooError, key_material, member_key, short
-from .zoo.artifacts import WEIGHTS_FILE
+from .zoo.artifacts import IDS_FILE, OUTPUTS_FILE, WEIGHTS_FILE
 
 log = logging.getLogger("fusion_engine")
 
@@ -450,9 +450,9 @@ def check_outputs(stored: StoredMember, data: RunData) -> None:
     key, outputs = stored.entry.key, stored.outputs
     for s in [*SCORED_SPLITS, *(["train"] if "train" in outputs.logits else [])]:
         if outputs.ids[s] != data.ids[s] or not np.array_equal(outputs.labels[s], data.labels[s]):
-            raise CorruptArtifact(key, "ids.json", f"its {s} samples are not this run's (same key, other data)")
+            raise CorruptArtifact(key, IDS_FILE, f"its {s} samples are not this run's (same key, other data)")
         if outputs.logits[s].shape != (len(data.ids[s]), len(data.class_names)):
-            raise CorruptArtifact(key, "outputs.safetensors", f"{s} logits of shape {outputs.logits[s].shape}")
+            raise CorruptArtifact(key, OUTPUTS_FILE, f"{s} logits of shape {outputs.logits[s].shape}")
 
 
 def stored_member(reg: Registry, key: str, name: str, data: RunData) -> StoredMember | None:

@@ -257,13 +257,19 @@ def network_shapes(record, params, *, num_classes: int, image_size: int | None, 
     """A backbone's network as the driver needs it, for its shapes and input config only: built
     on the meta device (nothing allocated or initialised), or for real when the plugin's build
     cannot run there (it reads a file, say). The driver trains nothing it builds here."""
+    import warnings
+
     import torch
 
     from .executors import build_network
 
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            # weights a build loads are not copied onto meta tensors, which torch says once a tensor
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
             return build_network(record, params, num_classes=num_classes, image_size=image_size, seed=seed)
+    except FusionEngineError:
+        raise  # the plugin refused its params: building it for real would say the same, again
     except Exception:
         return build_network(record, params, num_classes=num_classes, image_size=image_size, seed=seed)
 

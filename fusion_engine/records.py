@@ -219,13 +219,16 @@ class FuserRecord:
     description: str = ""
 
     def __post_init__(self) -> None:
-        derived = params_from_signature(self.cls)
         if self.params is None:
-            object.__setattr__(self, "params", derived)
+            object.__setattr__(self, "params", params_from_signature(self.cls))
             return
         if not (isinstance(self.params, type) and issubclass(self.params, Params)):
             raise PluginError(f"fuser {self.name}: params must be a fusion_engine.Params model, not {self.params!r} "
                               f"(or leave it out: it is read off {self.cls.__name__}.__init__)")
+        try:
+            derived = params_from_signature(self.cls)
+        except PluginError:  # annotations this process cannot evaluate (names imported for type checkers only)
+            return
         mismatch = _params_mismatch(self.params, derived, f"{self.cls.__name__}.__init__")
         if mismatch:
             raise PluginError(f"fuser {self.name}: {mismatch}; leave params out and the model is read off "
@@ -234,21 +237,38 @@ class FuserRecord:
 
 def _params_mismatch(given: type[Params], derived: type[Params], init: str) -> str | None:
     """The first field on which ``given`` and ``derived`` (read off ``init``) differ, in words, or
-    None when they have the same names, defaults, types and constraints."""
+    None when they agree: the same names and defaults (``1`` and ``1.0`` are one default), and the
+    same type and constraints as JSON Schema says them (``Optional[int]`` is ``int | None``). An
+    ``__init__`` parameter without an annotation takes the model's type and constraints."""
     model = given.__name__
+    ours_schema, theirs_schema = _field_schemas(given), _field_schemas(derived)
     for name in [*derived.model_fields, *(n for n in given.model_fields if n not in derived.model_fields)]:
         if name not in given.model_fields:
             return f"{init} takes {name}, which {model} lacks"
         if name not in derived.model_fields:
             return f"{model} has {name}, which {init} does not take"
         ours, theirs = given.model_fields[name], derived.model_fields[name]
-        a, b = _default_text(ours), _default_text(theirs)
-        if a != b:
-            return f"{model}.{name} has default {a}, {init} has {b}"
-        a, b = _type_text(ours), _type_text(theirs)
-        if a != b:
-            return f"{model}.{name} has type {a}, {init} has {b}"
+        if _default_of(ours) != _default_of(theirs):
+            return f"{model}.{name} has default {_default_text(ours)}, {init} has {_default_text(theirs)}"
+        if theirs.annotation is Any:
+            continue
+        if ours_schema.get(name) != theirs_schema.get(name):
+            return f"{model}.{name} has type {_type_text(ours)}, {init} has {_type_text(theirs)}"
     return None
+
+
+def _field_schemas(model: type[Params]) -> dict[str, Any]:
+    """Each field's JSON Schema without its title, description and default (compared apart)."""
+    try:
+        properties = model.model_json_schema().get("properties", {})
+    except Exception:  # a type JSON Schema cannot say: compared by its text
+        return {name: _type_text(field) for name, field in model.model_fields.items()}
+    return {name: {k: v for k, v in schema.items() if k not in ("title", "description", "default")}
+            for name, schema in properties.items()}
+
+
+def _default_of(field: Any) -> Any:
+    return ("required",) if field.is_required() else field.get_default(call_default_factory=True)
 
 
 def _default_text(field: Any) -> str:

@@ -112,6 +112,26 @@ class RunMemberCard(BaseModel):
         above, then those this version does not know."""
         return self.model_dump(exclude_unset=True)
 
+    def __getitem__(self, field: str) -> Any:
+        """``card["temperature"]``, as cards read before they were typed: deprecated, use ``card.temperature``."""
+        _dict_access_warning(field)
+        try:
+            return self.to_json()[field]
+        except KeyError:
+            raise KeyError(field) from None
+
+    def get(self, field: str, default: Any = None) -> Any:
+        """``card.get("temperature")``, as cards read before they were typed: deprecated."""
+        _dict_access_warning(field)
+        return self.to_json().get(field, default)
+
+
+def _dict_access_warning(field: str) -> None:
+    import warnings
+
+    warnings.warn(f"run cards are typed now: read card.{field}, not card[{field!r}] or card.get({field!r})",
+                  DeprecationWarning, stacklevel=3)
+
 
 class RunFolder:
     """One run's folder: write it while the run goes, read it afterwards (``report``,

@@ -152,6 +152,7 @@ class _Run:
             return result
 
     def _stages(self, checked: Preflight, retrain: tuple[str, ...]) -> RunResult:
+        """The data path; calibrate runs for each member as it is ready (``_member_ready``)."""
         from .data import run_data
 
         ctx, resolved, folder = self.ctx, self.resolved, self.folder

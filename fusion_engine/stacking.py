@@ -21,8 +21,9 @@ from pydantic import Field
 from scipy.special import log_softmax
 
 from .fuser import Fuser, check_logits
+from .records import params_from_signature
 
-__all__ = ["StackingFuser", "member_totals", "stack_features"]
+__all__ = ["StackingFuser", "StackingParams", "member_totals", "stack_features"]
 
 def stack_features(logits: np.ndarray, append_logits: bool = False) -> np.ndarray:
     """The ``(N, M*C)`` design matrix: member by member, its ``C`` log-probabilities, then, with
@@ -179,3 +180,8 @@ class StackingFuser(Fuser):
         self.final_estimator_ = None if estimator is None else self.load_estimator(estimator)
         return self
 
+
+#: The parameters every stacker shares, as a ``Params`` model: kept for stacking plugins written
+#: against fusion-engine 0.1, whose ``Params`` subclass it. New stackers need no ``Params`` model:
+#: ``FuserRecord`` reads one off ``__init__``.
+StackingParams = params_from_signature(StackingFuser)

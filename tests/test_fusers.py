@@ -74,6 +74,29 @@ def test_a_params_model_that_matches_init_is_accepted():
     assert FuserRecord("shrink", Shrink, ShrinkParams).params is ShrinkParams
 
 
+def test_a_params_model_that_says_the_same_in_other_words_is_accepted():
+    """Typing's spellings (Optional, List), an int default for a float, and a typed model over an
+    ``__init__`` without annotations (as 0.1's plugin guide wrote them) are the same parameters."""
+    from typing import List, Optional
+
+    other_words = create_model("ShrinkParams", __base__=ShrinkParams, weights=(Optional[List[float]], None))
+    assert FuserRecord("shrink", Shrink, other_words).params is other_words
+
+    class Untyped(Shrink):
+        def __init__(self, alpha=0.5, mode="prob", weights=None):
+            super().__init__(alpha=alpha, mode=mode, weights=weights)
+
+    assert FuserRecord("untyped", Untyped, ShrinkParams).params is ShrinkParams
+    whole = create_model("ShrinkParams", __base__=ShrinkParams, alpha=(float, Field(1, gt=0, le=1)))
+
+    class One(Shrink):
+        def __init__(self, alpha: Annotated[float, Field(gt=0, le=1)] = 1.0,
+                     mode: Literal["prob", "logprob"] = "prob", weights: list[float] | None = None):
+            super().__init__(alpha=alpha, mode=mode, weights=weights)
+
+    assert FuserRecord("one", One, whole).params is whole
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"alpha": (float, Field(0.25, gt=0, le=1))},
      "ShrinkParams.alpha has default 0.25 (float), Shrink.__init__ has 0.5 (float)"),
@@ -311,3 +334,27 @@ def test_caruana_bagging_depends_on_seed_only():
     np.testing.assert_array_equal(Caruana(bagging=5, seed=1).fit(logits, y).weights_, first)
     assert not np.array_equal(Caruana(bagging=5, seed=2).fit(logits, y).weights_, first)
 
+
+
+def test_a_stacker_as_the_0_1_plugin_guide_wrote_it_is_accepted():
+    """The guide of 0.1 subclassed StackingParams with constrained fields over an ``__init__``
+    without annotations; that record still loads, with the model's constraints."""
+    from fusion_engine import StackingFuser, StackingParams
+
+    class LightGBMStackingParams(StackingParams):
+        n_estimators: int = Field(200, gt=0)
+        num_leaves: int = Field(7, gt=1)
+        learning_rate: float = Field(0.05, gt=0)
+        min_child_samples: int = Field(10, gt=0)
+
+    class LightGBMStacking(StackingFuser):
+        def __init__(self, n_estimators=200, num_leaves=7, learning_rate=0.05, min_child_samples=10,
+                     append_logits=False, cv=5, seed=0):
+            super().__init__(append_logits=append_logits, cv=cv, seed=seed)
+            self.n_estimators, self.num_leaves = n_estimators, num_leaves
+            self.learning_rate, self.min_child_samples = learning_rate, min_child_samples
+
+    params = FuserRecord("lightgbm-stacking", LightGBMStacking, LightGBMStackingParams).params
+    assert params is LightGBMStackingParams
+    with pytest.raises(ValidationError):
+        params(num_leaves=1)

@@ -160,3 +160,13 @@ def test_the_codec_modes():
 class _Named:
     def __str__(self) -> str:
         return "named"
+
+
+def test_a_run_card_read_as_a_dict_still_answers_with_a_deprecation_warning(tmp_path):
+    card = RunMemberCard(name="m", temperature=1.5)
+    with pytest.warns(DeprecationWarning, match=r"read card\.temperature"):
+        assert card["temperature"] == 1.5
+    with pytest.warns(DeprecationWarning):
+        assert card.get("best_epoch", "none") == "none" and card.get("name") == "m"
+    with pytest.warns(DeprecationWarning), pytest.raises(KeyError):
+        card["best_epoch"]

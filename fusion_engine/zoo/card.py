@@ -95,7 +95,7 @@ class CardTeacher(_Part):
     the distillation settings."""
 
     name: str
-    kind: str
+    kind: Optional[str] = None  # every engine-written card has it; one without is still read
     members: dict[str, Optional[str]] = Field(default_factory=dict)
     fuser: Optional[dict[str, Any]] = None
     targets_sha256: Optional[str] = None
