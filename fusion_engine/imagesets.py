@@ -637,10 +637,14 @@ def worker_batches(dataset, batches: Iterable[list], workers: int, *, pin_memory
     """``dataset[key]`` for every key of each batch, stacked, made by ``workers`` DataLoader
     processes (in this process when 0), in order. An image that cannot be read stops the
     iteration with the one-line error naming it."""
+    import torch
     from torch.utils.data import DataLoader
 
+    # a generator of its own: a loader takes its workers' base seed from the one it is given, or else
+    # from torch's global generator, whose draws would then differ with where the images are held
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory,
-                        prefetch_factor=4 if workers else None, worker_init_fn=_worker_init if workers else None)
+                        prefetch_factor=4 if workers else None, worker_init_fn=_worker_init if workers else None,
+                        generator=torch.Generator())
     iterator = iter(loader)
     while True:
         try:

@@ -29,7 +29,8 @@ def folder_spec(tmp_path: Path, name: str, students: list | None = None, **data)
                          "split": {"val": 0.25, "test": 0.25}, **data},
         members=[{"name": "net-a", "backbone": "toy-net", "train": {"epochs": 2, "batch_size": 8}},
                  {"name": "net-b", "backbone": "toy-net", "seed": 5,
-                  "train": {"epochs": 1, "batch_size": 5, "augment": {"hflip": True, "shift": 0.25}}}],
+                  "train": {"epochs": 2, "batch_size": 5,  # random erasing draws torch's global generator
+                            "augment": {"hflip": True, "shift": 0.25, "re_prob": 0.5}}}],
         fusers=[{"name": "avg", "fuser": "toy-mean"}], students=students or []))
 
 
