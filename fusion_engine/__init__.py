@@ -55,6 +55,7 @@ _EXPORTS = {
     "FusionEngineError": "errors",
     "PluginError": "errors",
     "SpecError": "errors",
+    "UnreadableImage": "errors",
     # plugins and specs
     "get_plugins": "plugins",
     "loaded_plugin_files": "plugins",

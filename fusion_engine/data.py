@@ -26,7 +26,7 @@ from PIL import Image
 
 from .errors import FusionEngineError, located, plugin_code
 from .imagesets import ImageSet, decoded_cache, decodes_items, memory_budget, open_images, open_store
-from .preprocess import DECODE_THREADS, squash_config
+from .preprocess import DECODE_THREADS, pixels_key, squash_config
 from .records import SPLITS, ImageDataset, InputConfig
 from .spec import SplitSpec
 
@@ -61,7 +61,8 @@ class RunData:
     memory_budget: float | str | None = None  # ``data.memory_budget``: a fraction of available memory, or a size
     storage: str = "auto"  # ``data.storage``: auto, memory, disk or stream
     workers: int | None = None  # ``data.workers``: DataLoader worker processes (None: one per core, at most 8)
-    _images: dict = field(default_factory=dict, repr=False)
+    _images: dict = field(default_factory=dict, repr=False)  # pixels_key -> its splits' image sets
+    _budget: tuple[int, str] | None = field(default=None, repr=False)
 
     @property
     def class_names(self) -> list[str]:
@@ -76,24 +77,29 @@ class RunData:
         when first read: held in memory when it fits the memory budget (decoded once a run, and
         for datasets of files once a machine), else read per batch from the decoded-image cache
         or decoded per batch (the choice is logged)."""
-        if cfg not in self._images:
-            self._images[cfg] = open_images(self.dataset.images, self.indices, cfg, fingerprint=self.fingerprint,
+        key = pixels_key(cfg)  # members that differ only in normalisation share the pixels
+        if key not in self._images:
+            self._images[key] = open_images(self.dataset.images, self.indices, cfg, fingerprint=self.fingerprint,
                                             cache_dir=self.cache_dir, storage=self.storage, workers=self.workers,
-                                            budget=partial(self._budget_for, cfg))
-        return self._images[cfg]
+                                            budget=partial(self._budget_for, key), budget_setting=self.memory_budget)
+        return self._images[key]
 
-    def _budget_for(self, cfg: InputConfig, nbytes: int) -> tuple[int, str]:
-        """The memory budget left for ``nbytes`` more pixels of ``cfg``: what sets already held
-        in memory leave of it, after letting go of those of other input configs when it would
-        not fit beside them (they read back from the cache when asked again)."""
-        budget, why = memory_budget(self.memory_budget)
+    def _budget_for(self, key: tuple, nbytes: int) -> tuple[int, str]:
+        """The memory budget left for ``nbytes`` more pixels of one preparation (``key``): what
+        sets already held in memory leave of it, after letting go of those of other preparations
+        when it would not fit beside them (they read back from the cache when asked again). The
+        budget is worked out once a run: a fraction of the memory available when it was first
+        asked, before any of these pixels took their share of it."""
+        if self._budget is None:
+            self._budget = memory_budget(self.memory_budget)
+        budget, why = self._budget
 
         def held() -> int:
             return sum(s.store.nbytes for sets in self._images.values() for s in sets.values() if s.opened)
 
         if held() + nbytes > budget:
             for other, sets in self._images.items():
-                if other != cfg:
+                if other != key:
                     for image_set in sets.values():
                         image_set.release()
         return max(0, budget - held()), why

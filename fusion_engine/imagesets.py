@@ -127,7 +127,7 @@ class DecodedCache:
         (a tensor of the file's shape) receives the pixels too."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         chunk = max(1, chunk_bytes // self.record)
-        with atomic_path(self.path) as tmp:
+        with atomic_path(self.path, fsync=True) as tmp:  # a renamed file is a whole one, after a power loss too
             with open(tmp, "wb") as handle:
                 handle.write(self._header())
                 for start in range(0, self.shape[0], chunk):
@@ -285,8 +285,9 @@ class Opener:
     """What opens a split's store when it is first read: its items, preparation and cache file,
     the storage asked for, and ``budget(nbytes) -> (bytes, why)`` (default: the memory budget).
 
-    Pickled (to a Ray worker) it keeps the items and the cache file's path and drops the rest:
-    the worker opens the store with its own budget, reading the cache file where that path
+    Pickled (to a Ray worker) it keeps the items, the cache file's path, the storage and the
+    spec's ``data.memory_budget`` (``budget_setting``), and drops the rest: the worker opens the
+    store within that budget of its own machine's memory, reading the cache file where that path
     holds it and decoding from the dataset's own storage otherwise, and writes no cache.
     """
 
@@ -295,18 +296,17 @@ class Opener:
     cache: DecodedCache | None = None
     storage: str = "auto"
     budget: Callable[[int], tuple[int, str]] | None = None
-    writable: bool | None = True  # None: where the cache's folder exists
+    writable: bool = True
+    budget_setting: float | str | None = None  # data.memory_budget, where ``budget`` is not given
 
     def __call__(self, workers: int) -> Store:
         needed = len(self.items) * self.cfg.in_chans * self.cfg.size * self.cfg.size
-        budget, why = self.budget(needed) if self.budget is not None else memory_budget(None)
-        writable = self.writable if self.writable is not None else (
-            self.cache is not None and self.cache.path.parent.is_dir())
+        budget, why = self.budget(needed) if self.budget is not None else memory_budget(self.budget_setting)
         return open_store(self.items, self.cfg, cache=self.cache, budget=budget, budget_text=why, storage=self.storage,
-                          workers=workers, writable=writable)
+                          workers=workers, writable=self.writable)
 
     def __reduce__(self):
-        return Opener, (self.items, self.cfg, self.cache, self.storage, None, None)
+        return Opener, (self.items, self.cfg, self.cache, self.storage, None, False, self.budget_setting)
 
 
 def decodes_items(items) -> bool:
@@ -574,13 +574,15 @@ class Rows:
 
 def open_images(items, split_rows: dict[str, np.ndarray], cfg: InputConfig, *, fingerprint: str,
                 cache_dir: os.PathLike | str | None, storage: str = "auto", workers: int | None = None,
-                budget: Callable[[int], tuple[int, str]] | None = None) -> dict[str, ImageSet]:
+                budget: Callable[[int], tuple[int, str]] | None = None,
+                budget_setting: float | str | None = None) -> dict[str, ImageSet]:
     """Each split's :class:`ImageSet` of the dataset's ``items`` prepared as ``cfg``, each with
-    its own store and decoded-image cache file, opened when first read (see :func:`open_store`)."""
+    its own store and decoded-image cache file, opened when first read (see :func:`open_store`);
+    ``budget_setting`` is ``data.memory_budget``, for a process that opens them elsewhere."""
     sets = {}
     for split, rows in split_rows.items():
         cache = None if cache_dir is None else decoded_cache(cache_dir, fingerprint, cfg, len(rows), rows)
-        opener = Opener(Rows(items, rows), cfg, cache, storage, budget)
+        opener = Opener(Rows(items, rows), cfg, cache, storage, budget, budget_setting=budget_setting)
         sets[split] = ImageSet(opener.items, cfg, opener=opener, workers=workers)
     return sets
 

@@ -40,7 +40,9 @@ def available_memory() -> int:
 
 
 def _cgroup_headroom() -> int | None:
-    """The memory limit minus the usage of this process's cgroup (v2, else v1), if it has one."""
+    """The memory limit minus the working set of this process's cgroup (v2, else v1), if it has
+    one: its usage less the page cache the kernel can drop (``inactive_file``), as Docker and the
+    kubelet count it; reading a dataset's files fills that cache, and it is not used memory."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
@@ -49,20 +51,33 @@ def _cgroup_headroom() -> int | None:
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # cgroup v2
             folder = Path("/sys/fs/cgroup") / path.lstrip("/")
-            limit, usage = folder / "memory.max", folder / "memory.current"
+            limit, usage, inactive = folder / "memory.max", folder / "memory.current", "inactive_file"
         elif "memory" in controllers.split(","):
             folder = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
             limit, usage = folder / "memory.limit_in_bytes", folder / "memory.usage_in_bytes"
+            inactive = "total_inactive_file"
         else:
             continue
         try:
             text = limit.read_text().strip()
             if text == "max" or int(text) >= 1 << 60:
                 return None
-            return int(text) - int(usage.read_text().strip())
+            return int(text) - max(0, int(usage.read_text().strip()) - _stat(folder / "memory.stat", inactive))
         except (OSError, ValueError):
             return None
     return None
+
+
+def _stat(path: Path, name: str) -> int:
+    """One counter of a cgroup's ``memory.stat`` (0 when it has none)."""
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == name:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.I)
@@ -83,6 +98,8 @@ def parse_budget(value: float | str | None) -> tuple[float | None, int | None]:
     if not match:
         raise ValueError(f"'{value}' is not a size; write e.g. '8GB', '512MB', '2.5GiB', or a fraction such as 0.5")
     number, unit, binary, byte = match.groups()
+    if binary and not unit:
+        raise ValueError(f"'{value}' is not a size; write e.g. '8GB', '512MB', '2.5GiB', or a fraction such as 0.5")
     if not (unit or binary or byte):  # a number written as a string: a fraction, as numbers are
         return parse_budget(float(number))
     scale = (1024 if binary or not unit else 1000) ** " kmgt".index((unit or " ").lower())

@@ -299,3 +299,34 @@ def test_a_streamed_photo_run_exports_and_predicts_its_photos_as_it_scored_them(
     good = preds[preds["error"].isna()]
     proba = good[[c for c in preds.columns if c.startswith("proba_")]].to_numpy()
     np.testing.assert_allclose(proba, folder.probabilities("test")["net"], atol=1e-5)
+
+
+def test_a_fractional_budget_is_worked_out_once_a_run_and_pixels_are_shared_across_normalisations(
+        make_image_folder, tmp_path, monkeypatch):
+    """A fraction of *available* memory falls as the run holds pixels: asked again, it would count
+    them twice. Members that differ only in mean and std read the same decoded pixels."""
+    from fusion_engine import data as data_module
+    from fusion_engine.data import run_data
+    from fusion_engine.records import ImageDataset
+
+    asked = []
+
+    def budget(value):
+        asked.append(value)
+        return 10**9 // len(asked), "a test's budget"  # what a second look at available memory would say
+
+    monkeypatch.setattr(data_module, "memory_budget", budget)
+    root = make_image_folder(per_class=4, size=12)
+    paths = sorted(root.rglob("*.png"))
+    dataset = ImageDataset(paths, np.arange(len(paths)) % 3, ["cat", "dog", "fox"], [p.name for p in paths])
+    data = run_data(dataset, {"train": np.arange(6), "val": np.arange(6, 9), "test": np.arange(9, 12)},
+                    cache_dir=tmp_path / "cache",
+                    fingerprint="d" * 64)
+    data.memory_budget = 0.5
+    imagenet = InputConfig(size=8, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    plain = InputConfig(size=8, mean=(0.5,) * 3, std=(0.5,) * 3)
+    first, second = data.pixels(imagenet), data.pixels(plain)
+    assert first is second and first["train"].storage == "memory"
+    bigger = data.pixels(InputConfig(size=10, mean=(0.5,) * 3, std=(0.5,) * 3))
+    assert bigger["val"].storage == "memory" and first["train"].opened
+    assert asked == [0.5]

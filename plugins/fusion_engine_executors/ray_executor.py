@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 from pydantic import Field
 
-from fusion_engine import Executor, FusionEngineError, JobOutcome, Params, loaded_plugin_files
+from fusion_engine import Executor, FusionEngineError, JobOutcome, Params, UnreadableImage, loaded_plugin_files
 
 log = logging.getLogger("fusion_engine")
 
@@ -120,6 +120,8 @@ class RayExecutor(Executor):
                     result = ray.get(done[0])
                 except ray.exceptions.RayTaskError as exc:  # the member's own code raised
                     cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+                    if isinstance(cause, UnreadableImage):  # bad data fails the run, as it does locally
+                        raise UnreadableImage(str(cause)) from None
                     outcome = JobOutcome.failure(job, cause, time.perf_counter() - t0)
                     outcome.traceback = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # the worker's traceback, uncoloured
                     yield outcome
