@@ -8,7 +8,8 @@
   training transform (``timm.data.create_transform(is_training=True)``: random-resized crop,
   flips, RandAugment, AugMix or AutoAugment, or colour jitter; ``trivialaugment`` is
   torchvision's TrivialAugmentWide) in DataLoader worker processes, ending in ``uint8`` as
-  timm's prefetcher form does; batches are normalised on the device.
+  timm's prefetcher form does; on a GPU batches are normalised on the device, on the CPU each
+  image in the worker that made it (``fusion_engine.training``).
 
 Both then apply, on the normalised batch on the device, timm's random erasing (``re_prob``)
 and mixup/cutmix (``mixup``, ``cutmix``: targets become class probabilities).

@@ -6,7 +6,8 @@ batch (:mod:`fusion_engine.imagesets`). Training takes one of two augmentation p
 (:mod:`fusion_engine.augment`): **batch**, for small images held as ``uint8``, indexes each batch
 whole and shifts and flips it on the device, so the loop does no per-sample Python work and
 costs what a bare PyTorch loop costs; **timm**, for photos, transforms each raw image in
-DataLoader worker processes. Both normalise on the device. On CPU a run is reproducible: the
+DataLoader worker processes. Both normalise on the device, except that the timm pipeline on the
+CPU normalises each image in its worker (in cache, as timm's own loader does). On CPU a run is reproducible: the
 same seed gives the same history and weights, whatever the storage and the number of workers.
 
 The loop draws each epoch's order itself and takes its batches as ``(x, target, positions)``:
