@@ -103,13 +103,15 @@ class KeptWarnings(logging.Handler):
     """The warnings logged while it is attached to a logger: their records, and their messages
     (a list that grows as they come, which ``run.json`` holds)."""
 
-    def __init__(self):
+    def __init__(self, *, keep_records: bool = True):
         super().__init__(logging.WARNING)
+        self.keep_records = keep_records  # a run keeps the messages alone (a record holds its args)
         self.records: list[logging.LogRecord] = []
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+        if self.keep_records:
+            self.records.append(record)
         self.messages.append(record.getMessage())
 
 

@@ -109,7 +109,7 @@ class _Run:
         self.ctx, self.reg, self.folder, self.device, self.quiet, self.executor = ctx, reg, folder, device, quiet, executor
         self.resolved = ctx.spec
         self.console = console
-        self.warnings = KeptWarnings()
+        self.warnings = KeptWarnings(keep_records=False)
         self.summary: dict[str, Any] = {
             "run_id": ctx.run_id, "experiment": self.resolved.spec.name, "spec_file": str(spec_path.resolve()),
             "status": "running", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
