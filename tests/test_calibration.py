@@ -151,3 +151,30 @@ def test_the_calibrate_stage_alone_gives_back_a_scaled_member_and_leaves_the_one
         assert scaled.logits[split].dtype == np.float32
         np.testing.assert_allclose(scaled.logits[split], hot[split] / scaled.temperature, rtol=1e-6)
     assert calibrate_member(member, SimpleNamespace(calibrate=None), y[:300]) is member
+
+
+def test_a_run_fuses_and_writes_the_calibrated_member_the_calibrate_stage_gave_back(toy_registry, tmp_path):
+    """The member stage keeps what the calibrate stage gives back: the run's members, the logits
+    its fusers saw and its run folder all hold the zoo's logits divided by the fitted temperature."""
+    from safetensors.numpy import load_file
+
+    from conftest import toy_spec_data, write_spec
+    from fusion_engine import RunFolder
+    from fusion_engine.runner import run_experiment
+
+    data = toy_spec_data()
+    data["members"][0]["calibrate"] = "temperature"
+    result = run_experiment(write_spec(tmp_path / "spec.yaml", data), registry=toy_registry, quiet=True)
+    member = result.members["net-a"]
+    assert member.temperature is not None and member.temperature != 1.0
+    stored = load_file(str(toy_registry / "zoo" / member.key / "outputs.safetensors"))
+    folder = RunFolder(result.run_dir)
+    written = load_file(str(result.run_dir / "members" / "net-a" / "outputs.safetensors"))
+    for split in ("val", "test"):
+        expected = (stored[f"{split}_logits"] / member.temperature).astype(np.float32)
+        np.testing.assert_array_equal(member.logits[split], expected)
+        np.testing.assert_array_equal(written[f"{split}_logits"], expected)
+    assert folder.cards["net-a"].temperature == member.temperature
+    avg_a = folder.probabilities("test")["avg-a"]  # a fuser of net-a alone sees its calibrated logits
+    np.testing.assert_allclose(avg_a, softmax(stored["test_logits"].astype(np.float64) / member.temperature, axis=1),
+                               atol=1e-6)
