@@ -173,8 +173,8 @@ def _network_input(resolved: ResolvedSpec, loc: tuple, bound, network, checked: 
                            seed=spec.seed if network.seed is None else network.seed, train=network.train)
         if bound.record.check is not None:
             bound.record.check(bound.params, num_classes=checked.num_classes, image_size=cfg.size)
-        if bound.record.weights is not None and getattr(network, "weights", None) is None:
-            pretrained = bound.record.weights(bound.params)  # (a member run from its own weights file needs none)
+        if bound.record.weights is not None:
+            pretrained = bound.record.weights(bound.params)
     if network.train is not None:
         try:
             check_augment(network.train.augment, cfg)
