@@ -45,10 +45,35 @@ def fit(data_logits, labels, entries=ENTRIES):
 
 @pytest.fixture(scope="module")
 def fitted(data, tmp_path_factory):
-    """Every entry fitted, from an empty working folder; the folder is returned to be checked."""
+    """Every entry fitted, from an empty working folder, with every way to open a file for writing
+    raising (the folder is returned to be checked too)."""
+    import builtins
+    import io
+    import os
+
+    import fusion_engine.files as files
+
     cwd = tmp_path_factory.mktemp("cwd")
+    real_open, real_os_open = builtins.open, os.open
+
+    def refused(*args, **kwargs):
+        raise AssertionError(f"fit_fusers wrote a file: {args[:1]}")
+
+    def read_only_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            refused(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def read_only_os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            refused(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)
+        for module, name, fake in ((builtins, "open", read_only_open), (io, "open", read_only_open),
+                                   (os, "open", read_only_os_open), (files, "atomic_path", refused)):
+            mp.setattr(module, name, fake)
         result = fit(*data)
     return result, cwd
 
