@@ -164,6 +164,7 @@ def test_the_budget_is_a_fraction_of_available_memory_or_a_size():
 def test_bad_loading_settings_are_one_line_errors(tmp_path):
     for data, message in (({"memory_budget": 3}, "data.memory_budget: a number is a fraction of the available memory"),
                           ({"memory_budget": "a lot"}, "data.memory_budget: 'a lot' is not a size"),
+                          ({"memory_budget": "8i"}, "data.memory_budget: '8i' is not a size"),
                           ({"memory_budget": True}, "data.memory_budget: expected a number, not true or false"),
                           ({"storage": "tape"}, "data.storage: Input should be 'auto', 'memory', 'disk' or 'stream'"),
                           ({"workers": -1}, "data.workers: Input should be greater than or equal to 0")):
