@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import FusionEngineError, located, plugin_code
+from .errors import FusionEngineError, UnreadableImage, located, plugin_code
 from .imagesets import ImageSet, decoded_cache, decodes_items, memory_budget, open_images, open_store
-from .preprocess import DECODE_THREADS, pixels_key, squash_config
+from .preprocess import DECODE_THREADS, EMPTY_IMAGE, pixels_key, squash_config
 from .records import SPLITS, ImageDataset, InputConfig
 from .spec import SplitSpec
 
@@ -312,8 +312,16 @@ def dataset_fingerprint(dataset: ImageDataset) -> str:
         "split": None if dataset.split is None else [str(s) for s in dataset.split],
     }
     digest.update(json.dumps(header, separators=(",", ":")).encode())
-    for image_digest in _image_digests(dataset.images):
-        digest.update(image_digest)
+    done = 0
+    try:
+        for image_digest in _image_digests(dataset.images):
+            digest.update(image_digest)
+            done += 1
+    except FusionEngineError as exc:  # digests come in order: the failing image is the next one
+        item = dataset.images[done]
+        if isinstance(item, (str, os.PathLike)):  # the message names the file already
+            raise
+        raise type(exc)(f"sample {dataset.ids[done]}: {exc}") from None
     return digest.hexdigest()
 
 
@@ -338,8 +346,11 @@ def _item_digest(item: Any) -> bytes:
         return _array_digest(item)
     if isinstance(item, (bytes, bytearray, memoryview)):
         return hashlib.sha256(item).digest()
+    if item is None or (isinstance(item, dict) and ("bytes" in item or "path" in item) and item.get("bytes") is None
+                        and not item.get("path")):
+        raise UnreadableImage(EMPTY_IMAGE)
     if isinstance(item, dict) and ("bytes" in item or "path" in item):  # a Hugging Face Image() value
-        return _item_digest(item["bytes"] if item.get("bytes") is not None else item.get("path"))
+        return _item_digest(item["bytes"] if item.get("bytes") is not None else item["path"])
     if isinstance(item, Image.Image):
         digest = hashlib.sha256(f"{item.mode}{item.size}".encode())
         digest.update(item.tobytes())

@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DECODE_THREADS = min(8, os.cpu_count() or 1)
 RESIZE_CHUNK_FLOATS = 2**26  # bounds the float32 copy interpolate makes: 256 MiB
+EMPTY_IMAGE = "cannot read image: the value is empty (None, or a Hugging Face image with neither bytes nor a path)"
 
 
 def is_squash(cfg: InputConfig) -> bool:
@@ -139,12 +140,15 @@ def _source(item: Any) -> tuple[Any, str]:
         return os.fspath(item), os.fspath(item)
     if isinstance(item, (bytes, bytearray, memoryview)):
         return io.BytesIO(item), f"({len(item)} encoded bytes)"
+    if item is None:
+        raise UnreadableImage(EMPTY_IMAGE)
     if isinstance(item, dict) and ("bytes" in item or "path" in item):  # a Hugging Face Image() value
         data, path = item.get("bytes"), item.get("path")
         if data is not None:
             return io.BytesIO(data), path or f"({len(data)} encoded bytes)"
         if path:
             return os.fspath(path), os.fspath(path)
+        raise UnreadableImage(EMPTY_IMAGE)
     raise FusionEngineError(f"unsupported image type {type(item).__name__}; expected a path, encoded bytes, a PIL "
                             f"image or a uint8 array")
 

@@ -131,6 +131,36 @@ def test_bad_hf_settings_are_one_line_errors(hf_folder, tmp_path, params, messag
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_data_files_whose_columns_differ_are_a_one_line_error(hf_folder, tmp_path):
+    test = datasets.Dataset.from_dict(
+        {"image": [{"bytes": png((1, 2, 3)), "path": None}] * 2, "label": [0, 1], "extra": [1, 2]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64"),
+                                    "extra": datasets.Value("int64")}))
+    test.to_parquet(str(hf_folder / "data" / "test-00000-of-00001.parquet"))
+    spec = write_spec(tmp_path / "bad.yaml", toy_spec_data(
+        data={"dataset": "hf", "params": {"path": "tiny-hf"}, "image_size": 8}))
+    result = cli("validate", spec)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"{spec}: data: hf {hf_folder}: the data files do not all have the same columns: one has "
+                                     f"image, label, extra where image, label were expected"), result.stderr
+
+
+def test_splits_that_cannot_be_joined_name_the_columns_that_differ():
+    from fusion_engine.errors import FusionEngineError
+    from fusion_engine_datasets.hf import _joined
+
+    image = {"image": [{"bytes": png((1, 2, 3)), "path": None}] * 2}
+    train = datasets.Dataset.from_dict({**image, "label": [0, 1]}, features=datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)}))
+    test = datasets.Dataset.from_dict({**image, "label": ["a", "b"]}, features=datasets.Features(
+        {"image": datasets.Image(), "label": datasets.Value("string")}))
+    with pytest.raises(FusionEngineError) as caught:
+        _joined(datasets, [("train", train), ("test", test)], "hf somewhere")
+    assert str(caught.value) == ("hf somewhere: splits train and test cannot be joined: column label differs "
+                                 "(missing from one, or of another type or class list)")
+    assert len(_joined(datasets, [("train", train), ("val", train)], "hf somewhere")) == 4
+
+
 def test_the_image_column_pickles_as_file_references(hf_folder):
     import pickle
 
@@ -138,3 +168,19 @@ def test_the_image_column_pickles_as_file_references(hf_folder):
     again = pickle.loads(pickle.dumps(images))
     assert again[5] == images[5] and len(pickle.dumps(images)) < 10_000
     assert json.dumps(len(again)) == "33"
+
+
+def test_a_row_with_no_image_is_a_one_line_error_naming_the_row(hf_folder, tmp_path):
+    rows = {"image": [{"bytes": png((9, 9, 9)), "path": None}, None, {"bytes": png((9, 9, 8)), "path": None}],
+            "label": [0, 1, 2]}
+    datasets.Dataset.from_dict(rows, features=datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})).to_parquet(
+        str(hf_folder / "data" / "test-00000-of-00001.parquet"))
+    spec = write_spec(tmp_path / "empty.yaml", toy_spec_data(
+        data={"dataset": "hf", "params": {"path": "tiny-hf"}, "image_size": 8}))
+    result = cli("run", spec)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (  # after the run's progress lines
+        "sample test/1: cannot read image: the value is empty (None, or a Hugging Face image with neither bytes nor "
+        "a path)"), \
+        result.stderr

@@ -88,13 +88,13 @@ def load_hf_dataset(params: HFParams, base_dir: Path | str = ".") -> ImageDatase
     except ImportError:
         raise FusionEngineError(f"the hf dataset needs the datasets library, which is not installed; {INSTALL_HINT}") \
             from None
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors become ours, in one line (below)
     datasets.disable_progress_bars()
     local = _local_files(params.path, Path(base_dir))
     where = f"hf {params.path if local is None else (local[1][0] if local[1] and len(local[1]) == 1 else local[0])}"
     parts = _load_parts(params, Path(base_dir), where)
     names = [name for name, _ in parts]
-    table = datasets.concatenate_datasets([ds for _, ds in parts]) if len(parts) > 1 else parts[0][1]
+    table = _joined(datasets, parts, where)
     image_column = _image_column(table, params.image_column, where)
     label_column = _label_column(table, params.label_column, where)
     class_names, labels = _labels(table, label_column, where)
@@ -109,6 +109,25 @@ def load_hf_dataset(params: HFParams, base_dir: Path | str = ".") -> ImageDatase
     return ImageDataset(images=HFImages(table, image_column), labels=labels, class_names=class_names, ids=ids,
                         split=split, description=f"Hugging Face dataset {params.path}"
                                                  f"{f' ({params.name})' if params.name else ''}")
+
+
+def _joined(datasets, parts: list, where: str):
+    """The splits as one table; splits that cannot be joined are a one-line error naming the columns that differ."""
+    if len(parts) == 1:
+        return parts[0][1]
+    try:
+        return datasets.concatenate_datasets([ds for _, ds in parts])
+    except ValueError as exc:
+        (first, base), *rest = parts
+        for name, ds in rest:
+            differ = sorted(c for c in set(base.features) | set(ds.features) if base.features.get(c) != ds.features.get(c))
+            if differ:
+                raise FusionEngineError(f"{where}: splits {first} and {name} cannot be joined: "
+                                        f"{'columns' if len(differ) > 1 else 'column'} {', '.join(differ)} "
+                                        f"{'differ' if len(differ) > 1 else 'differs'} "
+                                        f"(missing from one, or of another type or class list)") from None
+        raise FusionEngineError(f"{where}: splits {', '.join(n for n, _ in parts)} cannot be joined: "
+                                f"{_first_line(exc)}") from None
 
 
 class HFImages(Sequence):
@@ -184,8 +203,25 @@ def _load(params: HFParams, base_dir: Path, where: str, *, split: str | None):
             return _load_local((snapshot, None), params, split)
     except FusionEngineError:
         raise
+    except datasets.exceptions.DatasetGenerationError as exc:  # its own text is a paragraph; the cause says what
+        raise FusionEngineError(f"{where}: {_generation_failure(exc)}") from None
     except (ValueError, FileNotFoundError, KeyError, TypeError, OSError) as exc:
         raise FusionEngineError(f"{where}: {_first_line(exc)}") from None
+
+
+def _generation_failure(exc: BaseException) -> str:
+    """One line for a dataset ``datasets`` could not build: files whose columns differ, else the first cause."""
+    from datasets.table import CastError
+
+    cause, seen = exc, []
+    while cause is not None and cause not in seen:
+        if isinstance(cause, CastError):
+            return (f"the data files do not all have the same columns: one has "
+                    f"{', '.join(cause.table_column_names)} where {', '.join(cause.requested_column_names)} "
+                    f"were expected")
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return _first_line(seen[-1])
 
 
 def _load_local(local: tuple[Path, list[Path] | None], params: HFParams, split: str | None):
