@@ -39,21 +39,22 @@ def available_memory() -> int:
     return max(0, min(candidates))
 
 
-def _cgroup_headroom() -> int | None:
+def _cgroup_headroom(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
     """The memory limit minus the working set of this process's cgroup (v2, else v1), if it has
     one: its usage less the page cache the kernel can drop (``inactive_file``), as Docker and the
-    kubelet count it; reading a dataset's files fills that cache, and it is not used memory."""
+    kubelet count it; reading a dataset's files fills that cache, and it is not used memory.
+    On a hybrid host the v2 line has no memory files and the v1 memory line is read."""
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = proc.read_text().splitlines()
     except OSError:
         return None
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # cgroup v2
-            folder = Path("/sys/fs/cgroup") / path.lstrip("/")
+            folder = root / path.lstrip("/")
             limit, usage, inactive = folder / "memory.max", folder / "memory.current", "inactive_file"
         elif "memory" in controllers.split(","):
-            folder = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+            folder = root / "memory" / path.lstrip("/")
             limit, usage = folder / "memory.limit_in_bytes", folder / "memory.usage_in_bytes"
             inactive = "total_inactive_file"
         else:
@@ -64,7 +65,7 @@ def _cgroup_headroom() -> int | None:
                 return None
             return int(text) - max(0, int(usage.read_text().strip()) - _stat(folder / "memory.stat", inactive))
         except (OSError, ValueError):
-            return None
+            continue
     return None
 
 

@@ -161,6 +161,30 @@ def test_the_budget_is_a_fraction_of_available_memory_or_a_size():
             parse_budget(bad)
 
 
+def test_a_cgroup_limit_counts_its_working_set_not_its_page_cache(tmp_path):
+    from fusion_engine.memory import _cgroup_headroom
+
+    def cgroup(lines: str, files: dict[str, str]):
+        proc = tmp_path / "proc-cgroup"
+        proc.write_text(lines)
+        for name, text in files.items():
+            (tmp_path / "sys" / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "sys" / name).write_text(text)
+        return _cgroup_headroom(proc, tmp_path / "sys")
+
+    gib = 2**30
+    # v2: 4 GiB limit, 3 GiB charged of which 2 GiB is droppable page cache (a dataset just read)
+    assert cgroup("0::/job\n", {"job/memory.max": f"{4 * gib}\n", "job/memory.current": f"{3 * gib}\n",
+                                 "job/memory.stat": f"anon 1\ninactive_file {2 * gib}\nactive_file 5\n"}) == 3 * gib
+    assert cgroup("0::/free\n", {"free/memory.max": "max\n", "free/memory.current": "1\n"}) is None
+    # v1, and a hybrid host whose v2 line has no memory files: the v1 memory controller is read
+    v1 = {"memory/box/memory.limit_in_bytes": f"{2 * gib}", "memory/box/memory.usage_in_bytes": f"{gib}",
+          "memory/box/memory.stat": f"cache 9\ntotal_inactive_file {gib // 2}\n"}
+    assert cgroup("4:memory:/box\n", v1) == 2 * gib - gib // 2
+    assert cgroup("0::/user.slice\n5:cpu,cpuacct:/x\n4:memory:/box\n", v1) == 2 * gib - gib // 2
+    assert cgroup("4:memory:/box\n", {"memory/box/memory.limit_in_bytes": str(2**63 - 4096)}) is None  # no limit
+
+
 def test_bad_loading_settings_are_one_line_errors(tmp_path):
     for data, message in (({"memory_budget": 3}, "data.memory_budget: a number is a fraction of the available memory"),
                           ({"memory_budget": "a lot"}, "data.memory_budget: 'a lot' is not a size"),
