@@ -105,6 +105,22 @@ def test_workers_read_images_from_the_dataset_not_from_pixels_the_driver_sent(lo
                 np.testing.assert_array_equal(a[k], b[k])
 
 
+def test_a_corrupt_image_a_worker_meets_fails_the_run_naming_it_not_each_member(local_ray, tmp_path, make_image_folder):
+    from fusion_engine import UnreadableImage
+
+    root = make_image_folder(per_class=6, size=14)
+    broken = sorted(root.rglob("*.png"))[4]
+    broken.write_bytes(b"not a png")  # the driver hashes its bytes; only decoding (in the Ray task) finds it broken
+    spec = write_spec(tmp_path / "ray.yaml", toy_spec_data(
+        name="corrupt", executor="ray",
+        data={"dataset": "imagefolder", "params": {"root": "images"}, "image_size": 8, "split": {"val": 0.25, "test": 0.25}},
+        fusers=[{"name": "avg", "fuser": "toy-mean"}]))
+    with pytest.raises(UnreadableImage) as caught:
+        run_experiment(spec, registry=tmp_path / "reg", quiet=True)
+    assert str(caught.value) == f"cannot read image {broken}: not an image format Pillow can decode"
+    assert not list((tmp_path / "reg" / "zoo").glob("*/card.json"))  # no member was stored
+
+
 def test_a_failing_member_fails_alone_and_a_rerun_trains_only_it(local_ray, tmp_path):
     flag = tmp_path / "flag"
     flag.touch()
