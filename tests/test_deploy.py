@@ -190,6 +190,10 @@ def test_the_folder_holds_weights_state_card_and_checksums_and_no_pickle(deploy_
     assert net_a["temperature"] == deploy_run.folder.cards["net-a"].temperature and net_b["temperature"] is None
     assert net_a["input"] == {"size": 12, "mean": [0.5], "std": [0.5], "in_chans": 1, "interpolation": "bilinear",
                               "crop_pct": 1.0, "crop_mode": "squash"}  # the small-image squash, as the run prepared it
+    from fusion_engine.deploy.card import ExportedInput
+    from fusion_engine.zoo.card import CardInput
+
+    assert set(ExportedInput.model_fields) <= set(CardInput.model_fields)  # export copies the zoo card's by name
     assert card["fuser"]["temperature"] is True and card["fuser"]["fuser"] == "xgboost-stacking"
     booster = json.loads((out / "fuser.json").read_text())["state"]["fuser_"]["final_estimator_"]["booster"]
     assert "learner" in booster  # XGBoost's own JSON model

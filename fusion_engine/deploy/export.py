@@ -310,7 +310,8 @@ class _Exporter:
         params, files = self._param_files(dict(zoo_card.spec.params), zoo_card.key_material.get("params", {}), tmp, who)
         material_data = zoo_card.key_material.get("data") or {}
         image_size = material_data["image_size"] if "image_size" in material_data else self.spec.get("data", {}).get("image_size")
-        inp = zoo_card.input
+        # the zoo card's input, field by name (a field added to both formats travels without a change here)
+        inp = ExportedInput.model_validate(zoo_card.input.model_dump(include=set(ExportedInput.model_fields)))
         order = None
         names = zoo_card.origin.class_names if zoo_card.origin is not None else None
         if names is not None:  # weights trained elsewhere in another class order: as the run reordered them
@@ -325,9 +326,7 @@ class _Exporter:
             plugin=self._plugin_ref("backbone", zoo_card.backbone, tmp, who,
                                     trained_with=(zoo_card.key_material.get("code") or {}).get("plugin")),
             params=params, files=files, image_size=image_size, num_classes=len(zoo_card.data.classes),
-            seed=zoo_card.spec.seed or 0, class_order=order, input=ExportedInput(size=inp.size, mean=list(inp.mean), std=list(inp.std),
-                                                         in_chans=inp.in_chans, interpolation=inp.interpolation,
-                                                         crop_pct=inp.crop_pct, crop_mode=inp.crop_mode),
+            seed=zoo_card.spec.seed or 0, class_order=order, input=inp,
             temperature=run_card.temperature, weights=weights.relative_to(tmp).as_posix())
 
     def _param_files(self, params: dict, keyed: dict, tmp: Path, who: str) -> tuple[dict, dict[str, str]]:
