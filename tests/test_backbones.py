@@ -282,7 +282,8 @@ def test_the_ready_made_names_table_is_what_timm_says(name):
 
     import timm
 
-    from fusion_engine_timm import READY, _final_map, _ready, adapt_small_input, model_input_config
+    from fusion_engine_timm import READY, _ready, adapt_small_input, model_input_config
+    from fusion_engine_timm.small_input import feature_map_size
 
     ready = _ready(name)
     for in_chans in (1, 3):
@@ -300,7 +301,7 @@ def test_the_ready_made_names_table_is_what_timm_says(name):
             expected = size
             for _ in range(halvings):
                 expected = -(-expected // 2)
-            assert _final_map(model, 3, size) == (expected, expected), (name, small, size)
+            assert feature_map_size(model, 3, size) == (expected, expected), (name, small, size)
 
 
 def test_the_ready_made_check_warns_as_the_full_check_does(caplog):
