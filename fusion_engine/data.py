@@ -1,6 +1,7 @@
 """The data stage of a run: a dataset is loaded and split (:func:`load_dataset`), then
 fingerprinted, with its images prepared on demand for each input config, held within the
-memory budget (:class:`RunData`, made by :func:`run_data`; :mod:`fusion_engine.imagesets`).
+memory budget (:class:`RunData`, made by :func:`run_data`; :mod:`fusion_engine.imagesets`,
+:mod:`fusion_engine.stores`).
 
 How one image is prepared is :mod:`fusion_engine.preprocess` (``load_images``, exported as
 ``fusion_engine.load_images``). torch and scikit-learn load inside the functions that use them,
@@ -24,11 +25,14 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from .decoded_cache import decoded_cache
 from .errors import FusionEngineError, UnreadableImage, located, plugin_code
-from .imagesets import ImageSet, decoded_cache, decodes_items, memory_budget, open_images, open_store
+from .imagesets import ImageSet, open_images
+from .memory import memory_budget
 from .preprocess import DECODE_THREADS, EMPTY_IMAGE, pixels_key, squash_config
 from .records import SPLITS, ImageDataset, InputConfig
 from .spec import SplitSpec
+from .stores import decodes_items, open_store
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

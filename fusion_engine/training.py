@@ -2,7 +2,7 @@
 
 Images arrive as :class:`~fusion_engine.imagesets.ImageSet` (or ``uint8`` tensors
 ``(N, C, S, S)``), prepared at the backbone's size and held in memory, on disk or decoded per
-batch (:mod:`fusion_engine.imagesets`). Training takes one of two augmentation pipelines
+batch (:mod:`fusion_engine.stores`). Training takes one of two augmentation pipelines
 (:mod:`fusion_engine.augment`): **batch**, for small images held as ``uint8``, indexes each batch
 whole and shifts and flips it on the device, so the loop does no per-sample Python work and
 costs what a bare PyTorch loop costs; **timm**, for photos, transforms each raw image in
@@ -265,7 +265,7 @@ def _train_images(x_train: "ImageSet", train: "TrainSpec", cfg: InputConfig, pip
     if pipeline == "batch":
         return x_train.batches
     from .augment import train_transform
-    from .imagesets import Transformed, worker_batches
+    from .loaders import Transformed, worker_batches
 
     if x_train.items is None:
         raise FusionEngineError("the timm pipeline transforms each raw image, and these training images came as "

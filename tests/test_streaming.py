@@ -14,10 +14,12 @@ from safetensors.numpy import load_file
 
 from conftest import cli, toy_spec_data, write_spec
 from fusion_engine import FusionEngineError, InputConfig
+from fusion_engine.decoded_cache import DecodedCache, decoded_cache
+from fusion_engine.imagesets import ImageSet, open_images
+from fusion_engine.memory import available_memory, memory_budget, parse_budget
 from fusion_engine.preprocess import load_images
-from fusion_engine.imagesets import (DecodedCache, ImageSet, available_memory, decoded_cache, memory_budget,
-                                     open_images, open_store, parse_budget)
 from fusion_engine.runner import run_experiment
+from fusion_engine.stores import open_store
 
 CFG = InputConfig(size=8, mean=(0.5,), std=(0.5,), in_chans=1)
 
