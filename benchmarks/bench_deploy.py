@@ -35,7 +35,7 @@ def make_export(folder: Path, size: int, *, onnx: bool) -> Path:
     import fusion_engine
     from fusion_engine.deploy.card import (ExportCard, ExportedFuser, ExportedInput, ExportedMember, PluginRef,
                                            write_sums)
-    from fusion_engine.deploy.export import write_onnx
+    from fusion_engine.deploy.onnx_file import write_onnx
     from fusion_engine.files import write_json
     from fusion_engine_fusers import Mean
 
