@@ -100,7 +100,7 @@ def main() -> None:
     args = p.parse_args()
     report = Report("fusers", args)
 
-    from fusion_engine.spec import prepare
+    from fusion_engine.resolve import prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -61,8 +61,8 @@ _EXPORTS = {
     "loaded_plugin_files": "plugins",
     "import_plugin_source": "plugins",
     "ExperimentSpec": "spec",
-    "load_spec": "spec",
-    "resolve_spec": "spec",
+    "load_spec": "specfile",
+    "resolve_spec": "resolve",
     # running, and executors that train members
     "run_experiment": "runner",
     "RunContext": "runner",

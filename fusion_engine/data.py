@@ -37,7 +37,7 @@ from .stores import decodes_items, open_store
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .spec import ResolvedSpec
+    from .resolve import ResolvedSpec
 
 log = logging.getLogger("fusion_engine")
 

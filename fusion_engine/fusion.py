@@ -19,8 +19,9 @@ from .records import SCORED_SPLITS
 
 if TYPE_CHECKING:  # pragma: no cover
     from .fuser import Fuser
-    from .spec import FuserSpec, Bound
+    from .spec import FuserSpec
 
+    from .resolve import Bound
 log = logging.getLogger("fusion_engine")
 
 

@@ -32,7 +32,8 @@ from .executors import FittedMember, JobOutcome, LazyExecutor, MemberJob
 from .records import SCORED_SPLITS, SPLITS, InputConfig
 from .preflight import Preflight
 from .provenance import engine_version, member_code, params_for_key
-from .spec import MemberSpec, ResolvedSpec
+from .resolve import ResolvedSpec
+from .spec import MemberSpec
 from .zoo import Busy, CorruptArtifact, MemberCard, Registry, StoredMember, ZooError, key_material, member_key, short
 from .zoo.artifacts import IDS_FILE, OUTPUTS_FILE, WEIGHTS_FILE
 

@@ -2,7 +2,7 @@
 
 ``fusion-engine validate`` and ``fusion-engine run`` both call :func:`preflight`; ``run`` calls
 it before it makes a run folder, so bad input never leaves a failed run in the registry. It
-checks, beyond the spec's fields and plugin names (:func:`fusion_engine.spec.prepare`):
+checks, beyond the spec's fields and plugin names (:func:`fusion_engine.resolve.prepare`):
 
 - the data (:func:`fusion_engine.data.load_dataset`): the dataset plugin lists and checks its
   samples (missing or empty class folders, a manifest's columns, missing image files, empty
@@ -44,7 +44,7 @@ import numpy as np
 from .augment import AugmentError, check_augment
 from .errors import FusionEngineError, SpecError, first_line, kept_warnings, located, plugin_code
 from .records import ImageDataset, InputConfig
-from .spec import ResolvedSpec
+from .resolve import ResolvedSpec
 
 log = logging.getLogger("fusion_engine")
 

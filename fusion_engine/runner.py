@@ -2,7 +2,7 @@
 
     spec -> data -> members -> calibrate -> fusers -> leaderboard -> run folder
 
-Each arrow is one stage with typed inputs and outputs: :func:`fusion_engine.spec.prepare` and
+Each arrow is one stage with typed inputs and outputs: :func:`fusion_engine.resolve.prepare` and
 :func:`fusion_engine.preflight.preflight` (before any run folder exists), :func:`fusion_engine.data.run_data`, :class:`fusion_engine.members.MemberStage`,
 :func:`fusion_engine.members.calibrate_member` (per member, as each is ready), :func:`fusion_engine.fusion.fit_fusers`,
 :func:`fusion_engine.leaderboard.build_leaderboard`, and :class:`fusion_engine.runfolder.RunFolder`,
@@ -37,7 +37,7 @@ from .plugins import Plugins
 from .provenance import library_versions
 from .records import SCORED_SPLITS
 from .runfolder import RunFolder
-from .spec import ResolvedSpec, prepare
+from .resolve import ResolvedSpec, prepare
 from .tracking import RunTrackers
 from .zoo import Registry, resolve_registry
 

@@ -1,28 +1,18 @@
-"""The experiment spec: pydantic models, YAML/TOML loading, and resolution against plugins.
+"""The experiment spec: its pydantic models, each field with its default, bounds and meaning.
 
-Every error reaches the user as ``FILE: path.to.field: message`` (a :class:`SpecError`).
-Plugin parameters are validated by the plugin's own ``Params`` model, in place, so their errors
-carry the same path (``members.0.params.model``).
+A spec file is read by :mod:`fusion_engine.specfile` (YAML or TOML, errors as
+``FILE: path.to.field: message``) and its plugin names bound by :mod:`fusion_engine.resolve`.
 """
 
 from __future__ import annotations
 
 import difflib
-import math
-import os
-import tomllib
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_serializer, field_validator,
-                      model_validator)
+from pydantic import ConfigDict, Field, StrictBool, field_serializer, field_validator, model_validator
 
-from .errors import FusionEngineError, SpecError, format_loc
-from .records import Params, Provided, StrictModel, normalize_name
+from .records import StrictModel
 
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$"
 #: seeds are NumPy's and scikit-learn's: 0 .. 2**32 - 1
@@ -237,21 +227,21 @@ class MemberSpec(_Strict):
             if extra:
                 raise ValueError(f"a predictions member is read from its file: remove {', '.join(extra)}")
             if self.kind is None:
-                raise _LocatedError(("kind",), "say what the predictions file holds: kind: logits or kind: "
+                raise LocatedError(("kind",), "say what the predictions file holds: kind: logits or kind: "
                                                "probabilities")
         else:
             if "kind" in set_fields:
-                raise _LocatedError(("kind",), "kind is for a predictions: file")
+                raise LocatedError(("kind",), "kind is for a predictions: file")
             if self.train is None and self.weights is None:
-                raise _LocatedError(("weights",), "a member with train: false is run as it is: give its weights: FILE")
+                raise LocatedError(("weights",), "a member with train: false is run as it is: give its weights: FILE")
             if self.weights is not None and self.train is not None:
-                raise _LocatedError(("train",), "a member with weights: is run as it is, not trained: add train: "
+                raise LocatedError(("train",), "a member with weights: is run as it is, not trained: add train: "
                                                 "false (to train from a file, use the backbone's own pretrained "
                                                 "weights, e.g. params: {pretrained_file: ...})")
             if self.class_names is not None and self.weights is None:
-                raise _LocatedError(("class_names",), "class_names is for a weights: or predictions: file")
+                raise LocatedError(("class_names",), "class_names is for a weights: or predictions: file")
             if self.train is None and "seed" in set_fields:
-                raise _LocatedError(("seed",), "a member with train: false is not trained: remove seed")
+                raise LocatedError(("seed",), "a member with train: false is not trained: remove seed")
         return self
 
 
@@ -312,7 +302,7 @@ class ExperimentSpec(_Strict):
             return value
         for name, params in value.items():
             if not isinstance(params, (bool, dict)) and params is not None:
-                raise _LocatedError((name,), f"give the tracker's params as a mapping, or true or false to "
+                raise LocatedError((name,), f"give the tracker's params as a mapping, or true or false to "
                                              f"switch it on or off (got {params!r})")  # loc: within tracking
         return {name: True if params is None else params for name, params in value.items()}  # YAML's "mlflow:"
 
@@ -331,356 +321,26 @@ class ExperimentSpec(_Strict):
             for i, item in enumerate(items):
                 key = item.name.lower()
                 if key in seen:
-                    raise _LocatedError((section, i, "name"), f"'{item.name}' is already the name of {seen[key]}")
+                    raise LocatedError((section, i, "name"), f"'{item.name}' is already the name of {seen[key]}")
                 seen[key] = f"{section}.{i}"
         member_names = {m.name for m in self.members}
         for i, f in enumerate(self.fusers):
             for j, m in enumerate(f.members or ()):
                 if m not in member_names:
-                    raise _LocatedError(("fusers", i, "members", j), f"no member named '{m}'; members: {', '.join(sorted(member_names))}")
+                    raise LocatedError(("fusers", i, "members", j), f"no member named '{m}'; members: {', '.join(sorted(member_names))}")
         teachers = [*(m.name for m in self.members), *(f.name for f in self.fusers)]
         for i, s in enumerate(self.students):
             if s.teacher not in teachers:
                 close = difflib.get_close_matches(s.teacher, teachers, n=1)
                 hint = f"did you mean '{close[0]}'? " if close else ""
-                raise _LocatedError(("students", i, "teacher"), f"no fuser or member named '{s.teacher}'; {hint}a "
+                raise LocatedError(("students", i, "teacher"), f"no fuser or member named '{s.teacher}'; {hint}a "
                                                                 f"teacher is one of: {', '.join(teachers)}")
         return self
 
 
-class _LocatedError(ValueError):
+class LocatedError(ValueError):
     """A model-level check that knows which field it is about."""
 
     def __init__(self, loc: tuple, message: str):
         super().__init__(message)
         self.loc = loc
-
-
-# -- loading ------------------------------------------------------------------------------------
-
-def read_spec_file(path: str | Path) -> dict:
-    """Parse a YAML or TOML file into a mapping, with errors naming the file."""
-    path = Path(path)
-    if not path.exists():
-        raise SpecError("no such file", file=str(path))
-    if path.is_dir():
-        raise SpecError("is a directory, expected a .yaml, .yml or .toml spec", file=str(path))
-    suffix = path.suffix.lower()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"cannot read: {exc}", file=str(path)) from None
-    if suffix in (".yaml", ".yml"):
-        try:
-            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-        except _DuplicateKey as exc:
-            raise SpecError(str(exc), file=str(path)) from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise SpecError(f"invalid YAML: {where}{problem}", file=str(path)) from None
-    elif suffix == ".toml":
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise SpecError(f"invalid TOML: {exc}", file=str(path)) from None
-    else:
-        raise SpecError(f"unknown spec format '{suffix}'; use .yaml, .yml or .toml", file=str(path))
-    if data is None:
-        raise SpecError("the spec is empty", file=str(path))
-    if not isinstance(data, dict):
-        raise SpecError(f"the spec must be a mapping of fields, got a {type(data).__name__}", file=str(path))
-    return data
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *anchor``: its keys are defaults the mapping's own override
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                first = seen.get(key)
-            except TypeError:  # an unhashable key: the base loader reports it
-                break
-            if first is not None:
-                raise _DuplicateKey(f"line {key_node.start_mark.line + 1}: key '{key}' is given twice "
-                                    f"(first on line {first}); give it once")
-            seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
-
-
-def parse_spec(data: dict, *, file: str | None = None) -> ExperimentSpec:
-    check_finite(data, file=file)
-    try:
-        return ExperimentSpec.model_validate(data)
-    except ValidationError as exc:
-        raise validation_error(exc, ExperimentSpec, file=file) from None
-
-
-def check_finite(data: Any, *, file: str | None = None, loc: tuple = ()) -> None:
-    """Refuse an infinity or NaN anywhere in a spec (YAML's ``.inf`` and ``.nan``, TOML's ``inf``
-    and ``nan``), plugin parameters included: no setting means them, and a zoo key cannot hold them."""
-    if isinstance(data, float) and not math.isfinite(data):
-        raise SpecError(f"{data} is not a finite number; give a finite one", file=file, loc=format_loc(loc) or None)
-    if isinstance(data, dict):
-        for key, value in data.items():
-            check_finite(value, file=file, loc=loc + (key,))
-    elif isinstance(data, (list, tuple)):
-        for i, value in enumerate(data):
-            check_finite(value, file=file, loc=loc + (i,))
-
-
-def spec_label(path: str | Path, executor: dict | None = None) -> str:
-    """How errors name a spec: its file, marked when the command line changed its executor."""
-    return str(path) if executor is None else f"{path} (with --executor)"
-
-
-def load_spec(path: str | Path, *, executor: dict | None = None) -> ExperimentSpec:
-    """Read and validate a spec file (plugin parameters are checked by :func:`resolve_spec`).
-
-    ``executor`` (``{"name": ..., "params": {...}}``, from the command line) replaces the spec's:
-    another executor's name drops the spec's executor params, the same name merges them.
-    """
-    data = read_spec_file(path)
-    if executor is None:
-        return parse_spec(data, file=str(path))
-    given = data.get("executor")
-    given = {"name": given} if isinstance(given, str) else dict(given) if isinstance(given, dict) else given
-    if given is not None and not (isinstance(given, dict) and isinstance(given.get("params", {}), dict)):
-        parse_spec(data, file=str(path))  # malformed in the file: the error says so, as without --executor
-    given = given or {}
-    if executor.get("name") and executor["name"] != given.get("name", "local"):
-        given = {"name": executor["name"]}  # another executor: the spec's params are not its params
-    given["params"] = {**(given.get("params") or {}), **executor.get("params", {})}
-    return parse_spec({**data, "executor": given}, file=spec_label(path, executor))
-
-
-def validation_error(exc: ValidationError, model: type[BaseModel] | None, *, file: str | None, prefix: tuple = ()) -> SpecError:
-    """The first pydantic error as a :class:`SpecError`, with a friendlier unknown-field message."""
-    errors = exc.errors(include_url=False)
-    err = errors[0]
-    loc = tuple(err["loc"])
-    msg = err["msg"]
-    ctx_error = (err.get("ctx") or {}).get("error")
-    if isinstance(ctx_error, _LocatedError):  # its loc is within the model that raised it
-        loc, msg = loc + tuple(ctx_error.loc), str(ctx_error)
-    elif err["type"].startswith("value_error"):
-        msg = msg.removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden" and model is not None:
-        allowed = _fields_at(model, loc[:-1])
-        if allowed:
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            msg = f"unknown field{hint}; allowed: {', '.join(allowed)}"
-    elif err["type"] == "missing":
-        msg = "required field is missing"
-    else:
-        value = err.get("input")
-        if not isinstance(value, (dict, list)) and err["type"] != "missing" and value is not None:
-            msg = f"{msg} (got {value!r})"
-        allowed = _allowed_range(model, loc) if err["type"] in _NUMBER_ERRORS and model is not None else None
-        if allowed:
-            msg = f"{msg}; allowed: {allowed}"
-    if len(errors) > 1:
-        msg += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
-    return SpecError(msg, file=file, loc=format_loc(prefix + loc) or None)
-
-
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    """The field names of the model found by walking ``loc`` from ``model``."""
-    current: Any = model
-    for part in loc:
-        current = _unwrap(current)
-        if isinstance(part, int):
-            args = typing.get_args(current)
-            current = args[0] if args else None
-        elif isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
-            current = current.model_fields[part].annotation
-        else:
-            return []
-    current = _unwrap(current)
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
-
-
-#: pydantic's errors for a number that is not one or out of its field's range
-_NUMBER_ERRORS = {"int_parsing", "int_parsing_size", "int_from_float", "int_type", "float_parsing", "float_type",
-                  "greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
-
-
-def _allowed_range(model: type[BaseModel], loc: tuple) -> str | None:
-    """The range the field at ``loc`` allows, from its ``Field(ge=..., le=...)`` bounds:
-    ``an integer from 0 to 4294967295``; None for a field without bounds."""
-    current: Any = model
-    info = None
-    for part in loc:
-        current = _unwrap(current)
-        if isinstance(part, int):
-            args = typing.get_args(current)
-            current, info = (args[0] if args else None), None
-        elif isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
-            info = current.model_fields[part]
-            current = info.annotation
-        else:
-            return None
-    if info is None:
-        return None
-    import annotated_types  # pydantic's own dependency: Field(ge=...) is kept as annotated_types.Ge(...)
-
-    bounds = {type(m).__name__: getattr(m, type(m).__name__.lower()) for m in info.metadata
-              if isinstance(m, (annotated_types.Ge, annotated_types.Gt, annotated_types.Le, annotated_types.Lt))}
-    if not bounds:
-        return None
-    kind = "an integer" if _unwrap(current) is int else "a number"
-    if "Ge" in bounds and "Le" in bounds:
-        return f"{kind} from {bounds['Ge']} to {bounds['Le']}"
-    signs = {"Ge": ">=", "Gt": ">", "Le": "<=", "Lt": "<"}
-    return f"{kind} " + " and ".join(f"{signs[k]} {v}" for k, v in bounds.items())
-
-
-def _unwrap(tp: Any) -> Any:
-    """``Optional[X]`` -> ``X``."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0] if len(args) == 1 else tp
-    return tp
-
-
-# -- resolving plugin names and parameters ---------------------------------------------------------
-
-@dataclass
-class Bound:
-    """A spec item (a dataset, member, fuser or executor) bound to the plugin record that provides
-    its name, with its ``params`` validated by that record's model."""
-
-    provided: Provided
-    params: Params
-
-    @property
-    def record(self):
-        return self.provided.record
-
-
-@dataclass
-class ResolvedSpec:
-    """A spec with every plugin name bound. ``members[i]`` is ``None`` for a member taken from the
-    zoo (``zoo:``), which has no backbone to bind."""
-
-    spec: ExperimentSpec
-    file: str | None
-    base_dir: Path
-    dataset: Bound
-    members: list[Bound | None]
-    fusers: list[Bound]
-    executor: Bound | None = None
-    students: list[Bound] = field(default_factory=list)
-    trackers: dict[str, Bound] = field(default_factory=dict)  # by record name: those switched on
-
-    @property
-    def bound_fusers(self) -> list[tuple["FuserSpec", Bound]]:
-        return list(zip(self.spec.fusers, self.fusers))
-
-    def resolved_dict(self) -> dict:
-        """The spec with every default filled in, plugin parameters included."""
-        data = self.spec.model_dump(mode="json")
-        data["data"]["params"] = self.dataset.params.model_dump(mode="json")
-        for item, r in zip(data["members"], self.members):
-            if r is not None:
-                item["params"] = r.params.model_dump(mode="json")
-        for item, r in zip(data["fusers"], self.fusers):
-            item["params"] = r.params.model_dump(mode="json")
-        for item, r in zip(data["students"], self.students):
-            item["params"] = r.params.model_dump(mode="json")
-        if self.executor is not None:
-            data["executor"]["params"] = self.executor.params.model_dump(mode="json")
-        data["tracking"] = {**{k: v for k, v in data["tracking"].items() if v is False},
-                            **{name: r.params.model_dump(mode="json") for name, r in self.trackers.items()}}
-        return data
-
-
-def prepare(spec_path: str | Path, *, executor: dict | None = None):
-    """The spec stage of a run: load a spec file, load the plugins it lists, and bind every name
-    (:func:`resolve_spec`). Returns ``(ResolvedSpec, Plugins)``; imports no torch.
-
-    ``executor`` (``{"name": ..., "params": {...}}``, from the command line) replaces the spec's.
-    """
-    from .plugins import get_plugins
-
-    spec_path = Path(spec_path)
-    spec = load_spec(spec_path, executor=executor)
-    base_dir = spec_path.resolve().parent
-    try:
-        plugins = get_plugins([base_dir / p for p in spec.plugins])
-    except FusionEngineError as exc:
-        raise type(exc)(f"{spec_path}: plugins: {exc}") from None
-    return resolve_spec(spec, plugins.catalog(), file=spec_label(spec_path, executor), base_dir=base_dir), plugins
-
-
-def resolve_spec(spec: ExperimentSpec, catalog, *, file: str | None = None, base_dir: Path | None = None) -> ResolvedSpec:
-    """Bind each dataset, backbone, fuser, executor and tracker name to a plugin and validate its
-    ``params``."""
-    base_dir = Path(base_dir) if base_dir is not None else (Path(file).resolve().parent if file else Path.cwd())
-
-    def bind(kind: str, name: str, params: dict, loc: tuple, field: str | None = None,
-             params_loc: tuple | None = None) -> Bound:
-        """An unknown name is reported at ``loc.<field or kind>``, a bad param under ``params_loc``
-        (default ``loc.params``)."""
-        params_loc = loc + ("params",) if params_loc is None else params_loc
-        try:
-            provided = catalog.get(kind, name)
-        except SpecError as exc:
-            raise SpecError(exc.message, file=file, loc=loc + (field or kind,)) from None
-        model = provided.record.params
-        try:
-            value = model.model_validate(params, context={"base_dir": base_dir})
-        except ValidationError as exc:
-            raise validation_error(exc, model, file=file, prefix=params_loc) from None
-        return Bound(provided, value)
-
-    dataset = bind("dataset", spec.data.dataset, spec.data.params, ("data",))
-    members = [None if m.backbone is None else bind("backbone", m.backbone, m.params, ("members", i))
-               for i, m in enumerate(spec.members)]
-    fusers = [bind("fuser", f.fuser, f.params, ("fusers", i)) for i, f in enumerate(spec.fusers)]
-    students = [bind("backbone", s.backbone, s.params, ("students", i)) for i, s in enumerate(spec.students)]
-    # bound when the spec names one; else the run uses the built-in local executor
-    executor = (bind("executor", spec.executor.name, spec.executor.params, ("executor",), field="name")
-                if "executor" in spec.model_fields_set else None)
-    trackers = resolve_trackers(spec, catalog, bind, file=file)
-    from .leaderboard import CORE_RANKABLE  # the core computes these whatever plugins are installed
-
-    names = sorted({*catalog.names("metric"), *CORE_RANKABLE})
-    if "rank_by" in spec.model_fields_set and normalize_name(spec.rank_by) not in {normalize_name(n) for n in names}:
-        choices = ", ".join(names)
-        raise SpecError(f"cannot rank by '{spec.rank_by}'; choose one of: {choices}", file=file, loc="rank_by")
-    return ResolvedSpec(spec, file, base_dir, dataset, members, fusers, executor, students, trackers)
-
-
-def resolve_trackers(spec: ExperimentSpec, catalog, bind, *, file: str | None) -> dict[str, Bound]:
-    """The trackers a run switches on: those the spec's ``tracking:`` names (``NAME: false``
-    keeps one off), then any other whose record's ``env`` variable is set, with default params."""
-    trackers: dict[str, Bound] = {}
-    named: dict[str, str] = {}  # normalised name -> as the spec wrote it
-    for name, params in spec.tracking.items():
-        key = normalize_name(name)
-        if key in named:
-            raise SpecError(f"names the tracker '{named[key]}' again; give it once", file=file, loc=("tracking", name))
-        named[key] = name
-        bound = bind("tracker", name, {} if isinstance(params, bool) else params, ("tracking",), field=name,
-                     params_loc=("tracking", name))  # a false one is checked too: a typo would hide
-        if params is not False:
-            trackers[bound.record.name] = bound
-    for key, provided in catalog.records["tracker"].items():
-        name, env = provided.record.name, provided.record.env
-        if key not in named and env and os.environ.get(env, "").strip():
-            trackers[name] = bind("tracker", name, {}, ("tracking",), field=name, params_loc=("tracking", name))
-    return trackers

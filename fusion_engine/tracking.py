@@ -24,7 +24,7 @@ from .errors import FusionEngineError
 from .hookspecs import hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .spec import Bound
+    from .resolve import Bound
 
 log = logging.getLogger("fusion_engine")
 

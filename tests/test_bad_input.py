@@ -361,7 +361,7 @@ members:
 fusers: [{{name: avg, fuser: toy-mean}}]
 """)
     assert main(["validate", str(spec)]) == 0, capsys.readouterr().err
-    from fusion_engine.spec import load_spec
+    from fusion_engine.specfile import load_spec
 
     members = load_spec(spec).members
     assert [(m.name, m.backbone, m.train.epochs) for m in members] == [("a", "toy-net", 1), ("b", "toy-net", 1)]

@@ -13,7 +13,8 @@ from pydantic import ValidationError
 import fusion_engine_datasets
 from fusion_engine import BackboneRecord, FusionEngineError, SpecError, hookimpl
 from fusion_engine.plugins import DISABLE_ENV, PluginInfo, Plugins, get_plugins
-from fusion_engine.spec import parse_spec, resolve_spec
+from fusion_engine.resolve import resolve_spec
+from fusion_engine.specfile import parse_spec
 from fusion_engine_datasets.digits import DigitsParams, load_digits_dataset
 from fusion_engine_datasets.folder import ImageFolderParams, load_image_folder
 from fusion_engine_datasets.manifest import CsvParams, load_csv_manifest

@@ -9,7 +9,8 @@ from scipy.special import softmax
 
 from fusion_engine.fusion import fit_fusers
 from fusion_engine.records import Provided
-from fusion_engine.spec import Bound, FuserSpec
+from fusion_engine.resolve import Bound
+from fusion_engine.spec import FuserSpec
 from fusion_engine_fusers import register_fusers
 from simulate import simulate_members
 

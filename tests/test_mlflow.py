@@ -328,7 +328,7 @@ def test_bad_mlflow_params_are_one_line_errors_before_anything_runs(tmp_path, ca
 
 
 def test_paths_in_mlflow_params_are_relative_to_the_spec_file(tmp_path, monkeypatch):
-    from fusion_engine.spec import prepare
+    from fusion_engine.resolve import prepare
 
     monkeypatch.chdir(tmp_path)
     spec = write_spec(tmp_path / "specs" / "spec.yaml", toy_spec_data(tracking={"mlflow": {

@@ -63,7 +63,7 @@ def add_validate_parser(sub) -> None:
 
 def cmd_validate(args) -> int:
     from ..preflight import preflight
-    from ..spec import prepare
+    from ..resolve import prepare
 
     for path in args.specs:
         resolved, _ = prepare(path)
@@ -86,7 +86,7 @@ def add_split_parser(sub) -> None:
 
 def cmd_split(args) -> int:
     from ..data import check_split_path, load_dataset, write_split_ids
-    from ..spec import prepare
+    from ..resolve import prepare
 
     check_split_path(Path(args.out))
     resolved, _ = prepare(args.spec)

@@ -22,7 +22,7 @@ def cmd_plugins(args) -> int:
     from ..plugins import get_plugins
 
     if args.spec:
-        from ..spec import prepare
+        from ..resolve import prepare
 
         _, plugins = prepare(args.spec)
     else:

@@ -182,7 +182,7 @@ def zoo_import(args) -> int:
     if specs:
         from ..members import import_members, importable
         from ..preflight import preflight
-        from ..spec import prepare
+        from ..resolve import prepare
 
         resolved, _ = prepare(specs[0])
         importable(resolved, args.member)
