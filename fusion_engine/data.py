@@ -29,7 +29,7 @@ from .decoded_cache import decoded_cache
 from .errors import FusionEngineError, UnreadableImage, located, plugin_code
 from .imagesets import ImageSet, open_images
 from .memory import memory_budget
-from .preprocess import DECODE_THREADS, EMPTY_IMAGE, pixels_key, squash_config
+from .preprocess import DECODE_THREADS, empty_image, pixels_key, squash_config
 from .records import SPLITS, ImageDataset, InputConfig
 from .spec import SplitSpec
 from .stores import decodes_items, open_store
@@ -316,27 +316,31 @@ def dataset_fingerprint(dataset: ImageDataset) -> str:
         "split": None if dataset.split is None else [str(s) for s in dataset.split],
     }
     digest.update(json.dumps(header, separators=(",", ":")).encode())
-    done = 0
-    try:
-        for image_digest in _image_digests(dataset.images):
-            digest.update(image_digest)
-            done += 1
-    except FusionEngineError as exc:  # digests come in order: the failing image is the next one
-        item = dataset.images[done]
-        if isinstance(item, (str, os.PathLike)):  # the message names the file already
-            raise
-        raise type(exc)(f"sample {dataset.ids[done]}: {exc}") from None
+    for image_digest in _image_digests(dataset.images, header["ids"]):
+        digest.update(image_digest)
     return digest.hexdigest()
 
 
-def _image_digests(images: Sequence[Any] | np.ndarray) -> Iterator[bytes]:
+def _image_digests(images: Sequence[Any] | np.ndarray, ids: Sequence[Any]) -> Iterator[bytes]:
+    """Each image's digest, in order; an error about an image that is not a file (whose name it
+    already gives) names its sample id."""
     if isinstance(images, np.ndarray) and images.dtype != object:
         yield _array_digest(images)
         return
     items = iter(images)
+    start = 0
     with ThreadPoolExecutor(DECODE_THREADS) as pool:  # hashlib releases the GIL on large buffers
         while chunk := list(islice(items, DIGEST_CHUNK)):  # a chunk at a time: map would hold every item at once
-            yield from pool.map(_item_digest, chunk)
+            digests = pool.map(_item_digest, chunk)  # in order: an item's error is raised at its turn
+            for offset, item in enumerate(chunk):
+                try:
+                    found = next(digests)
+                except FusionEngineError as exc:
+                    if isinstance(item, (str, os.PathLike)):
+                        raise
+                    raise type(exc)(f"sample {ids[start + offset]}: {exc}") from None
+                yield found
+            start += len(chunk)
 
 
 def _item_digest(item: Any) -> bytes:
@@ -350,9 +354,9 @@ def _item_digest(item: Any) -> bytes:
         return _array_digest(item)
     if isinstance(item, (bytes, bytearray, memoryview)):
         return hashlib.sha256(item).digest()
-    if item is None or (isinstance(item, dict) and ("bytes" in item or "path" in item) and item.get("bytes") is None
-                        and not item.get("path")):
-        raise UnreadableImage(EMPTY_IMAGE)
+    empty = empty_image(item)
+    if empty:
+        raise UnreadableImage(f"cannot read image: {empty}")
     if isinstance(item, dict) and ("bytes" in item or "path" in item):  # a Hugging Face Image() value
         return _item_digest(item["bytes"] if item.get("bytes") is not None else item["path"])
     if isinstance(item, Image.Image):

@@ -89,7 +89,7 @@ def located(file: str | None, loc: tuple | str, *, plugin: str | None = None) ->
 
 
 def plugin_code(bound, kind: str, name: str = "") -> str:
-    """How an error names the plugin code a spec item runs (``bound``: a spec.Bound), e.g.
+    """How an error names the plugin code a spec item runs (``bound``: a :class:`fusion_engine.resolve.Bound`), e.g.
     ``backbone 'timm' (plugin fusion_engine_timm) of member r``, ``dataset 'mine' (plugin file
     my_plugin.py)``."""
     what = {"member": "backbone", "student": "backbone"}.get(kind, kind)

@@ -30,10 +30,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .checkpoint import Checkpoint
     from .imagesets import ImageSet
+    from .resolve import Bound
     from .spec import ResourcesSpec, TrainSpec
 
 #: what an executor is given to find a job's images: the train/val/test image sets at an input config
-    from .resolve import Bound
 #: (:class:`fusion_engine.imagesets.ImageSet`: opened when first read, and, pickled to another
 #: process, what reopens them there rather than their pixels)
 Pixels = Callable[[InputConfig], "dict[str, ImageSet]"]

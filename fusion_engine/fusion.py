@@ -19,9 +19,9 @@ from .records import SCORED_SPLITS
 
 if TYPE_CHECKING:  # pragma: no cover
     from .fuser import Fuser
+    from .resolve import Bound
     from .spec import FuserSpec
 
-    from .resolve import Bound
 log = logging.getLogger("fusion_engine")
 
 

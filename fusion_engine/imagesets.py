@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class ImageSet:
-    """One split's images at one input config: its raw ``items`` and the :class:`Store` that
+    """One split's images at one input config: its raw ``items`` and the :class:`~fusion_engine.stores.Store` that
     prepares them, opened when first read (see the module docstring)."""
 
     def __init__(self, items: Any, cfg: InputConfig | None, *, opener: Opener | None = None,
@@ -132,7 +132,7 @@ class ImageSet:
 
     def __reduce__(self):
         """To another process (a Ray worker): its pixels when they are all there is, else what
-        opens it there (the items and the cache file's path, :class:`Opener`)."""
+        opens it there (the items and the cache file's path, :class:`~fusion_engine.stores.Opener`)."""
         if self.items is None or self.opener is None:
             return ImageSet._rebuilt, (self.items, self.cfg, None, self.tensor().cpu(), self.workers)
         return ImageSet._rebuilt, (self.items, self.cfg, self.opener, None, self.workers)
@@ -167,7 +167,7 @@ def open_images(items, split_rows: dict[str, np.ndarray], cfg: InputConfig, *, f
                 budget: Callable[[int], tuple[int, str]] | None = None,
                 budget_setting: float | str | None = None) -> dict[str, ImageSet]:
     """Each split's :class:`ImageSet` of the dataset's ``items`` prepared as ``cfg``, each with
-    its own store and decoded-image cache file, opened when first read (see :func:`open_store`);
+    its own store and decoded-image cache file, opened when first read (see :func:`fusion_engine.stores.open_store`);
     ``budget_setting`` is ``data.memory_budget``, for a process that opens them elsewhere."""
     sets = {}
     for split, rows in split_rows.items():

@@ -42,7 +42,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DECODE_THREADS = min(8, os.cpu_count() or 1)
 RESIZE_CHUNK_FLOATS = 2**26  # bounds the float32 copy interpolate makes: 256 MiB
-EMPTY_IMAGE = "cannot read image: the value is empty (None, or a Hugging Face image with neither bytes nor a path)"
 
 
 def is_squash(cfg: InputConfig) -> bool:
@@ -134,21 +133,30 @@ def open_image(item: Any) -> Image.Image:
         raise UnreadableImage(f"cannot read image {name}: {str(exc) or type(exc).__name__}") from None
 
 
+def empty_image(item: Any) -> str | None:
+    """Why ``item`` holds no image at all (a dataset's empty row), or None when it holds one."""
+    if item is None:
+        return "the value is None (an empty row?)"
+    if isinstance(item, dict) and ("bytes" in item or "path" in item) and item.get("bytes") is None \
+            and not item.get("path"):
+        return "a Hugging Face image value with neither bytes nor a path (an empty row?)"
+    return None
+
+
 def _source(item: Any) -> tuple[Any, str]:
     """What PIL opens for ``item`` (a path or a byte stream) and how errors name it."""
     if isinstance(item, (str, os.PathLike)):
         return os.fspath(item), os.fspath(item)
     if isinstance(item, (bytes, bytearray, memoryview)):
         return io.BytesIO(item), f"({len(item)} encoded bytes)"
-    if item is None:
-        raise UnreadableImage(EMPTY_IMAGE)
+    empty = empty_image(item)
+    if empty:
+        raise UnreadableImage(f"cannot read image: {empty}")
     if isinstance(item, dict) and ("bytes" in item or "path" in item):  # a Hugging Face Image() value
         data, path = item.get("bytes"), item.get("path")
         if data is not None:
             return io.BytesIO(data), path or f"({len(data)} encoded bytes)"
-        if path:
-            return os.fspath(path), os.fspath(path)
-        raise UnreadableImage(EMPTY_IMAGE)
+        return os.fspath(path), os.fspath(path)
     raise FusionEngineError(f"unsupported image type {type(item).__name__}; expected a path, encoded bytes, a PIL "
                             f"image or a uint8 array")
 

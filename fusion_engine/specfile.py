@@ -108,7 +108,7 @@ def spec_label(path: str | Path, executor: dict | None = None) -> str:
 
 
 def load_spec(path: str | Path, *, executor: dict | None = None) -> ExperimentSpec:
-    """Read and validate a spec file (plugin parameters are checked by :func:`resolve_spec`).
+    """Read and validate a spec file (plugin parameters are checked by :func:`fusion_engine.resolve.resolve_spec`).
 
     ``executor`` (``{"name": ..., "params": {...}}``, from the command line) replaces the spec's:
     another executor's name drops the spec's executor params, the same name merges them.

@@ -147,9 +147,9 @@ def test_a_photo_member_runs_end_to_end_on_the_timm_pipeline(make_image_folder, 
 def test_a_photo_member_is_evaluated_with_its_backbones_resize_and_crop_a_small_one_with_a_plain_resize():
     from fusion_engine.plugins import get_plugins
     from fusion_engine.preflight import member_input
+    from fusion_engine.resolve import Bound
     from fusion_engine.spec import DataSpec
 
-    from fusion_engine.resolve import Bound
     provided = get_plugins().catalog().get("backbone", "timm")
     bound = Bound(provided, provided.record.params(model="test_resnet.r160_in1k", pretrained=False))
     photo = member_input(bound, num_classes=3, data_spec=DataSpec(dataset="x", image_size=96), seed=0,

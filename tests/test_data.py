@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
@@ -301,3 +302,27 @@ def test_importing_the_data_modules_does_not_import_torch():
     code = "import fusion_engine_datasets, fusion_engine.data, sys; assert 'torch' not in sys.modules"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+@pytest.mark.parametrize("empty, why", [
+    (None, "the value is None (an empty row?)"),
+    ({"bytes": None, "path": None}, "a Hugging Face image value with neither bytes nor a path (an empty row?)"),
+])
+def test_an_empty_image_value_is_one_line_naming_its_sample_when_fingerprinted_and_when_decoded(empty, why,
+                                                                                               monkeypatch):
+    import fusion_engine.data
+    from fusion_engine import UnreadableImage
+
+    monkeypatch.setattr(fusion_engine.data, "DIGEST_CHUNK", 16)  # the empty one in the third chunk
+
+    image = io.BytesIO()
+    Image.new("RGB", (4, 4), (9, 9, 9)).save(image, format="PNG")
+    images = [image.getvalue()] * 40 + [empty] + [image.getvalue()] * 40
+    dataset = ImageDataset(images=images, labels=np.arange(81) % 3, class_names=["a", "b", "c"],
+                           ids=[f"row-{i}" for i in range(81)])
+    with pytest.raises(UnreadableImage) as caught:
+        dataset_fingerprint(dataset)
+    assert str(caught.value) == f"sample row-40: cannot read image: {why}"
+    with pytest.raises(UnreadableImage) as caught:
+        load_images(images, np.array([0, 40]), InputConfig(size=4, mean=(0.5,) * 3, std=(0.5,) * 3))
+    assert str(caught.value) == f"cannot read image: {why}"

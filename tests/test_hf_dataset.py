@@ -142,7 +142,19 @@ def test_data_files_whose_columns_differ_are_a_one_line_error(hf_folder, tmp_pat
     result = cli("validate", spec)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == (f"{spec}: data: hf {hf_folder}: the data files do not all have the same columns: one has "
-                                     f"image, label, extra where image, label were expected"), result.stderr
+                                     f"image, label, extra where image, label were expected "
+                                     f"(in {hf_folder / 'data' / 'test-00000-of-00001.parquet'})"), result.stderr
+
+
+def test_a_corrupt_data_file_is_a_one_line_error_naming_it(hf_folder, tmp_path):
+    broken = hf_folder / "data" / "test-00000-of-00001.parquet"
+    broken.write_bytes(b"not parquet at all")
+    spec = write_spec(tmp_path / "bad.yaml", toy_spec_data(
+        data={"dataset": "hf", "params": {"path": "tiny-hf"}, "image_size": 8}))
+    result = cli("validate", spec)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.strip().endswith(f"(in {broken})"), \
+        result.stderr
 
 
 def test_splits_that_cannot_be_joined_name_the_columns_that_differ():
@@ -181,6 +193,5 @@ def test_a_row_with_no_image_is_a_one_line_error_naming_the_row(hf_folder, tmp_p
     result = cli("run", spec)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (  # after the run's progress lines
-        "sample test/1: cannot read image: the value is empty (None, or a Hugging Face image with neither bytes nor "
-        "a path)"), \
+        "sample test/1: cannot read image: the value is None (an empty row?)"), \
         result.stderr

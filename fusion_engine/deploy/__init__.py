@@ -7,7 +7,8 @@
 - :mod:`~fusion_engine.deploy.ensemble`: :func:`load` and :class:`Ensemble`, the folder loaded
   and predicting, in torch or in ONNX Runtime;
 - :mod:`~fusion_engine.deploy.graph`: the ONNX graph of a whole ensemble (:class:`FuserGraph`
-  is what a fuser writes its part with);
+  is what a fuser writes its part with), and :mod:`~fusion_engine.deploy.onnx_file`, which
+  writes it as ``model.onnx`` and checks it in ONNX Runtime;
 - :mod:`~fusion_engine.deploy.predict`: ``fusion-engine predict``, images in, one row each out.
 
 Nothing here imports torch, onnx or onnxruntime at import time.

@@ -33,8 +33,9 @@ import hashlib
 import logging
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Iterator, Literal, Optional, Sequence, Union
 
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
@@ -88,7 +89,7 @@ def load_hf_dataset(params: HFParams, base_dir: Path | str = ".") -> ImageDatase
     except ImportError:
         raise FusionEngineError(f"the hf dataset needs the datasets library, which is not installed; {INSTALL_HINT}") \
             from None
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors become ours, in one line (below)
+    datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     local = _local_files(params.path, Path(base_dir))
     where = f"hf {params.path if local is None else (local[1][0] if local[1] and len(local[1]) == 1 else local[0])}"
@@ -183,6 +184,53 @@ def _own_split(params: HFParams, names: list[str]) -> list[str] | None:
 
 
 def _load(params: HFParams, base_dir: Path, where: str, *, split: str | None):
+    with _datasets_log(where) as kept:
+        return _load_logged(params, base_dir, where, split, kept)
+
+
+class _KeptLog(logging.Handler):
+    """The ``datasets`` library's error records while a load runs, kept instead of printed: the one
+    that precedes a failure names the file it failed on (the exception often does not)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def in_file(self) -> str:
+        """`` (in FILE)`` for the last file datasets failed to read, else nothing."""
+        for record in reversed(self.records):
+            found = re.search(r"Failed to read file '([^']+)'", record.getMessage())
+            if found:
+                return f" (in {found.group(1)})"
+        return ""
+
+
+@contextmanager
+def _datasets_log(where: str) -> Iterator[_KeptLog]:
+    """``datasets``' own log kept while the block runs (its handlers and level given back after):
+    a failure becomes one line of ours naming the file; an error it logged without failing (an
+    archive it would not extract, say) is said again as our warning."""
+    logger = logging.getLogger("datasets")
+    kept = _KeptLog()
+    saved = logger.handlers[:], logger.level, logger.propagate
+    logger.handlers, logger.propagate = [kept], False
+    logger.setLevel(logging.ERROR)
+    failed = True
+    try:
+        yield kept
+        failed = False
+    finally:
+        logger.handlers, logger.propagate = saved[0], saved[2]
+        logger.setLevel(saved[1])
+        if not failed:
+            for record in kept.records:
+                log.warning("%s: %s", where, _first_line(record.getMessage()))
+
+
+def _load_logged(params: HFParams, base_dir: Path, where: str, split: str | None, kept: _KeptLog):
     import datasets
 
     local = _local_files(params.path, base_dir)
@@ -204,9 +252,9 @@ def _load(params: HFParams, base_dir: Path, where: str, *, split: str | None):
     except FusionEngineError:
         raise
     except datasets.exceptions.DatasetGenerationError as exc:  # its own text is a paragraph; the cause says what
-        raise FusionEngineError(f"{where}: {_generation_failure(exc)}") from None
+        raise FusionEngineError(f"{where}: {_generation_failure(exc)}{kept.in_file()}") from None
     except (ValueError, FileNotFoundError, KeyError, TypeError, OSError) as exc:
-        raise FusionEngineError(f"{where}: {_first_line(exc)}") from None
+        raise FusionEngineError(f"{where}: {_first_line(exc)}{kept.in_file()}") from None
 
 
 def _generation_failure(exc: BaseException) -> str:
@@ -330,6 +378,6 @@ def _labels(table, column: str, where: str) -> tuple[list[str], np.ndarray]:
     return [str(c) for c in classes], labels.astype(np.int64)
 
 
-def _first_line(exc: BaseException) -> str:
+def _first_line(exc: BaseException | str) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]

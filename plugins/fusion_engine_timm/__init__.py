@@ -91,8 +91,8 @@ def _ready(model_name: str) -> dict[str, Any]:
 
     def input_config(params: BackboneParams, image_size: int | None = None) -> InputConfig:
         return input_from_timm({"input_size": (3, known["size"], known["size"]),
-                       **{k: known[k] for k in ("mean", "std", "interpolation", "crop_pct", "crop_mode")}},
-                      params, image_size)
+                                **{k: known[k] for k in ("mean", "std", "interpolation", "crop_pct", "crop_mode")}},
+                               params, image_size)
 
     def check(params: BackboneParams, *, num_classes: int, image_size: int | None = None) -> None:
         if params.pretrained_file is not None or params.kwargs or uses_hub(model_name, params):  # weights to fit

@@ -99,7 +99,7 @@ def input_from_timm(data_cfg: dict, params: BackboneParams, image_size: int | No
 
 def build_model(name: str, params: BackboneParams, *, num_classes: int, image_size: int | None = None) -> BuiltBackbone:
     """A timm model for ``num_classes`` with its input config, weights from ``pretrained_file``
-    or from timm's pretrained weights in the Hugging Face cache (:func:`hub_weights`)."""
+    or from timm's pretrained weights in the Hugging Face cache (:func:`fusion_engine_timm.hub.hub_weights`)."""
     import timm
     from timm.data import resolve_data_config
 
@@ -156,11 +156,11 @@ def _create_pretrained(name: str, path: str, sha256: str | None, num_classes: in
     cfg = get_pretrained_cfg(name)
     shapes = read_weight_shapes(path)
     overlay: dict[str, Any] = {"file": path}
-    classifiers = names(cfg.classifier) if cfg else ()
+    classifiers = _names(cfg.classifier) if cfg else ()
     head = next((shapes[f"{c}.weight"] for c in classifiers if f"{c}.weight" in shapes), None)
     file_classes = head[0] if head is not None else 0
     overlay["num_classes"] = file_classes
-    stem = next((shapes[f"{c}.weight"] for c in names(cfg.first_conv) if f"{c}.weight" in shapes), None) if cfg else None
+    stem = next((shapes[f"{c}.weight"] for c in _names(cfg.first_conv) if f"{c}.weight" in shapes), None) if cfg else None
     if stem is not None and len(stem) == 4 and cfg.input_size:
         overlay["input_size"] = (stem[1], *cfg.input_size[1:])
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=file_classes, **kwargs)
@@ -216,8 +216,8 @@ def _check_weights_fit(name: str, params: BackboneParams, path: str, what: str) 
 
     shapes = read_weight_shapes(path)
     cfg = get_pretrained_cfg(name)
-    head = names(cfg.classifier) if cfg else ()
-    stem = names(cfg.first_conv) if cfg else ()
+    head = _names(cfg.classifier) if cfg else ()
+    stem = _names(cfg.first_conv) if cfg else ()
     file_classes = next((shapes[f"{c}.weight"][0] for c in head if f"{c}.weight" in shapes), 1000)
     with torch.device("meta"):
         model = bare_model(name, params.model_copy(update={"in_chans": 3}), file_classes)
@@ -228,7 +228,7 @@ def _check_weights_fit(name: str, params: BackboneParams, path: str, what: str) 
                                 f"weights of another architecture?")
 
 
-def names(value: Any) -> tuple[str, ...]:
+def _names(value: Any) -> tuple[str, ...]:
     if not value:
         return ()
     return (value,) if isinstance(value, str) else tuple(value)
