@@ -75,6 +75,7 @@ _EXPORTS = {
     "JobOutcome": "executors",
     "fit_member": "executors",
     "ImageSet": "imagesets",
+    "share_memory_budget": "imagesets",
     # what a run leaves: the zoo and the run folder
     "Registry": "zoo",
     "MemberCard": "zoo",

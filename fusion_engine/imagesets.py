@@ -21,7 +21,7 @@ import numpy as np
 
 from .decoded_cache import decoded_cache
 from .errors import FusionEngineError
-from .memory import default_workers
+from .memory import default_workers, memory_budget
 from .records import InputConfig
 from .stores import MemoryStore, Opener, Store
 
@@ -160,6 +160,24 @@ class Rows:
 
     def __iter__(self):
         return (self.items[int(r)] for r in self.rows)
+
+
+def share_memory_budget(image_sets: Iterable[ImageSet], share: float = 1.0) -> None:
+    """Have image sets opened in another process (a Ray task) keep to one memory budget together,
+    as a run's splits do on the driver: ``data.memory_budget`` worked out once, on this machine,
+    scaled by ``share`` (the task's part of the machine, :func:`fusion_engine.memory.memory_budget`),
+    less what the sets already opened hold in memory. Sets given pixels alone have nothing to open."""
+    sets = [s for s in image_sets if s.opener is not None and not s.opened]
+    worked_out: list[tuple[int, str]] = []
+
+    def budget(nbytes: int) -> tuple[int, str]:
+        if not worked_out:
+            worked_out.append(memory_budget(sets[0].opener.budget_setting, share=share))
+        total, why = worked_out[0]
+        return max(0, total - sum(s.store.nbytes for s in sets if s.opened)), why
+
+    for image_set in sets:
+        image_set.opener.budget = budget
 
 
 def open_images(items, split_rows: dict[str, np.ndarray], cfg: InputConfig, *, fingerprint: str,

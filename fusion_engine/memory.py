@@ -110,12 +110,18 @@ def parse_budget(value: float | str | None) -> tuple[float | None, int | None]:
     return None, size
 
 
-def memory_budget(value: float | str | None = None) -> tuple[int, str]:
-    """The budget in bytes for a ``data.memory_budget`` value, and how it was reached (for the log)."""
+def memory_budget(value: float | str | None = None, *, share: float = 1.0) -> tuple[int, str]:
+    """The budget in bytes for a ``data.memory_budget`` value, and how it was reached (for the log).
+    ``share`` is the part of the machine the process has (a Ray task's CPUs over its node's): a
+    fraction of the available memory is scaled by it, so tasks side by side keep to it together;
+    a size is what each process may hold."""
     fraction, size = parse_budget(value)
     if size is not None:
         return size, f"data.memory_budget {gb(size)}"
     available = available_memory()
+    if share < 1:
+        return int(fraction * share * available), (f"{fraction:.0%} of {gb(available)} available, times this "
+                                                   f"task's share of the machine, {share:.2f}")
     return int(fraction * available), f"{fraction:.0%} of {gb(available)} available"
 
 

@@ -121,6 +121,13 @@ def test_a_corrupt_image_a_worker_meets_fails_the_run_naming_it_not_each_member(
     assert not list((tmp_path / "reg" / "zoo").glob("*/card.json"))  # no member was stored
 
 
+def test_a_tasks_fractional_memory_budget_is_scaled_by_its_share_of_the_node(local_ray):
+    from fusion_engine_executors.ray_executor import node_share
+
+    assert ray.get(ray.remote(num_cpus=1)(node_share).remote(1)) == 0.5  # 1 of the local instance's 2 CPUs
+    assert ray.get(ray.remote(num_cpus=2)(node_share).remote(2)) == 1.0
+
+
 def test_a_failing_member_fails_alone_and_a_rerun_trains_only_it(local_ray, tmp_path):
     flag = tmp_path / "flag"
     flag.touch()

@@ -163,6 +163,27 @@ def test_the_budget_is_a_fraction_of_available_memory_or_a_size():
             parse_budget(bad)
 
 
+def test_image_sets_opened_in_a_task_share_one_budget_scaled_by_the_tasks_share(make_image_folder, tmp_path):
+    from fusion_engine import share_memory_budget
+
+    budget, why = memory_budget(0.5, share=0.25)
+    assert budget == pytest.approx(0.125 * available_memory(), rel=0.05)
+    assert why.startswith("50% of ") and why.endswith("times this task's share of the machine, 0.25")
+    assert memory_budget("2GB", share=0.25)[0] == 2_000_000_000  # a size is each task's
+
+    paths = sorted(make_image_folder(per_class=4, size=12).rglob("*.png"))
+    train_bytes = 8 * 8 * 8  # 8 grey images at 8 px
+    sets = open_images(paths, {"train": np.arange(8), "val": np.arange(8, 12)}, CFG, fingerprint="b" * 64,
+                       cache_dir=None, workers=0, budget_setting=f"{train_bytes}B")
+    sets = pickle.loads(pickle.dumps(sets))  # as a Ray task gets them: no budget of the driver's
+    share_memory_budget(sets.values())
+    assert sets["train"].storage == "memory"  # exactly the budget
+    assert sets["val"].storage == "stream"  # what train holds leaves val nothing
+    alone = pickle.loads(pickle.dumps(open_images(paths, {"val": np.arange(8, 12)}, CFG, fingerprint="b" * 64,
+                                                  cache_dir=None, workers=0, budget_setting=f"{train_bytes}B")))
+    assert alone["val"].storage == "memory"  # each split its own budget, as before
+
+
 def test_a_cgroup_limit_counts_its_working_set_not_its_page_cache(tmp_path):
     from fusion_engine.memory import _cgroup_headroom
 

@@ -183,7 +183,7 @@ def _fit_on_worker(plugin_sources: dict, job_bytes: bytes, images: dict, labels:
     import ray.cloudpickle as cloudpickle
     import torch
 
-    from fusion_engine import fit_member, import_plugin_source
+    from fusion_engine import fit_member, import_plugin_source, share_memory_budget
 
     for name, (path, source) in plugin_sources.items():
         import_plugin_source(name, path, source)
@@ -192,6 +192,7 @@ def _fit_on_worker(plugin_sources: dict, job_bytes: bytes, images: dict, labels:
     torch.set_num_threads(cpus)  # what the task was given, not the node's count
     for image_set in images.values():  # decoding workers: the task's other CPUs (none for a 1-CPU task)
         image_set.workers = cpus if cpus > 1 else 0
+    share_memory_budget(images.values(), node_share(job.resources.cpus))  # tasks side by side keep to it together
     with tempfile.TemporaryDirectory(prefix="fusion-engine-") as tmp:
         local = {}
         for field, (name, data) in files.items():
@@ -206,6 +207,19 @@ def _fit_on_worker(plugin_sources: dict, job_bytes: bytes, images: dict, labels:
         fitted = fit_member(job, images, labels, quiet=True)
     fitted.state_dict = {k: v.numpy() for k, v in fitted.state_dict.items()}
     return fitted
+
+
+def node_share(cpus: float) -> float:
+    """The part of this node a task of ``cpus`` CPUs has (its CPUs over the node's; 1 when Ray
+    does not say): a fractional ``data.memory_budget`` is of the node, shared by its tasks."""
+    import ray
+
+    try:
+        here = ray.get_runtime_context().get_node_id()
+        total = next((n.get("Resources", {}).get("CPU") for n in ray.nodes() if n.get("NodeID") == here), None)
+    except Exception:  # an older Ray, or a call outside a task: the whole machine
+        return 1.0
+    return min(1.0, max(cpus, 1e-3) / total) if total else 1.0
 
 
 def _from_wire(fitted):
