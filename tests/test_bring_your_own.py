@@ -287,6 +287,19 @@ def test_class_names_order_unnamed_columns_and_train_rows_are_read(tmp_path):
     np.testing.assert_allclose(logits["train"], z[:6], atol=1e-6)
 
 
+def test_a_file_with_some_train_rows_leaves_train_out_and_says_so(tmp_path, caplog):
+    from fusion_engine.predictions import read_predictions
+
+    ids = IDS["train"][:4] + IDS["val"] + IDS["test"]
+    np.savez(tmp_path / "p.npz", ids=np.array(ids), logits=np.random.default_rng(3).normal(size=(len(ids), 3)),
+             class_names=np.array(CLASSES))
+    with caplog.at_level("WARNING", logger="fusion_engine"):
+        logits, _ = read_predictions(tmp_path / "p.npz", kind="logits", class_names=None, dataset_classes=CLASSES,
+                                     ids=IDS)
+    assert sorted(logits) == ["test", "val"]
+    assert "2 of the 6 train ids are missing" in caplog.text and "its train outputs are left out" in caplog.text
+
+
 def test_probabilities_written_rounded_are_renormalised_with_a_warning(tmp_path, caplog):
     from fusion_engine.predictions import read_predictions
 
