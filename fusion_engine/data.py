@@ -28,11 +28,10 @@ from PIL import Image
 from .decoded_cache import decoded_cache
 from .errors import FusionEngineError, UnreadableImage, located, plugin_code
 from .imagesets import ImageSet, open_images
-from .memory import memory_budget
-from .preprocess import DECODE_THREADS, empty_image, pixels_key, squash_config
+from .preprocess import DECODE_THREADS, empty_image_error, pixels_key, squash_config
 from .records import SPLITS, ImageDataset, InputConfig
 from .spec import SplitSpec
-from .stores import decodes_items, open_store
+from .stores import SharedBudget, decodes_items, open_store
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -66,7 +65,7 @@ class RunData:
     storage: str = "auto"  # ``data.storage``: auto, memory, disk or stream
     workers: int | None = None  # ``data.workers``: DataLoader worker processes (None: one per core, at most 8)
     _images: dict = field(default_factory=dict, repr=False)  # pixels_key -> its splits' image sets
-    _budget: tuple[int, str] | None = field(default=None, repr=False)
+    _budget: SharedBudget | None = field(default=None, repr=False)
 
     @property
     def class_names(self) -> list[str]:
@@ -95,18 +94,14 @@ class RunData:
         budget is worked out once a run: a fraction of the memory available when it was first
         asked, before any of these pixels took their share of it."""
         if self._budget is None:
-            self._budget = memory_budget(self.memory_budget)
-        budget, why = self._budget
-
-        def held() -> int:
-            return sum(s.store.nbytes for sets in self._images.values() for s in sets.values() if s.opened)
-
-        if held() + nbytes > budget:
+            self._budget = SharedBudget(self.memory_budget, lambda: sum(
+                s.store.nbytes for sets in self._images.values() for s in sets.values() if s.opened))
+        if self._budget.held() + nbytes > self._budget.total()[0]:
             for other, sets in self._images.items():
                 if other != key:
                     for image_set in sets.values():
                         image_set.release()
-        return max(0, budget - held()), why
+        return self._budget(nbytes)
 
 
 def load_dataset(resolved: "ResolvedSpec") -> tuple[ImageDataset, dict[str, np.ndarray]]:
@@ -354,9 +349,9 @@ def _item_digest(item: Any) -> bytes:
         return _array_digest(item)
     if isinstance(item, (bytes, bytearray, memoryview)):
         return hashlib.sha256(item).digest()
-    empty = empty_image(item)
+    empty = empty_image_error(item)
     if empty:
-        raise UnreadableImage(f"cannot read image: {empty}")
+        raise UnreadableImage(empty)
     if isinstance(item, dict) and ("bytes" in item or "path" in item):  # a Hugging Face Image() value
         return _item_digest(item["bytes"] if item.get("bytes") is not None else item["path"])
     if isinstance(item, Image.Image):

@@ -21,9 +21,9 @@ import numpy as np
 
 from .decoded_cache import decoded_cache
 from .errors import FusionEngineError
-from .memory import default_workers, memory_budget
+from .memory import default_workers
 from .records import InputConfig
-from .stores import MemoryStore, Opener, Store
+from .stores import MemoryStore, Opener, SharedBudget, Store
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -163,20 +163,19 @@ class Rows:
 
 
 def share_memory_budget(image_sets: Iterable[ImageSet], share: float = 1.0) -> None:
-    """Have image sets opened in another process (a Ray task) keep to one memory budget together,
-    as a run's splits do on the driver: ``data.memory_budget`` worked out once, on this machine,
-    scaled by ``share`` (the task's part of the machine, :func:`fusion_engine.memory.memory_budget`),
-    less what the sets already opened hold in memory. Sets given pixels alone have nothing to open."""
-    sets = [s for s in image_sets if s.opener is not None and not s.opened]
-    worked_out: list[tuple[int, str]] = []
-
-    def budget(nbytes: int) -> tuple[int, str]:
-        if not worked_out:
-            worked_out.append(memory_budget(sets[0].opener.budget_setting, share=share))
-        total, why = worked_out[0]
-        return max(0, total - sum(s.store.nbytes for s in sets if s.opened)), why
-
-    for image_set in sets:
+    """Have image sets that reached another process (a Ray task) keep to one memory budget
+    together, as a run's splits do on the driver (:class:`~fusion_engine.stores.SharedBudget`):
+    ``data.memory_budget`` worked out once on this machine and scaled by ``share`` (the task's
+    part of it), less what all of the sets hold in memory. Sets that keep to a budget already (a
+    run's own, on the driver) and sets given pixels alone are left as they are; sets pickled
+    again travel without it."""
+    sets = list(image_sets)
+    to_open = [s for s in sets if s.opener is not None and s.opener.budget is None and not s.opened]
+    if not to_open:
+        return
+    budget = SharedBudget(to_open[0].opener.budget_setting, lambda: sum(s.store.nbytes for s in sets if s.opened),
+                          share=share)
+    for image_set in to_open:
         image_set.opener.budget = budget
 
 

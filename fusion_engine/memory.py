@@ -121,7 +121,7 @@ def memory_budget(value: float | str | None = None, *, share: float = 1.0) -> tu
     available = available_memory()
     if share < 1:
         return int(fraction * share * available), (f"{fraction:.0%} of {gb(available)} available, times this "
-                                                   f"task's share of the machine, {share:.2f}")
+                                                   f"task's share of the machine, {share:.3g}")
     return int(fraction * available), f"{fraction:.0%} of {gb(available)} available"
 
 

@@ -88,9 +88,9 @@ def read_predictions(path: str | Path, *, kind: str, class_names: list[str] | No
         if lacking:
             if split not in SCORED_SPLITS:  # train is optional, but all of it: a student distils from every row
                 if len(lacking) < len(ids[split]):
-                    log.warning("%s: %d of the %d train ids are missing (%s), so its train outputs are left out (a "
-                                "student cannot distil from it); give every train row, or none", what, len(lacking),
-                                len(ids[split]), first_few(lacking))
+                    log.warning("%s: %d of the %d %s ids are missing (%s), so its %s outputs are left out (a "
+                                "student cannot distil from it); give every %s row, or none", what, len(lacking),
+                                len(ids[split]), split, first_few(lacking), split, split)
                 continue
             raise FusionEngineError(f"{what}: {len(lacking)} of the {len(ids[split])} {split} ids are missing "
                                     f"({first_few(lacking)}); `fusion-engine split SPEC --out ids.csv` lists them")

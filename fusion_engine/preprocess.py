@@ -133,13 +133,13 @@ def open_image(item: Any) -> Image.Image:
         raise UnreadableImage(f"cannot read image {name}: {str(exc) or type(exc).__name__}") from None
 
 
-def empty_image(item: Any) -> str | None:
-    """Why ``item`` holds no image at all (a dataset's empty row), or None when it holds one."""
+def empty_image_error(item: Any) -> str | None:
+    """The error for an ``item`` that holds no image at all (a dataset's empty row), or None."""
     if item is None:
-        return "the value is None (an empty row?)"
+        return "cannot read image: the value is None (an empty row?)"
     if isinstance(item, dict) and ("bytes" in item or "path" in item) and item.get("bytes") is None \
             and not item.get("path"):
-        return "a Hugging Face image value with neither bytes nor a path (an empty row?)"
+        return "cannot read image: a Hugging Face image value with neither bytes nor a path (an empty row?)"
     return None
 
 
@@ -149,9 +149,9 @@ def _source(item: Any) -> tuple[Any, str]:
         return os.fspath(item), os.fspath(item)
     if isinstance(item, (bytes, bytearray, memoryview)):
         return io.BytesIO(item), f"({len(item)} encoded bytes)"
-    empty = empty_image(item)
+    empty = empty_image_error(item)
     if empty:
-        raise UnreadableImage(f"cannot read image: {empty}")
+        raise UnreadableImage(empty)
     if isinstance(item, dict) and ("bytes" in item or "path" in item):  # a Hugging Face Image() value
         data, path = item.get("bytes"), item.get("path")
         if data is not None:

@@ -108,6 +108,26 @@ class StreamStore(Store):
         return worker_batches(Prepared(self.items, self.cfg), (np.asarray(r).tolist() for r in rows), self.workers)
 
 
+class SharedBudget:
+    """One memory budget for several image sets: ``data.memory_budget`` worked out once, when
+    first asked (before any of their pixels took their share of the memory; ``share``: the part
+    of the machine the process has, :func:`fusion_engine.memory.memory_budget`), less what
+    ``held()`` says the sets already hold in memory. Called as an :class:`Opener`'s ``budget``."""
+
+    def __init__(self, setting: float | str | None, held: Callable[[], int], *, share: float = 1.0):
+        self.setting, self.held, self.share = setting, held, share
+        self._total: tuple[int, str] | None = None
+
+    def total(self) -> tuple[int, str]:
+        if self._total is None:
+            self._total = memory_budget(self.setting, share=self.share)
+        return self._total
+
+    def __call__(self, nbytes: int) -> tuple[int, str]:
+        budget, why = self.total()
+        return max(0, budget - self.held()), why
+
+
 @dataclass
 class Opener:
     """What opens a split's store when it is first read: its items, preparation and cache file,

@@ -298,6 +298,12 @@ def test_a_file_with_some_train_rows_leaves_train_out_and_says_so(tmp_path, capl
                                      ids=IDS)
     assert sorted(logits) == ["test", "val"]
     assert "2 of the 6 train ids are missing" in caplog.text and "its train outputs are left out" in caplog.text
+    caplog.clear()
+    ids = IDS["val"] + IDS["test"]  # no train rows at all: nothing to say
+    np.savez(tmp_path / "q.npz", ids=np.array(ids), logits=np.zeros((len(ids), 3)), class_names=np.array(CLASSES))
+    with caplog.at_level("WARNING", logger="fusion_engine"):
+        read_predictions(tmp_path / "q.npz", kind="logits", class_names=None, dataset_classes=CLASSES, ids=IDS)
+    assert "missing" not in caplog.text
 
 
 def test_probabilities_written_rounded_are_renormalised_with_a_warning(tmp_path, caplog):

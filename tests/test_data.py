@@ -304,12 +304,17 @@ def test_importing_the_data_modules_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
+HF_EMPTY = "a Hugging Face image value with neither bytes nor a path (an empty row?)"
+
+
 @pytest.mark.parametrize("empty, why", [
     (None, "the value is None (an empty row?)"),
-    ({"bytes": None, "path": None}, "a Hugging Face image value with neither bytes nor a path (an empty row?)"),
+    ({"bytes": None, "path": None}, HF_EMPTY),
+    ({"bytes": None}, HF_EMPTY),
+    ({"path": ""}, HF_EMPTY),
 ])
-def test_an_empty_image_value_is_one_line_naming_its_sample_when_fingerprinted_and_when_decoded(empty, why,
-                                                                                               monkeypatch):
+def test_an_empty_image_value_is_one_line_naming_its_sample_when_fingerprinted_and_refused_when_decoded(
+        empty, why, monkeypatch):
     import fusion_engine.data
     from fusion_engine import UnreadableImage
 

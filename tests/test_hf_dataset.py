@@ -146,15 +146,39 @@ def test_data_files_whose_columns_differ_are_a_one_line_error(hf_folder, tmp_pat
                                      f"(in {hf_folder / 'data' / 'test-00000-of-00001.parquet'})"), result.stderr
 
 
-def test_a_corrupt_data_file_is_a_one_line_error_naming_it(hf_folder, tmp_path):
-    broken = hf_folder / "data" / "test-00000-of-00001.parquet"
-    broken.write_bytes(b"not parquet at all")
+@pytest.mark.parametrize("broken, path", [
+    ("train-00000-of-00001.parquet", "tiny-hf"),  # read first, for the schema
+    ("test-00000-of-00001.parquet", "tiny-hf"),  # read after it
+    ("train-00000-of-00001.parquet", "tiny-hf/data/train-00000-of-00001.parquet"),  # a single file
+])
+def test_a_corrupt_data_file_is_a_one_line_error_naming_it(hf_folder, tmp_path, broken, path):
+    (hf_folder / "data" / broken).write_bytes(b"not parquet at all")
     spec = write_spec(tmp_path / "bad.yaml", toy_spec_data(
-        data={"dataset": "hf", "params": {"path": "tiny-hf"}, "image_size": 8}))
+        data={"dataset": "hf", "params": {"path": path}, "image_size": 8}))
     result = cli("validate", spec)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.strip().endswith(f"(in {broken})"), \
-        result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.strip().endswith(f"(in {hf_folder / 'data' / broken})"), result.stderr
+
+
+def test_a_load_gives_back_datasets_logging_and_says_again_what_it_logged_without_failing(hf_folder, caplog):
+    from datasets.utils import are_progress_bars_disabled, enable_progress_bars
+
+    from fusion_engine_datasets.hf import _datasets_log
+
+    datasets.logging.set_verbosity_info()
+    enable_progress_bars()
+    handlers = list(datasets.logging.get_logger().handlers)
+    try:
+        assert len(load_hf_dataset(HFParams(path=str(hf_folder))).labels) == 33
+        assert datasets.logging.get_verbosity() == datasets.logging.INFO and not are_progress_bars_disabled()
+        assert datasets.logging.get_logger().handlers == handlers
+        with caplog.at_level("WARNING", logger="fusion_engine"):
+            with _datasets_log("hf somewhere"):
+                datasets.logging.get_logger("datasets.builder").error("Extraction of a.zip is blocked\nmore")
+        assert "hf somewhere: Extraction of a.zip is blocked" in caplog.text and "more" not in caplog.text
+    finally:
+        datasets.logging.set_verbosity_warning()
 
 
 def test_splits_that_cannot_be_joined_name_the_columns_that_differ():

@@ -121,11 +121,27 @@ def test_a_corrupt_image_a_worker_meets_fails_the_run_naming_it_not_each_member(
     assert not list((tmp_path / "reg" / "zoo").glob("*/card.json"))  # no member was stored
 
 
-def test_a_tasks_fractional_memory_budget_is_scaled_by_its_share_of_the_node(local_ray):
-    from fusion_engine_executors.ray_executor import node_share
+def test_a_tasks_splits_share_a_budget_of_its_share_of_the_node(local_ray, make_image_folder):
+    from fusion_engine.imagesets import open_images
+    from fusion_engine.records import InputConfig
+    from fusion_engine.spec import ResourcesSpec
+    from fusion_engine_executors.ray_executor import node_share, task_images
 
-    assert ray.get(ray.remote(num_cpus=1)(node_share).remote(1)) == 0.5  # 1 of the local instance's 2 CPUs
-    assert ray.get(ray.remote(num_cpus=2)(node_share).remote(2)) == 1.0
+    paths = sorted(make_image_folder(per_class=4, size=12).rglob("*.png"))
+    sets = open_images(paths, {"train": np.arange(8), "val": np.arange(8, 12)},
+                       InputConfig(size=8, mean=(0.5,), std=(0.5,), in_chans=1), fingerprint="a" * 64,
+                       cache_dir=None, workers=0, budget_setting=0.5)
+
+    def in_task(images, cpus):  # as _fit_on_worker readies the sets it was sent
+        images = task_images(images, ResourcesSpec(cpus=cpus))
+        return images["train"].workers, images["train"].opener.budget(0)[1], images["val"].opener.budget is \
+            images["train"].opener.budget
+
+    workers, why, shared = ray.get(ray.remote(num_cpus=1)(in_task).remote(sets, 1))
+    assert workers == 0 and why.endswith("times this task's share of the machine, 0.5") and shared
+    workers, why, shared = ray.get(ray.remote(num_cpus=2)(in_task).remote(sets, 2))
+    assert workers == 2 and "share" not in why and shared  # the whole of the local instance's 2 CPUs
+    assert ray.get(ray.remote(num_cpus=1)(node_share).remote(1, 0)) == 0.5
 
 
 def test_a_failing_member_fails_alone_and_a_rerun_trains_only_it(local_ray, tmp_path):

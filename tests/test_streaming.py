@@ -163,25 +163,27 @@ def test_the_budget_is_a_fraction_of_available_memory_or_a_size():
             parse_budget(bad)
 
 
-def test_image_sets_opened_in_a_task_share_one_budget_scaled_by_the_tasks_share(make_image_folder, tmp_path):
+def test_image_sets_opened_in_a_task_share_one_budget_scaled_by_the_tasks_share(make_image_folder, monkeypatch):
+    import fusion_engine.memory
     from fusion_engine import share_memory_budget
 
-    budget, why = memory_budget(0.5, share=0.25)
-    assert budget == pytest.approx(0.125 * available_memory(), rel=0.05)
-    assert why.startswith("50% of ") and why.endswith("times this task's share of the machine, 0.25")
+    train_bytes = 8 * 8 * 8  # 8 grey images at 8 px; val is 4 of them
+    monkeypatch.setattr(fusion_engine.memory, "available_memory", lambda: 4 * train_bytes)
+    assert memory_budget(0.5, share=0.25) == (train_bytes // 2, "50% of 0.0 MB available, times this task's share "
+                                                                 "of the machine, 0.25")
     assert memory_budget("2GB", share=0.25)[0] == 2_000_000_000  # a size is each task's
-
     paths = sorted(make_image_folder(per_class=4, size=12).rglob("*.png"))
-    train_bytes = 8 * 8 * 8  # 8 grey images at 8 px
-    sets = open_images(paths, {"train": np.arange(8), "val": np.arange(8, 12)}, CFG, fingerprint="b" * 64,
-                       cache_dir=None, workers=0, budget_setting=f"{train_bytes}B")
-    sets = pickle.loads(pickle.dumps(sets))  # as a Ray task gets them: no budget of the driver's
-    share_memory_budget(sets.values())
-    assert sets["train"].storage == "memory"  # exactly the budget
-    assert sets["val"].storage == "stream"  # what train holds leaves val nothing
-    alone = pickle.loads(pickle.dumps(open_images(paths, {"val": np.arange(8, 12)}, CFG, fingerprint="b" * 64,
-                                                  cache_dir=None, workers=0, budget_setting=f"{train_bytes}B")))
-    assert alone["val"].storage == "memory"  # each split its own budget, as before
+
+    def task_sets(share: float) -> dict:
+        sets = open_images(paths, {"train": np.arange(8), "val": np.arange(8, 12)}, CFG, fingerprint="b" * 64,
+                           cache_dir=None, workers=0, budget_setting=0.5)
+        sets = pickle.loads(pickle.dumps(sets))  # as a Ray task gets them: without the driver's budget
+        share_memory_budget(sets.values(), share)
+        return {split: sets[split].storage for split in ("train", "val")}
+
+    assert task_sets(1.0) == {"train": "memory", "val": "memory"}  # 2 x train_bytes for both
+    assert task_sets(0.5) == {"train": "memory", "val": "stream"}  # train_bytes: what train holds leaves val nothing
+    assert task_sets(0.25) == {"train": "stream", "val": "memory"}  # half of train's bytes: val's 4 images fit
 
 
 def test_a_cgroup_limit_counts_its_working_set_not_its_page_cache(tmp_path):
@@ -353,17 +355,17 @@ def test_a_fractional_budget_is_worked_out_once_a_run_and_pixels_are_shared_acro
         make_image_folder, tmp_path, monkeypatch):
     """A fraction of *available* memory falls as the run holds pixels: asked again, it would count
     them twice. Members that differ only in mean and std read the same decoded pixels."""
-    from fusion_engine import data as data_module
+    from fusion_engine import stores
     from fusion_engine.data import run_data
     from fusion_engine.records import ImageDataset
 
     asked = []
 
-    def budget(value):
+    def budget(value, *, share=1.0):
         asked.append(value)
         return 10**9 // len(asked), "a test's budget"  # what a second look at available memory would say
 
-    monkeypatch.setattr(data_module, "memory_budget", budget)
+    monkeypatch.setattr(stores, "memory_budget", budget)
     root = make_image_folder(per_class=4, size=12)
     paths = sorted(root.rglob("*.png"))
     dataset = ImageDataset(paths, np.arange(len(paths)) % 3, ["cat", "dog", "fox"], [p.name for p in paths])

@@ -33,6 +33,7 @@ import hashlib
 import logging
 import os
 import re
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional, Sequence, Union
@@ -89,11 +90,14 @@ def load_hf_dataset(params: HFParams, base_dir: Path | str = ".") -> ImageDatase
     except ImportError:
         raise FusionEngineError(f"the hf dataset needs the datasets library, which is not installed; {INSTALL_HINT}") \
             from None
-    datasets.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
     local = _local_files(params.path, Path(base_dir))
     where = f"hf {params.path if local is None else (local[1][0] if local[1] and len(local[1]) == 1 else local[0])}"
-    parts = _load_parts(params, Path(base_dir), where)
+    with _datasets_log(where) as kept:
+        return _load_hf_dataset(datasets, params, Path(base_dir), where, kept)
+
+
+def _load_hf_dataset(datasets, params: HFParams, base_dir: Path, where: str, kept: _KeptLog) -> ImageDataset:
+    parts = _load_parts(params, base_dir, where, kept)
     names = [name for name, _ in parts]
     table = _joined(datasets, parts, where)
     image_column = _image_column(table, params.image_column, where)
@@ -158,15 +162,16 @@ class HFImages(Sequence):
 
 # -- loading ---------------------------------------------------------------------------------------
 
-def _load_parts(params: HFParams, base_dir: Path, where: str) -> list[tuple[str, Any]]:
+def _load_parts(params: HFParams, base_dir: Path, where: str, kept: _KeptLog) -> list[tuple[str, Any]]:
     """``(name, Dataset)`` for each part of the data: one per train/val/test when the dataset
     brings them, else one (or one per split of the dataset) for the engine to split."""
     if isinstance(params.split, dict):
         return [(part if params.split[part] == part else params.split[part],
-                 _load(params, base_dir, where, split=params.split[part])) for part in SPLITS if params.split.get(part)]
+                 _load(params, base_dir, where, kept, split=params.split[part])) for part in SPLITS
+                if params.split.get(part)]
     if isinstance(params.split, str):
-        return [(params.split, _load(params, base_dir, where, split=params.split))]
-    everything = _load(params, base_dir, where, split=None)
+        return [(params.split, _load(params, base_dir, where, kept, split=params.split))]
+    everything = _load(params, base_dir, where, kept, split=None)
     names = list(everything)
     if "train" in names and "test" in names:
         val = next((v for v in VAL_NAMES if v in names), None)
@@ -183,11 +188,6 @@ def _own_split(params: HFParams, names: list[str]) -> list[str] | None:
     return None
 
 
-def _load(params: HFParams, base_dir: Path, where: str, *, split: str | None):
-    with _datasets_log(where) as kept:
-        return _load_logged(params, base_dir, where, split, kept)
-
-
 class _KeptLog(logging.Handler):
     """The ``datasets`` library's error records while a load runs, kept instead of printed: the one
     that precedes a failure names the file it failed on (the exception often does not)."""
@@ -200,37 +200,50 @@ class _KeptLog(logging.Handler):
         self.records.append(record)
 
     def in_file(self) -> str:
-        """`` (in FILE)`` for the last file datasets failed to read, else nothing."""
+        """`` (in FILE)`` for the last file datasets failed to read (its "Failed to read file
+        '...'", "Failed to read schema from '...'", "Failed to load JSON from file '...'"), else
+        nothing."""
         for record in reversed(self.records):
-            found = re.search(r"Failed to read file '([^']+)'", record.getMessage())
+            found = re.search(r"Failed to [\w ]+? '([^']+)'", record.getMessage())
             if found:
                 return f" (in {found.group(1)})"
         return ""
 
 
+#: one load at a time swaps ``datasets``' log (two threads' swaps would otherwise leave ours in place)
+_DATASETS_LOG = threading.RLock()
+
+
 @contextmanager
 def _datasets_log(where: str) -> Iterator[_KeptLog]:
-    """``datasets``' own log kept while the block runs (its handlers and level given back after):
-    a failure becomes one line of ours naming the file; an error it logged without failing (an
-    archive it would not extract, say) is said again as our warning."""
+    """``datasets``' own log kept, and its progress bars off, while the block runs (its handlers,
+    level and progress bars given back after): a failure becomes one line of ours naming the file;
+    an error it logged without failing (an archive it would not extract, say) is said again as
+    our warning."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
     logger = logging.getLogger("datasets")
-    kept = _KeptLog()
-    saved = logger.handlers[:], logger.level, logger.propagate
-    logger.handlers, logger.propagate = [kept], False
-    logger.setLevel(logging.ERROR)
-    failed = True
-    try:
-        yield kept
-        failed = False
-    finally:
-        logger.handlers, logger.propagate = saved[0], saved[2]
-        logger.setLevel(saved[1])
+    with _DATASETS_LOG:
+        kept = _KeptLog()
+        saved = logger.handlers[:], logger.level, logger.propagate, are_progress_bars_disabled()
+        logger.handlers, logger.propagate = [kept], False
+        logger.setLevel(logging.ERROR)
+        disable_progress_bars()
+        failed = True
+        try:
+            yield kept
+            failed = False
+        finally:
+            logger.handlers, logger.propagate = saved[0], saved[2]
+            logger.setLevel(saved[1])
+            if not saved[3]:
+                enable_progress_bars()
         if not failed:
             for record in kept.records:
                 log.warning("%s: %s", where, _first_line(record.getMessage()))
 
 
-def _load_logged(params: HFParams, base_dir: Path, where: str, split: str | None, kept: _KeptLog):
+def _load(params: HFParams, base_dir: Path, where: str, kept: _KeptLog, *, split: str | None):
     import datasets
 
     local = _local_files(params.path, base_dir)

@@ -183,16 +183,13 @@ def _fit_on_worker(plugin_sources: dict, job_bytes: bytes, images: dict, labels:
     import ray.cloudpickle as cloudpickle
     import torch
 
-    from fusion_engine import fit_member, import_plugin_source, share_memory_budget
+    from fusion_engine import fit_member, import_plugin_source
 
     for name, (path, source) in plugin_sources.items():
         import_plugin_source(name, path, source)
     job = cloudpickle.loads(job_bytes)
-    cpus = max(1, int(job.resources.cpus))
-    torch.set_num_threads(cpus)  # what the task was given, not the node's count
-    for image_set in images.values():  # decoding workers: the task's other CPUs (none for a 1-CPU task)
-        image_set.workers = cpus if cpus > 1 else 0
-    share_memory_budget(images.values(), node_share(job.resources.cpus))  # tasks side by side keep to it together
+    torch.set_num_threads(max(1, int(job.resources.cpus)))  # what the task was given, not the node's count
+    task_images(images, job.resources)
     with tempfile.TemporaryDirectory(prefix="fusion-engine-") as tmp:
         local = {}
         for field, (name, data) in files.items():
@@ -209,17 +206,36 @@ def _fit_on_worker(plugin_sources: dict, job_bytes: bytes, images: dict, labels:
     return fitted
 
 
-def node_share(cpus: float) -> float:
-    """The part of this node a task of ``cpus`` CPUs has (its CPUs over the node's; 1 when Ray
-    does not say): a fractional ``data.memory_budget`` is of the node, shared by its tasks."""
+def task_images(images: dict, resources) -> dict:
+    """A task's image sets made its own: as many decoding workers as its CPUs (none for a 1-CPU
+    task), and one memory budget for its splits, of its share of the node (:func:`node_share`)."""
+    from fusion_engine import share_memory_budget
+
+    cpus = max(1, int(resources.cpus))
+    for image_set in images.values():
+        image_set.workers = cpus if cpus > 1 else 0
+    share_memory_budget(images.values(), node_share(resources.cpus, resources.gpus))
+    return images
+
+
+def node_share(cpus: float, gpus: float = 0) -> float:
+    """The part of this node a task of ``cpus`` CPUs and ``gpus`` GPUs has: the larger of its
+    share of the node's CPUs and of its GPUs (a GPU task on a node of many CPUs holds a GPU's
+    share of it), so the tasks that fit on a node keep a fractional ``data.memory_budget`` of it
+    together. The whole node, with a warning, when Ray cannot say."""
     import ray
 
     try:
         here = ray.get_runtime_context().get_node_id()
-        total = next((n.get("Resources", {}).get("CPU") for n in ray.nodes() if n.get("NodeID") == here), None)
-    except Exception:  # an older Ray, or a call outside a task: the whole machine
+        node = next((n.get("Resources", {}) for n in ray.nodes() if n.get("NodeID") == here), {})
+    except Exception as exc:  # an older Ray, or a call outside a task
+        log.warning("cannot tell this task's share of its Ray node (%s); its memory budget is of the whole node", exc)
         return 1.0
-    return min(1.0, max(cpus, 1e-3) / total) if total else 1.0
+    shares = [used / node[kind] for used, kind in ((cpus, "CPU"), (gpus, "GPU")) if used and node.get(kind)]
+    if not shares:
+        log.warning("Ray lists no CPUs for this task's node; its memory budget is of the whole node")
+        return 1.0
+    return min(1.0, max(shares))
 
 
 def _from_wire(fitted):
