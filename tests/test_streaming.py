@@ -186,6 +186,19 @@ def test_image_sets_opened_in_a_task_share_one_budget_scaled_by_the_tasks_share(
     assert task_sets(0.25) == {"train": "stream", "val": "memory"}  # half of train's bytes: val's 4 images fit
 
 
+def test_image_sets_opened_in_another_process_never_write_the_cache(make_image_folder, tmp_path):
+    paths = sorted(make_image_folder(per_class=4, size=12).rglob("*.png"))
+    for storage, expected in (("memory", "memory"), ("disk", "stream"), ("auto", "memory")):
+        sets = open_images(paths, {"train": np.arange(8)}, CFG, fingerprint="c" * 64, cache_dir=tmp_path / "cache",
+                           storage=storage, workers=0, budget_setting="1GB")
+        there = pickle.loads(pickle.dumps(sets))["train"]  # as a Ray task gets it: the cache's path, not to write
+        assert there.tensor().equal(load_images(paths, np.arange(8), CFG))
+        assert there.storage == expected and not (tmp_path / "cache").exists(), storage
+    here = open_images(paths, {"train": np.arange(8)}, CFG, fingerprint="c" * 64, cache_dir=tmp_path / "cache",
+                       workers=0, budget_setting="1GB")["train"]
+    assert here.tensor().equal(load_images(paths, np.arange(8), CFG)) and len(list((tmp_path / "cache").iterdir())) == 1
+
+
 def test_a_cgroup_limit_counts_its_working_set_not_its_page_cache(tmp_path):
     from fusion_engine.memory import _cgroup_headroom
 
