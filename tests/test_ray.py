@@ -144,6 +144,22 @@ def test_a_tasks_splits_share_a_budget_of_its_share_of_the_node(local_ray, make_
     assert ray.get(ray.remote(num_cpus=1)(node_share).remote(1, 0)) == 0.5
 
 
+def test_a_gpu_tasks_share_of_a_node_is_its_share_of_the_gpus(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from fusion_engine_executors.ray_executor import node_share
+
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "here"))
+    monkeypatch.setattr(ray, "nodes", lambda: [{"NodeID": "other", "Resources": {"CPU": 8.0}},
+                                               {"NodeID": "here", "Resources": {"CPU": 96.0, "GPU": 8.0}}])
+    assert node_share(4, 1) == 0.125  # 8 such tasks fit: each holds an eighth, not 4/96
+    assert node_share(48, 0) == 0.5 and node_share(4, 0.5) == 0.0625
+    monkeypatch.setattr(ray, "nodes", lambda: [{"NodeID": "other", "Resources": {"CPU": 8.0}}])
+    with caplog.at_level("WARNING", logger="fusion_engine"):
+        assert node_share(4, 1) == 1.0
+    assert "its memory budget is of the whole node" in caplog.text
+
+
 def test_a_failing_member_fails_alone_and_a_rerun_trains_only_it(local_ray, tmp_path):
     flag = tmp_path / "flag"
     flag.touch()
