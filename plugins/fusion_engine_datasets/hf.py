@@ -84,6 +84,10 @@ class HFParams(Params):
         return value
 
 
+#: a local dataset: its folder, and its data files when a file or glob named them (see :func:`_local_files`)
+_Local = Optional[tuple[Path, Optional[list[Path]]]]
+
+
 def load_hf_dataset(params: HFParams, base_dir: Path | str = ".") -> ImageDataset:
     try:
         import datasets
@@ -93,11 +97,11 @@ def load_hf_dataset(params: HFParams, base_dir: Path | str = ".") -> ImageDatase
     local = _local_files(params.path, Path(base_dir))
     where = f"hf {params.path if local is None else (local[1][0] if local[1] and len(local[1]) == 1 else local[0])}"
     with _datasets_log(where) as kept:
-        return _load_hf_dataset(datasets, params, Path(base_dir), where, kept)
+        return _load_hf_dataset(datasets, params, local, where, kept)
 
 
-def _load_hf_dataset(datasets, params: HFParams, base_dir: Path, where: str, kept: _KeptLog) -> ImageDataset:
-    parts = _load_parts(params, base_dir, where, kept)
+def _load_hf_dataset(datasets, params: HFParams, local: _Local, where: str, kept: _KeptLog) -> ImageDataset:
+    parts = _load_parts(params, local, where, kept)
     names = [name for name, _ in parts]
     table = _joined(datasets, parts, where)
     image_column = _image_column(table, params.image_column, where)
@@ -162,16 +166,16 @@ class HFImages(Sequence):
 
 # -- loading ---------------------------------------------------------------------------------------
 
-def _load_parts(params: HFParams, base_dir: Path, where: str, kept: _KeptLog) -> list[tuple[str, Any]]:
+def _load_parts(params: HFParams, local: _Local, where: str, kept: _KeptLog) -> list[tuple[str, Any]]:
     """``(name, Dataset)`` for each part of the data: one per train/val/test when the dataset
     brings them, else one (or one per split of the dataset) for the engine to split."""
     if isinstance(params.split, dict):
         return [(part if params.split[part] == part else params.split[part],
-                 _load(params, base_dir, where, kept, split=params.split[part])) for part in SPLITS
+                 _load(params, local, where, kept, split=params.split[part])) for part in SPLITS
                 if params.split.get(part)]
     if isinstance(params.split, str):
-        return [(params.split, _load(params, base_dir, where, kept, split=params.split))]
-    everything = _load(params, base_dir, where, kept, split=None)
+        return [(params.split, _load(params, local, where, kept, split=params.split))]
+    everything = _load(params, local, where, kept, split=None)
     names = list(everything)
     if "train" in names and "test" in names:
         val = next((v for v in VAL_NAMES if v in names), None)
@@ -243,10 +247,10 @@ def _datasets_log(where: str) -> Iterator[_KeptLog]:
                 log.warning("%s: %s", where, _first_line(record.getMessage()))
 
 
-def _load(params: HFParams, base_dir: Path, where: str, kept: _KeptLog, *, split: str | None):
+def _load(params: HFParams, local: _Local, where: str, kept: _KeptLog, *, split: str | None):
+    """One split (or all) of the dataset: ``local`` files or folder (:func:`_local_files`), else the hub."""
     import datasets
 
-    local = _local_files(params.path, base_dir)
     try:
         if local is not None:
             return _load_local(local, params, split)
@@ -305,7 +309,7 @@ def _load_local(local: tuple[Path, list[Path] | None], params: HFParams, split: 
                                  cache_dir=str(cache_dir))
 
 
-def _local_files(path: str, base_dir: Path) -> tuple[Path, list[Path] | None] | None:
+def _local_files(path: str, base_dir: Path) -> _Local:
     """``(folder, None)`` for a local dataset folder, ``(folder, files)`` for data files (a file
     or a glob), None when ``path`` names nothing local."""
     full = (base_dir / Path(path).expanduser()) if not Path(path).expanduser().is_absolute() else Path(path).expanduser()
