@@ -31,7 +31,7 @@ from .imagesets import ImageSet, open_images
 from .preprocess import DECODE_THREADS, empty_image_error, pixels_key, squash_config
 from .records import SPLITS, ImageDataset, InputConfig
 from .spec import SplitSpec
-from .stores import SharedBudget, decodes_items, open_store
+from .stores import SharedBudget, open_store
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -369,12 +369,6 @@ def _array_digest(array: np.ndarray) -> bytes:
 
 
 # -- pixels ----------------------------------------------------------------------------------------
-
-def decodes_files(images: Sequence[Any] | np.ndarray) -> bool:
-    """Whether loading ``images`` means decoding files, bytes or PIL images (worth caching),
-    rather than resizing arrays already in memory."""
-    return decodes_items(images)
-
 
 def cached_images(images: Sequence[Any] | np.ndarray, fingerprint: str, size: int, in_chans: int,
                   cache_dir: os.PathLike | str | None) -> "torch.Tensor":
