@@ -97,9 +97,9 @@ class RayExecutor(Executor):
                     continue
                 if reason:
                     log.warning("%s; its task waits until such a node joins", reason)
-                size = job.input
-                if size not in images_ref:  # once per input config, shared by every task that needs it
-                    images_ref[size] = ray.put(pixels(job.input))  # what opens the images, not their pixels
+                cfg = job.input
+                if cfg not in images_ref:  # once per input config, shared by every task that needs it
+                    images_ref[cfg] = ray.put(pixels(cfg))  # what opens the images, not their pixels
                 files = {}
                 for field, path in _local_files(job).items():  # e.g. pretrained_file: only on this disk
                     if path not in files_ref:
@@ -108,7 +108,7 @@ class RayExecutor(Executor):
                 resources = job.resources
                 ref = task.options(num_cpus=resources.cpus, num_gpus=resources.gpus,
                                    max_retries=self.params.max_retries, name=f"fusion-engine:{job.name}").remote(
-                    plugin_sources, _dumps(job), images_ref[size], labels_ref, files)
+                    plugin_sources, _dumps(job), images_ref[cfg], labels_ref, files)
                 pending[ref] = (job, time.perf_counter())
                 if console is not None:
                     console.log(f"{job.label}: [bold]{job.name}[/] submitted to Ray "
